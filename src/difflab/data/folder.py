@@ -1,0 +1,208 @@
+"""A folder of images (PNG, JPEG, WebP, BMP; searched recursively) as a dataset.
+
+* Labels: the first-level sub-folder an image sits in (``root/cat/x.png`` is class "cat"), class
+  names sorted; images that all sit in the root are unlabelled.
+* Size: the shorter side is resized to ``image_size`` (Lanczos) and the centre square cropped.
+  Without ``image_size`` the images must be square; the first image's size is used.
+* Channels: 1 ('L') or 3 ('RGB'); transparency is composited onto white. Without ``channels``:
+  1 when every image is grayscale (by mode, or RGB with three equal channels), else 3.
+* Files that cannot be decoded are skipped with one warning; hidden files and folders are ignored.
+* A folder holding ``train/`` (and ``test/``...) sub-folders gives those splits.
+
+Decoding runs in a thread pool (Pillow releases the GIL); the result is cached, keyed by the
+folder, every file's size and modification time, and the settings.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from difflab.data import cache
+from difflab.data.imagedata import ImageData, fingerprint
+from difflab.errors import DataError
+
+SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_PARALLEL_FROM = 64  # below this many files a thread pool costs more than it saves
+_A = TypeVar("_A")
+_T = TypeVar("_T")
+
+
+def list_images(root: Path) -> list[tuple[Path, int, int]]:
+    """(relative path, size, mtime_ns) of every image file under ``root``, sorted by path."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in SUFFIXES:
+                continue
+            path = Path(folder, name)
+            st = path.stat()
+            found.append((path.relative_to(root), st.st_size, st.st_mtime_ns))
+    found.sort(key=lambda item: item[0].as_posix())
+    return found
+
+
+def _is_gray(im: Image.Image) -> bool:
+    if im.mode in _GRAY_MODES:
+        return True
+    if im.mode == "P":  # palette images (e.g. from pngquant) are often gray
+        palette = im.getpalette() or []
+        return palette[0::3] == palette[1::3] == palette[2::3]
+    return False
+
+
+def _header(path: Path) -> tuple[int, int, bool]:
+    """Width, height and grayscale-ness, read from the file header."""
+    with Image.open(path) as im:
+        return im.width, im.height, _is_gray(im)
+
+
+def _convert(im: Image.Image, channels: int) -> Image.Image:
+    """``im`` as 'L' or 'RGB', 16-bit gray scaled to 8 bits, transparency composited onto white."""
+    if im.mode.startswith("I") or im.mode == "F":  # 16-bit PNG: convert("L") would clip, not scale
+        a = np.asarray(im, dtype=np.float64) / 257
+        im = Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im.alpha_composite(rgba)
+    target = "L" if channels == 1 else "RGB"
+    return im if im.mode == target else im.convert(target)
+
+
+def decode(path: Path, size: int, channels: int) -> np.ndarray:
+    """One image file as uint8 [channels, size, size]: shorter side resized to size, centre-cropped."""
+    with Image.open(path) as im:
+        if im.format == "JPEG":  # let libjpeg shrink by 2/4/8 while decoding; keeps >= size
+            im.draft("L" if channels == 1 else im.mode, (size, size))
+        im = ImageOps.exif_transpose(im)
+        im = _convert(im, channels)
+        w, h = im.size
+        if (w, h) != (size, size):
+            side = min(w, h)
+            left, top = (w - side) / 2, (h - side) / 2
+            im = im.resize((size, size), Image.Resampling.LANCZOS,
+                           box=(left, top, left + side, top + side), reducing_gap=3.0)
+        a = np.asarray(im, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _map(fn: Callable[[_A], _T], items: Sequence[_A]) -> list[_T | Exception]:
+    """``fn`` over ``items`` (threaded when many), each exception returned in place of its result."""
+    def safe(item: _A) -> _T | Exception:
+        try:
+            return fn(item)
+        except Exception as e:  # noqa: BLE001  a bad file may make Pillow raise almost anything
+            return e
+
+    if len(items) < _PARALLEL_FROM:
+        return [safe(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(safe, items))
+
+
+def _warn(root: Path, arrays: dict[str, np.ndarray]) -> None:
+    """The warnings of a decode, repeated when the result comes from the cache."""
+    skipped = [str(s) for s in arrays["skipped"]]
+    if skipped:
+        shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        warnings.warn(f"skipped {len(skipped)} unreadable image file(s) in {root}: {shown}", stacklevel=4)
+    if bool(arrays["mixed"]):
+        warnings.warn(f"{root} has images both in its root and in sub-folders: loading them unlabelled "
+                      f"(put every image in a class sub-folder to get labels)", stacklevel=4)
+
+
+def _unreadable(root: Path, count: int, skipped: list[tuple[Path, Exception]]) -> DataError:
+    rel, err = skipped[0]
+    return DataError(f"none of the {count} image files in {root} could be read (e.g. {rel.as_posix()}: {err})")
+
+
+def _decode_folder(root: Path, files: list[Path], image_size: int | None,
+                   channels: int | None) -> dict[str, np.ndarray]:
+    headers = _map(lambda rel: _header(root / rel), files)
+    skipped = [(rel, h) for rel, h in zip(files, headers) if isinstance(h, Exception)]
+    good = [(rel, h) for rel, h in zip(files, headers) if not isinstance(h, Exception)]
+    if not good:
+        raise _unreadable(root, len(files), skipped)
+    if image_size is None:
+        odd = next(((rel, w, h) for rel, (w, h, _) in good if w != h), None)
+        if odd is not None:
+            raise DataError(f"the images in {root} are not all square ({odd[0].as_posix()} is "
+                            f"{odd[1]}x{odd[2]}): pass --image-size N to resize and centre-crop them")
+        image_size = good[0][1][0]
+    gray_by_mode = all(gray for _, (_, _, gray) in good)
+    decode_channels = channels or (1 if gray_by_mode else 3)
+
+    images = np.empty((len(good), decode_channels, image_size, image_size), np.uint8)
+
+    def fill(i: int) -> None:
+        images[i] = decode(root / good[i][0], image_size, decode_channels)
+
+    results = _map(fill, range(len(good)))
+    ok = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
+    skipped += [(good[i][0], r) for i, r in enumerate(results) if isinstance(r, Exception)]
+    if not ok:
+        raise _unreadable(root, len(files), skipped)
+    kept = [good[i][0] for i in ok]
+    if len(ok) < len(good):
+        images = images[ok]
+    if channels is None and decode_channels == 3 and (images[:, 0] == images[:, 1]).all() \
+            and (images[:, 0] == images[:, 2]).all():
+        images = np.ascontiguousarray(images[:, :1])  # RGB files that hold gray pictures
+
+    top = [rel.parts[0] if len(rel.parts) > 1 else None for rel in kept]
+    mixed = None in top and any(t is not None for t in top)
+    out = {"images": images, "skipped": np.array(sorted(rel.as_posix() for rel, _ in skipped), dtype=str),
+           "mixed": np.array(mixed)}
+    if not mixed and top[0] is not None:
+        names = sorted(set(top))
+        index = {n: k for k, n in enumerate(names)}
+        out["labels"] = np.array([index[t] for t in top], dtype=np.int64)
+        out["class_names"] = np.array(names, dtype=str)
+    out["fingerprint"] = np.array(fingerprint(images, out.get("labels")))
+    return out
+
+
+def load_folder(path: str | Path, *, split: str = "train", image_size: int | None = None,
+                channels: int | None = None, cache_dir: str | Path | None = None) -> ImageData:
+    """The images under ``path`` (see the module docstring for labels, sizes and channels)."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"{path} is not a folder of images")
+    if (root / split).is_dir():
+        root = root / split
+    elif split != "train":
+        raise DataError(f"{root} has no '{split}' sub-folder: a folder of images is a train split "
+                        f"unless it holds train/ and {split}/ sub-folders")
+    listing = list_images(root)
+    if not listing:
+        raise DataError(f"no images (PNG, JPEG, WebP, BMP) found in {root}")
+
+    settings = cache.source_key(str(root), image_size, channels)
+    content = cache.source_key([(rel.as_posix(), size, mtime) for rel, size, mtime in listing])
+    cache_file = cache.cache_root(cache_dir) / "folders" / f"{settings}-{content}.npz"
+    arrays = cache.read(cache_file)
+    if arrays is None:
+        arrays = _decode_folder(root, [rel for rel, _, _ in listing], image_size, channels)
+        cache.write(cache_file, arrays, stale=f"{settings}-*.npz")
+    _warn(root, arrays)
+
+    labels = arrays.get("labels")
+    names = arrays.get("class_names")
+    return ImageData(
+        images=torch.from_numpy(arrays["images"]),
+        labels=None if labels is None else torch.from_numpy(labels),
+        class_names=None if names is None else [str(n) for n in names],
+        name=str(root),
+        fingerprint=str(arrays["fingerprint"]),
+    )

@@ -1,0 +1,118 @@
+"""The canonical model interface: every trained network, whatever it predicts, becomes
+one function D(x, sigma, cond) -> x0_hat that all samplers, guidance and the
+likelihood call.
+
+x is in VE coordinates (y = z_t / gammabar_t) and sigma = sigmabar_t / gammabar_t
+is the noise level (EDM, k-diffusion). A parameterisation is only the rule that
+turns the network's output into x0_hat (NVlabs/edm's preconditioning idea):
+
+- ``eps``: the network predicts the noise s (Ho et al.): x0 = (z - sigmabar s) / gammabar
+- ``x0``: the network predicts the clean image
+- ``v``: v = gammabar s - sigmabar x (Salimans & Ho): x0 = (gammabar z - sigmabar v) / (gammabar^2 + sigmabar^2)
+- ``zprev``: the series' version 1, the network predicts the mean of z_{t-1} (discrete T only)
+- ``edm``: D = c_skip y + c_out F(c_in y, t) with sigma_data = 0.5 (Karras et al.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from difflab.errors import UsageError
+from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess, _bc
+
+PREDICTIONS = ("eps", "x0", "v", "zprev", "edm")
+SIGMA_DATA = 0.5
+
+Cond = dict[str, Any]
+
+
+class Denoiser(nn.Module):
+    """D(x, sigma, cond) -> x0_hat around a network ``net(z, t, **cond)``."""
+
+    def __init__(self, net: nn.Module, process: GaussianProcess, prediction: str = "eps"):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise UsageError(f"unknown prediction '{prediction}'; choose one of {', '.join(PREDICTIONS)}")
+        if prediction == "zprev" and not isinstance(process, DiscreteSchedule):
+            raise UsageError("prediction 'zprev' (predict z_{t-1}) needs a discrete schedule")
+        self.net, self.process, self.prediction = net, process, prediction
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        t = self.process.t_of(sigma.double())
+        return self.x0_from_output(x, sigma, t, self.net_output(x, sigma, t, cond))
+
+    def net_input(self, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network sees: z_t = gammabar y, or c_in y for EDM."""
+        if self.prediction == "edm":
+            return x * _bc(1 / torch.sqrt(sigma.double() ** 2 + SIGMA_DATA**2), x)
+        return x * _bc(self.process.alpha(t), x)
+
+    def net_output(self, x, sigma, t, cond: Cond | None = None) -> torch.Tensor:
+        z = self.net_input(x, sigma, t).to(x.dtype)
+        out = self.net(z, self.process.net_time(t).to(x.device), **(cond or {}))
+        return out.to(x.dtype)
+
+    def x0_from_output(self, x, sigma, t, out) -> torch.Tensor:
+        """Turn the network's raw output into the clean-image estimate (in VE coordinates)."""
+        p = self.prediction
+        if p == "x0":
+            return out
+        if p == "eps":
+            return x - _bc(sigma, x) * out
+        a, s = self.process.alpha(t), self.process.sigma(t)
+        if p == "v":
+            z = x * _bc(a, x)
+            return (_bc(a, x) * z - _bc(s, x) * out) / _bc(a**2 + s**2, x)
+        if p == "zprev":
+            proc: DiscreteSchedule = self.process  # type: ignore[assignment]
+            ti = t.round().long().clamp(1, proc.T)
+            gb_prev, sb2 = proc.gammabar(ti - 1), proc.sigmabar(ti) ** 2
+            c_x, c_z = gb_prev * proc.beta(ti) / sb2, proc.gamma(ti) * (1 - gb_prev**2) / sb2
+            return (out - _bc(c_z * a, x) * x) / _bc(c_x, x)
+        # edm
+        s2 = sigma.double() ** 2
+        c_skip = SIGMA_DATA**2 / (s2 + SIGMA_DATA**2)
+        c_out = sigma.double() * SIGMA_DATA / torch.sqrt(s2 + SIGMA_DATA**2)
+        return _bc(c_skip, x) * x + _bc(c_out, x) * out
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, z_prev: torch.Tensor | None = None):
+        """The regression target of the network for clean x0, noise s and time t (training)."""
+        p = self.prediction
+        if p == "eps":
+            return noise
+        if p == "x0":
+            return x0
+        a, s = _bc(self.process.alpha(t), x0), _bc(self.process.sigma(t), x0)
+        if p == "v":
+            return a * noise - s * x0
+        if p == "zprev":
+            return z_prev
+        sigma = self.process.sigma_ve(t)
+        s2 = sigma.double() ** 2
+        c_skip = SIGMA_DATA**2 / (s2 + SIGMA_DATA**2)
+        c_out = sigma.double() * SIGMA_DATA / torch.sqrt(s2 + SIGMA_DATA**2)
+        y = x0 + _bc(sigma, x0) * noise
+        return ((x0 - _bc(c_skip, x0) * y) / _bc(c_out, x0)).to(x0.dtype)
+
+    # --- other views of the same model ----------------------------------------------------------
+    def eps(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        """The noise estimate f(z_t, t) = (y - x0_hat) / sigma."""
+        return (x - self(x, sigma, cond)) / _bc(torch.as_tensor(sigma, device=x.device), x)
+
+    def score(self, z: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        """The score grad log p(z_t) ~ -f(z_t, t) / sigmabar_t in the process's own coordinates
+        (noise prediction is a scaled score)."""
+        t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
+        a, s = self.process.alpha(t), self.process.sigma(t)
+        y = z / _bc(a, z)
+        return -self.eps(y, (s / a), cond) / _bc(s, z)
+
+    def tweedie(self, z: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        """Tweedie's formula E[x | z_t] = (z_t + sigmabar_t^2 score) / gammabar_t (equals D)."""
+        t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
+        a, s = self.process.alpha(t), self.process.sigma(t)
+        return (z + _bc(s**2, z) * self.score(z, t, cond)) / _bc(a, z)

@@ -1,0 +1,155 @@
+"""Evaluation that works offline: FID, KID, precision/recall and class accuracy of samples.
+
+``evaluate_images`` is the one entry point; the pieces are importable on their own:
+``metrics`` (fid, kid, precision_recall on feature arrays), ``inception`` (InceptionFeatures),
+``classifier`` (a small CNN: accuracy of conditional samples, "classifier FID" features) and
+``reference`` (cached reference statistics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from difflab.errors import UsageError
+from difflab.evaluate.classifier import (
+    ClassifierFeatures,
+    SmallCNN,
+    accuracy_of_samples,
+    load_or_train_classifier,
+    train_classifier,
+)
+from difflab.evaluate.inception import InceptionFeatures, check_images
+from difflab.evaluate.metrics import feature_stats, fid, frechet_distance, kid, precision_recall
+from difflab.evaluate.reference import reference_stats
+
+__all__ = [
+    "METRICS", "ClassifierFeatures", "InceptionFeatures", "SmallCNN", "accuracy_of_samples",
+    "evaluate_images", "feature_stats", "fid", "frechet_distance", "kid", "load_or_train_classifier",
+    "precision_recall", "reference_stats", "train_classifier",
+]
+
+METRICS = ("fid", "kid", "precision", "recall", "accuracy")
+FEATURES = ("inception", "classifier")
+FID_MIN_SAMPLES = 10_000
+
+
+def _weights_key(model: SmallCNN) -> str:
+    h = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return f"classifier-custom-{h.hexdigest()[:16]}"
+
+
+def evaluate_images(
+    fake: torch.Tensor,
+    fake_labels: torch.Tensor | None,
+    reference,
+    metrics: Sequence[str] = METRICS,
+    features: str = "inception",
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    classifier: SmallCNN | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    k: int = 3,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Compare samples (uint8 [N, C, H, W]) with reference data (an ``ImageData``).
+
+    metrics: any of "fid", "kid" (also gives "kid_std"), "precision", "recall" (Kynkaanniemi,
+    k nearest neighbours) and "accuracy" (how often the classifier of the reference data
+    assigns each sample its ``fake_labels`` class). features: "inception" (2048-d, comparable to
+    published numbers) or "classifier" (128-d penultimate features of a small CNN trained on the
+    reference data: fast on a CPU, comparable only within difflab). The classifier is trained on
+    the reference data the first time (a seeded 10% held out) and cached, unless ``classifier``
+    is given; reference features are cached too (see ``reference_stats``).
+
+    Returns a JSON-serialisable dict: each requested metric under its plain name (None when it
+    cannot be computed, with the reason in "warnings"), "n" (samples), "reference" (its name),
+    "reference_n", "reference_fingerprint", "features" (the extractor's name) and "warnings"
+    (a list of strings; FID from fewer than 10,000 samples is always flagged). Precision and
+    recall use a seeded subset of the reference the size of the sample set.
+    """
+    fake = check_images(fake, "samples")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise UsageError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(METRICS)}")
+    if features not in FEATURES:
+        raise UsageError(f"unknown features '{features}': choose from {', '.join(FEATURES)}")
+    n = len(fake)
+    result: dict[str, Any] = {"n": n, "reference": reference.name, "reference_n": len(reference),
+                              "reference_fingerprint": reference.fingerprint}
+    warnings: list[str] = []
+    if tuple(fake.shape[1:]) != tuple(reference.images.shape[1:]):
+        warnings.append(f"samples are {'x'.join(map(str, fake.shape[1:]))} but the reference images are "
+                        f"{'x'.join(map(str, reference.images.shape[1:]))}")
+    feature_metrics = [m for m in metrics if m != "accuracy"]
+    if feature_metrics and n < 2:
+        raise UsageError(f"{', '.join(feature_metrics)} need at least 2 samples, got {n}")
+
+    model, classifier_name = classifier, None
+    wants_accuracy = "accuracy" in metrics
+    if wants_accuracy and fake_labels is None:
+        warnings.append("accuracy needs the class labels the samples were drawn for; none were given")
+        result["accuracy"], wants_accuracy = None, False
+    if wants_accuracy and reference.labels is None:
+        warnings.append(f"accuracy needs labelled reference data, and {reference.name} has no labels")
+        result["accuracy"], wants_accuracy = None, False
+    if features == "classifier" and feature_metrics and reference.labels is None and model is None:
+        raise UsageError(f"classifier features need labelled reference data, and {reference.name} has none: "
+                         f"use features='inception'")
+    if model is None and (wants_accuracy or (features == "classifier" and feature_metrics)):
+        model, meta = load_or_train_classifier(reference, cache_dir, device=device)
+        classifier_name = meta["key"]
+        result["classifier_test_accuracy"] = meta["test_accuracy"]
+    elif model is not None:
+        classifier_name = _weights_key(model)
+        model = model.to(device).eval()
+    if wants_accuracy:
+        result["accuracy"] = accuracy_of_samples(model, fake, torch.as_tensor(fake_labels))
+
+    if not feature_metrics:
+        result["features"] = None
+        result["warnings"] = warnings
+        return result
+    if features == "inception":
+        extractor = InceptionFeatures(device=device, batch_size=batch_size, progress=progress)
+    else:
+        extractor = ClassifierFeatures(model, name=classifier_name)
+    result["features"] = extractor.name
+    ref = reference_stats(reference, extractor=extractor, cache_dir=cache_dir)
+    # float32 like the cached reference features, so both sides are treated alike
+    fake_feats = extractor(fake).astype(np.float32).astype(np.float64)
+
+    if "fid" in metrics:
+        result["fid"] = frechet_distance(ref["mu"], ref["sigma"], *feature_stats(fake_feats))
+        if n < FID_MIN_SAMPLES:
+            warnings.append(f"FID from {n} < {FID_MIN_SAMPLES} samples is biased upwards; compare it only with "
+                            f"FIDs computed from the same number of samples (KID is unbiased)")
+    if "kid" in metrics:
+        result["kid"], result["kid_std"] = kid(ref["features"], fake_feats, kid_subsets, kid_subset_size, seed)
+        if min(n, len(reference)) < kid_subset_size:
+            warnings.append(f"KID subsets hold {min(n, len(reference))} samples, fewer than {kid_subset_size}")
+    if "precision" in metrics or "recall" in metrics:
+        real = ref["features"]
+        if len(real) > n:
+            real = real[np.sort(np.random.default_rng(seed).choice(len(real), n, replace=False))]
+        if min(len(real), n) <= k:
+            raise UsageError(f"precision/recall with k={k} need more than {k} samples, got {n}")
+        precision, recall = precision_recall(real, fake_feats, k)
+        if "precision" in metrics:
+            result["precision"] = precision
+        if "recall" in metrics:
+            result["recall"] = recall
+    result["warnings"] = warnings
+    return result

@@ -1,0 +1,98 @@
+"""Named network configurations: ``PRESETS[name]`` is a config that ``difflab.nets.build`` accepts.
+
+The small presets use ADM's scale-shift conditioning: with only a few channels per GroupNorm group, an
+embedding *added* before the norm (DDPM) is largely normalised away, with one channel per group entirely.
+
+==============  =========================================================================
+ddpm-cifar10    Ho et al. (2020) CIFAR-10 network, 35,746,307 parameters (32x32x3), = diffusers' twin
+mnist           32x32x1 MNIST on a GPU, 6.8M parameters
+mnist-small     32x32x1 MNIST on a 2-core CPU, 687k parameters, 0.57 GFLOP per image forward+backward
+tiny            11.6k parameters, for tests (milliseconds per call)
+series-alg1     the series' CoordConv UNet for naive algorithm 1, channels (8, 16, 24), 72k parameters
+series-alg2     the series' CoordConv UNet for naive algorithm 2, channels (16, 32, 64), 399k parameters
+==============  =========================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "ddpm-cifar10": {
+        "kind": "unet", "in_channels": 3, "out_channels": 3, "model_channels": 128, "channel_mult": [1, 2, 2, 2],
+        "num_res_blocks": 2, "attention_resolutions": [16], "num_heads": 1, "head_channels": -1, "dropout": 0.1,
+        "image_size": 32, "num_classes": None, "context_dim": None, "use_scale_shift_norm": False, "norm_groups": 32,
+    },
+    "mnist": {
+        "kind": "unet", "in_channels": 1, "out_channels": 1, "model_channels": 64, "channel_mult": [1, 2, 2],
+        "num_res_blocks": 2, "attention_resolutions": [16, 8], "num_heads": 1, "head_channels": 32, "dropout": 0.1,
+        "image_size": 32, "num_classes": None, "context_dim": None, "use_scale_shift_norm": True, "norm_groups": 32,
+    },
+    "mnist-small": {
+        "kind": "unet", "in_channels": 1, "out_channels": 1, "model_channels": 16, "channel_mult": [1, 2, 4],
+        "num_res_blocks": 1, "attention_resolutions": [8], "num_heads": 1, "head_channels": 32, "dropout": 0.0,
+        "image_size": 32, "num_classes": None, "context_dim": None, "use_scale_shift_norm": True, "norm_groups": 16,
+    },
+    "tiny": {
+        "kind": "unet", "in_channels": 1, "out_channels": 1, "model_channels": 4, "channel_mult": [1, 2],
+        "num_res_blocks": 1, "attention_resolutions": [16], "num_heads": 1, "head_channels": -1, "dropout": 0.0,
+        "image_size": 32, "num_classes": None, "context_dim": None, "use_scale_shift_norm": True, "norm_groups": 32,
+    },
+    "series-alg1": {
+        "kind": "coordconv_unet", "in_channels": 1, "out_channels": 1, "channels": [8, 16, 24], "num_res_blocks": 1,
+        "time_scale": 1000.0, "dropout": 0.0,
+    },
+    "series-alg2": {
+        "kind": "coordconv_unet", "in_channels": 1, "out_channels": 1, "channels": [16, 32, 64], "num_res_blocks": 1,
+        "time_scale": 1000.0, "dropout": 0.0,
+    },
+}  # fmt: skip
+
+
+def diffusers_twin_kwargs(preset_name: str, **overrides: Any) -> dict[str, Any]:
+    """``diffusers.UNet2DModel`` keyword arguments for the same architecture as a ``unet`` preset.
+
+    Used only by benchmarks that compare difflab with diffusers; difflab never imports diffusers. The twin
+    has the same layers, widths, time embedding (DDPM sinusoid, ``flip_sin_to_cos=False, freq_shift=1``),
+    normalisation and parameter count; only the initialisation differs (difflab zero-initialises the last
+    conv of each residual branch, the attention outputs and the output conv).
+    """
+    from . import build
+
+    config = build(dict(PRESETS[preset_name], **overrides)).config
+    if config["kind"] != "unet":
+        raise ValueError(
+            f"preset {preset_name!r} is a {config['kind']}; only 'unet' presets have a diffusers twin"
+        )
+    if config["context_dim"] is not None:
+        raise ValueError("the diffusers twin (UNet2DModel) has no cross-attention; use context_dim=None")
+    mc, mults = config["model_channels"], config["channel_mult"]
+    widths = [mc * m for m in mults]
+    groups = config["norm_groups"]
+    if any(w % groups for w in widths):
+        raise ValueError(
+            f"UNet2DModel uses one GroupNorm group count: the twin needs widths divisible by {groups}"
+        )
+    sizes = [config["image_size"] // 2**i for i in range(len(mults))]
+    attn = [s in config["attention_resolutions"] for s in sizes]
+    if config["head_channels"] > 0:
+        head_dim = config["head_channels"]
+    elif config["num_heads"] == 1:
+        head_dim = None  # one head, as wide as the layer
+    else:
+        raise ValueError(
+            "the diffusers twin needs num_heads=1 or head_channels > 0 (one head width for all layers)"
+        )
+    kwargs: dict[str, Any] = {
+        "sample_size": config["image_size"], "in_channels": config["in_channels"], "out_channels": config["out_channels"],
+        "block_out_channels": tuple(widths), "layers_per_block": config["num_res_blocks"],
+        "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        "attention_head_dim": head_dim, "norm_num_groups": groups, "attn_norm_num_groups": groups, "norm_eps": 1e-5,
+        "act_fn": "silu", "time_embedding_type": "positional", "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 1,
+        "resnet_time_scale_shift": "scale_shift" if config["use_scale_shift_norm"] else "default",
+        "dropout": config["dropout"], "add_attention": True,
+    }  # fmt: skip
+    if config["num_classes"] is not None:
+        kwargs["num_class_embeds"] = config["num_classes"] + 1
+    return kwargs

@@ -1,0 +1,121 @@
+"""Samplers: short pure functions with one signature,
+
+    sample_NAME(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, **options) -> x0
+
+over a decreasing grid of noise levels ``sigmas`` ending in 0 (VE coordinates;
+see :mod:`difflab.denoiser`). Respacing is only a different grid: the samplers
+never change. :func:`generate` is the convenience that builds the grid and the
+starting noise from per-sample seeds and runs one sampler in batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from difflab.errors import UsageError
+from difflab.noise import SeededNoise, sample_seeds
+from difflab.processes.gaussian import GaussianProcess
+from difflab.samplers.ancestral import sample_ddim, sample_ddpm
+from difflab.samplers.ode import sample_dpmpp_2m, sample_euler, sample_heun
+from difflab.samplers.sde import sample_euler_maruyama, sample_langevin, sample_pc
+
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp-2m": sample_dpmpp_2m,
+    "sde": sample_euler_maruyama,
+    "pc": sample_pc,
+    "langevin": sample_langevin,
+}
+# the grid each sampler uses unless told otherwise (EDM's solvers were designed for Karras levels)
+DEFAULT_SPACING = {"heun": "karras", "euler": "karras", "dpmpp-2m": "karras", "langevin": "geometric"}
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """EDM's noise levels: sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, then 0."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
+
+
+def get_sigmas(process: GaussianProcess, steps: int, spacing: str = "uniform") -> torch.Tensor:
+    """A grid of ``steps`` noise levels (float64) followed by 0. ``uniform`` spaces the process's own
+    time evenly (integer steps for discrete models, respaced); ``karras`` uses EDM's levels between
+    the process's smallest and largest noise level; ``geometric`` is NCSN's log-uniform grid."""
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
+    if spacing == "uniform":
+        ts = process.timesteps(steps)
+        return torch.cat([process.sigma_ve(ts).double(), torch.zeros(1, dtype=torch.float64)])
+    if spacing == "karras":
+        if steps == 1:
+            return torch.tensor([process.sigma_max(), 0.0], dtype=torch.float64)
+        return karras_sigmas(steps, max(process.sigma_min(), 1e-3), process.sigma_max())
+    if spacing == "geometric":  # NCSN's levels, down to 0.01 at the smallest
+        lo, hi = max(process.sigma_min(), 0.01), process.sigma_max()
+        return torch.cat([torch.logspace(math.log10(hi), math.log10(lo), steps, dtype=torch.float64),
+                          torch.zeros(1, dtype=torch.float64)])
+    raise UsageError(f"unknown --spacing '{spacing}'; choose uniform, karras or geometric")
+
+
+def evaluations(sampler: str, steps: int, **options) -> int:
+    """Number of network evaluations a sampler makes for a grid of ``steps`` levels."""
+    if sampler == "heun":
+        return 2 * steps - 1
+    if sampler == "pc":
+        return steps + (steps - 1) * options.get("corrector_steps", 1)
+    if sampler == "langevin":
+        return steps * options.get("steps_per_level", 10) + 1
+    return steps
+
+
+@torch.no_grad()
+def generate(
+    denoiser,
+    n: int,
+    shape: Sequence[int],
+    *,
+    seed: int = 0,
+    sampler: str = "ddim",
+    steps: int = 50,
+    spacing: str | None = None,
+    cond_fn: Callable[[slice], dict] | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    start: int = 0,
+    init_noise: torch.Tensor | None = None,
+    callback: Callable | None = None,
+    progress: Callable[[int], None] | None = None,
+    **options,
+) -> torch.Tensor:
+    """Draw ``n`` samples of ``shape`` (C, H, W) with per-sample seeds (sample j of ``--seed s`` is the
+    same for any batch size or rank). ``cond_fn(slice)`` gives the conditioning of a batch.
+    ``init_noise`` ([n, C, H, W] standard normal) replaces the seeded starting noise.
+    Returns float samples in model units (about [-1, 1]) on the CPU."""
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    sigmas = get_sigmas(denoiser.process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"))
+    sigmas = sigmas.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    seeds = sample_seeds(seed, n, start)
+    prior = denoiser.process.prior_std()
+    out = []
+    for lo in range(0, n, batch_size):
+        hi = min(n, lo + batch_size)
+        noise = SeededNoise(seeds[lo:hi])
+        if init_noise is not None:
+            x = init_noise[lo:hi].to(device=device, dtype=dtype)
+        else:
+            x = noise.initial(shape, device=device, dtype=dtype)
+        x = x * prior if sigmas[0] >= denoiser.process.sigma_max() * 0.999 else x * float(sigmas[0])
+        cond = cond_fn(slice(lo, hi)) if cond_fn is not None else None
+        y = SAMPLERS[sampler](denoiser, x, sigmas, cond=cond, noise=noise, callback=callback, **options)
+        out.append(y.float().cpu())
+        if progress is not None:
+            progress(hi - lo)
+    return torch.cat(out)

@@ -1,0 +1,63 @@
+"""DDPM ancestral sampling and DDIM (part 3 and part 4 of the series), in VE coordinates.
+
+With y = z / gammabar and sigma = sigmabar / gammabar the DDIM update
+z_{t'} = gammabar_{t'} x_hat + sqrt(sigmabar_{t'}^2 - c^2) f + c s becomes
+y' = x_hat + sqrt(sigma'^2 - c^2) eps_hat + c s with c = eta sigma' sqrt(sigma^2 - sigma'^2) / sigma,
+which is the same for every Gaussian process. eta = 1 on every step is DDPM's
+ancestral sampler with the "small" posterior variance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from difflab.errors import UsageError
+
+
+def _ones(x: torch.Tensor) -> torch.Tensor:
+    return x.new_ones(x.shape[0])
+
+
+def _randn(noise, i, x):
+    return noise(i, x) if noise is not None else torch.randn_like(x)
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, eta: float = 0.0):
+    """DDIM: x_hat from the model, then renoise to the next level reusing the predicted noise.
+    eta = 0 is deterministic (the probability-flow ODE's Euler step); eta = 1 is DDPM."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, s * _ones(x), cond)
+        eps = (x - x0) / s
+        c = eta * s_next * torch.sqrt((s**2 - s_next**2).clamp_min(0)) / s
+        x = x0 + torch.sqrt((s_next**2 - c**2).clamp_min(0)) * eps
+        if eta > 0 and s_next > 0:
+            x = x + c * _randn(noise, i, x)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "x0": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, variance: str = "small"):
+    """Ancestral sampling: z_{t-1} ~ N(mu_tilde(z_t, x_hat), tau_t), tau_t = sigma_tilde_t^2 ("small")
+    or beta_t ("large", VP processes only). The last step returns the mean (x_hat)."""
+    if variance not in ("small", "large"):
+        raise UsageError(f"variance must be 'small' or 'large', got '{variance}'")
+    if variance == "large" and not denoiser.process.variance_preserving:
+        raise UsageError("the 'large' DDPM variance (tau = beta) is defined for variance-preserving processes")
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, s * _ones(x), cond)
+        # posterior q(y' | y, x_hat): the same in every parameterisation of time
+        x = x0 + (s_next**2 / s**2) * (x - x0)
+        if s_next > 0:
+            if variance == "small":
+                var = s_next**2 * (s**2 - s_next**2) / s**2
+            else:  # beta of the (respaced) step, (1 - gammabar_t^2 / gammabar_t'^2), in VE units
+                var = (s**2 - s_next**2) * (1 + s_next**2) / (1 + s**2)
+            x = x + torch.sqrt(var) * _randn(noise, i, x)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "x0": x0})
+    return x

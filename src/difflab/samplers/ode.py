@@ -1,0 +1,73 @@
+"""Solvers of the probability-flow ODE dy/dsigma = (y - D(y, sigma)) / sigma (part 4).
+
+Euler and Heun follow EDM's Algorithm 2 (with optional churn, which makes them
+stochastic); DPM-Solver++(2M) is Lu et al.'s multistep second-order solver in
+lambda = -log sigma. Euler on the ODE, DDIM with eta = 0 and DPM-Solver++ of
+order 1 are the same update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from difflab.samplers.ancestral import _ones, _randn
+
+
+def _heun_family(denoiser, x, sigmas, cond, noise, callback, second_order, churn, s_tmin, s_tmax, s_noise):
+    n = len(sigmas) - 1
+    for i in range(n):
+        s = sigmas[i]
+        gamma = min(churn / n, math.sqrt(2) - 1) if (churn > 0 and s_tmin <= s <= s_tmax) else 0.0
+        s_hat = s * (1 + gamma)
+        if gamma > 0:
+            x = x + torch.sqrt(s_hat**2 - s**2) * s_noise * _randn(noise, i, x)
+        x0 = denoiser(x, s_hat * _ones(x), cond)
+        d = (x - x0) / s_hat
+        x_next = x + (sigmas[i + 1] - s_hat) * d
+        if second_order and sigmas[i + 1] > 0:
+            d2 = (x_next - denoiser(x_next, sigmas[i + 1] * _ones(x), cond)) / sigmas[i + 1]
+            x_next = x + (sigmas[i + 1] - s_hat) * (d + d2) / 2
+        x = x_next
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "x0": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
+                 churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+    """Euler steps on the probability-flow ODE (with EDM's churn when churn > 0)."""
+    return _heun_family(denoiser, x, sigmas, cond, noise, callback, False, churn, s_tmin, s_tmax, s_noise)
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
+                churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+    """EDM's Algorithm 2: Heun's second-order method, Euler on the last step (2K - 1 evaluations)."""
+    return _heun_family(denoiser, x, sigmas, cond, noise, callback, True, churn, s_tmin, s_tmax, s_noise)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, order: int = 2):
+    """DPM-Solver++(2M): y' = (sigma'/sigma) y - expm1(-h) D_hat, with D_hat a linear extrapolation
+    of the last two denoised images in lambda = -log sigma (order=1: plain DDIM)."""
+    x0_prev, h_prev = None, None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, s * _ones(x), cond)
+        if s_next == 0:
+            x = x0
+        else:
+            h = torch.log(s) - torch.log(s_next)
+            d = x0
+            if order == 2 and x0_prev is not None:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (s_next / s) * x - torch.expm1(-h) * d
+            h_prev = h
+        x0_prev = x0
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "x0": x0})
+    return x

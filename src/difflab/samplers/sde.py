@@ -1,0 +1,77 @@
+"""Samplers of the reverse-time SDE and score-only samplers (parts 4 and 5).
+
+In VE coordinates with the variance-time u = sigma^2 the forward process is
+dy = dW_u, so the reverse SDE is dy = -score du + dW_u with score = (D - y) / sigma^2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from difflab.samplers.ancestral import _ones, _randn
+
+
+@torch.no_grad()
+def sample_euler_maruyama(denoiser, x, sigmas, *, cond=None, noise=None, callback=None):
+    """Euler-Maruyama on the reverse SDE in u = sigma^2: y' = y + (u - u') score + sqrt(u - u') s."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, s * _ones(x), cond)
+        if s_next == 0:
+            x = x0  # the last step lands on the denoised mean (Tweedie), as score-SDE does
+        else:
+            du = s**2 - s_next**2
+            x = x + du * (x0 - x) / s**2 + torch.sqrt(du) * _randn(noise, 2 * i, x)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "x0": x0})
+    return x
+
+
+def _langevin(denoiser, x, s, cond, n, snr, noise, key):
+    """n Langevin corrector steps at noise level s, step size set by the target signal-to-noise ratio
+    (Song et al.'s corrector): eps = 2 (snr |z| / |score|)^2 per sample."""
+    for j in range(n):
+        score = (denoiser(x, s * _ones(x), cond) - x) / s**2
+        z = _randn(noise, key + j, x)
+        step = 2 * (snr * z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp_min(1e-12)) ** 2
+        step = step.reshape(-1, *([1] * (x.ndim - 1)))
+        x = x + step * score + torch.sqrt(2 * step) * z
+    return x
+
+
+@torch.no_grad()
+def sample_pc(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
+              corrector_steps: int = 1, snr: float = 0.16):
+    """Predictor-corrector: a reverse-SDE (Euler-Maruyama) predictor followed by Langevin corrector
+    steps at the new noise level (Song et al. 2021). Noise keys: predictor 2i, corrector 2i+1+..."""
+    stride = 2 + corrector_steps
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, s * _ones(x), cond)
+        if s_next == 0:
+            x = x0
+        else:
+            du = s**2 - s_next**2
+            x = x + du * (x0 - x) / s**2 + torch.sqrt(du) * _randn(noise, stride * i, x)
+            x = _langevin(denoiser, x, s_next, cond, corrector_steps, snr, noise, stride * i + 1)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "x0": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_langevin(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
+                    steps_per_level: int = 10, step_scale: float = 2e-5):
+    """Annealed Langevin dynamics (Song & Ermon 2019): uses only the score. At each level sigma_i,
+    ``steps_per_level`` steps y <- y + a score + sqrt(2 a) s with a = step_scale sigma_i^2 / sigma_L^2."""
+    levels = sigmas[sigmas > 0]
+    s_last = levels[-1]
+    for i, s in enumerate(levels):
+        a = step_scale * s**2 / s_last**2
+        for j in range(steps_per_level):
+            score = (denoiser(x, s * _ones(x), cond) - x) / s**2
+            x = x + a * score + torch.sqrt(2 * a) * _randn(noise, i * steps_per_level + j, x)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "x0": x + s**2 * score})
+    # Tweedie's denoising of the last level: the noise of sigma_L is removed, as NCSN does
+    return denoiser(x, s_last * _ones(x), cond)

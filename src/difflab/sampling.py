@@ -1,0 +1,172 @@
+"""Sampling from trained runs: the Python API behind ``difflab sample``.
+
+>>> from difflab.sampling import load_run
+>>> run = load_run("runs/demo")
+>>> images = run.sample(16, seed=0, sampler="ddim", steps=50)   # uint8 [16, C, H, W]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from difflab import nets
+from difflab.conditioning import Conditioner
+from difflab.config import TrainConfig, load_run_config
+from difflab.errors import CheckpointError, UsageError
+from difflab.figures import to_uint8
+from difflab.train.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
+from difflab.train.methods import make_method
+
+
+@torch.no_grad()
+def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *, seed: int = 0,
+                  steps: int = 50, sampler: str | None = None, device="cpu", batch_size: int = 256,
+                  labels: torch.Tensor | None = None, prompt: str | None = None, guidance: float = 1.0,
+                  start: int = 0, init_noise: torch.Tensor | None = None, classifier=None,
+                  classifier_scale: float = 0.0, progress=None, callback=None, **options) -> torch.Tensor:
+    """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j).
+
+    Conditional runs: ``labels`` (class indices) or ``prompt``; with neither, class runs cycle
+    through the classes and text runs use each class's first caption. ``guidance`` is the
+    classifier-free scale g (g = 1: no guidance). ``classifier`` + ``classifier_scale`` steer with
+    a noisy classifier's gradient (classifier guidance; needs ``labels``)."""
+    net.eval()
+    if method.name != "gaussian":
+        if guidance != 1.0 or labels is not None or prompt or classifier is not None:
+            raise UsageError(f"conditioning and guidance need a Gaussian run, this one is {method.name}")
+        out = []
+        for lo in range(0, n, batch_size):
+            m = min(batch_size, n - lo)
+            x = method.sample(net, m, shape, seed=seed * 1_000_003 + start + lo, steps=steps, device=device,
+                              callback=callback, **options)
+            out.append(to_uint8(x.cpu()))
+        return torch.cat(out)
+
+    from difflab.samplers import generate
+
+    den = method.denoiser(net)
+    cond_fn = None
+    if conditioner is not None and conditioner.kind != "none":
+        if labels is None and prompt is None:
+            labels = torch.arange(start, start + n) % conditioner.num_classes
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n) if torch.as_tensor(
+                labels).numel() == 1 else torch.as_tensor(labels, dtype=torch.long)
+            if bool((labels < 0).any() or (labels >= conditioner.num_classes).any()):
+                raise UsageError(f"--class must be in 0..{conditioner.num_classes - 1}")
+
+        def cond_fn(sl: slice):
+            m = sl.stop - sl.start
+            if prompt is not None:
+                if conditioner.kind != "text":
+                    raise UsageError("--prompt needs a run trained with --conditioning text")
+                return conditioner.text([prompt] * m, device)
+            return conditioner.for_labels(labels[sl], device)
+
+        if guidance != 1.0:
+            from difflab.guidance import ClassifierFreeGuidance
+
+            den = ClassifierFreeGuidance(den, conditioner.null(min(n, batch_size), device), guidance)
+    elif guidance != 1.0 or labels is not None or prompt is not None:
+        if classifier is None:
+            raise UsageError("this run is unconditional: --class/--prompt/--guidance need a run trained with "
+                             "--conditioning class|text (or pass --classifier for classifier guidance)")
+    if classifier is not None:
+        from difflab.guidance import ClassifierGuidance
+
+        if labels is None:
+            raise UsageError("classifier guidance needs --class")
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n).clone() if torch.as_tensor(
+            labels).numel() == 1 else torch.as_tensor(labels, dtype=torch.long)
+        den = ClassifierGuidance(den, classifier, classifier_scale)
+        base_fn = cond_fn
+
+        def cond_fn(sl: slice):  # noqa: F811 - the classifier's target rides along with the condition
+            c = dict(base_fn(sl) or {}) if base_fn is not None else {}
+            c["classifier_labels"] = labels[sl].to(device)
+            return c
+
+    x = generate(den, n, shape, seed=seed, sampler=sampler or "ddim", steps=steps, cond_fn=cond_fn,
+                 batch_size=batch_size, device=device, start=start, init_noise=init_noise,
+                 progress=progress, callback=callback, **options)
+    return to_uint8(x)
+
+
+@dataclass
+class Run:
+    """A trained run: its config, method, EMA network and conditioning, ready to sample."""
+
+    path: Path
+    cfg: TrainConfig
+    method: object
+    net: torch.nn.Module
+    conditioner: Conditioner
+    shape: tuple[int, int, int]
+    class_names: list[str] | None
+    step: int
+    device: torch.device
+
+    def sample(self, n: int, **kwargs) -> torch.Tensor:
+        kwargs.setdefault("device", self.device)
+        return sample_images(self.method, self.net, self.conditioner, n, self.shape, **kwargs)
+
+    def denoiser(self):
+        return self.method.denoiser(self.net)
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
+             ema: bool = True) -> Run:
+    """Load a run folder written by ``difflab train`` (the latest verified checkpoint, EMA weights)."""
+    path = Path(path)
+    cfg = load_run_config(path)
+    device = torch.device(device)
+    found = load_checkpoint(checkpoint, device) if checkpoint else latest_checkpoint(path / "checkpoints", device)
+    if found is None:
+        raise CheckpointError(f"'{path}' has no checkpoint yet: train it first (difflab train --out {path})")
+    tensors, meta = found
+    net = nets.build(meta["network"]).to(device)
+    try:
+        net.load_state_dict(split_prefix(tensors, "ema" if ema else "model"))
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint in {path} does not match its network config "
+                              f"({str(e).splitlines()[0]})") from e
+    net.eval().requires_grad_(False)
+    method = make_method(cfg)
+    class_names = meta.get("class_names")
+    num_classes = len(class_names) if class_names else 0
+    if cfg.conditioning == "text":
+        from difflab.data.captions import captions_for
+        from difflab.text import PromptCache, text_encoder
+
+        prompts = PromptCache.load(path / "prompts.safetensors", _optional_encoder(), device=device)
+        conditioner = Conditioner("text", num_classes, cfg.cond_drop,
+                                  captions_for(_data_name(cfg), class_names), prompts)
+        del text_encoder
+    else:
+        conditioner = Conditioner(cfg.conditioning, num_classes, cfg.cond_drop)
+    if cfg.method == "cold":
+        from difflab.train.trainer import load_data
+
+        method.reference = load_data(cfg).images[:512].float().div(127.5).sub(1)
+    return Run(path, cfg, method, net, conditioner, tuple(meta["image_shape"]), class_names,
+               int(meta["step"]), device)
+
+
+def _optional_encoder():
+    """The text encoder when installed (new prompts), else None (only the run's cached prompts)."""
+    try:
+        from difflab.text import text_encoder
+
+        return text_encoder()
+    except UsageError:
+        return None
+
+
+def _data_name(cfg: TrainConfig) -> str:
+    from difflab.data import DATASETS
+
+    name = cfg.data.lower().replace("_", "-")
+    return name if name in DATASETS else cfg.data

@@ -1,0 +1,129 @@
+"""Checkpoints that are never half-written: tensors in safetensors, everything else
+in JSON (never pickle).
+
+``step-0000123.safetensors`` is written under a temporary name, flushed and renamed;
+then ``step-0000123.json`` (config, step, optimiser hyper-parameters, and the
+SHA-256 of the tensor file) is written the same way. A checkpoint counts only
+when its JSON exists and the checksum matches, so a crash at any moment leaves
+the previous checkpoint as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from difflab.errors import CheckpointError
+
+_NAME = re.compile(r"^step-(\d{7,})\.json$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_rename(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    tmp.replace(final)
+    try:  # make the rename itself durable
+        fd = os.open(final.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    keep: int = 3) -> Path:
+    """Atomically write checkpoint ``step`` into ``folder`` and keep only the newest ``keep``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"step-{step:07d}"
+    st, js = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+    tmp = folder / f".{stem}.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    _fsync_rename(tmp, st)
+    meta = {**meta, "step": step, "tensors": st.name, "sha256": _sha256(st), "format": "difflab-checkpoint-1"}
+    tmpj = folder / f".{stem}.json.tmp"
+    tmpj.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    _fsync_rename(tmpj, js)
+    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        for p in (old, old.with_suffix(".safetensors")):
+            p.unlink(missing_ok=True)
+    for stale in folder.glob(".step-*.tmp"):  # leftovers of a killed writer
+        stale.unlink(missing_ok=True)
+    return js
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """The JSON files of complete-looking checkpoints, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
+
+
+def load_checkpoint(json_path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read one checkpoint, verifying its checksum. Raises CheckpointError with a one-line reason."""
+    json_path = Path(json_path)
+    try:
+        meta = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {json_path} is unreadable ({e.__class__.__name__}); "
+                              "delete it to fall back to an older one") from e
+    st = json_path.with_name(meta.get("tensors", json_path.with_suffix(".safetensors").name))
+    if not st.exists():
+        raise CheckpointError(f"checkpoint {json_path.name} has no tensor file {st.name}; delete the JSON to use an older one")
+    if meta.get("sha256") != _sha256(st):
+        raise CheckpointError(f"checkpoint {st} is corrupt (checksum mismatch); delete it and its JSON "
+                              "to resume from an older one")
+    try:
+        tensors = load_file(str(st), device=str(device))
+    except Exception as e:  # noqa: BLE001 - any failure to parse means a corrupt file
+        raise CheckpointError(f"checkpoint {st} cannot be read ({e}); delete it to use an older one") from e
+    return tensors, meta
+
+
+def latest_checkpoint(folder: str | Path, device: str | torch.device = "cpu"):
+    """The newest checkpoint that verifies, or None when the folder holds none. A corrupt newest
+    checkpoint is an error (never silently skipped: the user decides)."""
+    found = list_checkpoints(folder)
+    if not found:
+        return None
+    return load_checkpoint(found[-1], device)
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix.`` with the prefix removed."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimiser's state into tensors (for safetensors) and JSON-able hyper-parameters."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"{idx}.{key}"] = torch.as_tensor(value)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -1,0 +1,458 @@
+"""The training loop: one loop for every method, on one device or many (DDP).
+
+Everything random is a pure function of (seed, step, sample position), and the
+data order is a per-epoch permutation of (seed, epoch), so the only state is the
+weights, the EMA and the optimiser; a resumed run continues bit-identically and a
+run can resume with another number of processes. The loss is kept on the device
+and read back every ``log_every`` steps: those are the only host-device syncs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from difflab import nets
+from difflab.conditioning import Conditioner
+from difflab.config import TrainConfig, save_json
+from difflab.data import ImageData, load
+from difflab.errors import CheckpointError, TrainingDiverged, UsageError
+from difflab.figures import plot_loss, save_grid
+from difflab.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+    split_prefix,
+)
+from difflab.train.distributed import DistContext
+from difflab.train.ema import EMA
+from difflab.train.methods import make_method
+
+# flags that may change when a run is resumed; anything else must match the saved run
+RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "checkpoint_every", "keep",
+                    "log_every", "device", "out", "compile", "precision"}
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but torch sees no CUDA GPU (install a CUDA build of torch)")
+    dev = torch.device(name)
+    return torch.device(f"cuda:{local_rank}") if dev.type == "cuda" and dev.index is None else dev
+
+
+def load_data(cfg: TrainConfig) -> ImageData:
+    """The run's dataset as uint8 tensors; MNIST-like 28x28 sets are padded to 32."""
+    kw = {}
+    if cfg.image_size:
+        kw["image_size"] = cfg.image_size
+    if cfg.image_channels:
+        kw["channels"] = cfg.image_channels
+    data = load(cfg.data, **kw)
+    if not cfg.image_size and data.height == 28 and data.width == 28:
+        data = load(cfg.data, pad_to=32, **kw)
+    if data.height != data.width:
+        raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
+    return data
+
+
+def network_config(cfg: TrainConfig, data: ImageData, device: torch.device, context_dim: int | None) -> dict:
+    """The network a run trains: the method's default preset fitted to the data's shape."""
+    name = cfg.model
+    if name == "auto":
+        if cfg.method == "naive1":
+            name = "series-alg1"
+        elif cfg.method in ("naive2", "cold"):
+            name = "series-alg2"
+        elif device.type == "cuda":
+            name = "ddpm-cifar10" if data.channels == 3 else "mnist"
+        else:
+            name = "mnist-small"
+    if name not in nets.PRESETS:
+        raise UsageError(f"unknown --model '{name}'; choose auto or one of {', '.join(nets.PRESETS)}")
+    conf = dict(nets.PRESETS[name])
+    conf.update(in_channels=data.channels, out_channels=data.channels)
+    if conf["kind"] == "unet":
+        conf["image_size"] = data.height
+        conf["attention_resolutions"] = [r for r in conf["attention_resolutions"] if r <= data.height]
+        if cfg.conditioning == "class":
+            conf["num_classes"] = data.num_classes
+        if cfg.conditioning == "text":
+            conf["context_dim"] = context_dim
+        levels = len(conf["channel_mult"])
+        if data.height % (2 ** (levels - 1)):
+            raise UsageError(f"image size {data.height} is not divisible by {2 ** (levels - 1)} "
+                             f"(the {name} network downsamples {levels - 1} times); pass --image-size")
+    if cfg.channels_mult:
+        try:
+            widths = [int(c) for c in cfg.channels_mult.split(",")]
+        except ValueError:
+            raise UsageError(f"--channels-mult takes comma-separated integers, got '{cfg.channels_mult}'") from None
+        if conf["kind"] == "unet":
+            if any(w % widths[0] for w in widths):
+                raise UsageError("--channels-mult for a UNet: every width must be a multiple of the first")
+            conf.update(model_channels=widths[0], channel_mult=[w // widths[0] for w in widths])
+        else:
+            conf["channels"] = widths
+    if cfg.dropout >= 0:
+        conf["dropout"] = cfg.dropout
+    return conf
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    grid: Path | None
+    images_per_second: float
+    seconds: float
+    stopped_by: str  # "steps", "time-limit", "signal"
+
+
+class Trainer:
+    """Trains one run folder. ``resume=True`` continues the latest checkpoint in ``cfg.out``."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print):
+        cfg.validate()
+        self.log = log
+        self.out = Path(cfg.out)
+        saved = None
+        if resume and (self.out / "config.json").exists():
+            saved = self._merge_resume_config(cfg)
+            cfg = saved
+        elif not resume and list_checkpoints(self.out / "checkpoints"):
+            raise UsageError(f"'{self.out}' already holds a trained run; pass --resume to continue it "
+                             "or choose another --out")
+        self.cfg = cfg
+        self.device = pick_device(cfg.device, 0)
+        self.dist = DistContext.from_env(self.device.type)
+        if self.dist.active:
+            self.device = pick_device(cfg.device, self.dist.local_rank)
+            if cfg.batch_size % (cfg.grad_accum * self.dist.world):
+                raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum x processes "
+                                 f"= {cfg.grad_accum * self.dist.world}")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.progress = progress and self.dist.main
+
+        data = load_data(cfg)
+        self.data = data
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device) if data.labels is not None else None
+        self.shape = tuple(data.images.shape[1:])
+        self.method = make_method(cfg)
+        if cfg.method == "cold":
+            self.method.reference = data.images[:512].float().div(127.5).sub(1)
+        self.conditioner = self._conditioner(data)
+        context_dim = self.conditioner.prompts.dim if cfg.conditioning == "text" else None
+
+        torch.manual_seed(cfg.seed)
+        self.net_config = network_config(cfg, data, self.device, context_dim)
+        self.net = nets.build(self.net_config).to(self.device)
+        if self.device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     **({"fused": True} if self.device.type == "cuda" else {}))
+        self.ema = EMA(self.net, cfg.ema_decay)
+        self.step = 0
+        if resume:
+            self._restore()
+        self.train_net: nn.Module = self.net
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.train_net = torch.compile(self.train_net)
+        self.autocast = self._autocast()
+        self._perm_cache: dict[int, torch.Tensor] = {}
+        self._stop: str | None = None
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def _merge_resume_config(self, cfg: TrainConfig) -> TrainConfig:
+        from difflab.config import load_run_config
+
+        saved = load_run_config(self.out)
+        given = getattr(cfg, "_given", None)  # flags typed on the command line; from Python: every field
+        for name in (given if given is not None else cfg.to_json()):
+            new, old = getattr(cfg, name), getattr(saved, name)
+            if name in RESUME_OVERRIDES:
+                setattr(saved, name, new)
+            elif new != old:
+                raise UsageError(f"--{name.replace('_', '-')} {new} differs from the run being resumed ({old}); "
+                                 "only steps, time limit, logging, sampling and checkpoint settings may change")
+        return saved.validate()
+
+    def _conditioner(self, data: ImageData) -> Conditioner:
+        cfg = self.cfg
+        if cfg.conditioning == "text":
+            from difflab.data.captions import captions_for
+            from difflab.text import PromptCache, text_encoder
+
+            if data.class_names is None:
+                raise UsageError("--conditioning text needs labelled data (class names become captions)")
+            cache_file = self.out / "prompts.safetensors"
+            cache = (PromptCache.load(cache_file, text_encoder()) if cache_file.exists()
+                     else PromptCache(text_encoder()))
+            return Conditioner("text", data.num_classes, cfg.cond_drop,
+                               captions_for(data.name, data.class_names), cache)
+        return Conditioner(cfg.conditioning, data.num_classes or 0, cfg.cond_drop)
+
+    def _autocast(self):
+        use_bf16 = self.cfg.precision == "bf16" or (
+            self.cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        if not use_bf16:
+            return contextlib.nullcontext
+        return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _restore(self) -> None:
+        found = latest_checkpoint(self.out / "checkpoints", self.device)
+        if found is None:
+            if self.dist.main:
+                self.log(f"no checkpoint in {self.out}; starting a new run")
+            return
+        tensors, meta = found
+        try:
+            self.net.load_state_dict(split_prefix(tensors, "model"))
+            self.ema.load_state_dict(split_prefix(tensors, "ema"), meta["ema_updates"])
+            optimizer_from_tensors(self.opt, split_prefix(tensors, "opt"), meta["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint step {meta.get('step')} in {self.out} does not fit this network "
+                                  f"({str(e).splitlines()[0]})") from e
+        self.step = int(meta["step"])
+        if self.dist.main:
+            self.log(f"resumed {self.out} at step {self.step}")
+
+    # --- data -----------------------------------------------------------------------------------
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+            self._perm_cache = {epoch: torch.randperm(len(self.images), generator=g).to(self.device)}
+        return self._perm_cache[epoch]
+
+    def batch(self, step: int, micro: int):
+        """This rank's share of micro-batch ``micro`` of the global batch of ``step``: (x, labels, seeds)."""
+        cfg, n = self.cfg, len(self.images)
+        b = self.method.batch_index(step)
+        per_micro = cfg.batch_size // cfg.grad_accum
+        per_rank = per_micro // self.dist.world
+        lo = micro * per_micro + self.dist.rank * per_rank
+        pos = torch.arange(lo, lo + per_rank, device=self.device)
+        flat = b * cfg.batch_size + pos
+        epochs = (flat // n).tolist()
+        if epochs[0] == epochs[-1]:
+            idx = self._perm(epochs[0])[flat % n]
+        else:
+            idx = torch.stack([self._perm(int(e))[int(f) % n] for e, f in zip(epochs, flat.tolist())])
+        x = self.images[idx].float().div_(127.5).sub_(1)
+        seeds = pos.to(torch.int64) + cfg.seed * (1 << 32)
+        if cfg.hflip:
+            from difflab.noise import seeded_uniform
+
+            flip = seeded_uniform(seeds, step, (), self.device, salt=0xF11F) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        labels = self.labels[idx] if self.labels is not None else None
+        return x, labels, seeds
+
+    # --- the loop -------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        if cfg.lr_decay == "cosine":
+            u = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+            return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, u)))
+        return cfg.lr
+
+    def _handle_signals(self):
+        def handler(signum, _frame):
+            if self._stop == "signal" and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop = "signal"
+            self._signal = signum
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in old:
+            signal.signal(s, handler)
+        return old
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimiser step (all micro-batches); returns the loss as a device tensor (no sync)."""
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(step)
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, labels, seeds = self.batch(step, micro)
+            cond = self.conditioner.training(labels, seeds, step)
+            sync = contextlib.nullcontext()
+            if self.dist.active and micro < cfg.grad_accum - 1:
+                sync = self.train_net.no_sync()
+            with sync:
+                with self.autocast():
+                    loss = self.method.loss(self.train_net, x, cond, step, seeds) / cfg.grad_accum
+                loss.backward()
+            total += loss.detach()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.net)
+        return total
+
+    def run(self) -> TrainResult:
+        cfg, main = self.cfg, self.dist.main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "samples").mkdir(exist_ok=True)
+            save_json(self.out / "config.json", cfg.to_json())
+            if cfg.conditioning == "text":
+                self.conditioner.prompts.save(self.out / "prompts.safetensors")
+            self._truncate_log(self.step)
+            self.log(self.describe())
+        old_handlers = self._handle_signals()
+        start_step, t0 = self.step, time.monotonic()
+        deadline = t0 + cfg.time_limit * 60 if cfg.time_limit else None
+        buf = torch.zeros(cfg.log_every, device=self.device)
+        last_logged, last_ckpt, ckpt_path, stopped_by = self.step, None, None, "steps"
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
+                       file=sys.stderr)
+        self.net.train()
+        try:
+            while self.step < cfg.steps:
+                buf[self.step % cfg.log_every] = self.train_step(self.step)
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                if deadline is not None and time.monotonic() >= deadline and not self.dist.active:
+                    self._stop = self._stop or "time-limit"
+                boundary = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                if self.dist.active and boundary:
+                    over = deadline is not None and time.monotonic() >= deadline
+                    if self.dist.any(over or self._stop is not None, self.device):
+                        self._stop = self._stop or "time-limit"
+                if boundary or self._stop:
+                    self._check_and_log(buf, last_logged, t0, start_step, bar)
+                    last_logged = self.step
+                if self._stop:
+                    stopped_by = self._stop
+                    break
+                if self.step % cfg.checkpoint_every == 0:
+                    if last_logged != self.step:
+                        self._check_and_log(buf, last_logged, t0, start_step, bar)
+                        last_logged = self.step
+                    ckpt_path = self.save()
+                    last_ckpt = self.step
+                if main and cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < cfg.steps:
+                    self.sample_grid(self.out / "samples" / f"step-{self.step:07d}.png")
+        finally:
+            if bar is not None:
+                bar.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        if last_ckpt != self.step:
+            if last_logged != self.step:
+                self._check_and_log(buf, last_logged, t0, start_step, None)
+            ckpt_path = self.save()
+        seconds = time.monotonic() - t0
+        ips = (self.step - start_step) * cfg.batch_size / max(seconds, 1e-9)
+        grid = None
+        if main:
+            grid = self.sample_grid(self.out / "samples" / "final.png")
+            if (self.out / "loss.csv").exists():
+                plot_loss(self.out / "loss.csv", self.out / "loss.png")
+        self.dist.barrier()
+        return TrainResult(self.step, ckpt_path, grid, ips, seconds, stopped_by)
+
+    def describe(self) -> str:
+        cfg, d = self.cfg, self.data
+        n_params = nets.count_parameters(self.net)
+        desc = self.method.describe() if cfg.method != "naive1" else self.method.describe(d.height, d.width)
+        world = f" x {self.dist.world} processes" if self.dist.active else ""
+        return (f"difflab: {cfg.method} on {d.name} ({len(d)} images {d.channels}x{d.height}x{d.width}) | "
+                f"{self.net_config['kind']} {n_params / 1e6:.2f}M parameters | {desc} | "
+                f"device {self.device}{world} | batch {cfg.batch_size} | steps {self.step}->{cfg.steps}")
+
+    def _check_and_log(self, buf, last_logged: int, t0: float, start_step: int, bar) -> None:
+        """Read the losses since the last log (the one sync), stop on NaN/inf, append to loss.csv."""
+        n = self.step - last_logged
+        if n <= 0:
+            return
+        idx = [(last_logged + i) % self.cfg.log_every for i in range(n)]
+        vals = buf[idx].float().cpu()
+        bad = (~torch.isfinite(vals)).nonzero()
+        if len(bad):
+            step = last_logged + int(bad[0]) + 1
+            good = list_checkpoints(self.out / "checkpoints")
+            keep = f"the last good checkpoint ({good[-1].stem}) is kept" if good else "no checkpoint was written yet"
+            raise TrainingDiverged(f"error: the loss became {float(vals[int(bad[0])])} at step {step}; {keep} in "
+                                   f"{self.out}. Lower --lr, keep --grad-clip on, or use --precision fp32")
+        loss = float(vals.mean())
+        elapsed = time.monotonic() - t0
+        ips = (self.step - start_step) * self.cfg.batch_size / max(elapsed, 1e-9)
+        if bar is not None:
+            bar.set_postfix_str(f"loss {loss:.4f} | {ips:.0f} img/s", refresh=False)
+        if self.dist.main:
+            path = self.out / "loss.csv"
+            new = not path.exists()
+            with open(path, "a", newline="") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(["step", "loss", "lr", "images_per_second", "seconds"])
+                w.writerow([self.step, f"{loss:.6g}", f"{self.lr_at(self.step - 1):.3g}", f"{ips:.1f}", f"{elapsed:.1f}"])
+
+    def _truncate_log(self, step: int) -> None:
+        """On resume, drop log rows written after the checkpoint (they will be trained again)."""
+        path = self.out / "loss.csv"
+        if not path.exists():
+            return
+        rows = list(csv.reader(open(path)))
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        if len(kept) != len(rows):
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+            tmp.replace(path)
+
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0) and wait for it on every rank."""
+        path = None
+        if self.dist.main:
+            opt_t, opt_meta = optimizer_to_tensors(self.opt)
+            tensors = {**{f"model.{k}": v for k, v in self.net.state_dict().items()},
+                       **{f"ema.{k}": v for k, v in self.ema.state_dict().items()},
+                       **{f"opt.{k}": v for k, v in opt_t.items()}}
+            meta = {"config": self.cfg.to_json(), "network": self.net_config, "optimizer": opt_meta,
+                    "ema_updates": self.ema.updates, "data_fingerprint": self.data.fingerprint,
+                    "image_shape": list(self.shape), "class_names": self.data.class_names,
+                    "world_size": self.dist.world}
+            path = save_checkpoint(self.out / "checkpoints", self.step, tensors, meta, keep=self.cfg.keep)
+        self.dist.barrier()
+        return path
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path, n: int = 64) -> Path:
+        """A grid of EMA samples with fixed seeds (rows of classes for class-conditional runs)."""
+        from difflab.sampling import sample_images
+
+        imgs = sample_images(self.method, self.ema.model, self.conditioner, n, self.shape, seed=0,
+                             steps=self.cfg.sample_steps, device=self.device)
+        return save_grid(imgs, path, nrow=8 if n >= 64 else None)
