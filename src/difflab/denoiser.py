@@ -52,7 +52,10 @@ class Denoiser(nn.Module):
         return x * _bc(self.process.alpha(t), x)
 
     def net_output(self, x, sigma, t, cond: Cond | None = None) -> torch.Tensor:
-        z = self.net_input(x, sigma, t).to(x.dtype)
+        # the network may run in another precision (pure bf16 weights for fast sampling)
+        p = next(self.net.parameters(), None)
+        dtype = p.dtype if p is not None and p.is_floating_point() else x.dtype
+        z = self.net_input(x, sigma, t).to(dtype)
         out = self.net(z, self.process.net_time(t).to(x.device), **(cond or {}))
         return out.to(x.dtype)
 

@@ -5,12 +5,21 @@ conditional direction, f_hat = f(z, null) + g (f(z, c) - f(z, null)), so g = 1 +
 the weight of Ho & Salimans; g = 1 is plain conditional sampling and g = 0 unconditional.
 Because x0_hat = y - sigma f is affine in the noise estimate f, mixing x0 estimates with
 the same weights is the same rule.
+
+Classifier guidance (Dhariwal & Nichol) steers with a noisy classifier p(c | z_t, t): in the
+process's own coordinates f_hat = f(z_t, t) - w sigmabar_t grad_z log p(c | z_t, t). With
+x0 = (z - sigmabar f) / gammabar, y = z / gammabar (so grad_z = grad_y / gammabar) and
+sigma = sigmabar / gammabar this is, in the samplers' VE coordinates,
+x0_hat = D(y, sigma) + w sigma^2 grad_y log p(c | y, sigma): the same rule for every process.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from difflab.errors import UsageError
+from difflab.processes.gaussian import _bc
 
 
 def _cat_cond(a: dict | None, b: dict | None) -> dict | None:
@@ -34,3 +43,36 @@ class ClassifierFreeGuidance(nn.Module):
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), _cat_cond(cond, null))
         x0_c, x0_u = both.chunk(2)
         return x0_u + self.scale * (x0_c - x0_u)
+
+
+class ClassifierGuidance(nn.Module):
+    """x0_hat = D(x, sigma, cond) + w sigma^2 grad_x log p(c | x, sigma) (VE coordinates).
+
+    ``cond["classifier_labels"]`` (int64 [B]) is the class c to steer towards; it is removed before
+    the denoiser is called, so the rest of ``cond`` (a class label or a prompt, possibly under
+    classifier-free guidance) still reaches the network. ``classifier.log_prob(x, sigma, labels)``
+    gives log p(c | x, sigma) [B] in VE coordinates (``difflab.classifier_guidance``); its gradient
+    is taken with autograd even inside the samplers' ``no_grad``."""
+
+    def __init__(self, denoiser, classifier, scale: float):
+        super().__init__()
+        self.denoiser, self.classifier, self.scale = denoiser, classifier, float(scale)
+        self.process = denoiser.process
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        if not cond or "classifier_labels" not in cond:
+            raise UsageError("classifier guidance needs the class to steer towards (--class)")
+        labels = cond["classifier_labels"]
+        rest = {k: v for k, v in cond.items() if k != "classifier_labels"}
+        x0 = self.denoiser(x, sigma, rest or None)
+        if self.scale == 0.0:
+            return x0
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        return x0 + self.scale * _bc(sigma**2, x) * self.grad_log_prob(x, sigma, labels)
+
+    def grad_log_prob(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """grad_x log p(labels | x, sigma), per sample (the sum over the batch separates)."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.classifier.log_prob(xg, sigma, labels).sum(), xg)
+        return grad.to(x.dtype)

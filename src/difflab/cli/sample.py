@@ -58,6 +58,7 @@ def _options(args) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from difflab.figures import save_grid
+    from difflab.train.distributed import DistContext, sample_sharded, shard
     from difflab.train.trainer import pick_device
 
     if (args.run is None) == (args.diffusers_model is None):
@@ -66,25 +67,32 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--n and --batch-size must be at least 1")
     if args.out is None and args.save_npz is None and args.run is None:
         raise UsageError("give --out GRID.png and/or --save-npz FILE")
-    device = pick_device(args.device)
+    ctx = DistContext.from_env(pick_device(args.device).type)  # under torchrun: split the n samples
+    device = pick_device(args.device, ctx.local_rank)
     init_noise = _read_noise(args.init_noise, args.n) if args.init_noise else None
     from tqdm.auto import tqdm
 
-    def progress_bar():  # created only once the inputs are known to be good
-        return tqdm(total=args.n, unit="img", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+    bar = None  # rank 0's progress over its share, created once the inputs are known to be good
+
+    def tick(k: int) -> None:
+        if bar is not None:
+            bar.update(k)
 
     labels = None
     if args.diffusers_model:
+        from difflab.figures import to_uint8
         from difflab.interop import load_diffusers_unet
         from difflab.samplers import generate
-        from difflab.figures import to_uint8
 
         den, shape = load_diffusers_unet(args.diffusers_model, device)
-        bar = progress_bar()
-        x = generate(den, args.n, shape, seed=args.seed, sampler=args.sampler or "ddim", steps=args.steps or 50,
-                     batch_size=args.batch_size, device=device, init_noise=init_noise,
-                     progress=bar.update, **_options(args))
-        images = to_uint8(x)
+        block = 1
+
+        def draw(start: int, count: int) -> torch.Tensor:
+            x = generate(den, count, shape, seed=args.seed, sampler=args.sampler or "ddim", steps=args.steps or 50,
+                         batch_size=args.batch_size, device=device, start=start,
+                         init_noise=_rows(init_noise, start, count), progress=tick, **_options(args))
+            return to_uint8(x)
+
         out = args.out
     else:
         from difflab.sampling import load_run
@@ -99,18 +107,32 @@ def run(args: argparse.Namespace) -> int:
             labels = torch.full((args.n,), args.class_label, dtype=torch.long)
         elif run_.conditioner.kind == "class" and args.prompt is None:
             labels = torch.arange(args.n) % run_.conditioner.num_classes
-        bar = progress_bar()
         default_steps = 64 if run_.cfg.method == "naive2" else 50
         extra = {"cold_update": True} if args.cold_update else {}
-        images = run_.sample(args.n, seed=args.seed, steps=args.steps or default_steps, sampler=args.sampler,
-                             batch_size=args.batch_size, labels=labels, prompt=args.prompt,
-                             guidance=args.guidance, init_noise=init_noise, classifier=classifier,
-                             classifier_scale=args.classifier_scale, progress=bar.update,
-                             **_options(args), **extra)
-        if run_.cfg.method != "gaussian":
-            bar.update(args.n)
+        per_sample = run_.cfg.method == "gaussian"  # part-1 methods seed per batch: shard on batch ends
+        block = 1 if per_sample else args.batch_size
+
+        def draw(start: int, count: int) -> torch.Tensor:
+            imgs = run_.sample(count, seed=args.seed, start=start, steps=args.steps or default_steps,
+                               sampler=args.sampler, batch_size=args.batch_size,
+                               labels=_rows(labels, start, count), prompt=args.prompt, guidance=args.guidance,
+                               init_noise=_rows(init_noise, start, count), classifier=classifier,
+                               classifier_scale=args.classifier_scale, progress=tick,
+                               **_options(args), **extra)
+            if not per_sample:
+                tick(count)
+            return imgs
+
         out = args.out or str(Path(args.run) / "samples" / f"sample-seed{args.seed}.png")
-    bar.close()
+    if ctx.main:
+        bar = tqdm(total=len(shard(args.n, ctx, block)), unit="img", file=sys.stderr, mininterval=0.5,
+                   dynamic_ncols=True)
+    images = sample_sharded(draw, args.n, ctx, block)
+    if bar is not None:
+        bar.close()
+    if not ctx.main:  # only rank 0 writes
+        ctx.shutdown()
+        return 0
     if out:
         save_grid(images, out, nrow=args.nrow)
         print(f"grid: {out}")
@@ -124,7 +146,13 @@ def run(args: argparse.Namespace) -> int:
         np.savez_compressed(tmp, **arrays)
         tmp.replace(path)
         print(f"samples: {path} ({len(images)} images, uint8 [N, H, W, C])")
+    ctx.shutdown()
     return 0
+
+
+def _rows(x: torch.Tensor | None, start: int, count: int) -> torch.Tensor | None:
+    """Rows start..start+count of a per-sample tensor (labels, starting noise), or None."""
+    return None if x is None else x[start : start + count]
 
 
 def _read_noise(path: str, n: int) -> torch.Tensor:

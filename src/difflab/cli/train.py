@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import signal
 import sys
 
 from difflab.config import add_config_arguments, config_from_args
@@ -31,16 +31,19 @@ def run(args: argparse.Namespace) -> int:
         why = {"steps": "done", "time-limit": "time limit reached", "signal": "stopped by a signal"}[result.stopped_by]
         print(f"{why}: step {result.step} in {result.seconds / 60:.1f} min ({result.images_per_second:.0f} img/s)")
         print(f"checkpoint: {result.checkpoint}")
-        print(f"samples:    {result.grid}")
+        if result.grid is not None:
+            print(f"samples:    {result.grid}")
         print(f"loss curve: {trainer.out / 'loss.png'}")
     trainer.dist.shutdown()
-    if result.stopped_by == "signal" and getattr(trainer, "_signal", None) == 2:
+    if result.signal == signal.SIGINT:
         return 130
     return 0
 
 
 def _launch(n: int) -> int:
-    """Re-run this command under torchrun with n processes (without --nproc)."""
+    """Re-run this command under torchrun's launcher with n processes (without --nproc)."""
+    from difflab.train.distributed import launch
+
     argv, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -52,6 +55,4 @@ def _launch(n: int) -> int:
         if a.startswith("--nproc="):
             continue
         argv.append(a)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-    print("launching:", " ".join(torchrun + ["-m", "difflab", *argv]), file=sys.stderr)
-    return subprocess.call(torchrun + ["-m", "difflab", *argv])
+    return launch(n, argv)

@@ -19,8 +19,30 @@ from difflab.processes.degradations import (
     Pixelate,
     get_degradation,
 )
+from difflab.processes.continuous import VE, VPCosine, VPLinear, make_process, sde_coefficients
+from difflab.processes.gaussian import (
+    DiscreteSchedule,
+    GaussianProcess,
+    constant_schedule,
+    cosine_schedule,
+    linear_schedule,
+    make_schedule,
+    sigmoid_schedule,
+)
 
 __all__ = [
+    "VE",
+    "DiscreteSchedule",
+    "GaussianProcess",
+    "VPCosine",
+    "VPLinear",
+    "constant_schedule",
+    "cosine_schedule",
+    "linear_schedule",
+    "make_process",
+    "make_schedule",
+    "sde_coefficients",
+    "sigmoid_schedule",
     "DEGRADATIONS",
     "BinomialNoise",
     "Blur",

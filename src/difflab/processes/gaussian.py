@@ -118,6 +118,7 @@ class DiscreteSchedule(GaussianProcess):
         self._gammabar = torch.cumprod(self._gamma, 0)  # gammabar_0 = 1 includes no gamma; gammabar_t includes gamma_t
         self._sigmabar = (1 - self._gammabar**2).clamp_min(0).sqrt()
         self._log_sigma_ve = torch.log(self._sigmabar[1:] / self._gammabar[1:])  # t = 1..T, increasing
+        self._tables: dict[str, torch.Tensor] = {}
 
     # --- the series' quantities, indexed by integer t -------------------------------------------
     def gamma(self, t: torch.Tensor) -> torch.Tensor:
@@ -162,22 +163,28 @@ class DiscreteSchedule(GaussianProcess):
         return _bc(g, z_prev) * z_prev + _bc((1 - g**2).sqrt(), noise) * noise
 
     # --- the GaussianProcess contract (real-valued t) -------------------------------------------
+    # alpha and sigma go through sigma_ve, which interpolates between steps; at integer t they equal
+    # the tables gammabar_t and sigmabar_t to float64 rounding, with no data-dependent branch (no
+    # host-device sync, so sampling loops can be captured in CUDA graphs).
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t)
-        if not t.is_floating_point() or bool((t == t.round()).all()):
-            return self._gammabar.to(_dev(t))[t.round().long()].to(_float(t))
-        return 1 / torch.sqrt(1 + self.sigma_ve(t) ** 2)
+        sve = self.sigma_ve(torch.as_tensor(t)).double()
+        return (1 / torch.sqrt(1 + sve**2)).to(_float(torch.as_tensor(t)))
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t)
-        if not t.is_floating_point() or bool((t == t.round()).all()):
-            return self._sigmabar.to(_dev(t))[t.round().long()].to(_float(t))
-        sve = self.sigma_ve(t)
-        return sve / torch.sqrt(1 + sve**2)
+        sve = self.sigma_ve(torch.as_tensor(t)).double()
+        return (sve / torch.sqrt(1 + sve**2)).to(_float(torch.as_tensor(t)))
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """log sigma_ve of steps 1..T on ``device``, copied once per device (a copy from pageable host
+        memory in every call would stall the GPU queue)."""
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = self._log_sigma_ve.to(device)
+        return self._tables[key]
 
     def sigma_ve(self, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t)
-        ls = self._log_sigma_ve.to(_dev(t))
+        ls = self._table(_dev(t))
         tf = t.to(torch.float64).clamp(1.0, float(self.T))
         lo = tf.floor().long().clamp(1, self.T - 1) if self.T > 1 else tf.long()
         w = (tf - lo) if self.T > 1 else torch.zeros_like(tf)
@@ -188,7 +195,7 @@ class DiscreteSchedule(GaussianProcess):
 
     def t_of(self, sigma_ve: torch.Tensor) -> torch.Tensor:
         s = torch.as_tensor(sigma_ve, dtype=torch.float64)
-        ls = self._log_sigma_ve.to(s.device)
+        ls = self._table(s.device)
         log_s = torch.log(s.clamp_min(1e-30))
         idx = torch.searchsorted(ls, log_s.reshape(-1).contiguous()).reshape(s.shape).clamp(1, max(self.T - 1, 1))
         lo, hi = ls[idx - 1], ls[idx.clamp(max=self.T - 1)]
@@ -266,6 +273,10 @@ SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule, "sigmoid": si
 
 
 def make_schedule(name: str, **kwargs) -> DiscreteSchedule:
+    if name == "diffusers":  # a schedule read from a diffusers scheduler config (difflab.interop)
+        from difflab.interop import diffusers_schedule
+
+        return diffusers_schedule(**kwargs)
     if name not in SCHEDULES:
         raise UsageError(f"unknown schedule '{name}'; choose one of {', '.join(SCHEDULES)}")
     return SCHEDULES[name](**kwargs)

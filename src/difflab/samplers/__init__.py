@@ -101,9 +101,11 @@ def generate(
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
     sigmas = get_sigmas(denoiser.process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"))
+    # start from the prior when the grid starts at the top, else at the grid's first level
+    prior = denoiser.process.prior_std() if float(sigmas[0]) >= denoiser.process.sigma_max() * 0.999 \
+        else float(sigmas[0])
     sigmas = sigmas.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     seeds = sample_seeds(seed, n, start)
-    prior = denoiser.process.prior_std()
     out = []
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
@@ -112,7 +114,7 @@ def generate(
             x = init_noise[lo:hi].to(device=device, dtype=dtype)
         else:
             x = noise.initial(shape, device=device, dtype=dtype)
-        x = x * prior if sigmas[0] >= denoiser.process.sigma_max() * 0.999 else x * float(sigmas[0])
+        x = x * prior
         cond = cond_fn(slice(lo, hi)) if cond_fn is not None else None
         y = SAMPLERS[sampler](denoiser, x, sigmas, cond=cond, noise=noise, callback=callback, **options)
         out.append(y.float().cpu())

@@ -9,6 +9,8 @@ ancestral sampler with the "small" posterior variance.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from difflab.errors import UsageError
@@ -22,16 +24,23 @@ def _randn(noise, i, x):
     return noise(i, x) if noise is not None else torch.randn_like(x)
 
 
+def _levels(sigmas) -> list[float]:
+    """The noise levels as Python floats: one device read per sampling run, so the loop's control
+    flow and scalar arithmetic (float64) never wait for the device."""
+    return [float(s) for s in sigmas]
+
+
 @torch.no_grad()
 def sample_ddim(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, eta: float = 0.0):
     """DDIM: x_hat from the model, then renoise to the next level reusing the predicted noise.
     eta = 0 is deterministic (the probability-flow ODE's Euler step); eta = 1 is DDPM."""
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
+    sig = _levels(sigmas)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
         x0 = denoiser(x, s * _ones(x), cond)
         eps = (x - x0) / s
-        c = eta * s_next * torch.sqrt((s**2 - s_next**2).clamp_min(0)) / s
-        x = x0 + torch.sqrt((s_next**2 - c**2).clamp_min(0)) * eps
+        c = eta * s_next * math.sqrt(max(s**2 - s_next**2, 0.0)) / s
+        x = x0 + math.sqrt(max(s_next**2 - c**2, 0.0)) * eps
         if eta > 0 and s_next > 0:
             x = x + c * _randn(noise, i, x)
         if callback is not None:
@@ -47,8 +56,9 @@ def sample_ddpm(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, va
         raise UsageError(f"variance must be 'small' or 'large', got '{variance}'")
     if variance == "large" and not denoiser.process.variance_preserving:
         raise UsageError("the 'large' DDPM variance (tau = beta) is defined for variance-preserving processes")
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
+    sig = _levels(sigmas)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
         x0 = denoiser(x, s * _ones(x), cond)
         # posterior q(y' | y, x_hat): the same in every parameterisation of time
         x = x0 + (s_next**2 / s**2) * (x - x0)
@@ -57,7 +67,7 @@ def sample_ddpm(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, va
                 var = s_next**2 * (s**2 - s_next**2) / s**2
             else:  # beta of the (respaced) step, (1 - gammabar_t^2 / gammabar_t'^2), in VE units
                 var = (s**2 - s_next**2) * (1 + s_next**2) / (1 + s**2)
-            x = x + torch.sqrt(var) * _randn(noise, i, x)
+            x = x + math.sqrt(var) * _randn(noise, i, x)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x0})
     return x

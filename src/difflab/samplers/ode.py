@@ -12,17 +12,18 @@ import math
 
 import torch
 
-from difflab.samplers.ancestral import _ones, _randn
+from difflab.samplers.ancestral import _levels, _ones, _randn
 
 
 def _heun_family(denoiser, x, sigmas, cond, noise, callback, second_order, churn, s_tmin, s_tmax, s_noise):
+    sigmas = _levels(sigmas)
     n = len(sigmas) - 1
     for i in range(n):
         s = sigmas[i]
         gamma = min(churn / n, math.sqrt(2) - 1) if (churn > 0 and s_tmin <= s <= s_tmax) else 0.0
         s_hat = s * (1 + gamma)
         if gamma > 0:
-            x = x + torch.sqrt(s_hat**2 - s**2) * s_noise * _randn(noise, i, x)
+            x = x + math.sqrt(s_hat**2 - s**2) * s_noise * _randn(noise, i, x)
         x0 = denoiser(x, s_hat * _ones(x), cond)
         d = (x - x0) / s_hat
         x_next = x + (sigmas[i + 1] - s_hat) * d
@@ -53,6 +54,7 @@ def sample_heun(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
 def sample_dpmpp_2m(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, order: int = 2):
     """DPM-Solver++(2M): y' = (sigma'/sigma) y - expm1(-h) D_hat, with D_hat a linear extrapolation
     of the last two denoised images in lambda = -log sigma (order=1: plain DDIM)."""
+    sigmas = _levels(sigmas)
     x0_prev, h_prev = None, None
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -60,12 +62,12 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, cond=None, noise=None, callback=None
         if s_next == 0:
             x = x0
         else:
-            h = torch.log(s) - torch.log(s_next)
+            h = math.log(s) - math.log(s_next)
             d = x0
             if order == 2 and x0_prev is not None:
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (s_next / s) * x - torch.expm1(-h) * d
+            x = (s_next / s) * x - math.expm1(-h) * d
             h_prev = h
         x0_prev = x0
         if callback is not None:

@@ -6,22 +6,25 @@ dy = dW_u, so the reverse SDE is dy = -score du + dW_u with score = (D - y) / si
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from difflab.samplers.ancestral import _ones, _randn
+from difflab.samplers.ancestral import _levels, _ones, _randn
 
 
 @torch.no_grad()
 def sample_euler_maruyama(denoiser, x, sigmas, *, cond=None, noise=None, callback=None):
     """Euler-Maruyama on the reverse SDE in u = sigma^2: y' = y + (u - u') score + sqrt(u - u') s."""
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
+    sig = _levels(sigmas)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
         x0 = denoiser(x, s * _ones(x), cond)
         if s_next == 0:
             x = x0  # the last step lands on the denoised mean (Tweedie), as score-SDE does
         else:
             du = s**2 - s_next**2
-            x = x + du * (x0 - x) / s**2 + torch.sqrt(du) * _randn(noise, 2 * i, x)
+            x = x + du * (x0 - x) / s**2 + math.sqrt(du) * _randn(noise, 2 * i, x)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x0})
     return x
@@ -45,14 +48,15 @@ def sample_pc(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
     """Predictor-corrector: a reverse-SDE (Euler-Maruyama) predictor followed by Langevin corrector
     steps at the new noise level (Song et al. 2021). Noise keys: predictor 2i, corrector 2i+1+..."""
     stride = 2 + corrector_steps
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
+    sig = _levels(sigmas)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
         x0 = denoiser(x, s * _ones(x), cond)
         if s_next == 0:
             x = x0
         else:
             du = s**2 - s_next**2
-            x = x + du * (x0 - x) / s**2 + torch.sqrt(du) * _randn(noise, stride * i, x)
+            x = x + du * (x0 - x) / s**2 + math.sqrt(du) * _randn(noise, stride * i, x)
             x = _langevin(denoiser, x, s_next, cond, corrector_steps, snr, noise, stride * i + 1)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x0})
@@ -64,13 +68,13 @@ def sample_langevin(denoiser, x, sigmas, *, cond=None, noise=None, callback=None
                     steps_per_level: int = 10, step_scale: float = 2e-5):
     """Annealed Langevin dynamics (Song & Ermon 2019): uses only the score. At each level sigma_i,
     ``steps_per_level`` steps y <- y + a score + sqrt(2 a) s with a = step_scale sigma_i^2 / sigma_L^2."""
-    levels = sigmas[sigmas > 0]
+    levels = [s for s in _levels(sigmas) if s > 0]
     s_last = levels[-1]
     for i, s in enumerate(levels):
         a = step_scale * s**2 / s_last**2
         for j in range(steps_per_level):
             score = (denoiser(x, s * _ones(x), cond) - x) / s**2
-            x = x + a * score + torch.sqrt(2 * a) * _randn(noise, i * steps_per_level + j, x)
+            x = x + a * score + math.sqrt(2 * a) * _randn(noise, i * steps_per_level + j, x)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x + s**2 * score})
     # Tweedie's denoising of the last level: the noise of sigma_L is removed, as NCSN does

@@ -6,6 +6,11 @@ then ``step-0000123.json`` (config, step, optimiser hyper-parameters, and the
 SHA-256 of the tensor file) is written the same way. A checkpoint counts only
 when its JSON exists and the checksum matches, so a crash at any moment leaves
 the previous checkpoint as the latest complete one.
+
+A checksum mismatch cannot come from a crash (the JSON is written only after the
+tensor file is complete and synced): it means the storage or a copy damaged the
+file. Resuming then stops with a one-line error naming the newest checkpoint that
+does verify, instead of silently falling back and throwing steps away.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,14 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _test_pause() -> None:
+    """Fault-injection hook for the kill tests: DIFFLAB_TEST_SLOW_CHECKPOINT=SECONDS sleeps at each
+    stage of a write, so a test can SIGKILL the writer mid-checkpoint."""
+    delay = float(os.environ.get("DIFFLAB_TEST_SLOW_CHECKPOINT") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _fsync_rename(tmp: Path, final: Path) -> None:
@@ -54,7 +68,9 @@ def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tens
     st, js = folder / f"{stem}.safetensors", folder / f"{stem}.json"
     tmp = folder / f".{stem}.safetensors.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    _test_pause()
     _fsync_rename(tmp, st)
+    _test_pause()
     meta = {**meta, "step": step, "tensors": st.name, "sha256": _sha256(st), "format": "difflab-checkpoint-1"}
     tmpj = folder / f".{stem}.json.tmp"
     tmpj.write_text(json.dumps(meta, indent=1, sort_keys=True))
@@ -62,7 +78,8 @@ def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tens
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         for p in (old, old.with_suffix(".safetensors")):
             p.unlink(missing_ok=True)
-    for stale in folder.glob(".step-*.tmp"):  # leftovers of a killed writer
+    orphans = [p for p in folder.glob("step-*.safetensors") if not p.with_suffix(".json").exists()]
+    for stale in [*folder.glob(".step-*.tmp"), *orphans]:  # leftovers of a killed writer
         stale.unlink(missing_ok=True)
     return js
 
@@ -75,9 +92,8 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
 
 
-def load_checkpoint(json_path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Read one checkpoint, verifying its checksum. Raises CheckpointError with a one-line reason."""
-    json_path = Path(json_path)
+def _verified(json_path: Path) -> tuple[dict, Path]:
+    """The checkpoint's metadata and tensor file, after checking the file's SHA-256 (CheckpointError if not)."""
     try:
         meta = json.loads(json_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -89,20 +105,41 @@ def load_checkpoint(json_path: str | Path, device: str | torch.device = "cpu") -
     if meta.get("sha256") != _sha256(st):
         raise CheckpointError(f"checkpoint {st} is corrupt (checksum mismatch); delete it and its JSON "
                               "to resume from an older one")
+    return meta, st
+
+
+def verify_checkpoint(json_path: str | Path) -> bool:
+    """True when the checkpoint's JSON parses and its tensor file matches the recorded SHA-256."""
+    try:
+        _verified(Path(json_path))
+    except CheckpointError:
+        return False
+    return True
+
+
+def load_checkpoint(json_path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read one checkpoint, verifying its checksum. Raises CheckpointError with a one-line reason."""
+    meta, st = _verified(Path(json_path))
     try:
         tensors = load_file(str(st), device=str(device))
-    except Exception as e:  # noqa: BLE001 - any failure to parse means a corrupt file
+    except Exception as e:  # any failure to parse means a corrupt file
         raise CheckpointError(f"checkpoint {st} cannot be read ({e}); delete it to use an older one") from e
     return tensors, meta
 
 
 def latest_checkpoint(folder: str | Path, device: str | torch.device = "cpu"):
-    """The newest checkpoint that verifies, or None when the folder holds none. A corrupt newest
-    checkpoint is an error (never silently skipped: the user decides)."""
+    """The newest checkpoint, verified, or None when the folder holds none. A corrupt newest
+    checkpoint is an error (never silently skipped: the user decides); the message names the
+    newest older one that verifies."""
     found = list_checkpoints(folder)
     if not found:
         return None
-    return load_checkpoint(found[-1], device)
+    try:
+        return load_checkpoint(found[-1], device)
+    except CheckpointError as e:
+        good = next((p for p in reversed(found[:-1]) if verify_checkpoint(p)), None)
+        older = f"the newest one that verifies is {good.stem}" if good else "no older one verifies"
+        raise CheckpointError(f"{e} ({older})") from e
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

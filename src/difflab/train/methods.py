@@ -9,6 +9,7 @@ resumed run and a run on any number of ranks see the same noise.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,11 +18,40 @@ import torch.nn.functional as F
 from difflab import naive
 from difflab.config import TrainConfig
 from difflab.denoiser import Denoiser
+from difflab.errors import UsageError
 from difflab.noise import seeded_normal, seeded_uniform
 from difflab.processes.binomial import BinomialNoise, PixelNoise
 from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
+
+# The series' reference settings (SPEC part 1): Adam 3e-4, batch 16, warm-up over the first 1000
+# images (63 steps of 16), gradient clipping 1.0; algorithm 1 noises k = 32 pixels a step for T = 60
+# steps; algorithm 2 samples in 64 steps (k = 16 pixels a step on 32x32). The network presets
+# (series-alg1 / series-alg2) are the 'auto' model of these methods (trainer.network_config).
+_SERIES = {"lr": 3e-4, "batch_size": 16, "warmup": 63, "grad_clip": 1.0}
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gaussian": {},
+    "naive1": {**_SERIES, "T": 60, "k": 32},
+    "naive2": {**_SERIES, "sample_steps": 64},
+    "cold": dict(_SERIES),
+}
+
+
+def apply_method_defaults(cfg: TrainConfig, given: Iterable[str] | None = None) -> TrainConfig:
+    """Set the method's reference settings (METHOD_DEFAULTS) on every field the user did not give.
+
+    ``given``: the fields the user set; by default ``cfg._given``, which ``config_from_args`` records
+    (the flags typed). A config without it (built in Python) is taken as fully specified and kept.
+    Changes ``cfg`` in place and returns it.
+    """
+    given = getattr(cfg, "_given", None) if given is None else set(given)
+    if given is None:
+        return cfg
+    for name, value in METHOD_DEFAULTS.get(cfg.method, {}).items():
+        if name not in given:
+            setattr(cfg, name, value)
+    return cfg
 
 
 def process_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -140,6 +170,10 @@ class Naive2Method:
 
     @torch.no_grad()
     def sample(self, net, n, shape, *, seed=0, steps=64, device="cpu", callback=None, cold_update=False, **_):
+        T = shape[-2] * shape[-1]
+        if not 1 <= steps <= T:
+            raise UsageError(f"naive2 samples in 1 to T = h*w = {T} steps on {shape[-2]}x{shape[-1]} images, "
+                             f"got --steps {steps}")
         return naive.naive2_sample(net, (n, *shape), steps, _generator(seed, 0, "cpu"),
                                    cold_update=cold_update, callback=callback, device=device)
 
@@ -165,6 +199,8 @@ class ColdMethod:
 
     @torch.no_grad()
     def sample(self, net, n, shape, *, seed=0, steps=50, device="cpu", callback=None, improved=True, **_):
+        if steps < 1:
+            raise UsageError(f"cold diffusion samples in at least 1 step, got --steps {steps}")
         g = _generator(seed, 0, "cpu")
         if self.reference is not None:
             idx = torch.randint(0, len(self.reference), (n,), generator=g)

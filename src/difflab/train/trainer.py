@@ -5,6 +5,10 @@ data order is a per-epoch permutation of (seed, epoch), so the only state is the
 weights, the EMA and the optimiser; a resumed run continues bit-identically and a
 run can resume with another number of processes. The loss is kept on the device
 and read back every ``log_every`` steps: those are the only host-device syncs.
+
+Under torchrun every rank takes its slice of each global batch, and after every
+step the ranks vote on stopping (a signal or the time limit on any rank) over a
+small CPU collective, so all ranks stop after the same step; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ class TrainResult:
     images_per_second: float
     seconds: float
     stopped_by: str  # "steps", "time-limit", "signal"
+    signal: int = 0  # the signal number when stopped by one (the same on every rank)
 
 
 class Trainer:
@@ -178,7 +183,8 @@ class Trainer:
             self.train_net = torch.compile(self.train_net)
         self.autocast = self._autocast()
         self._perm_cache: dict[int, torch.Tensor] = {}
-        self._stop: str | None = None
+        self._pending = 0  # a signal received on this rank and not yet acted on
+        self._signal = 0  # the signal number that stopped the run (agreed by all ranks), 0 if none
 
     # --- set-up ---------------------------------------------------------------------------------
     def _merge_resume_config(self, cfg: TrainConfig) -> TrainConfig:
@@ -224,6 +230,7 @@ class Trainer:
                 self.log(f"no checkpoint in {self.out}; starting a new run")
             return
         tensors, meta = found
+        saved_world = int(meta.get("world_size", 1))
         try:
             self.net.load_state_dict(split_prefix(tensors, "model"))
             self.ema.load_state_dict(split_prefix(tensors, "ema"), meta["ema_updates"])
@@ -233,13 +240,17 @@ class Trainer:
                                   f"({str(e).splitlines()[0]})") from e
         self.step = int(meta["step"])
         if self.dist.main:
-            self.log(f"resumed {self.out} at step {self.step}")
+            procs = (f" (saved by {saved_world} processes, continuing with {self.dist.world})"
+                     if saved_world != self.dist.world else "")
+            self.log(f"resumed {self.out} at step {self.step}{procs}")
 
     # --- data -----------------------------------------------------------------------------------
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perm_cache:
             g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-            self._perm_cache = {epoch: torch.randperm(len(self.images), generator=g).to(self.device)}
+            if len(self._perm_cache) > 1:  # keep the current and the next epoch
+                self._perm_cache.pop(min(self._perm_cache))
+            self._perm_cache[epoch] = torch.randperm(len(self.images), generator=g).to(self.device)
         return self._perm_cache[epoch]
 
     def batch(self, step: int, micro: int):
@@ -250,12 +261,16 @@ class Trainer:
         per_rank = per_micro // self.dist.world
         lo = micro * per_micro + self.dist.rank * per_rank
         pos = torch.arange(lo, lo + per_rank, device=self.device)
-        flat = b * cfg.batch_size + pos
-        epochs = (flat // n).tolist()
-        if epochs[0] == epochs[-1]:
-            idx = self._perm(epochs[0])[flat % n]
-        else:
-            idx = torch.stack([self._perm(int(e))[int(f) % n] for e, f in zip(epochs, flat.tolist())])
+        # the global positions are contiguous, so the indices are slices of the epochs' permutations
+        # (computed in Python integers: no host-device sync)
+        first = b * cfg.batch_size + lo
+        parts, p = [], first
+        while p < first + per_rank:
+            e, off = divmod(p, n)
+            take = min(n - off, first + per_rank - p)
+            parts.append(self._perm(e)[off:off + take])
+            p += take
+        idx = parts[0] if len(parts) == 1 else torch.cat(parts)
         x = self.images[idx].float().div_(127.5).sub_(1)
         seeds = pos.to(torch.int64) + cfg.seed * (1 << 32)
         if cfg.hflip:
@@ -279,11 +294,13 @@ class Trainer:
         return cfg.lr
 
     def _handle_signals(self):
+        """SIGTERM/SIGINT ask to stop after the current step. Alone, a second Ctrl-C aborts at once; under
+        torchrun repeats are ignored (a Ctrl-C reaches a worker twice: from the terminal and from
+        torchrun, whose --shutdown-timeout is the hard stop)."""
         def handler(signum, _frame):
-            if self._stop == "signal" and signum == signal.SIGINT:
+            if self._pending and signum == signal.SIGINT and not self.dist.active:
                 raise KeyboardInterrupt
-            self._stop = "signal"
-            self._signal = signum
+            self._pending = self._pending or signum
 
         old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in old:
@@ -314,6 +331,15 @@ class Trainer:
         self.ema.update(self.net)
         return total
 
+    def _stop_reason(self, deadline: float | None) -> str | None:
+        """Whether to stop after this step, agreed by all ranks: "signal", "time-limit" or None."""
+        over = deadline is not None and time.monotonic() >= deadline
+        signum, over = self.dist.agree_max([self._pending, int(over)])
+        if signum:
+            self._signal = signum
+            return "signal"
+        return "time-limit" if over else None
+
     def run(self) -> TrainResult:
         cfg, main = self.cfg, self.dist.main
         if main:
@@ -324,6 +350,9 @@ class Trainer:
                 self.conditioner.prompts.save(self.out / "prompts.safetensors")
             self._truncate_log(self.step)
             self.log(self.describe())
+            if self.dist.active and cfg.method != "gaussian":
+                self.log(f"note: {cfg.method} draws its noise per batch, not per sample, so each rank's slice "
+                         "sees the same draws and the result depends on the number of processes")
         old_handlers = self._handle_signals()
         start_step, t0 = self.step, time.monotonic()
         deadline = t0 + cfg.time_limit * 60 if cfg.time_limit else None
@@ -342,18 +371,12 @@ class Trainer:
                 self.step += 1
                 if bar is not None:
                     bar.update(1)
-                if deadline is not None and time.monotonic() >= deadline and not self.dist.active:
-                    self._stop = self._stop or "time-limit"
-                boundary = self.step % cfg.log_every == 0 or self.step == cfg.steps
-                if self.dist.active and boundary:
-                    over = deadline is not None and time.monotonic() >= deadline
-                    if self.dist.any(over or self._stop is not None, self.device):
-                        self._stop = self._stop or "time-limit"
-                if boundary or self._stop:
+                stop = self._stop_reason(deadline)
+                if stop or self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._check_and_log(buf, last_logged, t0, start_step, bar)
                     last_logged = self.step
-                if self._stop:
-                    stopped_by = self._stop
+                if stop:
+                    stopped_by = stop
                     break
                 if self.step % cfg.checkpoint_every == 0:
                     if last_logged != self.step:
@@ -376,11 +399,12 @@ class Trainer:
         ips = (self.step - start_step) * cfg.batch_size / max(seconds, 1e-9)
         grid = None
         if main:
-            grid = self.sample_grid(self.out / "samples" / "final.png")
+            if stopped_by != "signal":  # a signal asks for a quick exit: the checkpoint is written
+                grid = self.sample_grid(self.out / "samples" / "final.png")
             if (self.out / "loss.csv").exists():
                 plot_loss(self.out / "loss.csv", self.out / "loss.png")
         self.dist.barrier()
-        return TrainResult(self.step, ckpt_path, grid, ips, seconds, stopped_by)
+        return TrainResult(self.step, ckpt_path, grid, ips, seconds, stopped_by, self._signal)
 
     def describe(self) -> str:
         cfg, d = self.cfg, self.data
@@ -397,7 +421,7 @@ class Trainer:
         if n <= 0:
             return
         idx = [(last_logged + i) % self.cfg.log_every for i in range(n)]
-        vals = buf[idx].float().cpu()
+        vals = self.dist.mean(buf[idx].float()).cpu()  # every rank sees the same global losses
         bad = (~torch.isfinite(vals)).nonzero()
         if len(bad):
             step = last_logged + int(bad[0]) + 1
@@ -424,7 +448,8 @@ class Trainer:
         path = self.out / "loss.csv"
         if not path.exists():
             return
-        rows = list(csv.reader(open(path)))
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
         kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
         if len(kept) != len(rows):
             tmp = path.with_suffix(".tmp")

@@ -1,0 +1,75 @@
+"""Shared pieces of the speed benchmarks: timing, FLOP counting, the device's matrix peak,
+and a synthetic in-memory dataset (the benchmarks measure speed, not quality)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
+
+
+def device_from_arg(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, iters: int, warmup: int, repeats: int = 3) -> float:
+    """Median over ``repeats`` of the mean seconds per call of ``fn`` (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def forward_flops(model, x: torch.Tensor, t: torch.Tensor) -> float:
+    """FLOPs of one forward pass (matrix and convolution work counted by torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return float(counter.get_total_flops())
+
+
+def matrix_peak(device: torch.device, dtype=torch.bfloat16) -> float | None:
+    """Measured FLOP/s of a large matrix product on the device (the ceiling to compare with)."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sec = timed(lambda: a @ b, device, iters=10, warmup=3)
+    return 2 * n**3 / sec
+
+
+def synthetic_images(n: int, channels: int, size: int, seed: int = 0):
+    """An ImageData of random uint8 images with labels (speed does not depend on content)."""
+    from difflab.data import ImageData
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return ImageData(images=images, labels=labels, class_names=[str(i) for i in range(10)], name="synthetic")
+
+
+def env_summary(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    return f"torch {torch.__version__} on {name}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"

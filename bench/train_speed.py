@@ -1,0 +1,136 @@
+"""Training throughput: difflab's real training step against diffusers' UNet2DModel of the same
+architecture, in the same process, on the same data and batch.
+
+Both sides do the same work per step: noise + timestep draw, forward, MSE on the noise,
+backward, gradient clipping at 1.0, AdamW (fused on GPUs) and an EMA update.
+difflab runs its own Trainer.train_step (per-sample seeded noise, data resident on the device);
+diffusers runs the loop of its train_unconditional example (DDPMScheduler.add_noise, EMAModel).
+
+    python bench/train_speed.py                      # CPU: mnist-small, batch 64
+    python bench/train_speed.py --device cuda        # GPU: ddpm-cifar10 (35.7M), batch 128
+
+The last line is ``ratio=X``: difflab / diffusers images per second of the main comparison
+(CPU: both fp32; GPU: both at their best, bf16 autocast + torch.compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from common import device_from_arg, env_summary, forward_flops, matrix_peak, synthetic_images, timed
+
+
+def difflab_step(preset: str, batch: int, device, precision: str, compile_: bool):
+    import difflab.train.trainer as trainer_mod
+    from difflab.config import TrainConfig
+
+    data = synthetic_images(max(8 * batch, 1024), 3 if preset == "ddpm-cifar10" else 1, 32)
+    trainer_mod.load_data = lambda cfg: data  # the benchmark's in-memory dataset
+    cfg = TrainConfig(data="synthetic", out=tempfile.mkdtemp(), model=preset, batch_size=batch,
+                      precision=precision, compile=compile_, device=str(device), steps=10**9, warmup=10,
+                      log_every=10**6, checkpoint_every=10**6, sample_every=0, process="linear")
+    tr = trainer_mod.Trainer(cfg, progress=False, log=lambda *a: None)
+    state = {"step": 0}
+
+    def step():
+        tr.train_step(state["step"])
+        state["step"] += 1
+
+    return step, tr.net
+
+
+def diffusers_step(preset: str, batch: int, device, precision: str, compile_: bool):
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    from difflab.nets import diffusers_twin_kwargs
+
+    unet = UNet2DModel(**diffusers_twin_kwargs(preset)).to(device)
+    net = torch.compile(unet) if compile_ else unet
+    opt = torch.optim.AdamW(unet.parameters(), lr=2e-4, **({"fused": True} if device.type == "cuda" else {}))
+    ema = EMAModel(unet.parameters(), decay=0.999)
+    ema.to(device)
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    data = synthetic_images(max(8 * batch, 1024), unet.config.in_channels, 32).images.to(device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+    def step():
+        idx = torch.randint(0, len(data), (batch,), device=device)
+        x = data[idx].float() / 127.5 - 1
+        noise = torch.randn_like(x)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        z = sched.add_noise(x, noise, t)
+        with autocast():
+            pred = net(z, t).sample
+        loss = F.mse_loss(pred.float(), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+
+    return step, unet
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--preset", default=None, help="mnist-small (CPU default) or ddpm-cifar10 (GPU default)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="timed steps per repeat")
+    p.add_argument("--quick", action="store_true", help="only the main comparison")
+    args = p.parse_args(argv)
+    device = device_from_arg(args.device)
+    gpu = device.type == "cuda"
+    preset = args.preset or ("ddpm-cifar10" if gpu else "mnist-small")
+    batch = args.batch or (128 if gpu else 64)
+    iters = args.iters or (30 if gpu else 5)
+    warmup = 10 if gpu else 2
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        configs = {"diffusers": [("fp32", False), ("bf16", False), ("bf16", True)],
+                   "difflab": [("bf16", False), ("bf16", True)]}
+        main_cfg = ("bf16", True)
+    else:
+        both = [("fp32", False)] + ([] if args.quick else [("bf16", False)])
+        configs = {"diffusers": both, "difflab": both}
+        main_cfg = ("fp32", False)
+    if args.quick:
+        configs = {"diffusers": [main_cfg], "difflab": [main_cfg]}
+    print(f"# training speed, {preset}, batch {batch}: {env_summary(device)}")
+    peak = matrix_peak(device)
+    results = {}
+    flops_img = None
+    for lib, build in (("diffusers", diffusers_step), ("difflab", difflab_step)):
+        for precision, comp in configs[lib]:
+            step, model = build(preset, batch, device, precision, comp)
+            if flops_img is None:
+                c = model.config["in_channels"] if isinstance(model.config, dict) else model.config.in_channels
+                x = torch.randn(1, c, 32, 32, device=device)
+                flops_img = forward_flops(model, x, torch.tensor([10.0], device=device))
+            sec = timed(step, device, iters, warmup + (5 if comp else 0))
+            ips = batch / sec
+            results[(lib, precision, comp)] = ips
+            frac = f"{3 * flops_img * ips / peak:6.1%}" if peak else "   n/a"
+            print(f"{lib:10s} {precision:5s} compile={str(comp):5s} {ips:9.1f} img/s  peak fraction {frac}",
+                  flush=True)
+            del step, model
+            if gpu:
+                torch.cuda.empty_cache()
+    print(f"model: {flops_img / 1e9:.2f} GFLOP forward per image (x3 for a training step)"
+          + (f"; measured bf16 matrix peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
+    ratio = results[("difflab", *main_cfg)] / results[("diffusers", *main_cfg)]
+    print(f"ratio={ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

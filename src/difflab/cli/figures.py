@@ -1,0 +1,172 @@
+"""difflab figures: the pictures a reader of the series wants to see for a trained run.
+
+- ``noising.png``: the forward process z_0 .. z_T for a few dataset images, one row each (the binomial
+  chain for naive1, pixel noise for naive2, the degradation for cold, the Gaussian marginals);
+- ``prediction-from-noise.png``: z_T (top row) and what the network makes of it in one step, x_hat =
+  f(z_T, T) (bottom row), one column per seed; and ``mean-image.png``: the mean training image beside
+  the average x_hat over 64 seeds: predicting x from pure noise collapses to the mean (not naive1,
+  whose network predicts z_{T-1});
+- ``samples.png``: a grid of samples;
+- ``trajectory.png``: sampling step by step, two rows per image: the network's input z_t and its
+  x_hat (naive2, cold; naive2 also ``trajectory-cold-update.png``); naive1: one row z_T .. z_0;
+  Gaussian runs: ``trajectory-ddpm.png`` and ``trajectory-ddim.png`` (z_t and the x0 predictions).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from difflab.errors import UsageError
+
+MEAN_SEEDS = 64  # seeds averaged for the mean prediction from pure noise
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder written by 'difflab train'")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default RUN/figures)")
+    p.add_argument("--n", type=int, default=6, help="images (rows) in the strips and trajectories (default 6)")
+    p.add_argument("--columns", type=int, default=11, help="steps shown per strip (default 11)")
+    p.add_argument("--grid", type=int, default=64, help="samples in samples.png (default 64)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the run's --sample-steps; naive1 always walks its T steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise, the samples and the trajectories")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+
+class _InputRecorder(nn.Module):
+    """Wraps a network and keeps the input of every call: the z_t it was asked to denoise."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        self.inputs.append(x.detach().float().cpu())
+        return self.net(x, t, **cond)
+
+
+def columns_of(count: int, columns: int) -> list[int]:
+    """At most ``columns`` evenly spaced indices of 0..count-1, first and last included."""
+    return torch.linspace(0, count - 1, min(columns, count)).round().long().unique().tolist()
+
+
+def noising_chain(run, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
+    """The forward process of ``run`` on clean images x ([B, C, H, W] in [-1, 1]): [K, B, C, H, W], z_0 first."""
+    method = run.method
+    if method.name == "naive1":
+        chain = method.noise.chain(x, generator)
+        return chain[columns_of(len(chain), columns)]
+    if method.name == "naive2":
+        from difflab.processes.binomial import PixelNoise
+
+        noise = PixelNoise(*x.shape[-2:])
+        state = noise.prepare(x, generator)  # one pixel order per image: the strip shows one chain
+        ts = [round(noise.T * i / (columns - 1)) for i in range(columns)]
+        return torch.stack([noise.apply(x, t, state) for t in ts])
+    if method.name == "cold":
+        state = method.degradation.prepare(x, generator)
+        return torch.stack([method.degradation.degrade(x, i / (columns - 1), state) for i in range(columns)])
+    process = method.process
+    ts = torch.linspace(process.t_min, process.t_max, columns, dtype=torch.float64)
+    if process.discrete:
+        ts = ts.round()
+    s = torch.randn(x.shape, generator=generator)  # one noise image per row, growing along it
+    out = []
+    for t in ts:
+        z = process.marginal(x, t.expand(len(x)), s)
+        # unit variance, so that VE processes (alpha = 1, sigma up to 50) stay visible
+        scale = torch.sqrt(process.alpha(t) ** 2 + process.sigma(t) ** 2).float()
+        out.append(z / scale)
+    return torch.stack(out)
+
+
+def sampling_run(run, n: int, *, seed: int, steps: int, device, **options):
+    """Sample n images while recording each step: (samples uint8, network inputs [S, n, ...], x_hats [S, n, ...])."""
+    from difflab.sampling import sample_images
+
+    recorder = _InputRecorder(run.net)
+    x0s: list[torch.Tensor] = []
+
+    def keep(d: dict) -> None:
+        x0s.append(d["x0"].detach().float().cpu())
+
+    images = sample_images(run.method, recorder, run.conditioner, n, run.shape, seed=seed, steps=steps,
+                           device=device, callback=keep, **options)
+    return images, torch.stack(recorder.inputs), torch.stack(x0s)
+
+
+def _rows(stacks: list[torch.Tensor], columns: int) -> list[torch.Tensor]:
+    """Interleave per-image rows: for image b, stacks[0][cols, b], stacks[1][cols, b], ..."""
+    cols = columns_of(len(stacks[0]), columns)
+    return [s[cols, b] for b in range(stacks[0].shape[1]) for s in stacks]
+
+
+def check_counts(n: int, grid: int, columns: int) -> None:
+    """UsageError unless --n and --grid are at least 1 and --columns at least 2."""
+    if n < 1 or grid < 1 or columns < 2:
+        raise UsageError(f"--n and --grid must be at least 1 and --columns at least 2, got {n}, {grid}, {columns}")
+
+
+def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 64, steps: int | None = None,
+                 seed: int = 0, log=print) -> list[Path]:
+    """Write the figures of ``run`` (a :class:`difflab.sampling.Run`) into ``out``; returns the paths."""
+    from difflab.figures import save_grid, save_rows
+    from difflab.train.trainer import load_data
+
+    check_counts(n, grid, columns)
+    method, device = run.method, run.device
+    steps = run.cfg.sample_steps if steps is None else steps
+    data = load_data(run.cfg)
+    scale = max(2, 64 // run.shape[-1])  # about 64 pixels per image, whatever the image size
+    paths: list[Path] = []
+
+    def emit(path: Path) -> None:
+        paths.append(path)
+        log(str(path))
+
+    x = data.images[:n].float().div(127.5).sub(1)
+    chain = noising_chain(run, x, columns, torch.Generator().manual_seed(seed))
+    emit(save_rows(list(chain.transpose(0, 1)), out / "noising.png", scale=scale))
+
+    if method.name != "naive1":
+        one_step = {"sampler": "ddim"} if method.name == "gaussian" else {}
+        _, inputs, x0s = sampling_run(run, max(MEAN_SEEDS, n), seed=seed, steps=1, device=device, **one_step)
+        emit(save_rows([inputs[0, :n], x0s[0, :n]], out / "prediction-from-noise.png", scale=scale))
+        data_mean = data.images.sum(0, dtype=torch.float64).float() / len(data.images) / 127.5 - 1
+        means = torch.stack([data_mean, x0s[0, :MEAN_SEEDS].mean(0)])
+        emit(save_grid(means, out / "mean-image.png", nrow=2, scale=scale))
+
+    emit(save_grid(run.sample(grid, seed=seed, steps=steps, sampler="ddim"), out / "samples.png",
+                   nrow=min(grid, 8), scale=scale))
+
+    if method.name == "naive1":
+        _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, device=device)
+        states = torch.cat([inputs[:1], x0s])  # z_T, z_{T-1}, ..., z_0
+        emit(save_rows(_rows([states], columns), out / "trajectory.png", scale=scale))
+    elif method.name == "gaussian":
+        for sampler in ("ddpm", "ddim"):
+            _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, device=device, sampler=sampler)
+            emit(save_rows(_rows([inputs, x0s], columns), out / f"trajectory-{sampler}.png", scale=scale))
+    else:
+        _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, device=device)
+        emit(save_rows(_rows([inputs, x0s], columns), out / "trajectory.png", scale=scale))
+        if method.name == "naive2":
+            _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, device=device, cold_update=True)
+            emit(save_rows(_rows([inputs, x0s], columns), out / "trajectory-cold-update.png", scale=scale))
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    from difflab.sampling import load_run
+    from difflab.train.trainer import pick_device
+
+    check_counts(args.n, args.grid, args.columns)  # before the (slow) loading of the run
+    run_ = load_run(args.run, pick_device(args.device))
+    out = Path(args.out) if args.out else Path(args.run) / "figures"
+    make_figures(run_, out, n=args.n, columns=args.columns, grid=args.grid, steps=args.steps, seed=args.seed)
+    return 0

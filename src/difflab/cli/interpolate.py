@@ -1,0 +1,75 @@
+"""difflab interpolate: slerp between the latents of two seeds or two images, decoded by DDIM."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from difflab.errors import DataError, UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder written by 'difflab train' (a Gaussian run)")
+    ends = p.add_mutually_exclusive_group(required=True)
+    ends.add_argument("--seeds", type=int, nargs=2, metavar=("A", "B"),
+                      help="two seeds: the starting noise of sample 0 of 'difflab sample --seed A' and B")
+    ends.add_argument("--images", nargs=2, metavar=("A.png", "B.png"),
+                      help="two image files, DDIM-inverted to their latents (fitted to the run's size)")
+    p.add_argument("--n", type=int, default=10, help="images along the path, ends included (default 10)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default="uniform",
+                   help="noise-level grid (default uniform)")
+    p.add_argument("--class", dest="class_label", type=int, default=None,
+                   help="class index for class-conditional runs (default: the null condition)")
+    p.add_argument("--out", default=None, help="PNG strip (default RUN/samples/interpolate.png)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+
+def _read_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    from PIL import UnidentifiedImageError
+
+    from difflab.data.folder import decode
+
+    if not Path(path).is_file():
+        raise UsageError(f"--images: {path} is not a file")
+    try:
+        return torch.from_numpy(decode(Path(path), shape[1], shape[0]).copy())
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"--images: cannot read {path} as an image ({e})") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    from difflab.cli.invert import gaussian_run
+    from difflab.figures import save_rows
+    from difflab.latents import interpolate, invert
+    from difflab.noise import SeededNoise, sample_seeds
+    from difflab.train.trainer import pick_device
+
+    if args.n < 2:
+        raise UsageError(f"--n must be at least 2 (the two ends), got {args.n}")
+    device = pick_device(args.device)
+    run_ = gaussian_run(args.run, device, "interpolate")
+    den, conditioner = run_.denoiser(), run_.conditioner
+    label = args.class_label
+    if label is not None:
+        if conditioner.kind == "none":
+            raise UsageError("--class needs a run trained with --conditioning class|text")
+        if not 0 <= label < conditioner.num_classes:
+            raise UsageError(f"--class must be in 0..{conditioner.num_classes - 1}")
+
+    def cond_of(m: int) -> dict | None:
+        if label is None:
+            return conditioner.null(m, device)
+        return conditioner.for_labels(torch.full((m,), label), device)
+
+    if args.seeds:
+        za, zb = (SeededNoise(sample_seeds(s, 1)).initial(run_.shape, device=device) for s in args.seeds)
+    else:
+        images = torch.stack([_read_image(p, run_.shape) for p in args.images]).to(device)
+        za, zb = invert(den, images.float() / 127.5 - 1, args.steps, cond_of(2), spacing=args.spacing)
+    x = interpolate(den, za, zb, args.n, args.steps, cond_of(args.n), spacing=args.spacing)
+    out = save_rows([x], args.out or Path(args.run) / "samples" / "interpolate.png")
+    print(f"strip: {out} ({args.n} images, slerp from {' to '.join(map(str, args.seeds or args.images))})")
+    return 0

