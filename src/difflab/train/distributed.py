@@ -109,8 +109,10 @@ class DistContext:
         return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
     def shutdown(self) -> None:
+        global _cpu_group
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
+            _cpu_group = None
 
 
 def shard(n: int, ctx: DistContext, block: int = 1) -> range:

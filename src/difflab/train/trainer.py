@@ -295,8 +295,8 @@ class Trainer:
 
     def _handle_signals(self):
         """SIGTERM/SIGINT ask to stop after the current step. Alone, a second Ctrl-C aborts at once; under
-        torchrun repeats are ignored (a Ctrl-C reaches a worker twice: from the terminal and from
-        torchrun, whose --shutdown-timeout is the hard stop)."""
+        torchrun repeats are ignored (a worker may get one Ctrl-C from the terminal and one from
+        torchrun, and one rank must not abort alone: torchrun's --shutdown-timeout is the hard stop)."""
         def handler(signum, _frame):
             if self._pending and signum == signal.SIGINT and not self.dist.active:
                 raise KeyboardInterrupt
