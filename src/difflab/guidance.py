@@ -11,6 +11,10 @@ process's own coordinates f_hat = f(z_t, t) - w sigmabar_t grad_z log p(c | z_t,
 x0 = (z - sigmabar f) / gammabar, y = z / gammabar (so grad_z = grad_y / gammabar) and
 sigma = sigmabar / gammabar this is, in the samplers' VE coordinates,
 x0_hat = D(y, sigma) + w sigma^2 grad_y log p(c | y, sigma): the same rule for every process.
+It is applied only up to a noise level ``sigma_max`` (a guidance interval, Kynkaanniemi et al.
+2024): an ideal classifier's sigma^2 grad_y log p stays of the order of the data's range, but a
+learned one sees pure noise at the top of a VP schedule (the cosine schedule's t = T has
+sigma = 1 / gammabar_T ~ 2e4), and any gradient it has there is amplified by sigma^2.
 """
 
 from __future__ import annotations
@@ -45,8 +49,12 @@ class ClassifierFreeGuidance(nn.Module):
         return x0_u + self.scale * (x0_c - x0_u)
 
 
+CLASSIFIER_SIGMA_MAX = 80.0  # the top of EDM's sampling range (SNR 1.6e-4)
+
+
 class ClassifierGuidance(nn.Module):
-    """x0_hat = D(x, sigma, cond) + w sigma^2 grad_x log p(c | x, sigma) (VE coordinates).
+    """x0_hat = D(x, sigma, cond) + w sigma^2 grad_x log p(c | x, sigma) (VE coordinates) for
+    sigma <= ``sigma_max``; above it plain D (``math.inf``: guide at every level).
 
     ``cond["classifier_labels"]`` (int64 [B]) is the class c to steer towards; it is removed before
     the denoiser is called, so the rest of ``cond`` (a class label or a prompt, possibly under
@@ -54,9 +62,10 @@ class ClassifierGuidance(nn.Module):
     gives log p(c | x, sigma) [B] in VE coordinates (``difflab.classifier_guidance``); its gradient
     is taken with autograd even inside the samplers' ``no_grad``."""
 
-    def __init__(self, denoiser, classifier, scale: float):
+    def __init__(self, denoiser, classifier, scale: float, sigma_max: float = CLASSIFIER_SIGMA_MAX):
         super().__init__()
         self.denoiser, self.classifier, self.scale = denoiser, classifier, float(scale)
+        self.sigma_max = float(sigma_max)
         self.process = denoiser.process
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
@@ -65,10 +74,12 @@ class ClassifierGuidance(nn.Module):
         labels = cond["classifier_labels"]
         rest = {k: v for k, v in cond.items() if k != "classifier_labels"}
         x0 = self.denoiser(x, sigma, rest or None)
-        if self.scale == 0.0:
-            return x0
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
-        return x0 + self.scale * _bc(sigma**2, x) * self.grad_log_prob(x, sigma, labels)
+        inside = sigma <= self.sigma_max
+        if self.scale == 0.0 or not bool(inside.any()):
+            return x0
+        weight = torch.where(inside, self.scale * sigma**2, torch.zeros_like(sigma))
+        return x0 + _bc(weight, x) * self.grad_log_prob(x, sigma, labels)
 
     def grad_log_prob(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """grad_x log p(labels | x, sigma), per sample (the sum over the batch separates)."""
