@@ -15,9 +15,8 @@ import json
 import sys
 import time
 
-import torch
-
 import common  # noqa: F401  (puts src/ on the path when run from a checkout)
+import torch
 
 
 def main(argv=None) -> int:

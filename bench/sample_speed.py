@@ -18,7 +18,6 @@ import sys
 import time
 
 import torch
-
 from common import device_from_arg, env_summary, sync, timed
 
 

@@ -22,7 +22,6 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-
 from common import device_from_arg, env_summary, forward_flops, matrix_peak, synthetic_images, timed
 
 

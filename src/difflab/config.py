@@ -31,9 +31,11 @@ class TrainConfig:
     degradation: str = _f("fade-colour", "cold diffusion: fade-colour, fade-black, mask, blur, pixelate")
     process: str = _f("linear", "Gaussian noise process: discrete schedules linear/cosine/sigmoid/constant, "
                       "continuous vp/vp-cosine/ve", PROCESSES)
-    T: int = _f(1000, "number of discrete steps (naive1: noising steps)")
+    T: int = _f(1000, "number of discrete steps (naive1: noising steps, default 60 there)")
     gamma: float = _f(0.9, "per-step gamma of the constant schedule")
     k: int = _f(32, "naive1: pixels noised per step")
+    replace: bool = _f(True, "naive1: pixels may be picked again in later steps (--no-replace walks a "
+                       "random order, so T*k must not exceed the pixel count)")
     prediction: str = _f("eps", "what the network predicts: eps, x0, v, zprev (series v1), edm",
                          ("eps", "x0", "v", "zprev", "edm"))
     model: str = _f("auto", "network preset (see difflab.nets.presets) or 'auto' for the method's default")
@@ -131,6 +133,10 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
             setattr(cfg, f.name, v)
             given.add(f.name)
     cfg._given = given  # which flags the user typed (a resumed run may change only some)
+    if base is None:  # a new run: the method's reference settings fill the flags not given
+        from difflab.train.methods import apply_method_defaults  # (methods imports this module)
+
+        apply_method_defaults(cfg, given)
     return cfg
 
 

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed; sample j depends only on (seed, j)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                    help="sampler (default: ddim for Gaussian runs; part 1 runs use their own)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; naive2: 64)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's --sample-steps, 50 unless set; naive2: 64)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic, 1 = DDPM)")
     p.add_argument("--variance", choices=["small", "large"], default=None, help="DDPM variance")
     p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default=None,
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             labels = torch.full((args.n,), args.class_label, dtype=torch.long)
         elif run_.conditioner.kind == "class" and args.prompt is None:
             labels = torch.arange(args.n) % run_.conditioner.num_classes
-        default_steps = 64 if run_.cfg.method == "naive2" else 50
+        default_steps = run_.cfg.sample_steps  # the run's own (naive2: 64 denoise-renoise steps)
         extra = {"cold_update": True} if args.cold_update else {}
         per_sample = run_.cfg.method == "gaussian"  # part-1 methods seed per batch: shard on batch ends
         block = 1 if per_sample else args.batch_size

@@ -9,6 +9,7 @@ from difflab.processes.binomial import (
     PixelNoiseState,
     random_bits,
 )
+from difflab.processes.continuous import VE, VPCosine, VPLinear, make_process, sde_coefficients
 from difflab.processes.degradations import (
     DEGRADATIONS,
     Blur,
@@ -19,7 +20,6 @@ from difflab.processes.degradations import (
     Pixelate,
     get_degradation,
 )
-from difflab.processes.continuous import VE, VPCosine, VPLinear, make_process, sde_coefficients
 from difflab.processes.gaussian import (
     DiscreteSchedule,
     GaussianProcess,

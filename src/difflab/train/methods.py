@@ -131,7 +131,7 @@ class Naive1Method:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.noise = BinomialNoise(cfg.k, cfg.T)
+        self.noise = BinomialNoise(cfg.k, cfg.T, replace=cfg.replace)
 
     def describe(self, h: int = 32, w: int = 32) -> str:
         return self.noise.summary(h, w)

@@ -158,6 +158,8 @@ class Trainer:
         self.labels = data.labels.to(self.device) if data.labels is not None else None
         self.shape = tuple(data.images.shape[1:])
         self.method = make_method(cfg)
+        if cfg.method == "naive1":  # impossible (k, T) settings fail before anything is written
+            self.method.noise.check(data.height, data.width)
         if cfg.method == "cold":
             self.method.reference = data.images[:512].float().div(127.5).sub(1)
         self.conditioner = self._conditioner(data)
