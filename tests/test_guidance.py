@@ -205,9 +205,10 @@ def test_classifier_guidance_with_the_exact_classifier_is_the_exact_conditional(
     # the guidance interval: above sigma_max the denoiser is left alone, with math.inf it guides everywhere
     high = torch.tensor([50.0, 100.0, 500.0, 1e4], dtype=torch.float64)
     xh, lab = high.reshape(-1, 1, 1, 1) * _y(4, seed=2), labels[:4]
-    capped = ClassifierGuidance(mix, GaussianClassPosterior(), 1.0, sigma_max=80.0)(xh, high, {"classifier_labels": lab})
+    target = {"classifier_labels": lab}
+    capped = ClassifierGuidance(mix, GaussianClassPosterior(), 1.0, sigma_max=80.0)(xh, high, target)
     assert torch.equal(capped[1:], mix(xh, high)[1:]) and not torch.allclose(capped[0], mix(xh, high)[0])
-    full = ClassifierGuidance(mix, GaussianClassPosterior(), 1.0, sigma_max=math.inf)(xh, high, {"classifier_labels": lab})
+    full = ClassifierGuidance(mix, GaussianClassPosterior(), 1.0, sigma_max=math.inf)(xh, high, target)
     s2h, muh = high.reshape(-1, 1, 1, 1) ** 2, class_mean(lab).reshape(-1, 1, 1, 1)
     assert torch.allclose(full, (STD**2 * xh + s2h * muh) / (STD**2 + s2h), rtol=1e-8, atol=1e-8)
 

@@ -123,6 +123,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
     path = Path(path)
     cfg = load_run_config(path)
     device = torch.device(device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals of near-zero layers are several times slower on x86
     found = load_checkpoint(checkpoint, device) if checkpoint else latest_checkpoint(path / "checkpoints", device)
     if found is None:
         raise CheckpointError(f"'{path}' has no checkpoint yet: train it first (difflab train --out {path})")

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed; sample j depends only on (seed, j)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                    help="sampler (default: ddim for Gaussian runs; part 1 runs use their own)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's --sample-steps, 50 unless set; naive2: 64)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's --sample-steps; naive2: 64)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic, 1 = DDPM)")
     p.add_argument("--variance", choices=["small", "large"], default=None, help="DDPM variance")
     p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default=None,
@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-noise", default=None, help=".npy float32 [N, C, H, W] starting noise")
     p.add_argument("--batch-size", type=int, default=256, help="samples per forward batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--bf16", action="store_true", help="run the network with pure bf16 weights (fast on GPUs)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (on GPUs with CUDA-graph capture of the fixed-shape steps)")
     p.add_argument("--out", default=None, help="PNG grid to write (default RUN/samples/sample-seedS.png)")
     p.add_argument("--save-npz", default=None, help="also write uint8 [N, H, W, C] under 'images' (+ 'labels')")
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
@@ -98,11 +101,16 @@ def run(args: argparse.Namespace) -> int:
         from difflab.sampling import load_run
 
         run_ = load_run(args.run, device)
+        if args.bf16:
+            run_.net = run_.net.to(torch.bfloat16)
+        if args.compile:
+            run_.net = torch.compile(run_.net, mode="reduce-overhead" if device.type == "cuda" else None)
         classifier = None
         if args.classifier:
             from difflab.classifier_guidance import load_classifier
 
             classifier = load_classifier(args.classifier, device)
+        _check_condition(args, run_)
         if args.class_label is not None:
             labels = torch.full((args.n,), args.class_label, dtype=torch.long)
         elif run_.conditioner.kind == "class" and args.prompt is None:
@@ -153,6 +161,20 @@ def run(args: argparse.Namespace) -> int:
 def _rows(x: torch.Tensor | None, start: int, count: int) -> torch.Tensor | None:
     """Rows start..start+count of a per-sample tensor (labels, starting noise), or None."""
     return None if x is None else x[start : start + count]
+
+
+def _check_condition(args, run_) -> None:
+    """Condition flags that cannot work with this run fail before any sampling starts."""
+    kind, k = run_.conditioner.kind, run_.conditioner.num_classes
+    if args.class_label is not None and kind in ("class", "text") and not 0 <= args.class_label < k:
+        raise UsageError(f"--class must be in 0..{k - 1} for this run, got {args.class_label}")
+    if args.prompt is not None and kind != "text":
+        raise UsageError("--prompt needs a run trained with --conditioning text")
+    if args.guidance != 1.0 and kind == "none":
+        raise UsageError("--guidance needs a run trained with --conditioning class|text (for an unconditional "
+                         "run use --classifier with --classifier-scale)")
+    if args.class_label is not None and kind == "none" and not args.classifier:
+        raise UsageError("this run is unconditional: --class needs --classifier (classifier guidance)")
 
 
 def _read_noise(path: str, n: int) -> torch.Tensor:

@@ -150,6 +150,10 @@ class Trainer:
                                  f"= {cfg.grad_accum * self.dist.world}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:
+            # zero-initialised layers make denormal activations and gradients early in training, which
+            # x86 CPUs compute several times slower (measured 6x on the mnist-small step); flush them
+            torch.set_flush_denormal(True)
         self.progress = progress and self.dist.main
 
         data = load_data(cfg)
