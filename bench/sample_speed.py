@@ -53,9 +53,7 @@ def difflab_sampler(preset, batch, steps, device, variant):
     from difflab.processes.gaussian import linear_schedule
     from difflab.samplers import generate
 
-    net = nets.from_preset(preset).to(device).eval()
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    net = nets.from_preset(preset).to(device).eval().to(memory_format=torch.channels_last)
     if variant.startswith("bf16"):
         net = net.to(torch.bfloat16)
     if variant == "bf16+compile":

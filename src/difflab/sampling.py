@@ -135,7 +135,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint in {path} does not match its network config "
                               f"({str(e).splitlines()[0]})") from e
-    net.eval().requires_grad_(False)
+    net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     method = make_method(cfg)
     class_names = meta.get("class_names")
     num_classes = len(class_names) if class_names else 0
