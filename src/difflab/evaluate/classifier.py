@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from difflab.errors import DataError, UsageError
 from difflab.evaluate.inception import check_images
+from difflab.train.checkpoint import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +182,6 @@ class ClassifierFeatures:
         return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
@@ -208,7 +201,7 @@ def _load_cached(stem: Path, device: torch.device) -> tuple[SmallCNN, dict] | No
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             return None
-        if _sha256(weights_path) != meta["sha256"]:
+        if sha256_file(weights_path) != meta["sha256"]:
             return None
         cfg = meta["config"]
         model = SmallCNN(cfg["in_channels"], cfg["num_classes"], tuple(cfg["image_size"]))
@@ -280,7 +273,7 @@ def load_or_train_classifier(
         root.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         _atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(weights, p))
-        meta["sha256"] = _sha256(stem.with_suffix(".safetensors"))
+        meta["sha256"] = sha256_file(stem.with_suffix(".safetensors"))
         _atomic_write(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     except OSError as e:  # a read-only cache is not an error: train again next time
         log.warning("could not cache the classifier in %s (%s); it will be trained again", root, e)

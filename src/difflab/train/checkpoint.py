@@ -31,7 +31,8 @@ from difflab.errors import CheckpointError
 _NAME = re.compile(r"^step-(\d{7,})\.json$")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -71,7 +72,7 @@ def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tens
     _test_pause()
     _fsync_rename(tmp, st)
     _test_pause()
-    meta = {**meta, "step": step, "tensors": st.name, "sha256": _sha256(st), "format": "difflab-checkpoint-1"}
+    meta = {**meta, "step": step, "tensors": st.name, "sha256": sha256_file(st), "format": "difflab-checkpoint-1"}
     tmpj = folder / f".{stem}.json.tmp"
     tmpj.write_text(json.dumps(meta, indent=1, sort_keys=True))
     _fsync_rename(tmpj, js)
@@ -102,7 +103,7 @@ def _verified(json_path: Path) -> tuple[dict, Path]:
     st = json_path.with_name(meta.get("tensors", json_path.with_suffix(".safetensors").name))
     if not st.exists():
         raise CheckpointError(f"checkpoint {json_path.name} has no tensor file {st.name}; delete the JSON to use an older one")
-    if meta.get("sha256") != _sha256(st):
+    if meta.get("sha256") != sha256_file(st):
         raise CheckpointError(f"checkpoint {st} is corrupt (checksum mismatch); delete it and its JSON "
                               "to resume from an older one")
     return meta, st
