@@ -121,11 +121,12 @@ def sde_coefficients(process: GaussianProcess, t: torch.Tensor) -> tuple[torch.T
     """Drift scale f(t) and squared diffusion g(t)^2 of dz = f(t) z dt + g(t) dW, from alpha and sigma
     by automatic differentiation (float64): f = d log alpha/dt, g^2 = d sigma^2/dt - 2 f sigma^2.
     For VP linear this gives f = -beta/2, g^2 = beta; for VE f = 0, g^2 = d sigma^2/dt."""
-    t = torch.as_tensor(t, dtype=torch.float64).detach().requires_grad_(True)
-    log_a = torch.log(process.alpha(t).double()) + 0 * t
-    s2 = process.sigma(t).double() ** 2
-    f = torch.autograd.grad(log_a.sum(), t, retain_graph=True)[0]
-    ds2 = torch.autograd.grad(s2.sum(), t)[0]
+    with torch.enable_grad():  # samplers run under no_grad
+        t = torch.as_tensor(t, dtype=torch.float64).detach().requires_grad_(True)
+        log_a = torch.log(process.alpha(t).double()) + 0 * t
+        s2 = process.sigma(t).double() ** 2
+        f = torch.autograd.grad(log_a.sum(), t, retain_graph=True)[0]
+        ds2 = torch.autograd.grad(s2.sum(), t)[0]
     return f.detach(), (ds2 - 2 * f * s2).detach()
 
 

@@ -1,7 +1,11 @@
 """Samplers of the reverse-time SDE and score-only samplers (parts 4 and 5).
 
-In VE coordinates with the variance-time u = sigma^2 the forward process is
-dy = dW_u, so the reverse SDE is dy = -score du + dW_u with score = (D - y) / sigma^2.
+For variance-preserving processes the reverse SDE dz = [f z - g^2 score] dt + g dW is stepped in
+the process's own coordinates z = gammabar y, where its variance stays bounded, with f and g^2 from
+:func:`~difflab.processes.continuous.sde_coefficients`. For VE processes, in the variance-time
+u = sigma^2 the forward process is dy = dW_u, so the reverse SDE is dy = -score du + dW_u with
+score = (D - y) / sigma^2. Euler-Maruyama is a many-step method: with few large steps it adds more
+noise than it removes (use ddpm/ddim/heun there).
 """
 
 from __future__ import annotations
@@ -10,12 +14,28 @@ import math
 
 import torch
 
+from difflab.processes.continuous import sde_coefficients
 from difflab.samplers.ancestral import _levels, _ones, _randn
+
+
+def _reverse_step(process, x, x0, s: float, s_next: float, n):
+    """One Euler-Maruyama step of the reverse SDE from noise level s to s_next (VE coordinates in/out)."""
+    if not process.variance_preserving:
+        du = s**2 - s_next**2
+        return x + du * (x0 - x) / s**2 + math.sqrt(du) * n
+    t, t_next = process.t_of(torch.tensor([s, s_next], dtype=torch.float64)).tolist()
+    f, g2 = (float(v) for v in sde_coefficients(process, torch.tensor(t, dtype=torch.float64)))
+    a, a_next = (float(v) for v in process.alpha(torch.tensor([t, t_next], dtype=torch.float64)))
+    z = a * x
+    score = (a * x0 - z) / (a * s) ** 2  # grad log p(z_t) = -(z - gammabar x0) / sigmabar^2
+    dt = t - t_next
+    z = z - (f * z - g2 * score) * dt + math.sqrt(max(g2 * dt, 0.0)) * n
+    return z / a_next
 
 
 @torch.no_grad()
 def sample_euler_maruyama(denoiser, x, sigmas, *, cond=None, noise=None, callback=None):
-    """Euler-Maruyama on the reverse SDE in u = sigma^2: y' = y + (u - u') score + sqrt(u - u') s."""
+    """Euler-Maruyama on the reverse SDE (see the module docstring for the coordinates)."""
     sig = _levels(sigmas)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
@@ -23,8 +43,7 @@ def sample_euler_maruyama(denoiser, x, sigmas, *, cond=None, noise=None, callbac
         if s_next == 0:
             x = x0  # the last step lands on the denoised mean (Tweedie), as score-SDE does
         else:
-            du = s**2 - s_next**2
-            x = x + du * (x0 - x) / s**2 + math.sqrt(du) * _randn(noise, 2 * i, x)
+            x = _reverse_step(denoiser.process, x, x0, s, s_next, _randn(noise, 2 * i, x))
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x0})
     return x
@@ -55,8 +74,7 @@ def sample_pc(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
         if s_next == 0:
             x = x0
         else:
-            du = s**2 - s_next**2
-            x = x + du * (x0 - x) / s**2 + math.sqrt(du) * _randn(noise, stride * i, x)
+            x = _reverse_step(denoiser.process, x, x0, s, s_next, _randn(noise, stride * i, x))
             x = _langevin(denoiser, x, s_next, cond, corrector_steps, snr, noise, stride * i + 1)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x0})
