@@ -120,3 +120,12 @@ def test_callback_and_trajectory():
     seen = []
     generate(den, 4, SHAPE, sampler="ddim", steps=10, callback=lambda d: seen.append(d["i"]))
     assert seen == list(range(10))
+
+
+@pytest.mark.parametrize("name", ["sde", "pc"])
+def test_stochastic_samplers_stay_bounded_with_few_steps(name):
+    """The cosine schedule reaches sigma_ve ~ 2e4: Euler-Maruyama in VE units would add noise of that
+    size on a coarse grid; stepped in the VP process's own coordinates it stays near the data."""
+    den = exact(cosine_schedule(T=1000), 0.3, 0.5)
+    x = generate(den, 500, SHAPE, seed=2, sampler=name, steps=10, dtype=torch.float64, batch_size=500)
+    assert abs(float(x.mean()) - 0.3) < 0.1 and 0.3 < float(x.std()) < 1.0
