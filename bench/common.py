@@ -40,6 +40,21 @@ def timed(fn, device: torch.device, iters: int, warmup: int, repeats: int = 3) -
     return statistics.median(times)
 
 
+def interleaved(runners: dict, device: torch.device, iters: int, repeats: int = 3) -> dict:
+    """Median seconds per call of each runner, timed in turns (A B C A B C ...) so that a change of
+    load on a shared machine hits every runner alike. Warm-up (and compilation) is the caller's."""
+    times: dict = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / iters)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def forward_flops(model, x: torch.Tensor, t: torch.Tensor) -> float:
     """FLOPs of one forward pass (matrix and convolution work counted by torch's FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode

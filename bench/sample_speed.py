@@ -4,21 +4,23 @@ UNet architecture, same batch and number of steps, in the same process.
     python bench/sample_speed.py                     # CPU: mnist-small, batch 64, 10 steps
     python bench/sample_speed.py --device cuda       # GPU: ddpm-cifar10, batch 512, DDIM-50
 
-Variants: fp32; bf16 autocast; pure bf16 weights; pure bf16 + torch.compile (difflab also
-with CUDA-graph capture of the whole denoiser call, mode="reduce-overhead"). The first call of a
-compiled variant (compilation included) is timed separately. The last line is ``ratio=X``,
-difflab / diffusers images per second at each side's best (CPU: fp32).
+Variants: fp32; pure bf16 weights; pure bf16 + torch.compile (difflab also with CUDA-graph
+capture of the whole denoiser call, mode="reduce-overhead"; on a CPU the compiled variants need
+``--compile`` and use inductor's weight freezing on both sides). Each side runs in its best layout
+(difflab: NCHW for bf16 on a CPU, else channels-last; diffusers: its default). All variants are
+built and warmed up first, then timed in turns so that load changes hit all alike. The first call
+of a compiled variant (compilation included) is timed separately. The last line is ``ratio=X``,
+difflab / diffusers images per second at each side's best variant.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 
 import torch
-from common import device_from_arg, env_summary, sync, timed
+from common import device_from_arg, env_summary, interleaved, sync
 
 
 def diffusers_sampler(preset, batch, steps, device, variant):
@@ -26,21 +28,19 @@ def diffusers_sampler(preset, batch, steps, device, variant):
 
     from difflab.nets import diffusers_twin_kwargs
 
-    unet = UNet2DModel(**diffusers_twin_kwargs(preset)).to(device).eval()
+    unet = UNet2DModel(**diffusers_twin_kwargs(preset)).to(device).eval().requires_grad_(False)
     dtype = torch.bfloat16 if variant in ("bf16", "bf16+compile") else torch.float32
     unet = unet.to(dtype)
     net = torch.compile(unet) if variant == "bf16+compile" else unet
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="trailing")
     sched.set_timesteps(steps)
     c = unet.config.in_channels
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if variant == "autocast" else contextlib.nullcontext
 
     @torch.no_grad()
     def run():
         x = torch.randn(batch, c, 32, 32, device=device, dtype=dtype)
         for t in sched.timesteps:
-            with autocast():
-                eps = net(x, t).sample
+            eps = net(x, t).sample
             x = sched.step(eps, t, x).prev_sample
         return x
 
@@ -53,26 +53,20 @@ def difflab_sampler(preset, batch, steps, device, variant):
     from difflab.processes.gaussian import linear_schedule
     from difflab.samplers import generate
 
-    net = nets.from_preset(preset).to(device).eval().to(memory_format=torch.channels_last)
-    if variant.startswith("bf16"):
-        net = net.to(torch.bfloat16)
+    dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
+    net = nets.set_layout(nets.from_preset(preset).to(device, dtype).eval().requires_grad_(False), device, dtype)
     if variant == "bf16+compile":
         net = torch.compile(net)
     den = Denoiser(net, linear_schedule(), "eps")
     if variant == "bf16+graphs":
         den = torch.compile(den, mode="reduce-overhead")
         den.process = den._orig_mod.process
-    shape = (net.config["in_channels"] if isinstance(net, torch.nn.Module) and hasattr(net, "config")
-             else 3, 32, 32)
-    if not isinstance(shape[0], int):
-        shape = (3, 32, 32)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if variant == "autocast" else contextlib.nullcontext
+    shape = (nets.PRESETS[preset]["in_channels"], 32, 32)
     seed = {"s": 0}
 
     def run():
-        with autocast():
-            out = generate(den, batch, shape, seed=seed["s"], sampler="ddim", steps=steps, batch_size=batch,
-                           device=device)
+        out = generate(den, batch, shape, seed=seed["s"], sampler="ddim", steps=steps, batch_size=batch,
+                       device=device)
         seed["s"] += 1
         return out
 
@@ -85,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (each variant once per round, in turn)")
+    p.add_argument("--compile", action="store_true", help="on a CPU, also the bf16+compile variants (GPU: always)")
     p.add_argument("--quick", action="store_true", help="only the main comparison")
     args = p.parse_args(argv)
     device = device_from_arg(args.device)
@@ -96,30 +92,42 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    variants = {"diffusers": ["fp32", "bf16", "bf16+compile"] if gpu else ["fp32", "bf16"],
-                "difflab": ["bf16", "bf16+compile", "bf16+graphs"] if gpu else ["fp32", "bf16"]}
-    if args.quick:
-        variants = {k: ["bf16+compile" if gpu else "fp32"] for k in variants}
+        variants = {"diffusers": ["fp32", "bf16", "bf16+compile"], "difflab": ["bf16", "bf16+compile", "bf16+graphs"]}
+        if args.quick:
+            variants = {"diffusers": ["bf16+compile"], "difflab": ["bf16+compile"]}
+    else:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # CPU inference: constant weights, pre-packed for oneDNN (both sides)
+        variants = {k: ["fp32", "bf16"] + (["bf16+compile"] if args.compile else []) for k in ("diffusers", "difflab")}
+        if args.quick:
+            variants = {k: ["bf16"] for k in variants}
     print(f"# DDIM-{steps} sampling, {preset}, batch {batch}: {env_summary(device)}")
-    best = {}
+    runners, first = {}, {}
     for lib, build in (("diffusers", diffusers_sampler), ("difflab", difflab_sampler)):
         for v in variants[lib]:
             run = build(preset, batch, steps, device, v)
-            first = ""
+            sync(device)
+            t0 = time.perf_counter()
+            run()  # warm-up; compilation for the compiled variants
+            sync(device)
             if "compile" in v or "graphs" in v:
-                sync(device)
-                t0 = time.perf_counter()
+                first[(lib, v)] = time.perf_counter() - t0
                 run()
-                sync(device)
-                first = f"  first call {time.perf_counter() - t0:6.1f} s"
-            sec = timed(run, device, iters=1, warmup=0 if first else 1, repeats=2)
-            ips = batch / sec
-            best[lib] = max(best.get(lib, 0.0), ips)
-            print(f"{lib:10s} {v:13s} {ips:9.1f} img/s{first}", flush=True)
-            del run
-            if gpu:
-                torch.cuda.empty_cache()
-    print(f"ratio={best['difflab'] / best['diffusers']:.2f}")
+            runners[(lib, v)] = run
+    sec = interleaved(runners, device, iters=1, repeats=args.repeats)
+    best = {}
+    for (lib, v), s in sec.items():
+        ips = batch / s
+        best[lib] = max(best.get(lib, (0.0, "")), (ips, v))
+        note = f"  first call {first[(lib, v)]:6.1f} s" if (lib, v) in first else ""
+        print(f"{lib:10s} {v:13s} {ips:9.1f} img/s{note}", flush=True)
+    for v in variants["difflab"]:
+        if v in variants["diffusers"]:
+            print(f"same variant {v:13s} ratio {sec[('diffusers', v)] / sec[('difflab', v)]:.2f}")
+    (a, va), (b, vb) = best["difflab"], best["diffusers"]
+    print(f"best: difflab {va} {a:.1f} img/s, diffusers {vb} {b:.1f} img/s")
+    print(f"ratio={a / b:.2f}")
     return 0
 
 

@@ -9,8 +9,10 @@ diffusers runs the loop of its train_unconditional example (DDPMScheduler.add_no
     python bench/train_speed.py                      # CPU: mnist-small, batch 64
     python bench/train_speed.py --device cuda        # GPU: ddpm-cifar10 (35.7M), batch 128
 
-The last line is ``ratio=X``: difflab / diffusers images per second of the main comparison
-(CPU: both fp32; GPU: both at their best, bf16 autocast + torch.compile).
+All configurations are built and warmed up first (compilation included), then timed in turns
+so that load changes on a shared machine hit all alike. The last line is ``ratio=X``: difflab /
+diffusers images per second of the main comparison (GPU: both bf16 autocast + torch.compile;
+CPU: each side at its best of fp32 and bf16 autocast; difflab runs bf16 in NCHW on a CPU).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from common import device_from_arg, env_summary, forward_flops, matrix_peak, synthetic_images, timed
+from common import device_from_arg, env_summary, forward_flops, interleaved, matrix_peak, synthetic_images
 
 
 def difflab_step(preset: str, batch: int, device, precision: str, compile_: bool):
@@ -83,7 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default=None, help="mnist-small (CPU default) or ddpm-cifar10 (GPU default)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--iters", type=int, default=None, help="timed steps per repeat")
-    p.add_argument("--quick", action="store_true", help="only the main comparison")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (each config once per round, in turn)")
+    p.add_argument("--compile", action="store_true", help="on a CPU, also bf16 + torch.compile (GPU: always)")
+    p.add_argument("--quick", action="store_true", help="only the main comparison (GPU) / bf16 only (CPU)")
     args = p.parse_args(argv)
     device = device_from_arg(args.device)
     gpu = device.type == "cuda"
@@ -99,15 +103,14 @@ def main(argv=None) -> int:
                    "difflab": [("bf16", False), ("bf16", True)]}
         main_cfg = ("bf16", True)
     else:
-        both = [("fp32", False)] + ([] if args.quick else [("bf16", False)])
+        both = [("fp32", False), ("bf16", False)] + ([("bf16", True)] if args.compile else [])
         configs = {"diffusers": both, "difflab": both}
-        main_cfg = ("fp32", False)
+        main_cfg = None  # each side at its best
     if args.quick:
-        configs = {"diffusers": [main_cfg], "difflab": [main_cfg]}
+        configs = {k: [main_cfg or ("bf16", False)] for k in ("diffusers", "difflab")}
     print(f"# training speed, {preset}, batch {batch}: {env_summary(device)}")
     peak = matrix_peak(device)
-    results = {}
-    flops_img = None
+    runners, flops_img = {}, None
     for lib, build in (("diffusers", diffusers_step), ("difflab", difflab_step)):
         for precision, comp in configs[lib]:
             step, model = build(preset, batch, device, precision, comp)
@@ -115,18 +118,26 @@ def main(argv=None) -> int:
                 c = model.config["in_channels"] if isinstance(model.config, dict) else model.config.in_channels
                 x = torch.randn(1, c, 32, 32, device=device)
                 flops_img = forward_flops(model, x, torch.tensor([10.0], device=device))
-            sec = timed(step, device, iters, warmup + (5 if comp else 0))
-            ips = batch / sec
-            results[(lib, precision, comp)] = ips
-            frac = f"{3 * flops_img * ips / peak:6.1%}" if peak else "   n/a"
-            print(f"{lib:10s} {precision:5s} compile={str(comp):5s} {ips:9.1f} img/s  peak fraction {frac}",
-                  flush=True)
-            del step, model
-            if gpu:
-                torch.cuda.empty_cache()
+            for _ in range(warmup + (5 if comp else 0)):  # compilation included
+                step()
+            runners[(lib, precision, comp)] = step
+    sec = interleaved(runners, device, iters, repeats=args.repeats)
+    results = {key: batch / s for key, s in sec.items()}
+    for (lib, precision, comp), ips in results.items():
+        frac = f"{3 * flops_img * ips / peak:6.1%}" if peak else "   n/a"
+        print(f"{lib:10s} {precision:5s} compile={str(comp):5s} {ips:9.1f} img/s  peak fraction {frac}", flush=True)
     print(f"model: {flops_img / 1e9:.2f} GFLOP forward per image (x3 for a training step)"
           + (f"; measured bf16 matrix peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
-    ratio = results[("difflab", *main_cfg)] / results[("diffusers", *main_cfg)]
+    for cfg in configs["difflab"]:
+        if cfg in configs["diffusers"]:
+            print(f"same config {cfg[0]} compile={cfg[1]}: ratio {results[('difflab', *cfg)] / results[('diffusers', *cfg)]:.2f}")
+    if main_cfg is None:  # each side at its best
+        best = {lib: max((ips, key) for key, ips in results.items() if key[0] == lib) for lib in configs}
+        (a, ka), (b, kb) = best["difflab"], best["diffusers"]
+        print(f"best: difflab {ka[1]} compile={ka[2]} {a:.1f} img/s, diffusers {kb[1]} compile={kb[2]} {b:.1f} img/s")
+        ratio = a / b
+    else:
+        ratio = results[("difflab", *main_cfg)] / results[("diffusers", *main_cfg)]
     print(f"ratio={ratio:.2f}")
     return 0
 

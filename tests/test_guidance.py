@@ -368,6 +368,15 @@ def test_cli_train_classifier_and_classifier_guided_sampling(class_run, capsys, 
         pred = judge.logits(img.float() / 127.5 - 1, torch.full((40,), 0.1)).argmax(1)
         shares.append(float((pred == 3).float().mean()))
     assert shares[1] > shares[0] + 0.2, shares
+    # a guidance interval below every noise level of the grid: exactly the unguided samples
+    rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "40", "--steps", "10", "--class", "3",
+                     "--guidance", "0", "--classifier", clf, "--classifier-scale", "8", "--classifier-sigma-max",
+                     "1e-9", "--save-npz", tmp_path / "cap.npz", "--out", tmp_path / "cap.png")
+    assert rc == 0, err
+    assert np.array_equal(np.load(tmp_path / "cap.npz")["images"], np.load(tmp_path / "s0.npz")["images"])
+    rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "2", "--steps", "2", "--class", "3",
+                     "--classifier", clf, "--classifier-sigma-max", "0", "--out", tmp_path / "x.png")
+    assert rc == 2 and "must be positive" in err
     rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "2", "--steps", "2", "--class", "3",
                      "--classifier", class_run, "--out", tmp_path / "x.png")
     assert rc == 2 and "not a noisy classifier" in err

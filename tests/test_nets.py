@@ -17,8 +17,11 @@ from difflab.nets import (
     count_parameters,
     diffusers_twin_kwargs,
     from_preset,
+    match_layout,
+    preferred_memory_format,
 )
 from difflab.nets.coordconv import CoordConv2d
+from difflab.nets.layers import GroupNorm, attention
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -224,6 +227,68 @@ def test_bf16_autocast_and_bf16_weights():
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
     out16 = net.to(torch.bfloat16)(x.bfloat16(), t, torch.tensor([0, 1]), ctx)
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
+
+
+def test_layout_choice_and_canonical_strides():
+    assert preferred_memory_format("cpu") == torch.channels_last
+    assert preferred_memory_format("cpu", torch.bfloat16) == torch.contiguous_format
+    assert preferred_memory_format("cuda", torch.bfloat16) == torch.channels_last
+    x = torch.randn(2, 1, 4, 4)
+    ambiguous = x.as_strided(x.shape, (16, 1, 4, 1))  # one channel: "contiguous" in both layouts
+    for fmt, strides in ((torch.contiguous_format, (16, 16, 4, 1)), (torch.channels_last, (16, 1, 4, 1))):
+        for given in (x, ambiguous):
+            y = match_layout(given, fmt)
+            assert y.stride() == strides and torch.equal(y, x)
+    y = match_layout(torch.randn(2, 3, 4, 5), torch.channels_last)
+    assert y.stride() == (60, 1, 15, 3)
+
+
+def test_one_channel_input_follows_the_layout_of_the_weights():
+    """The convolutions of a one-channel image must not switch layout because of its strides."""
+    seen = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        net = _tiny().to(memory_format=fmt)
+        hook = net.stem.register_forward_pre_hook(lambda m, a: seen.append(a[0].stride()))
+        x = torch.randn(2, 1, 32, 32)
+        net(x.as_strided(x.shape, (1024, 1, 32, 1)), torch.tensor([3.0, 4.0]))
+        hook.remove()
+    assert seen == [(1024, 1024, 32, 1), (1024, 1, 32, 1)]
+
+
+def test_group_norm_stays_bf16_under_cpu_autocast():
+    gn = GroupNorm(4, 8)
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 1.5)
+        gn.bias.uniform_(-0.5, 0.5)
+    assert list(gn.state_dict()) == list(torch.nn.GroupNorm(4, 8).state_dict())
+    x = torch.randn(3, 8, 5, 5) * 3 + 1
+    ref = torch.nn.functional.group_norm(x, 4, gn.weight, gn.bias, gn.eps)
+    assert torch.equal(gn(x), ref)  # float32: exactly nn.GroupNorm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gn(x.bfloat16())
+        out32 = gn(x)  # float32 input under autocast: float32 as before
+    assert out.dtype == torch.bfloat16 and out32.dtype == torch.float32
+    assert (out.float() - ref).abs().max() < 0.05  # bf16 rounding of values up to ~4
+    assert (out32 - ref).abs().max() < 1e-5
+
+
+def test_attention_differentiates_bf16_in_float32_on_cpu():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 16, 8, generator=g) for _ in range(3))
+    ref_q = q.clone().requires_grad_()
+    ref = torch.nn.functional.scaled_dot_product_attention(ref_q, k, v)
+    ref.square().sum().backward()
+    q16 = q.bfloat16().requires_grad_()
+    out = attention(q16, k.bfloat16(), v.bfloat16())
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16 and q16.grad.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05
+    assert (q16.grad.float() - ref_q.grad).abs().max() < 0.05 * ref_q.grad.abs().max()
+    mask = torch.tensor([True] * 8 + [False] * 8).view(1, 1, 1, 16)
+    with torch.no_grad():
+        masked = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert torch.allclose(masked.float(), torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                          atol=0.05)
 
 
 def test_coordconv_sees_time_and_position_before_every_convolution():

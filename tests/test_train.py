@@ -60,6 +60,17 @@ def test_loss_falls_on_tiny_dataset(tmp_path):
     assert (tmp_path / "run" / "loss.png").exists() and (tmp_path / "run" / "samples" / "final.png").exists()
 
 
+@pytest.mark.parametrize("precision, layout", [("fp32", torch.channels_last), ("bf16", torch.contiguous_format)])
+def test_cpu_layout_follows_the_compute_precision(tmp_path, precision, layout):
+    tr = Trainer(cfg(tmp_path, steps=2, precision=precision), **quiet)
+    conv = tr.net.down[0].res.conv1.weight
+    assert conv.is_contiguous(memory_format=layout) and tr.memory_format == layout
+    x, _, _ = tr.batch(0, 0)
+    assert x.is_contiguous(memory_format=layout)
+    loss = tr.train_step(0)
+    assert torch.isfinite(loss)
+
+
 def test_checkpoint_round_trip_and_retention(tmp_path):
     t = {"a": torch.randn(3, 4), "b": torch.arange(5)}
     for step in (1, 2, 3, 4):
@@ -131,6 +142,26 @@ def test_run_sampling_reproducible_and_batch_independent(tmp_path):
     a = run.sample(6, seed=3, steps=5, batch_size=6)
     b = run.sample(6, seed=3, steps=5, batch_size=4)
     assert torch.equal(a, b)
+
+
+def test_bf16_sampling_follows_float32(tmp_path):
+    Trainer(cfg(tmp_path, steps=30, checkpoint_every=30, lr=3e-3), **quiet).run()
+    run = load_run(tmp_path / "run")
+    ref = run.sample(8, seed=1, steps=5).float()
+    run.speed_up(bf16=True)
+    conv = run.net.down[0].res.conv1.weight
+    assert conv.dtype == torch.bfloat16 and conv.is_contiguous()  # NCHW for bf16 on a CPU
+    out = run.sample(8, seed=1, steps=5).float()
+    assert (out - ref).abs().mean() < 4  # uint8 levels: bf16 rounding, not another image
+
+
+@pytest.mark.slow
+def test_compiled_cpu_sampling_matches_eager(tmp_path):
+    Trainer(cfg(tmp_path, steps=4, checkpoint_every=4), **quiet).run()
+    run = load_run(tmp_path / "run")
+    ref = run.sample(4, seed=2, steps=3).float()
+    out = run.speed_up(compile=True).sample(4, seed=2, steps=3).float()
+    assert (out - ref).abs().max() <= 1
 
 
 def _cli(*args, cwd=None):

@@ -26,13 +26,15 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
                   steps: int = 50, sampler: str | None = None, device="cpu", batch_size: int = 256,
                   labels: torch.Tensor | None = None, prompt: str | None = None, guidance: float = 1.0,
                   start: int = 0, init_noise: torch.Tensor | None = None, classifier=None,
-                  classifier_scale: float = 0.0, progress=None, callback=None, **options) -> torch.Tensor:
+                  classifier_scale: float = 0.0, classifier_sigma_max: float | None = None, progress=None,
+                  callback=None, **options) -> torch.Tensor:
     """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j).
 
     Conditional runs: ``labels`` (class indices) or ``prompt``; with neither, class runs cycle
     through the classes and text runs use each class's first caption. ``guidance`` is the
     classifier-free scale g (g = 1: no guidance). ``classifier`` + ``classifier_scale`` steer with
-    a noisy classifier's gradient (classifier guidance; needs ``labels``)."""
+    a noisy classifier's gradient (classifier guidance; needs ``labels``), at noise levels up to
+    ``classifier_sigma_max`` (default ``guidance.CLASSIFIER_SIGMA_MAX``; ``math.inf``: every level)."""
     net.eval()
     if method.name != "gaussian":
         if guidance != 1.0 or labels is not None or prompt or classifier is not None:
@@ -75,13 +77,16 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
             raise UsageError("this run is unconditional: --class/--prompt/--guidance need a run trained with "
                              "--conditioning class|text (or pass --classifier for classifier guidance)")
     if classifier is not None:
-        from difflab.guidance import ClassifierGuidance
+        from difflab.guidance import CLASSIFIER_SIGMA_MAX, ClassifierGuidance
 
         if labels is None:
             raise UsageError("classifier guidance needs --class")
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n).clone() if torch.as_tensor(
             labels).numel() == 1 else torch.as_tensor(labels, dtype=torch.long)
-        den = ClassifierGuidance(den, classifier, classifier_scale)
+        sigma_max = CLASSIFIER_SIGMA_MAX if classifier_sigma_max is None else classifier_sigma_max
+        if not sigma_max > 0:
+            raise UsageError(f"--classifier-sigma-max must be positive (inf: guide at every noise level), got {sigma_max}")
+        den = ClassifierGuidance(den, classifier, classifier_scale, sigma_max)
         base_fn = cond_fn
 
         def cond_fn(sl: slice):  # noqa: F811 - the classifier's target rides along with the condition
@@ -116,6 +121,22 @@ class Run:
     def denoiser(self):
         return self.method.denoiser(self.net)
 
+    def speed_up(self, bf16: bool = False, compile: bool = False) -> Run:
+        """Make sampling faster, in place: pure bf16 weights (GPUs, and CPUs with AMX: 1.7x on mnist-small)
+        in the layout that suits them, and/or ``torch.compile`` (CUDA graphs on GPUs; on CPUs with
+        inductor's weight freezing). Returns ``self``."""
+        if bf16:
+            self.net = nets.set_layout(self.net.to(torch.bfloat16), self.device, torch.bfloat16)
+        if compile:
+            if self.device.type == "cuda":
+                self.net = torch.compile(self.net, mode="reduce-overhead")
+            else:
+                import torch._inductor.config as inductor_config
+
+                inductor_config.freezing = True  # constant weights, pre-packed for oneDNN convolutions
+                self.net = torch.compile(self.net)
+        return self
+
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
              ema: bool = True) -> Run:
@@ -135,7 +156,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint in {path} does not match its network config "
                               f"({str(e).splitlines()[0]})") from e
-    net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    nets.set_layout(net.eval().requires_grad_(False), device)
     method = make_method(cfg)
     class_names = meta.get("class_names")
     num_classes = len(class_names) if class_names else 0

@@ -38,13 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", default=None, help="classifier run folder (difflab train-classifier) "
                    "for classifier guidance")
     p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance weight w")
+    p.add_argument("--classifier-sigma-max", type=float, default=None,
+                   help="guide only at noise levels sigma <= this (default 80; inf: every level)")
     p.add_argument("--cold-update", action="store_true", help="naive2: the cold-diffusion update")
     p.add_argument("--init-noise", default=None, help=".npy float32 [N, C, H, W] starting noise")
     p.add_argument("--batch-size", type=int, default=256, help="samples per forward batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--bf16", action="store_true", help="run the network with pure bf16 weights (fast on GPUs)")
+    p.add_argument("--bf16", action="store_true", help="run the network with pure bf16 weights (fast on GPUs and on CPUs with AMX)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (on GPUs with CUDA-graph capture of the fixed-shape steps)")
+                   help="torch.compile the network (GPUs: with CUDA graphs; CPUs: with frozen weights)")
     p.add_argument("--out", default=None, help="PNG grid to write (default RUN/samples/sample-seedS.png)")
     p.add_argument("--save-npz", default=None, help="also write uint8 [N, H, W, C] under 'images' (+ 'labels')")
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
@@ -101,10 +103,7 @@ def run(args: argparse.Namespace) -> int:
         from difflab.sampling import load_run
 
         run_ = load_run(args.run, device)
-        if args.bf16:
-            run_.net = run_.net.to(torch.bfloat16)
-        if args.compile:
-            run_.net = torch.compile(run_.net, mode="reduce-overhead" if device.type == "cuda" else None)
+        run_.speed_up(bf16=args.bf16, compile=args.compile)
         classifier = None
         if args.classifier:
             from difflab.classifier_guidance import load_classifier
@@ -125,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
                                sampler=args.sampler, batch_size=args.batch_size,
                                labels=_rows(labels, start, count), prompt=args.prompt, guidance=args.guidance,
                                init_noise=_rows(init_noise, start, count), classifier=classifier,
-                               classifier_scale=args.classifier_scale, progress=tick,
+                               classifier_scale=args.classifier_scale,
+                               classifier_sigma_max=args.classifier_sigma_max, progress=tick,
                                **_options(args), **extra)
             if not per_sample:
                 tick(count)

@@ -18,9 +18,36 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
     return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
 
 
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that stays in bfloat16 under CPU autocast.
+
+    Autocast runs group norm in float32, so every norm between two bf16 convolutions costs two
+    casts of the activations; the CPU bf16 kernel accumulates its statistics in float32 anyway.
+    Same parameters and state-dict keys as ``nn.GroupNorm``; unchanged everywhere else.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
+
+
+def group_norm(channels: int, max_groups: int = 32) -> GroupNorm:
     """GroupNorm with ``max_groups`` groups, or fewer when ``channels`` is not a multiple of it."""
-    return nn.GroupNorm(num_groups(channels, max_groups), channels, eps=1e-5)
+    return GroupNorm(num_groups(channels, max_groups), channels, eps=1e-5)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, in float32 when it would differentiate bf16 on a CPU.
+
+    The CPU flash-attention backward is about 7x slower in bf16 than in float32 (20 ms against
+    2.9 ms per call on mnist-small, one thread), while the forward costs the same in both.
+    """
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -116,7 +143,7 @@ class SelfAttention(nn.Module):
         b, c = x.shape[:2]
         qkv = self.qkv(_tokens(self.norm(x)))  # [B, HW, 3C]
         q, k, v = qkv.view(b, -1, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
+        h = attention(q, k, v)  # [B, heads, HW, C/heads]
         h = self.proj(h.transpose(1, 2).reshape(b, -1, c))
         return x + _untokens(h, x)
 
@@ -143,7 +170,7 @@ class CrossAttention(nn.Module):
         q = _split_heads(self.q(_tokens(self.norm(x))), self.num_heads)
         kv = self.kv(context)  # [B, L, 2C]
         k, v = kv.view(b, -1, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        h = attention(q, k, v, attn_mask)
         h = self.proj(h.transpose(1, 2).reshape(b, -1, c))
         return x + _untokens(h, x)
 

@@ -35,6 +35,7 @@ from .layers import (
     timestep_embedding,
     zero_init,
 )
+from .layout import match_layout, weight_layout
 
 
 class _Stage(nn.Module):
@@ -198,6 +199,7 @@ class UNet(nn.Module):
             raise ValueError(
                 f"UNet: image size {h}x{w} is not divisible by {factor} ({self.num_levels} levels)"
             )
+        x = match_layout(x, weight_layout(self.out[-1].weight))  # one-channel input: strides follow the net
         param = self.time_embed[0].weight
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
         emb = self.time_embed(timestep_embedding(t, param.shape[1]).to(param.dtype))
