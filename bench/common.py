@@ -3,6 +3,7 @@ and a synthetic in-memory dataset (the benchmarks measure speed, not quality).""
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -88,3 +89,10 @@ def synthetic_images(n: int, channels: int, size: int, seed: int = 0):
 def env_summary(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     return f"torch {torch.__version__} on {name}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
+
+
+def write_json(path: str | None, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` (nothing when ``path`` is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)

@@ -11,12 +11,11 @@ only by the sampler and its number of steps.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-import common  # noqa: F401  (puts src/ on the path when run from a checkout)
 import torch
+from common import write_json  # (also puts src/ on the path when run from a checkout)
 
 
 def main(argv=None) -> int:
@@ -65,9 +64,7 @@ def main(argv=None) -> int:
         cells = [f"{results[f'{sampler}/{k}'][args.metric]:.3f} ({results[f'{sampler}/{k}']['nfe']} NFE)"
                  for k in steps]
         print(f"| {sampler} | " + " | ".join(cells) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return 0
 
 

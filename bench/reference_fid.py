@@ -12,12 +12,11 @@ data against real data of the same distribution should give a FID near 1-2 and a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-import common  # noqa: F401  (puts src/ on the path when run from a checkout)
 import torch
+from common import write_json  # (also puts src/ on the path when run from a checkout)
 
 
 def main(argv=None) -> int:
@@ -72,9 +71,7 @@ def main(argv=None) -> int:
           f"precision {precision:.3f}   recall {recall:.3f}")
     print(f"  feature extraction: test {seconds['test']:.0f} s, train {seconds['train']:.0f} s "
           f"(0 s means it came from the cache) on {device} with {torch.get_num_threads()} threads")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return 0
 
 
