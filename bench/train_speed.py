@@ -12,7 +12,7 @@ diffusers runs the loop of its train_unconditional example (DDPMScheduler.add_no
 All configurations are built and warmed up first (compilation included), then timed in turns
 so that load changes on a shared machine hit all alike. The last line is ``ratio=X``: difflab /
 diffusers images per second of the main comparison (GPU: both bf16 autocast + torch.compile;
-CPU: each side at its best of fp32 and bf16 autocast; difflab runs bf16 in NCHW on a CPU).
+CPU: each side at its best of fp32 and bf16 autocast).
 """
 
 from __future__ import annotations

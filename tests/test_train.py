@@ -60,15 +60,13 @@ def test_loss_falls_on_tiny_dataset(tmp_path):
     assert (tmp_path / "run" / "loss.png").exists() and (tmp_path / "run" / "samples" / "final.png").exists()
 
 
-@pytest.mark.parametrize("precision, layout", [("fp32", torch.channels_last), ("bf16", torch.contiguous_format)])
-def test_cpu_layout_follows_the_compute_precision(tmp_path, precision, layout):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_runs_channels_last(tmp_path, precision):
     tr = Trainer(cfg(tmp_path, steps=2, precision=precision), **quiet)
-    conv = tr.net.down[0].res.conv1.weight
-    assert conv.is_contiguous(memory_format=layout) and tr.memory_format == layout
+    assert tr.net.down[0].res.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x, _, _ = tr.batch(0, 0)
-    assert x.is_contiguous(memory_format=layout)
-    loss = tr.train_step(0)
-    assert torch.isfinite(loss)
+    assert x.stride()[1] == 1  # one channel: strides say channels-last unambiguously
+    assert torch.isfinite(tr.train_step(0))
 
 
 def test_checkpoint_round_trip_and_retention(tmp_path):
@@ -150,7 +148,7 @@ def test_bf16_sampling_follows_float32(tmp_path):
     ref = run.sample(8, seed=1, steps=5).float()
     run.speed_up(bf16=True)
     conv = run.net.down[0].res.conv1.weight
-    assert conv.dtype == torch.bfloat16 and conv.is_contiguous()  # NCHW for bf16 on a CPU
+    assert conv.dtype == torch.bfloat16 and conv.is_contiguous(memory_format=torch.channels_last)
     out = run.sample(8, seed=1, steps=5).float()
     assert (out - ref).abs().mean() < 4  # uint8 levels: bf16 rounding, not another image
 

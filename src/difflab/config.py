@@ -55,7 +55,8 @@ class TrainConfig:
     lr_decay: str = _f("none", "after warm-up: none or cosine", ("none", "cosine"))
     grad_clip: float = _f(1.0, "gradient-norm clipping (0: off)")
     ema_decay: float = _f(0.999, "EMA decay of the weights (with warm-up (1+n)/(10+n))")
-    precision: str = _f("auto", "auto (bf16 autocast on GPUs that support it), fp32 or bf16", ("auto", "fp32", "bf16"))
+    precision: str = _f("auto", "auto (bf16 autocast on GPUs that support it, fp32 on CPUs), fp32 or bf16 "
+                                "(fast on CPUs with AMX)", ("auto", "fp32", "bf16"))
     compile: bool = _f(False, "torch.compile the network")
     seed: int = _f(0, "seed of the whole run (data order, noise, initial weights)")
     hflip: bool = _f(False, "random horizontal flips (off for digits)")

@@ -20,13 +20,13 @@ from torch import nn
 
 from ..errors import UsageError
 from .coordconv import CoordConvUNet
-from .layout import match_layout, preferred_memory_format, set_layout
+from .layout import match_layout
 from .presets import PRESETS, diffusers_twin_kwargs
 from .unet import UNet
 
 __all__ = [
     "PRESETS", "CoordConvUNet", "UNet", "build", "count_parameters", "diffusers_twin_kwargs", "from_preset",
-    "match_layout", "preferred_memory_format", "register", "set_layout",
+    "match_layout", "register",
 ]  # fmt: skip
 
 _KINDS: dict[str, type[nn.Module]] = {"unet": UNet, "coordconv_unet": CoordConvUNet}
