@@ -21,6 +21,17 @@ def device_from_arg(name: str) -> torch.device:
     return torch.device(name)
 
 
+def bench_device(name: str) -> torch.device:
+    """The device to measure on ("auto": the GPU when there is one), with cuDNN autotuning and TF32
+    allowed on GPUs (both libraries get the same settings)."""
+    device = device_from_arg(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

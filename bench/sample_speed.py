@@ -20,7 +20,7 @@ import sys
 import time
 
 import torch
-from common import device_from_arg, env_summary, interleaved, sync
+from common import bench_device, env_summary, interleaved, sync
 
 
 def diffusers_sampler(preset, batch, steps, device, variant):
@@ -83,15 +83,12 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="on a CPU, also the bf16+compile variants (GPU: always)")
     p.add_argument("--quick", action="store_true", help="only the main comparison")
     args = p.parse_args(argv)
-    device = device_from_arg(args.device)
+    device = bench_device(args.device)
     gpu = device.type == "cuda"
     preset = args.preset or ("ddpm-cifar10" if gpu else "mnist-small")
     batch = args.batch or (512 if gpu else 64)
     steps = args.steps or (50 if gpu else 10)
     if gpu:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         variants = {"diffusers": ["fp32", "bf16", "bf16+compile"], "difflab": ["bf16", "bf16+compile", "bf16+graphs"]}
         if args.quick:
             variants = {"diffusers": ["bf16+compile"], "difflab": ["bf16+compile"]}

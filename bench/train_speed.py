@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from common import device_from_arg, env_summary, forward_flops, interleaved, matrix_peak, synthetic_images
+from common import bench_device, env_summary, forward_flops, interleaved, matrix_peak, synthetic_images
 
 
 def difflab_step(preset: str, batch: int, device, precision: str, compile_: bool):
@@ -89,16 +89,13 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="on a CPU, also bf16 + torch.compile (GPU: always)")
     p.add_argument("--quick", action="store_true", help="only the main comparison (GPU) / bf16 only (CPU)")
     args = p.parse_args(argv)
-    device = device_from_arg(args.device)
+    device = bench_device(args.device)
     gpu = device.type == "cuda"
     preset = args.preset or ("ddpm-cifar10" if gpu else "mnist-small")
     batch = args.batch or (128 if gpu else 64)
     iters = args.iters or (30 if gpu else 5)
     warmup = 10 if gpu else 2
     if gpu:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         configs = {"diffusers": [("fp32", False), ("bf16", False), ("bf16", True)],
                    "difflab": [("bf16", False), ("bf16", True)]}
         main_cfg = ("bf16", True)
