@@ -130,11 +130,24 @@ class Run:
             if self.device.type == "cuda":
                 self.net = torch.compile(self.net, mode="reduce-overhead")
             else:
-                import torch._inductor.config as inductor_config
-
-                inductor_config.freezing = True  # constant weights, pre-packed for oneDNN convolutions
-                self.net = torch.compile(self.net)
+                self.net = _FrozenCompiled(self.net)
         return self
+
+
+class _FrozenCompiled(torch.nn.Module):
+    """``torch.compile(net)`` with inductor's weight freezing (constant weights, pre-packed for oneDNN
+    convolutions: 1.4x on CPUs) for this network only: the setting is read whenever a graph is compiled,
+    including recompilations for new batch sizes, so every call sets it for its own duration."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.compiled = torch.compile(net, dynamic=False)
+
+    def forward(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
