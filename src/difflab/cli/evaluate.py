@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
                                guidance=args.guidance, labels=lab, batch_size=args.batch_size)
 
         images = sample_sharded(draw, args.n, ctx)
+        ctx.shutdown()  # every rank holds all samples; rank 0 alone computes the metrics
         if not ctx.main:
             return 0
     reference = _reference(data_name, args.split, tuple(images.shape[1:]))

@@ -138,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
     images = sample_sharded(draw, args.n, ctx, block)
     if bar is not None:
         bar.close()
+    ctx.shutdown()  # every rank holds all images now
     if not ctx.main:  # only rank 0 writes
-        ctx.shutdown()
         return 0
     if out:
         save_grid(images, out, nrow=args.nrow)
@@ -154,7 +154,6 @@ def run(args: argparse.Namespace) -> int:
         np.savez_compressed(tmp, **arrays)
         tmp.replace(path)
         print(f"samples: {path} ({len(images)} images, uint8 [N, H, W, C])")
-    ctx.shutdown()
     return 0
 
 

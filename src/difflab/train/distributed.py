@@ -109,8 +109,11 @@ class DistContext:
         return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
     def shutdown(self) -> None:
+        """Leave the process group, together: every rank waits for the others first (a rank that
+        destroys its group while a peer still uses it can abort that peer at exit)."""
         global _cpu_group
         if self.active and dist.is_initialized():
+            dist.barrier(group=self.group)
             dist.destroy_process_group()
             _cpu_group = None
 
