@@ -32,6 +32,16 @@ def bench_device(name: str) -> torch.device:
     return device
 
 
+def quiet_diffusers() -> None:
+    """Silence diffusers' log line on every ``.to(bfloat16)`` and dynamo's notes on its cached helpers."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

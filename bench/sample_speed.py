@@ -20,7 +20,7 @@ import sys
 import time
 
 import torch
-from common import bench_device, env_summary, interleaved, sync
+from common import bench_device, env_summary, interleaved, quiet_diffusers, sync
 
 
 def diffusers_sampler(preset, batch, steps, device, variant):
@@ -28,6 +28,7 @@ def diffusers_sampler(preset, batch, steps, device, variant):
 
     from difflab.nets import diffusers_twin_kwargs
 
+    quiet_diffusers()
     unet = UNet2DModel(**diffusers_twin_kwargs(preset)).to(device).eval().requires_grad_(False)
     dtype = torch.bfloat16 if variant in ("bf16", "bf16+compile") else torch.float32
     unet = unet.to(dtype)

@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from common import bench_device, env_summary, forward_flops, interleaved, matrix_peak, synthetic_images
+from common import bench_device, env_summary, forward_flops, interleaved, matrix_peak, quiet_diffusers, synthetic_images
 
 
 def difflab_step(preset: str, batch: int, device, precision: str, compile_: bool):
@@ -52,6 +52,7 @@ def diffusers_step(preset: str, batch: int, device, precision: str, compile_: bo
 
     from difflab.nets import diffusers_twin_kwargs
 
+    quiet_diffusers()
     unet = UNet2DModel(**diffusers_twin_kwargs(preset)).to(device)
     net = torch.compile(unet) if compile_ else unet
     opt = torch.optim.AdamW(unet.parameters(), lr=2e-4, **({"fused": True} if device.type == "cuda" else {}))
