@@ -32,6 +32,27 @@ def bench_device(name: str) -> torch.device:
     return device
 
 
+def speed_args(doc: str, argv, gpu_batch: int, extra=None):
+    """Parse the flags both speed scripts take (plus ``extra(parser)``'s); returns
+    (args, device, preset, batch): mnist-small at batch 64 on a CPU, ddpm-cifar10 at ``gpu_batch`` on a GPU."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--preset", default=None, help="mnist-small (CPU default) or ddpm-cifar10 (GPU default)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (each configuration once per round, in turn)")
+    p.add_argument("--compile", action="store_true", help="on a CPU, also the compiled bf16 configurations (GPU: always)")
+    p.add_argument("--quick", action="store_true", help="only the main comparison (CPU: bf16 only)")
+    if extra is not None:
+        extra(p)
+    args = p.parse_args(argv)
+    device = bench_device(args.device)
+    gpu = device.type == "cuda"
+    preset = args.preset or ("ddpm-cifar10" if gpu else "mnist-small")
+    return args, device, preset, args.batch or (gpu_batch if gpu else 64)
+
+
 def quiet_diffusers() -> None:
     """Silence diffusers' log line on every ``.to(bfloat16)`` and dynamo's notes on its cached helpers."""
     import warnings

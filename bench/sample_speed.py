@@ -15,12 +15,11 @@ difflab / diffusers images per second at each side's best variant.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
-from common import bench_device, env_summary, interleaved, quiet_diffusers, sync
+from common import env_summary, interleaved, quiet_diffusers, speed_args, sync
 
 
 def diffusers_sampler(preset, batch, steps, device, variant):
@@ -75,19 +74,9 @@ def difflab_sampler(preset, batch, steps, device, variant):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--preset", default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (each variant once per round, in turn)")
-    p.add_argument("--compile", action="store_true", help="on a CPU, also the bf16+compile variants (GPU: always)")
-    p.add_argument("--quick", action="store_true", help="only the main comparison")
-    args = p.parse_args(argv)
-    device = bench_device(args.device)
+    args, device, preset, batch = speed_args(
+        __doc__, argv, 512, lambda p: p.add_argument("--steps", type=int, default=None, help="DDIM steps"))
     gpu = device.type == "cuda"
-    preset = args.preset or ("ddpm-cifar10" if gpu else "mnist-small")
-    batch = args.batch or (512 if gpu else 64)
     steps = args.steps or (50 if gpu else 10)
     if gpu:
         variants = {"diffusers": ["fp32", "bf16", "bf16+compile"], "difflab": ["bf16", "bf16+compile", "bf16+graphs"]}

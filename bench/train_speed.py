@@ -17,14 +17,13 @@ CPU: each side at its best of fp32 and bf16 autocast).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import tempfile
 
 import torch
 import torch.nn.functional as F
-from common import bench_device, env_summary, forward_flops, interleaved, matrix_peak, quiet_diffusers, synthetic_images
+from common import env_summary, forward_flops, interleaved, matrix_peak, quiet_diffusers, speed_args, synthetic_images
 
 
 def difflab_step(preset: str, batch: int, device, precision: str, compile_: bool):
@@ -81,19 +80,9 @@ def diffusers_step(preset: str, batch: int, device, precision: str, compile_: bo
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--preset", default=None, help="mnist-small (CPU default) or ddpm-cifar10 (GPU default)")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None, help="timed steps per repeat")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (each config once per round, in turn)")
-    p.add_argument("--compile", action="store_true", help="on a CPU, also bf16 + torch.compile (GPU: always)")
-    p.add_argument("--quick", action="store_true", help="only the main comparison (GPU) / bf16 only (CPU)")
-    args = p.parse_args(argv)
-    device = bench_device(args.device)
+    args, device, preset, batch = speed_args(
+        __doc__, argv, 128, lambda p: p.add_argument("--iters", type=int, default=None, help="timed steps per round"))
     gpu = device.type == "cuda"
-    preset = args.preset or ("ddpm-cifar10" if gpu else "mnist-small")
-    batch = args.batch or (128 if gpu else 64)
     iters = args.iters or (30 if gpu else 5)
     warmup = 10 if gpu else 2
     if gpu:

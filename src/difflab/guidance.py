@@ -64,6 +64,8 @@ class ClassifierGuidance(nn.Module):
 
     def __init__(self, denoiser, classifier, scale: float, sigma_max: float = CLASSIFIER_SIGMA_MAX):
         super().__init__()
+        if not sigma_max > 0:
+            raise UsageError(f"--classifier-sigma-max must be positive (inf: guide at every noise level), got {sigma_max}")
         self.denoiser, self.classifier, self.scale = denoiser, classifier, float(scale)
         self.sigma_max = float(sigma_max)
         self.process = denoiser.process

@@ -84,8 +84,6 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n).clone() if torch.as_tensor(
             labels).numel() == 1 else torch.as_tensor(labels, dtype=torch.long)
         sigma_max = CLASSIFIER_SIGMA_MAX if classifier_sigma_max is None else classifier_sigma_max
-        if not sigma_max > 0:
-            raise UsageError(f"--classifier-sigma-max must be positive (inf: guide at every noise level), got {sigma_max}")
         den = ClassifierGuidance(den, classifier, classifier_scale, sigma_max)
         base_fn = cond_fn
 
@@ -201,7 +199,6 @@ def _optional_encoder():
 
 
 def _data_name(cfg: TrainConfig) -> str:
-    from difflab.data import DATASETS
+    from difflab.data import dataset_key
 
-    name = cfg.data.lower().replace("_", "-")
-    return name if name in DATASETS else cfg.data
+    return dataset_key(cfg.data) or cfg.data

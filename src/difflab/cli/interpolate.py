@@ -41,7 +41,7 @@ def _read_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    from difflab.cli.invert import gaussian_run
+    from difflab.cli.rundata import gaussian_run
     from difflab.figures import save_rows
     from difflab.latents import interpolate, invert
     from difflab.noise import SeededNoise, sample_seeds

@@ -7,19 +7,14 @@ import math
 import sys
 from pathlib import Path
 
+from difflab.cli.rundata import add_run_images_arguments, condition_fn, default_split, gaussian_run, run_images
 from difflab.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from difflab.likelihood import PROBES
 
-    p.add_argument("--run", required=True, help="run folder written by 'difflab train' (a Gaussian run)")
-    p.add_argument("--data", default=None, help="mnist, fashion-mnist, digits, emoji or a folder of images "
-                   "(default: the run's dataset)")
-    p.add_argument("--split", default=None, help="train or test (default: test for named datasets, "
-                   "the whole folder for a folder)")
-    p.add_argument("--n", type=int, default=256,
-                   help="number of images, the first n of the split (default 256)")
+    add_run_images_arguments(p, 256)
     p.add_argument("--steps", type=int, default=32, help="RK4 steps in log sigma (4 network calls each; "
                    "default 32)")
     p.add_argument("--hutchinson-samples", type=int, default=1, help="probe vectors of the trace estimator "
@@ -34,7 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from difflab.cli.invert import condition_fn, default_split, gaussian_run, run_images
     from difflab.config import save_json
     from difflab.likelihood import bits_per_dim
     from difflab.train.trainer import pick_device

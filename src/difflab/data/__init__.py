@@ -17,7 +17,7 @@ from difflab.data import transforms
 from difflab.data.imagedata import ImageData, fingerprint
 from difflab.errors import DataError
 
-__all__ = ["DATASETS", "ImageData", "fingerprint", "load"]
+__all__ = ["DATASETS", "ImageData", "dataset_key", "fingerprint", "load"]
 
 DATASETS = ("mnist", "fashion-mnist", "digits", "emoji")
 SPLITS = ("train", "test")
@@ -33,6 +33,12 @@ def _builtin(arrays: dict[str, np.ndarray], class_names: list[str], name: str, i
     return ImageData(changed, labels, list(class_names), name, known)
 
 
+def dataset_key(name_or_path: str | Path) -> str | None:
+    """The built-in dataset a name means ("Fashion_MNIST" -> "fashion-mnist"), or None (a folder)."""
+    key = str(name_or_path).strip().lower().replace("_", "-")
+    return key if key in DATASETS else None
+
+
 def load(name_or_path: str | Path, *, split: str = "train", image_size: int | None = None,
          channels: int | None = None, pad_to: int | None = None,
          cache_dir: str | Path | None = None) -> ImageData:
@@ -46,8 +52,8 @@ def load(name_or_path: str | Path, *, split: str = "train", image_size: int | No
     cannot be had.
     """
     transforms.check_settings(image_size, channels, pad_to)
-    key = str(name_or_path).strip().lower().replace("_", "-")
-    if key in DATASETS and split not in SPLITS:
+    key = dataset_key(name_or_path) or ""
+    if key and split not in SPLITS:
         raise DataError(f"unknown split '{split}' for {key}: use one of {', '.join(SPLITS)}")
 
     if key == "mnist":

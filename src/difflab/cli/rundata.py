@@ -1,0 +1,86 @@
+"""What the commands that work on a trained run and real images share: their flags, the run (a
+Gaussian one), the images fitted to it, their condition, and atomic .npy output."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.errors import UsageError
+
+
+def add_run_images_arguments(p: argparse.ArgumentParser, n_default: int, fitted: str = "") -> None:
+    """--run, --data, --split and --n: the first n images of a dataset or folder, under a run."""
+    p.add_argument("--run", required=True, help="run folder written by 'difflab train' (a Gaussian run)")
+    p.add_argument("--data", default=None, help="mnist, fashion-mnist, digits, emoji or a folder of images "
+                   f"(default: the run's dataset){fitted}")
+    p.add_argument("--split", default=None, help="train or test (default: test for named datasets, "
+                   "the whole folder for a folder)")
+    p.add_argument("--n", type=int, default=n_default,
+                   help=f"number of images, the first n of the split (default {n_default})")
+
+
+def gaussian_run(path: str, device: torch.device, command: str):
+    """The run at ``path``, which must be a Gaussian-diffusion run (the others have no ODE)."""
+    from difflab.sampling import load_run
+
+    run_ = load_run(path, device)
+    if run_.cfg.method != "gaussian":
+        raise UsageError(f"difflab {command} needs a Gaussian run (--method gaussian); {path} is a "
+                         f"{run_.cfg.method} run")
+    return run_
+
+
+def default_split(data: str) -> str:
+    """test for a named dataset, train (the whole folder unless it has train/ and test/) for a folder."""
+    from difflab.data import dataset_key
+
+    return "test" if dataset_key(data) else "train"
+
+
+def run_images(data: str, split: str, shape: tuple[int, int, int], n: int):
+    """The first ``n`` images of a dataset or folder as an ImageData fitted to a run's (C, H, W):
+    MNIST-sized 28x28 sets are padded to 32 as in training, other sizes resized."""
+    from difflab.data import dataset_key, load
+
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}")
+    c, h, w = shape
+    if dataset_key(data) is None:
+        return load(data, split=split, image_size=h, channels=c).subset(n)
+    found = load(data, split=split, channels=c)
+    if (found.height, found.width) == (28, 28) and (h, w) == (32, 32):
+        found = load(data, split=split, channels=c, pad_to=32)
+    elif (found.height, found.width) != (h, w):
+        found = load(data, split=split, channels=c, image_size=h)
+    return found.subset(n)
+
+
+def condition_fn(run_, data, device):
+    """cond_fn(slice) for ``data`` under a conditional run: the images' own classes when the data
+    carries the run's class names, else the null condition; None for unconditional runs."""
+    conditioner = run_.conditioner
+    if conditioner.kind == "none":
+        return None
+    labels = data.labels if data.labels is not None and data.class_names == run_.class_names else None
+
+    def cond(sl: slice):
+        if labels is None:
+            return conditioner.null(sl.stop - sl.start, device)
+        return conditioner.for_labels(labels[sl], device)
+
+    return cond
+
+
+def save_npy(array: np.ndarray, path: str | Path) -> Path:
+    """Write ``array`` to ``path`` through a temporary file (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
+    return path
