@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
         out = args.out or str(Path(args.run) / "samples" / f"sample-seed{args.seed}.png")
     if ctx.main:
-        bar = tqdm(total=len(shard(args.n, ctx, block)), unit="img", file=sys.stderr, mininterval=0.5,
+        bar = tqdm(total=len(shard(args.n, ctx, block)), unit="img", file=sys.stderr, mininterval=0.5, delay=0.5,
                    dynamic_ncols=True)
     images = sample_sharded(draw, args.n, ctx, block)
     if bar is not None:
