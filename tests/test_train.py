@@ -209,3 +209,31 @@ def test_cli_train_and_sample_npz(tmp_path):
     arr = np.load(tmp_path / "s.npz")["images"]
     assert arr.shape == (5, 8, 8, 1) and arr.dtype == np.uint8
     assert (tmp_path / "g.png").exists()
+
+
+def test_optimizer_state_keeps_the_memory_format_of_channels_last_weights():
+    """Fused AdamW reads state and weight as flat buffers: restored moments must share the weight's strides."""
+    from difflab.train.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+
+    def make():
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        return conv, torch.optim.AdamW(conv.parameters(), lr=1e-2, fused=True)
+
+    def step(conv, opt, seed):
+        torch.manual_seed(seed)
+        conv(torch.randn(2, 3, 5, 5)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    a, opt_a = make()
+    step(a, opt_a, 1)
+    tensors, meta = optimizer_to_tensors(opt_a)
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}  # as safetensors gives them back
+    b, opt_b = make()
+    b.load_state_dict(a.state_dict())
+    optimizer_from_tensors(opt_b, tensors, meta)
+    assert opt_b.state[b.weight]["exp_avg"].stride() == b.weight.stride()
+    step(a, opt_a, 2)
+    step(b, opt_b, 2)
+    assert torch.equal(a.weight, b.weight)

@@ -39,16 +39,16 @@ class CoordResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, act=True)
         self.conv1 = CoordConv2d(in_channels, out_channels, 3)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, act=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(CoordConv2d(out_channels, out_channels, 3))
         self.skip = CoordConv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, aux: Aux) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)), aux)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))), aux)
+        h = self.conv1(self.norm1(x), aux)
+        h = self.conv2(self.dropout(self.norm2(h)), aux)
         return (x if self.skip is None else self.skip(x, aux)) + h
 
 
@@ -107,7 +107,7 @@ class CoordConvUNet(nn.Module):
                 ch = c
             if level > 0:
                 self.upsample.append(CoordConv2d(ch, ch, 3))
-        self.out_norm = group_norm(ch)
+        self.out_norm = group_norm(ch, act=True)
         self.out_conv = zero_init(CoordConv2d(ch, out_channels, 1))
 
     def forward(
@@ -155,7 +155,7 @@ class CoordConvUNet(nn.Module):
                 hcur = block(hcur, aux)
             if i < self.num_levels - 1:
                 hcur = self.upsample[i](F.interpolate(hcur, scale_factor=2.0, mode="nearest"), aux)
-        return self.out_conv(F.silu(self.out_norm(hcur)), aux).to(x.dtype)
+        return self.out_conv(self.out_norm(hcur), aux).to(x.dtype)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:

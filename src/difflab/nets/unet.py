@@ -180,8 +180,8 @@ class UNet(nn.Module):
                 ch = c_out
             size *= 2
 
-        self.out = nn.Sequential(
-            group_norm(ch, norm_groups), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
+        self.out = nn.Sequential(  # Identity: the SiLU is fused into the norm; keeps the state-dict keys out.0/out.2
+            group_norm(ch, norm_groups, act=True), nn.Identity(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
 
     def forward(
