@@ -8,13 +8,27 @@
 // Samples are spread over OpenMP threads (the libgomp that torch itself loads). Layout: NCHW or NHWC
 // (channels-last), float32 or bfloat16 storage; all arithmetic is float32. Built on first use by
 // difflab/nets/cpu_kernels.py; plain C ABI, no torch headers.
+//
+// A sample is walked as "runs" of contiguous elements with per-element coefficient tables: NCHW gives one
+// run per channel (every table a constant along it: `Bcast`), channels-last gives blocks of about 256
+// elements, a multiple of C, with every per-channel table replicated to the block length (`Indexed`).
+// The inner loops are then long and unit-stride. Where the compiler targets AVX-512 (-march=native on
+// such a CPU) the run loops use intrinsics, 16 lanes at a time; elsewhere the portable loops below.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define DIFFLAB_AVX512 1
+#include <immintrin.h>
+#endif
+
 namespace {
+
+// ---------------------------------------------------------------- scalar element access and maths
 
 inline float load(const float* p, long i) { return p[i]; }
 inline float load(const uint16_t* p, long i) {
@@ -27,24 +41,27 @@ inline void store(float* p, long i, float v) { p[i] = v; }
 inline void store(uint16_t* p, long i, float v) {  // round to nearest even; NaN stays NaN
   uint32_t u;
   std::memcpy(&u, &v, 4);
-  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  p[i] = static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : r);
+  uint32_t a = u & 0x7fffffffu;
+  a = a < 0x7fff7fffu ? a : 0x7fff7fffu;  // NaN payloads that would carry past the exponent stay NaN
+  p[i] = static_cast<uint16_t>(((a + 0x7fffu + ((a >> 16) & 1u)) >> 16) | ((u >> 16) & 0x8000u));
 }
 
-// exp(x) for float, vectorisable: Cody-Waite reduction and the Cephes minimax polynomial (about 1 ulp).
+// exp(x) for float: Cody-Waite reduction and the Cephes minimax polynomial (about 1 ulp)
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f, kP3 = 4.1665795894e-2f,
+                kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
 inline float exp_f(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
+  const float n = (x * kLog2e + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
   const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float p = kP0;
+  p = p * r + kP1;
+  p = p * r + kP2;
+  p = p * r + kP3;
+  p = p * r + kP4;
+  p = p * r + kP5;
   p = p * r2 + r + 1.0f;
   const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
   float s;
@@ -53,55 +70,285 @@ inline float exp_f(float x) {
 }
 inline float sigmoid_f(float z) { return 1.0f / (1.0f + exp_f(-z)); }
 
-struct Shape {
-  long n, c, hw, g;
-  bool channels_last;
-  long index(long p, long ch) const { return channels_last ? p * c + ch : ch * hw + p; }
-};
+// ---------------------------------------------------------------- the four run loops, portable
+// Tables are read as t[j] (Indexed) or t[0] (Bcast); accumulators likewise (a[j] or a[0]).
 
-// sum over pixels of f(value, channel) for every channel of one sample -> acc[c]
-template <typename T, typename F>
-void channel_sums(const Shape& s, const T* x, float* acc, F f) {
-  if (s.channels_last) {
-    for (long ch = 0; ch < s.c; ++ch) acc[ch] = 0.0f;
-    for (long p = 0; p < s.hw; ++p) {
-      const T* row = x + p * s.c;
+enum Mode { Bcast, Indexed };
+template <Mode M>
+inline long at(long j) { return M == Indexed ? j : 0; }
+
+// sums of d = x - k and d * d (k: a value of the channel, so that the variance does not cancel)
+template <Mode M, typename T>
+void stats_run(const T* x, long len, const float* k, float* s1, float* s2) {
+  if (M == Indexed) {
 #pragma omp simd
-      for (long ch = 0; ch < s.c; ++ch) acc[ch] += f(load(row, ch), ch);
+    for (long j = 0; j < len; ++j) {
+      const float d = load(x, j) - k[j];
+      s1[j] += d;
+      s2[j] += d * d;
     }
   } else {
-    for (long ch = 0; ch < s.c; ++ch) {
-      const T* col = x + ch * s.hw;
-      float a = 0.0f;
-#pragma omp simd reduction(+ : a)
-      for (long p = 0; p < s.hw; ++p) a += f(load(col, p), ch);
-      acc[ch] = a;
+    float a = 0.0f, b = 0.0f;
+#pragma omp simd reduction(+ : a, b)
+    for (long j = 0; j < len; ++j) {
+      const float d = load(x, j) - k[0];
+      a += d;
+      b += d * d;
     }
+    s1[0] += a;
+    s2[0] += b;
   }
 }
 
-// per-channel statistics of one sample -> mean_c[c], rstd_c[c] (broadcast from the groups), and mean/rstd[g]
-template <typename T>
-void sample_stats(const Shape& s, const T* x, float eps, float* work, float* mean_c, float* rstd_c, float* mean_g,
-                  float* rstd_g) {
-  const long cg = s.c / s.g;
-  const float inv_m = 1.0f / static_cast<float>(cg * s.hw);
-  channel_sums(s, x, work, [](float v, long) { return v; });
-  for (long g = 0; g < s.g; ++g) {
-    float a = 0.0f;
-    for (long k = 0; k < cg; ++k) a += work[g * cg + k];
-    mean_g[g] = a * inv_m;
-    for (long k = 0; k < cg; ++k) mean_c[g * cg + k] = mean_g[g];
+template <Mode M, typename T>
+void forward_run(const T* x, T* y, long len, const float* a, const float* b, bool act) {
+  if (act) {
+#pragma omp simd
+    for (long j = 0; j < len; ++j) {
+      const float z = a[at<M>(j)] * load(x, j) + b[at<M>(j)];
+      store(y, j, z * sigmoid_f(z));
+    }
+  } else {
+#pragma omp simd
+    for (long j = 0; j < len; ++j) store(y, j, a[at<M>(j)] * load(x, j) + b[at<M>(j)]);
   }
-  channel_sums(s, x, work, [mean_c](float v, long ch) {
-    const float d = v - mean_c[ch];
-    return d * d;
+}
+
+// dz = dy * act'(z) into dz (float), s1 += dz, s2 += dz * (x - mean) (times rstd later)
+template <Mode M, typename T>
+void backward_run(const T* x, const T* dy, float* dz, long len, const float* a, const float* b, const float* mean,
+                  bool act, float* s1, float* s2) {
+  float q1 = 0.0f, q2 = 0.0f;
+#pragma omp simd reduction(+ : q1, q2)
+  for (long j = 0; j < len; ++j) {
+    const float v = load(x, j);
+    float g = load(dy, j);
+    if (act) {
+      const float z = a[at<M>(j)] * v + b[at<M>(j)];
+      const float sg = sigmoid_f(z);
+      g *= sg * (1.0f + z * (1.0f - sg));
+    }
+    dz[j] = g;
+    if (M == Indexed) {
+      s1[j] += g;
+      s2[j] += g * (v - mean[j]);
+    } else {
+      q1 += g;
+      q2 += g * (v - mean[0]);
+    }
+  }
+  if (M == Bcast) {
+    s1[0] += q1;
+    s2[0] += q2;
+  }
+}
+
+template <Mode M, typename T>
+void dx_run(const T* x, const float* dz, T* dx, long len, const float* p, const float* q, const float* r) {
+#pragma omp simd
+  for (long j = 0; j < len; ++j) store(dx, j, p[at<M>(j)] * dz[j] + q[at<M>(j)] * load(x, j) + r[at<M>(j)]);
+}
+
+// ---------------------------------------------------------------- the same loops with AVX-512
+#ifdef DIFFLAB_AVX512
+
+inline __mmask16 tail(long left) { return left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1u); }
+inline __m512 vload(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 vload(const uint16_t* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void vstore(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void vstore(uint16_t* p, __m512 v, __mmask16 m) {
+#ifdef __AVX512BF16__
+  _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));  // nearest even, quiet NaN
+#else
+  const __m512i u = _mm512_castps_si512(v);
+  __m512i a = _mm512_min_epu32(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7fff7fff));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(a, 16), _mm512_set1_epi32(1));
+  a = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  a = _mm512_or_si512(a, _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000)));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(a));
+#endif
+}
+template <Mode M>
+inline __m512 vtab(const float* t, long j, __mmask16 m) { return M == Indexed ? vload(t + j, m) : _mm512_set1_ps(t[0]); }
+
+inline __m512 vexp(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  __m512 p = _mm512_set1_ps(kP0);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP5));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+inline __m512 vsigmoid(__m512 z) {  // 1 / (1 + exp(-z)): 14-bit reciprocal and one Newton step
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), vexp(_mm512_sub_ps(_mm512_setzero_ps(), z)));
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+template <Mode M, typename T>
+void stats_run_v(const T* x, long len, const float* k, float* s1, float* s2) {
+  __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+  for (long j = 0; j < len; j += 16) {
+    const __mmask16 m = tail(len - j);
+    const __m512 d = _mm512_maskz_sub_ps(m, vload(x + j, m), vtab<M>(k, j, m));
+    if (M == Indexed) {
+      vstore(s1 + j, _mm512_add_ps(vload(s1 + j, m), d), m);
+      vstore(s2 + j, _mm512_fmadd_ps(d, d, vload(s2 + j, m)), m);
+    } else {
+      a = _mm512_add_ps(a, d);
+      b = _mm512_fmadd_ps(d, d, b);
+    }
+  }
+  if (M == Bcast) {
+    s1[0] += _mm512_reduce_add_ps(a);
+    s2[0] += _mm512_reduce_add_ps(b);
+  }
+}
+
+template <Mode M, typename T>
+void forward_run_v(const T* x, T* y, long len, const float* a, const float* b, bool act) {
+  for (long j = 0; j < len; j += 16) {
+    const __mmask16 m = tail(len - j);
+    __m512 z = _mm512_fmadd_ps(vtab<M>(a, j, m), vload(x + j, m), vtab<M>(b, j, m));
+    if (act) z = _mm512_mul_ps(z, vsigmoid(z));
+    vstore(y + j, z, m);
+  }
+}
+
+template <Mode M, typename T>
+void backward_run_v(const T* x, const T* dy, float* dz, long len, const float* a, const float* b, const float* mean,
+                    bool act, float* s1, float* s2) {
+  __m512 q1 = _mm512_setzero_ps(), q2 = _mm512_setzero_ps();
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (long j = 0; j < len; j += 16) {
+    const __mmask16 m = tail(len - j);
+    const __m512 v = vload(x + j, m);
+    __m512 g = vload(dy + j, m);
+    if (act) {
+      const __m512 z = _mm512_fmadd_ps(vtab<M>(a, j, m), v, vtab<M>(b, j, m));
+      const __m512 sg = vsigmoid(z);
+      g = _mm512_mul_ps(g, _mm512_mul_ps(sg, _mm512_fmadd_ps(z, _mm512_sub_ps(one, sg), one)));
+    }
+    _mm512_mask_storeu_ps(dz + j, m, g);
+    const __m512 gx = _mm512_mul_ps(g, _mm512_sub_ps(v, vtab<M>(mean, j, m)));
+    if (M == Indexed) {
+      vstore(s1 + j, _mm512_add_ps(vload(s1 + j, m), g), m);
+      vstore(s2 + j, _mm512_add_ps(vload(s2 + j, m), gx), m);
+    } else {  // masked-off lanes are zero: g and v loaded as zeros, the table broadcast times zero
+      q1 = _mm512_add_ps(q1, g);
+      q2 = _mm512_add_ps(q2, _mm512_maskz_mov_ps(m, gx));
+    }
+  }
+  if (M == Bcast) {
+    s1[0] += _mm512_reduce_add_ps(q1);
+    s2[0] += _mm512_reduce_add_ps(q2);
+  }
+}
+
+template <Mode M, typename T>
+void dx_run_v(const T* x, const float* dz, T* dx, long len, const float* p, const float* q, const float* r) {
+  for (long j = 0; j < len; j += 16) {
+    const __mmask16 m = tail(len - j);
+    const __m512 t = _mm512_fmadd_ps(vtab<M>(q, j, m), vload(x + j, m), vtab<M>(r, j, m));
+    vstore(dx + j, _mm512_fmadd_ps(vtab<M>(p, j, m), vload(dz + j, m), t), m);
+  }
+}
+#define RUN(name) name##_v
+#else
+#define RUN(name) name
+#endif
+
+// ---------------------------------------------------------------- walking a sample
+
+struct Shape {
+  long n, c, hw, g;
+  bool channels_last;
+  long rep() const { return channels_last ? c * ((255 + c) / c) : c; }  // table length
+};
+
+// dst[j] = src[j % c] for j < rep (channels-last tables) or a copy (NCHW)
+inline void replicate(const Shape& s, const float* src, float* dst) {
+  for (long j = 0; j < s.rep(); j += s.c) std::memcpy(dst + j, src, s.c * sizeof(float));
+}
+
+// f(Mode tag, offset of the run in the sample, its length, offset of its tables) for every run
+template <typename F>
+inline void runs(const Shape& s, F f) {
+  if (s.channels_last) {
+    const long total = s.c * s.hw, r = s.rep();
+    for (long blk = 0; blk < total; blk += r) f(std::integral_constant<Mode, Indexed>(), blk, total - blk < r ? total - blk : r, 0L);
+  } else {
+    for (long ch = 0; ch < s.c; ++ch) f(std::integral_constant<Mode, Bcast>(), ch * s.hw, s.hw, ch);
+  }
+}
+
+// table-indexed accumulators -> per-channel sums: out[c] = sum of acc[j] over j = c (mod C)
+inline void fold(const Shape& s, const float* acc, float* out) {
+  for (long ch = 0; ch < s.c; ++ch) out[ch] = 0.0f;
+  for (long j = 0; j < s.rep(); j += s.c)
+    for (long ch = 0; ch < s.c; ++ch) out[ch] += acc[j + ch];
+}
+
+// per-thread scratch: `channel_arrays` arrays of C floats, then `tables` arrays of rep() floats
+struct Scratch {
+  std::vector<float> mem;
+  long c, r, k;
+  Scratch(const Shape& s, long channel_arrays, long tables)
+      : mem(channel_arrays * s.c + tables * s.rep()), c(s.c), r(s.rep()), k(channel_arrays) {}
+  float* channel(long i) { return mem.data() + i * c; }
+  float* table(long i) { return mem.data() + k * c + i * r; }
+};
+
+// statistics of one sample -> per-channel mean_c and rstd_c (broadcast from the groups), mean_g, rstd_g.
+// One pass: per channel, sums of x - k and (x - k)^2 with k the channel's first value; channels then
+// merge into groups with the parallel-variance formula, in double.
+template <typename T>
+void sample_stats(const Shape& s, const T* x, float eps, Scratch& m, float* mean_c, float* rstd_c, float* mean_g,
+                  float* rstd_g) {
+  float *k = m.channel(0), *t1 = m.channel(1), *t2 = m.channel(2);
+  float *kt = m.table(0), *a1 = m.table(1), *a2 = m.table(2);
+  for (long ch = 0; ch < s.c; ++ch) k[ch] = load(x, s.channels_last ? ch : ch * s.hw);
+  replicate(s, k, kt);
+  for (long j = 0; j < s.rep(); ++j) a1[j] = a2[j] = 0.0f;
+  runs(s, [&](auto mode, long off, long len, long toff) {
+    RUN(stats_run)<decltype(mode)::value>(x + off, len, kt + toff, a1 + toff, a2 + toff);
   });
+  if (s.channels_last) {
+    fold(s, a1, t1);
+    fold(s, a2, t2);
+  } else {
+    std::memcpy(t1, a1, s.c * sizeof(float));
+    std::memcpy(t2, a2, s.c * sizeof(float));
+  }
+  const long cg = s.c / s.g;
+  const double per = static_cast<double>(s.hw);
   for (long g = 0; g < s.g; ++g) {
-    float a = 0.0f;
-    for (long k = 0; k < cg; ++k) a += work[g * cg + k];
-    rstd_g[g] = 1.0f / std::sqrt(a * inv_m + eps);
-    for (long k = 0; k < cg; ++k) rstd_c[g * cg + k] = rstd_g[g];
+    double mean = 0.0;
+    for (long i = 0; i < cg; ++i) mean += k[g * cg + i] + t1[g * cg + i] / per;
+    mean /= static_cast<double>(cg);
+    double m2 = 0.0;
+    for (long i = 0; i < cg; ++i) {
+      const long ch = g * cg + i;
+      const double mc = k[ch] + t1[ch] / per;
+      m2 += (t2[ch] - static_cast<double>(t1[ch]) * t1[ch] / per) + per * (mc - mean) * (mc - mean);
+    }
+    const double var = m2 > 0.0 ? m2 / (per * cg) : 0.0;
+    mean_g[g] = static_cast<float>(mean);
+    rstd_g[g] = static_cast<float>(1.0 / std::sqrt(var + eps));
+    for (long i = 0; i < cg; ++i) {
+      mean_c[g * cg + i] = mean_g[g];
+      rstd_c[g * cg + i] = rstd_g[g];
+    }
   }
 }
 
@@ -116,44 +363,24 @@ void coefficients(const Shape& s, long n, const float* mean_c, const float* rstd
   }
 }
 
-// y[i] = f(x[i], channel) over one sample, in memory order
-template <typename T, typename U, typename F>
-void map_sample(const Shape& s, const T* x, U* y, F f) {
-  if (s.channels_last) {
-    for (long p = 0; p < s.hw; ++p) {
-      const long o = p * s.c;
-#pragma omp simd
-      for (long ch = 0; ch < s.c; ++ch) store(y, o + ch, f(load(x, o + ch), o + ch, ch));
-    }
-  } else {
-    for (long ch = 0; ch < s.c; ++ch) {
-      const long o = ch * s.hw;
-#pragma omp simd
-      for (long p = 0; p < s.hw; ++p) store(y, o + p, f(load(x, o + p), o + p, ch));
-    }
-  }
-}
-
 template <typename T>
 void forward(const Shape& s, const T* x, T* y, float* mean, float* rstd, const float* gamma, const float* beta,
              const float* scale, const float* shift, float eps, bool act, int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> buf(6 * s.c);
-    float *work = buf.data(), *mean_c = work + s.c, *rstd_c = mean_c + s.c, *k1 = rstd_c + s.c;
-    float *a = k1 + s.c, *b = a + s.c;
+    Scratch m(s, 8, 5);
+    float *mean_c = m.channel(3), *rstd_c = m.channel(4), *k1 = m.channel(5), *a = m.channel(6), *b = m.channel(7);
+    float *at = m.table(3), *bt = m.table(4);
 #pragma omp for schedule(static)
     for (long n = 0; n < s.n; ++n) {
-      const long off = n * s.c * s.hw;
-      sample_stats(s, x + off, eps, work, mean_c, rstd_c, mean + n * s.g, rstd + n * s.g);
+      const long base = n * s.c * s.hw;
+      sample_stats(s, x + base, eps, m, mean_c, rstd_c, mean + n * s.g, rstd + n * s.g);
       coefficients(s, n, mean_c, rstd_c, gamma, beta, scale, shift, k1, a, b);
-      if (act)
-        map_sample(s, x + off, y + off, [a, b](float v, long, long ch) {
-          const float z = a[ch] * v + b[ch];
-          return z * sigmoid_f(z);
-        });
-      else
-        map_sample(s, x + off, y + off, [a, b](float v, long, long ch) { return a[ch] * v + b[ch]; });
+      replicate(s, a, at);
+      replicate(s, b, bt);
+      runs(s, [&](auto mode, long off, long len, long toff) {
+        RUN(forward_run)<decltype(mode)::value>(x + base + off, y + base + off, len, at + toff, bt + toff, act);
+      });
     }
   }
 }
@@ -167,66 +394,64 @@ void backward(const Shape& s, const T* x, const T* dy, T* dx, const float* mean,
   const float inv_m = 1.0f / static_cast<float>(cg * s.hw);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> buf(9 * s.c);
-    float *mean_c = buf.data(), *rstd_c = mean_c + s.c, *k1 = rstd_c + s.c, *a = k1 + s.c, *b = a + s.c;
-    float *pc = b + s.c, *qc = pc + s.c, *rc = qc + s.c, *acc = rc + s.c;
+    Scratch m(s, 8, 8);
+    float *mean_c = m.channel(0), *rstd_c = m.channel(1), *k1 = m.channel(2), *a = m.channel(3);
+    float *b = m.channel(4), *pc = m.channel(5), *qc = m.channel(6), *rc = m.channel(7);
+    float *at = m.table(0), *bt = m.table(1), *mt = m.table(2), *acc1 = m.table(3), *acc2 = m.table(4);
+    float *pt = m.table(5), *qt = m.table(6), *rt = m.table(7);
     std::vector<float> dz_buf(s.c * s.hw);
     float* dz = dz_buf.data();
 #pragma omp for schedule(static)
     for (long n = 0; n < s.n; ++n) {
-      const long off = n * s.c * s.hw;
-      const T *xs = x + off, *dys = dy + off;
+      const long base = n * s.c * s.hw;
       for (long ch = 0; ch < s.c; ++ch) {
         mean_c[ch] = mean[n * s.g + ch / cg];
         rstd_c[ch] = rstd[n * s.g + ch / cg];
       }
       coefficients(s, n, mean_c, rstd_c, gamma, beta, scale, shift, k1, a, b);
-      // dz = dy * act'(z), kept in float for the second pass
-      map_sample(s, dys, dz, [xs, a, b, act](float g, long i, long ch) {
-        if (!act) return g;
-        const float z = a[ch] * load(xs, i) + b[ch];
-        const float sg = sigmoid_f(z);
-        return g * sg * (1.0f + z * (1.0f - sg));
+      replicate(s, a, at);
+      replicate(s, b, bt);
+      replicate(s, mean_c, mt);
+      for (long j = 0; j < s.rep(); ++j) acc1[j] = acc2[j] = 0.0f;
+      // one read of x and dy: dz = dy * act'(z) kept in float, and the sums of dz and dz * (x - mean)
+      runs(s, [&](auto mode, long off, long len, long toff) {
+        RUN(backward_run)<decltype(mode)::value>(x + base + off, dy + base + off, dz + off, len, at + toff, bt + toff,
+                                                 mt + toff, act, acc1 + toff, acc2 + toff);
       });
       float* t1 = s1 + n * s.c;
       float* t2 = s2 + n * s.c;
-      channel_sums(s, dz, t1, [](float v, long) { return v; });
-      if (s.channels_last) {  // sum of dz * xhat per channel
-        for (long ch = 0; ch < s.c; ++ch) acc[ch] = 0.0f;
-        for (long p = 0; p < s.hw; ++p) {
-          const long o = p * s.c;
-#pragma omp simd
-          for (long ch = 0; ch < s.c; ++ch) acc[ch] += dz[o + ch] * (load(xs, o + ch) - mean_c[ch]) * rstd_c[ch];
-        }
+      if (s.channels_last) {
+        fold(s, acc1, t1);
+        fold(s, acc2, t2);
       } else {
-        for (long ch = 0; ch < s.c; ++ch) {
-          const long o = ch * s.hw;
-          float q = 0.0f;
-#pragma omp simd reduction(+ : q)
-          for (long p = 0; p < s.hw; ++p) q += dz[o + p] * (load(xs, o + p) - mean_c[ch]);
-          acc[ch] = q * rstd_c[ch];
-        }
+        std::memcpy(t1, acc1, s.c * sizeof(float));
+        std::memcpy(t2, acc2, s.c * sizeof(float));
       }
-      for (long ch = 0; ch < s.c; ++ch) t2[ch] = acc[ch];
+      for (long ch = 0; ch < s.c; ++ch) t2[ch] *= rstd_c[ch];
       // dx = r (kk dz - mean_g(kk dz) - xhat mean_g(kk dz xhat)) = pc * dz + qc * x + rc, kk = (1 + scale) gamma
       for (long g = 0; g < s.g; ++g) {
         float ga = 0.0f, gb = 0.0f;
-        for (long k = 0; k < cg; ++k) {
-          const long ch = g * cg + k;
+        for (long i = 0; i < cg; ++i) {
+          const long ch = g * cg + i;
           ga += k1[ch] * gamma[ch] * t1[ch];
           gb += k1[ch] * gamma[ch] * t2[ch];
         }
         ga *= inv_m;
         gb *= inv_m;
-        const float r = rstd[n * s.g + g], m = mean[n * s.g + g];
-        for (long k = 0; k < cg; ++k) {
-          const long ch = g * cg + k;
+        const float r = rstd[n * s.g + g], mu = mean[n * s.g + g];
+        for (long i = 0; i < cg; ++i) {
+          const long ch = g * cg + i;
           pc[ch] = r * k1[ch] * gamma[ch];
           qc[ch] = -r * r * gb;
-          rc[ch] = -r * ga + r * r * m * gb;
+          rc[ch] = -r * ga + r * r * mu * gb;
         }
       }
-      map_sample(s, xs, dx + off, [dz, pc, qc, rc](float v, long i, long ch) { return pc[ch] * dz[i] + qc[ch] * v + rc[ch]; });
+      replicate(s, pc, pt);
+      replicate(s, qc, qt);
+      replicate(s, rc, rt);
+      runs(s, [&](auto mode, long off, long len, long toff) {
+        RUN(dx_run)<decltype(mode)::value>(x + base + off, dz + off, dx + base + off, len, pt + toff, qt + toff, rt + toff);
+      });
     }
   }
 }
@@ -268,5 +493,14 @@ int difflab_group_norm_act_backward(const void* x, const void* dy, void* dx, con
   else
     return 2;
   return 0;
+}
+
+// 1 where this build uses the AVX-512 loops, 0 for the portable ones
+int difflab_kernels_avx512() {
+#ifdef DIFFLAB_AVX512
+  return 1;
+#else
+  return 0;
+#endif
 }
 }
