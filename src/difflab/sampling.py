@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from difflab import nets
+from difflab import nets, runtime
 from difflab.conditioning import Conditioner
 from difflab.config import TrainConfig, load_run_config
 from difflab.errors import CheckpointError, UsageError
@@ -155,7 +155,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
     cfg = load_run_config(path)
     device = torch.device(device)
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # denormals of near-zero layers are several times slower on x86
+        runtime.tune_cpu()  # denormals of near-zero layers are several times slower on x86; malloc reuse
     found = load_checkpoint(checkpoint, device) if checkpoint else latest_checkpoint(path / "checkpoints", device)
     if found is None:
         raise CheckpointError(f"'{path}' has no checkpoint yet: train it first (difflab train --out {path})")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from difflab import threads
 from difflab.errors import UsageError
 from difflab.noise import SeededNoise, sample_seeds
 from difflab.processes.gaussian import GaussianProcess
@@ -106,9 +107,8 @@ def generate(
         else float(sigmas[0])
     sigmas = sigmas.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     seeds = sample_seeds(seed, n, start)
-    out = []
-    for lo in range(0, n, batch_size):
-        hi = min(n, lo + batch_size)
+
+    def draw(lo: int, hi: int) -> torch.Tensor:
         noise = SeededNoise(seeds[lo:hi])
         if init_noise is not None:
             x = init_noise[lo:hi].to(device=device, dtype=dtype)
@@ -116,8 +116,15 @@ def generate(
             x = noise.initial(shape, device=device, dtype=dtype)
         x = x * prior
         cond = cond_fn(slice(lo, hi)) if cond_fn is not None else None
-        y = SAMPLERS[sampler](denoiser, x, sigmas, cond=cond, noise=noise, callback=callback, **options)
-        out.append(y.float().cpu())
+        return SAMPLERS[sampler](denoiser, x, sigmas, cond=cond, noise=noise, callback=callback, **options).float().cpu()
+
+    out = []
+    for lo in range(0, n, batch_size):
+        hi = min(n, lo + batch_size)
+        # on a CPU, parts of the batch run side by side (per-sample seeds: the same samples either way);
+        # a callback sees whole batches, so it keeps them whole
+        parts = threads.cpu_split(lo, hi, device) if callback is None else [(lo, hi)]
+        out.extend(threads.run_split(draw, parts))
         if progress is not None:
             progress(hi - lo)
     return torch.cat(out)

@@ -263,8 +263,61 @@ void dx_run_v(const T* x, const float* dz, T* dx, long len, const float* p, cons
     vstore(dx + j, _mm512_fmadd_ps(vtab<M>(p, j, m), vload(dz + j, m), t), m);
   }
 }
+// Channels-last with C a multiple of 16: walk each 16-channel column down the pixels, with the sums in
+// registers (two independent sets, to hide the add latency) instead of tables in memory.
+template <typename T>
+void stats_columns_v(const T* x, long c, long hw, const float* k, float* s1, float* s2) {
+  for (long cc = 0; cc < c; cc += 16) {
+    const __m512 kv = _mm512_loadu_ps(k + cc);
+    __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
+    long p = 0;
+    for (; p + 1 < hw; p += 2) {
+      const __m512 d0 = _mm512_sub_ps(vload(x + p * c + cc, 0xffff), kv);
+      const __m512 d1 = _mm512_sub_ps(vload(x + (p + 1) * c + cc, 0xffff), kv);
+      a0 = _mm512_add_ps(a0, d0);
+      b0 = _mm512_fmadd_ps(d0, d0, b0);
+      a1 = _mm512_add_ps(a1, d1);
+      b1 = _mm512_fmadd_ps(d1, d1, b1);
+    }
+    if (p < hw) {
+      const __m512 d0 = _mm512_sub_ps(vload(x + p * c + cc, 0xffff), kv);
+      a0 = _mm512_add_ps(a0, d0);
+      b0 = _mm512_fmadd_ps(d0, d0, b0);
+    }
+    _mm512_storeu_ps(s1 + cc, _mm512_add_ps(a0, a1));
+    _mm512_storeu_ps(s2 + cc, _mm512_add_ps(b0, b1));
+  }
+}
+
+// the backward's first pass the same way: dz into its buffer, s1 = sum dz, s2 = sum dz * (x - mean)
+template <typename T>
+void backward_columns_v(const T* x, const T* dy, float* dz, long c, long hw, const float* a, const float* b,
+                        const float* mean, bool act, float* s1, float* s2) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (long cc = 0; cc < c; cc += 16) {
+    const __m512 av = _mm512_loadu_ps(a + cc), bv = _mm512_loadu_ps(b + cc), mv = _mm512_loadu_ps(mean + cc);
+    __m512 q1 = _mm512_setzero_ps(), q2 = q1;
+    for (long p = 0; p < hw; ++p) {
+      const long i = p * c + cc;
+      const __m512 v = vload(x + i, 0xffff);
+      __m512 g = vload(dy + i, 0xffff);
+      if (act) {
+        const __m512 z = _mm512_fmadd_ps(av, v, bv);
+        const __m512 sg = vsigmoid(z);
+        g = _mm512_mul_ps(g, _mm512_mul_ps(sg, _mm512_fmadd_ps(z, _mm512_sub_ps(one, sg), one)));
+      }
+      _mm512_storeu_ps(dz + i, g);
+      q1 = _mm512_add_ps(q1, g);
+      q2 = _mm512_fmadd_ps(g, _mm512_sub_ps(v, mv), q2);
+    }
+    _mm512_storeu_ps(s1 + cc, q1);
+    _mm512_storeu_ps(s2 + cc, q2);
+  }
+}
+#define COLUMNS(s) ((s).channels_last && (s).c % 16 == 0)
 #define RUN(name) name##_v
 #else
+#define COLUMNS(s) false
 #define RUN(name) name
 #endif
 
@@ -318,17 +371,24 @@ void sample_stats(const Shape& s, const T* x, float eps, Scratch& m, float* mean
   float *k = m.channel(0), *t1 = m.channel(1), *t2 = m.channel(2);
   float *kt = m.table(0), *a1 = m.table(1), *a2 = m.table(2);
   for (long ch = 0; ch < s.c; ++ch) k[ch] = load(x, s.channels_last ? ch : ch * s.hw);
-  replicate(s, k, kt);
-  for (long j = 0; j < s.rep(); ++j) a1[j] = a2[j] = 0.0f;
-  runs(s, [&](auto mode, long off, long len, long toff) {
-    RUN(stats_run)<decltype(mode)::value>(x + off, len, kt + toff, a1 + toff, a2 + toff);
-  });
-  if (s.channels_last) {
-    fold(s, a1, t1);
-    fold(s, a2, t2);
-  } else {
-    std::memcpy(t1, a1, s.c * sizeof(float));
-    std::memcpy(t2, a2, s.c * sizeof(float));
+#ifdef DIFFLAB_AVX512
+  if (COLUMNS(s)) {
+    stats_columns_v(x, s.c, s.hw, k, t1, t2);
+  } else
+#endif
+  {
+    replicate(s, k, kt);
+    for (long j = 0; j < s.rep(); ++j) a1[j] = a2[j] = 0.0f;
+    runs(s, [&](auto mode, long off, long len, long toff) {
+      RUN(stats_run)<decltype(mode)::value>(x + off, len, kt + toff, a1 + toff, a2 + toff);
+    });
+    if (s.channels_last) {
+      fold(s, a1, t1);
+      fold(s, a2, t2);
+    } else {
+      std::memcpy(t1, a1, s.c * sizeof(float));
+      std::memcpy(t2, a2, s.c * sizeof(float));
+    }
   }
   const long cg = s.c / s.g;
   const double per = static_cast<double>(s.hw);
@@ -412,20 +472,27 @@ void backward(const Shape& s, const T* x, const T* dy, T* dx, const float* mean,
       replicate(s, a, at);
       replicate(s, b, bt);
       replicate(s, mean_c, mt);
-      for (long j = 0; j < s.rep(); ++j) acc1[j] = acc2[j] = 0.0f;
-      // one read of x and dy: dz = dy * act'(z) kept in float, and the sums of dz and dz * (x - mean)
-      runs(s, [&](auto mode, long off, long len, long toff) {
-        RUN(backward_run)<decltype(mode)::value>(x + base + off, dy + base + off, dz + off, len, at + toff, bt + toff,
-                                                 mt + toff, act, acc1 + toff, acc2 + toff);
-      });
       float* t1 = s1 + n * s.c;
       float* t2 = s2 + n * s.c;
-      if (s.channels_last) {
-        fold(s, acc1, t1);
-        fold(s, acc2, t2);
-      } else {
-        std::memcpy(t1, acc1, s.c * sizeof(float));
-        std::memcpy(t2, acc2, s.c * sizeof(float));
+      // one read of x and dy: dz = dy * act'(z) kept in float, and the sums of dz and dz * (x - mean)
+#ifdef DIFFLAB_AVX512
+      if (COLUMNS(s)) {
+        backward_columns_v(x + base, dy + base, dz, s.c, s.hw, a, b, mean_c, act, t1, t2);
+      } else
+#endif
+      {
+        for (long j = 0; j < s.rep(); ++j) acc1[j] = acc2[j] = 0.0f;
+        runs(s, [&](auto mode, long off, long len, long toff) {
+          RUN(backward_run)<decltype(mode)::value>(x + base + off, dy + base + off, dz + off, len, at + toff,
+                                                   bt + toff, mt + toff, act, acc1 + toff, acc2 + toff);
+        });
+        if (s.channels_last) {
+          fold(s, acc1, t1);
+          fold(s, acc2, t2);
+        } else {
+          std::memcpy(t1, acc1, s.c * sizeof(float));
+          std::memcpy(t2, acc2, s.c * sizeof(float));
+        }
       }
       for (long ch = 0; ch < s.c; ++ch) t2[ch] *= rstd_c[ch];
       // dx = r (kk dz - mean_g(kk dz) - xhat mean_g(kk dz xhat)) = pc * dz + qc * x + rc, kk = (1 + scale) gamma

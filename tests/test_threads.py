@@ -1,0 +1,97 @@
+"""Batch splitting over CPU threads, and the process-wide CPU settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from difflab import threads
+from difflab.denoiser import Denoiser
+from difflab.nets import from_preset
+from difflab.processes.gaussian import cosine_schedule
+from difflab.samplers import generate
+
+
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_cpu_split_ranges(two_threads, monkeypatch):
+    assert threads.cpu_split(0, 64, "cpu") == [(0, 32), (32, 64)]
+    assert threads.cpu_split(10, 27, "cpu") == [(10, 18), (18, 27)]  # uneven: sizes differ by one at most
+    assert threads.cpu_split(0, 15, "cpu") == [(0, 15)]  # fewer than 8 per thread: whole
+    assert threads.cpu_split(0, 64, "cuda") == [(0, 64)]
+    monkeypatch.setenv("DIFFLAB_SPLIT_BATCH", "0")
+    assert threads.cpu_split(0, 64, "cpu") == [(0, 64)]
+    monkeypatch.delenv("DIFFLAB_SPLIT_BATCH")
+    torch.set_num_threads(1)
+    assert threads.cpu_split(0, 64, "cpu") == [(0, 64)]
+
+
+def test_run_split_runs_concurrently_with_one_torch_thread_each(two_threads):
+    seen, barrier = [], threading.Barrier(2, timeout=30)
+
+    def fn(lo, hi):
+        barrier.wait()  # both parts are in flight at once, or this times out
+        seen.append((torch.get_num_threads(), torch.is_grad_enabled(), threading.get_ident()))
+        return lo, hi
+
+    with torch.no_grad():
+        assert threads.run_split(fn, [(0, 4), (4, 8)]) == [(0, 4), (4, 8)]
+    assert sorted(s[:2] for s in seen) == [(1, False), (1, False)] and len({s[2] for s in seen}) == 2
+    assert torch.get_num_threads() == 2  # restored
+
+
+def test_run_split_reraises_the_first_error_and_restores_threads(two_threads):
+    def fn(lo, hi):
+        if lo:
+            raise ValueError("part failed")
+        return lo
+
+    with pytest.raises(ValueError, match="part failed"):
+        threads.run_split(fn, [(0, 4), (4, 8)])
+    assert torch.get_num_threads() == 2
+
+
+def test_generate_gives_the_same_samples_split_or_whole(two_threads, monkeypatch):
+    torch.manual_seed(0)
+    net = from_preset("tiny", num_classes=2).to(memory_format=torch.channels_last).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    den = Denoiser(net, cosine_schedule(), "eps")
+    labels = torch.arange(20) % 2
+
+    def draw():
+        return generate(den, 20, (1, 32, 32), seed=3, sampler="ddpm", steps=4, batch_size=20,
+                        cond_fn=lambda s: {"class_labels": labels[s]})
+
+    calls = []
+    real = threads.run_split
+    monkeypatch.setattr(threads, "run_split", lambda fn, r: calls.append(list(r)) or real(fn, r))
+    split = draw()
+    assert calls == [[(0, 10), (10, 20)]]
+    monkeypatch.setenv("DIFFLAB_SPLIT_BATCH", "0")
+    whole = draw()
+    assert calls[-1] == [(0, 20)]
+    assert torch.allclose(split, whole, atol=1e-5)  # per-sample seeds and labels: the same samples
+    assert not torch.allclose(split[:10], split[10:])
+
+
+def test_tune_malloc_sets_glibc_options_unless_disabled():
+    code = "from difflab.runtime import tune_malloc; print(tune_malloc(), tune_malloc())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"DIFFLAB_TUNE_MALLOC": "0", "PATH": ""})
+    import platform
+
+    expected = "True True" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else "False False"
+    assert on.stdout.strip() == expected, on.stderr
+    assert off.stdout.strip() == "False False", off.stderr
