@@ -103,6 +103,17 @@ def test_kernel_sigmoid_and_rounding_at_extremes():
 
 
 @needs_kernel
+def test_kernel_silu_is_accurate_over_a_wide_range():
+    z = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-1e4, -88.5, 89.0, 1e4])])
+    c = z.numel()
+    y = group_norm_act(torch.zeros(1, c, 1, 1), torch.ones(c), torch.zeros(c), c, 1e-5, torch.zeros(1, c), z.view(1, c),
+                       act=True).view(-1)
+    ref = F.silu(z.double())
+    err = (y.double() - ref).abs()
+    assert (err <= 5e-7 * ref.abs() + 1e-30).all()  # relative, except far below zero where silu underflows
+
+
+@needs_kernel
 def test_custom_op_passes_torch_opcheck_and_compiles():
     """Schema, fake (meta) implementation and autograd registration, as torch.compile needs them."""
     x, w, b, scale, shift = _inputs(2, 8, 4, 4, torch.float32, True, True)
