@@ -128,9 +128,19 @@ def synthetic_images(n: int, channels: int, size: int, seed: int = 0):
     return ImageData(images=images, labels=labels, class_names=[str(i) for i in range(10)], name="synthetic")
 
 
-def env_summary(device: torch.device) -> str:
+def process_setup(device: torch.device) -> str:
+    """Apply the process-wide settings difflab's trainer and sampler apply on a CPU (flush denormals,
+    glibc malloc keeping freed memory) -- to the whole process, so diffusers gets them too -- and
+    describe the environment in one line."""
+    tuned = ""
+    if device.type == "cpu":
+        from difflab import runtime
+
+        runtime.tune_cpu()
+        tuned = f"; denormals flushed, malloc reuse {'on' if runtime.tune_malloc() else 'off'} (both sides)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    return f"torch {torch.__version__} on {name}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
+    env = ", ".join(f"{k}={os.environ.get(k, '-')}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY"))
+    return f"torch {torch.__version__} on {name}; {env}{tuned}"
 
 
 def write_json(path: str | None, obj) -> None:

@@ -19,7 +19,7 @@ import sys
 import time
 
 import torch
-from common import env_summary, interleaved, quiet_diffusers, speed_args, sync
+from common import interleaved, process_setup, quiet_diffusers, speed_args, sync
 
 
 def diffusers_sampler(preset, batch, steps, device, variant):
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         variants = {k: ["fp32", "bf16"] + (["bf16+compile"] if args.compile else []) for k in ("diffusers", "difflab")}
         if args.quick:
             variants = {k: ["bf16"] for k in variants}
-    print(f"# DDIM-{steps} sampling, {preset}, batch {batch}: {env_summary(device)}")
+    print(f"# DDIM-{steps} sampling, {preset}, batch {batch}: {process_setup(device)}")
     runners, first = {}, {}
     for lib, build in (("diffusers", diffusers_sampler), ("difflab", difflab_sampler)):
         for v in variants[lib]:

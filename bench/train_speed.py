@@ -23,7 +23,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from common import env_summary, forward_flops, interleaved, matrix_peak, quiet_diffusers, speed_args, synthetic_images
+from common import forward_flops, interleaved, matrix_peak, process_setup, quiet_diffusers, speed_args, synthetic_images
 
 
 def difflab_step(preset: str, batch: int, device, precision: str, compile_: bool):
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         main_cfg = None  # each side at its best
     if args.quick:
         configs = {k: [main_cfg or ("bf16", False)] for k in ("diffusers", "difflab")}
-    print(f"# training speed, {preset}, batch {batch}: {env_summary(device)}")
+    print(f"# training speed, {preset}, batch {batch}: {process_setup(device)}")
     peak = matrix_peak(device)
     runners, flops_img = {}, None
     for lib, build in (("diffusers", diffusers_step), ("difflab", difflab_step)):
