@@ -160,6 +160,16 @@ def test_compiled_cpu_sampling_matches_eager(tmp_path):
     ref = run.sample(5, seed=2, steps=3).float()
     out = run.speed_up(compile=True).sample(5, seed=2, steps=3, batch_size=3).float()  # batches of 3 and 2
     assert (out - ref).abs().max() <= 1
+    import torch._inductor.config as inductor_config
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # a batch of 16 splits over two threads that call the compiled net at once
+        split = run.sample(16, seed=2, steps=3, batch_size=16).float()
+    finally:
+        torch.set_num_threads(old)
+    assert (split[:5] - ref).abs().max() <= 1
+    assert inductor_config.freezing is False  # restored once both threads left
 
 
 def _cli(*args, cwd=None):

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +136,13 @@ class Run:
 class _FrozenCompiled(torch.nn.Module):
     """``torch.compile(net)`` with inductor's weight freezing (constant weights, pre-packed for oneDNN
     convolutions: 1.4x on CPUs) for this network only: the setting is read whenever a graph is compiled,
-    including recompilations for new batch sizes, so every call sets it for its own duration."""
+    including recompilations for new batch sizes, so every call sets it for its own duration. Calls from
+    several threads at once (``generate`` splits a CPU batch over threads) share one setting: the first
+    to enter turns freezing on, the last to leave restores it."""
+
+    _lock = threading.Lock()
+    _inside = 0
+    _saved = False
 
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
@@ -144,8 +151,19 @@ class _FrozenCompiled(torch.nn.Module):
     def forward(self, *args, **kwargs):
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True):
+        cls = _FrozenCompiled
+        with cls._lock:
+            if cls._inside == 0:
+                cls._saved = inductor_config.freezing
+                inductor_config.freezing = True
+            cls._inside += 1
+        try:
             return self.compiled(*args, **kwargs)
+        finally:
+            with cls._lock:
+                cls._inside -= 1
+                if cls._inside == 0:
+                    inductor_config.freezing = cls._saved
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,

@@ -63,12 +63,14 @@ def _layout(x: Tensor) -> tuple[Tensor, bool]:
     return x.contiguous(), False
 
 
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.detach().reshape(t.shape[0], -1).float().contiguous()
-
-
-def _ptr(t: Optional[Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
+def _f32_ptr(t: Optional[Tensor], keep: list) -> Optional[int]:
+    """Address of ``t`` as dense float32 (a converted copy is kept alive in ``keep``); None for None."""
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        t = t.detach().float().contiguous()
+        keep.append(t)
+    return t.data_ptr()
 
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -84,10 +86,11 @@ def _kernel_forward(
     y = torch.empty_like(x)
     mean = x.new_empty((n, groups), dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    w, b, s, t = _f32(weight.reshape(1, -1)), _f32(bias.reshape(1, -1)), _f32(scale), _f32(shift)
+    keep: list = []
     rc = cpu_kernels.library().difflab_group_norm_act_forward(
-        x.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), w.data_ptr(), b.data_ptr(), _ptr(s), _ptr(t),
-        n, c, x[0, 0].numel(), groups, int(cl), _DTYPES[x.dtype], eps, int(act), torch.get_num_threads(),
+        x.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _f32_ptr(weight, keep), _f32_ptr(bias, keep),
+        _f32_ptr(scale, keep), _f32_ptr(shift, keep), n, c, x.numel() // (n * c), groups, int(cl), _DTYPES[x.dtype],
+        eps, int(act), torch.get_num_threads(),
     )  # fmt: skip
     if rc:
         raise RuntimeError(f"group_norm_act kernel: bad arguments (code {rc}) for shape {tuple(x.shape)}, {groups} groups")
@@ -105,11 +108,11 @@ def _kernel_backward(
     dx = torch.empty_like(x)
     s1 = x.new_empty((n, c), dtype=torch.float32)
     s2 = torch.empty_like(s1)
-    w, b, s, t = _f32(weight.reshape(1, -1)), _f32(bias.reshape(1, -1)), _f32(scale), _f32(shift)
+    keep: list = []
     rc = cpu_kernels.library().difflab_group_norm_act_backward(
-        x.data_ptr(), dy.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr(), w.data_ptr(), b.data_ptr(),
-        _ptr(s), _ptr(t), s1.data_ptr(), s2.data_ptr(), n, c, x[0, 0].numel(), mean.shape[1], int(cl),
-        _DTYPES[x.dtype], int(act), torch.get_num_threads(),
+        x.data_ptr(), dy.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _f32_ptr(weight, keep),
+        _f32_ptr(bias, keep), _f32_ptr(scale, keep), _f32_ptr(shift, keep), s1.data_ptr(), s2.data_ptr(), n, c,
+        x.numel() // (n * c), mean.shape[1], int(cl), _DTYPES[x.dtype], int(act), torch.get_num_threads(),
     )  # fmt: skip
     if rc:
         raise RuntimeError(f"group_norm_act backward kernel: bad arguments (code {rc}) for shape {tuple(x.shape)}")
