@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +199,26 @@ def test_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch)
         monkeypatch.delenv("DIFFLAB_CPU_KERNELS")
         cpu_kernels.reset()
     assert cpu_kernels.library() is not None
+
+
+@needs_kernel
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v2 is an x86 target")
+def test_portable_build_matches_the_definition_too(tmp_path):
+    """The loops for CPUs without AVX-512 (a build for x86-64-v2), checked like the native build."""
+    code = (
+        "import torch, sys\n"
+        "sys.path.insert(0, %r)\n"
+        "import test_norm_act as t\n"
+        "from difflab.nets import cpu_kernels\n"
+        "assert cpu_kernels.library().difflab_kernels_avx512() == 0\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for cl in (False, True):\n"
+        "        for act, ss in ((True, True), (False, False)):\n"
+        "            t.test_kernel_matches_the_definition_forward_and_backward(dtype, cl, act, ss)\n"
+        "t.test_kernel_handles_odd_shapes_non_dense_input_and_many_channels_per_group()\n"
+        "t.test_kernel_sigmoid_and_rounding_at_extremes()\n"
+        "print('ok')\n"
+    ) % str(Path(__file__).parent)
+    env = {**os.environ, "DIFFLAB_CPU_KERNEL_MARCH": "x86-64-v2", "DIFFLAB_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

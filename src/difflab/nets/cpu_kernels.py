@@ -1,7 +1,8 @@
 """difflab's hand-written CPU kernels (``csrc/*.cpp``): compiled with the system C++ compiler on first
 use, cached, and loaded with ctypes (plain C ABI, no torch headers, so a build takes about 3 s).
 
-The build is tuned for the machine (``-march=native``) and cached under
+The build is tuned for the machine (``-march=native``: AVX-512 loops where the CPU has them, portable
+loops elsewhere) and cached under
 ``$DIFFLAB_CACHE`` (default ``~/.cache/difflab``)``/kernels``, keyed by source, flags, compiler and CPU.
 Without a compiler, or with ``DIFFLAB_CPU_KERNELS=0``, ``library()`` is None and callers fall back to
 plain torch operations (same results, slower); the reason is in ``unavailable_reason()``.
@@ -23,7 +24,13 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "group_norm_act.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def flags() -> list[str]:
+    """Compiler flags: ``FLAGS`` and ``-march=$DIFFLAB_CPU_KERNEL_MARCH`` (default ``native``; the tests
+    build the portable loops with ``x86-64-v2``)."""
+    return [*FLAGS, f"-march={os.environ.get('DIFFLAB_CPU_KERNEL_MARCH') or 'native'}"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -56,7 +63,7 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature()]).encode()
+        "\0".join([SOURCE.read_text(), " ".join(flags()), version, _cpu_signature()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"group_norm_act-{key}.so"
     if target.exists():
@@ -65,7 +72,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([compiler, *flags(), "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
         if proc.returncode:
             raise RuntimeError(f"{compiler} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
         os.replace(tmp, target)  # atomic: concurrent builders (several ranks) never see half a file
@@ -81,6 +88,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.difflab_group_norm_act_backward.argtypes = [p] * 11 + [l] * 4 + [i, i, i, i]
     lib.difflab_group_norm_act_forward.restype = i
     lib.difflab_group_norm_act_backward.restype = i
+    lib.difflab_kernels_avx512.restype = i
     return lib
 
 

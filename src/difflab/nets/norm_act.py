@@ -76,6 +76,14 @@ def _f32_ptr(t: Optional[Tensor], keep: list) -> Optional[int]:
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
+def _call(which: str, x: Tensor, groups: int, *args) -> None:
+    """Run ``difflab_group_norm_act_<which>``; its non-zero return code is a RuntimeError."""
+    rc = getattr(cpu_kernels.library(), f"difflab_group_norm_act_{which}")(*args)
+    if rc:
+        raise RuntimeError(f"group_norm_act {which} kernel: bad arguments (code {rc}) for shape {tuple(x.shape)}, "
+                           f"{groups} groups")
+
+
 def _kernel_forward(
     x: Tensor, weight: Tensor, bias: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
     groups: int, eps: float, act: bool,
@@ -87,13 +95,10 @@ def _kernel_forward(
     mean = x.new_empty((n, groups), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     keep: list = []
-    rc = cpu_kernels.library().difflab_group_norm_act_forward(
-        x.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _f32_ptr(weight, keep), _f32_ptr(bias, keep),
-        _f32_ptr(scale, keep), _f32_ptr(shift, keep), n, c, x.numel() // (n * c), groups, int(cl), _DTYPES[x.dtype],
-        eps, int(act), torch.get_num_threads(),
-    )  # fmt: skip
-    if rc:
-        raise RuntimeError(f"group_norm_act kernel: bad arguments (code {rc}) for shape {tuple(x.shape)}, {groups} groups")
+    _call("forward", x, groups,
+          x.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _f32_ptr(weight, keep), _f32_ptr(bias, keep),
+          _f32_ptr(scale, keep), _f32_ptr(shift, keep), n, c, x.numel() // (n * c), groups, int(cl), _DTYPES[x.dtype],
+          eps, int(act), torch.get_num_threads())  # fmt: skip
     return y, mean, rstd
 
 
@@ -109,13 +114,10 @@ def _kernel_backward(
     s1 = x.new_empty((n, c), dtype=torch.float32)
     s2 = torch.empty_like(s1)
     keep: list = []
-    rc = cpu_kernels.library().difflab_group_norm_act_backward(
-        x.data_ptr(), dy.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _f32_ptr(weight, keep),
-        _f32_ptr(bias, keep), _f32_ptr(scale, keep), _f32_ptr(shift, keep), s1.data_ptr(), s2.data_ptr(), n, c,
-        x.numel() // (n * c), mean.shape[1], int(cl), _DTYPES[x.dtype], int(act), torch.get_num_threads(),
-    )  # fmt: skip
-    if rc:
-        raise RuntimeError(f"group_norm_act backward kernel: bad arguments (code {rc}) for shape {tuple(x.shape)}")
+    _call("backward", x, mean.shape[1],
+          x.data_ptr(), dy.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _f32_ptr(weight, keep),
+          _f32_ptr(bias, keep), _f32_ptr(scale, keep), _f32_ptr(shift, keep), s1.data_ptr(), s2.data_ptr(), n, c,
+          x.numel() // (n * c), mean.shape[1], int(cl), _DTYPES[x.dtype], int(act), torch.get_num_threads())  # fmt: skip
     return dx, s1, s2
 
 

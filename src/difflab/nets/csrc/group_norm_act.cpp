@@ -351,6 +351,17 @@ inline void fold(const Shape& s, const float* acc, float* out) {
     for (long ch = 0; ch < s.c; ++ch) out[ch] += acc[j + ch];
 }
 
+// the runs' accumulators (tables for channels-last, one per channel for NCHW) -> per-channel totals
+inline void channel_totals(const Shape& s, const float* a1, const float* a2, float* t1, float* t2) {
+  if (s.channels_last) {
+    fold(s, a1, t1);
+    fold(s, a2, t2);
+  } else {
+    std::memcpy(t1, a1, s.c * sizeof(float));
+    std::memcpy(t2, a2, s.c * sizeof(float));
+  }
+}
+
 // per-thread scratch: `channel_arrays` arrays of C floats, then `tables` arrays of rep() floats
 struct Scratch {
   std::vector<float> mem;
@@ -381,13 +392,7 @@ void sample_stats(const Shape& s, const T* x, float eps, Scratch& m, float* mean
     runs(s, [&](auto mode, long off, long len, long toff) {
       RUN(stats_run)<decltype(mode)::value>(x + off, len, kt + toff, a1 + toff, a2 + toff);
     });
-    if (s.channels_last) {
-      fold(s, a1, t1);
-      fold(s, a2, t2);
-    } else {
-      std::memcpy(t1, a1, s.c * sizeof(float));
-      std::memcpy(t2, a2, s.c * sizeof(float));
-    }
+    channel_totals(s, a1, a2, t1, t2);
   }
   const long cg = s.c / s.g;
   const double per = static_cast<double>(s.hw);
@@ -485,13 +490,7 @@ void backward(const Shape& s, const T* x, const T* dy, T* dx, const float* mean,
           RUN(backward_run)<decltype(mode)::value>(x + base + off, dy + base + off, dz + off, len, at + toff,
                                                    bt + toff, mt + toff, act, acc1 + toff, acc2 + toff);
         });
-        if (s.channels_last) {
-          fold(s, acc1, t1);
-          fold(s, acc2, t2);
-        } else {
-          std::memcpy(t1, acc1, s.c * sizeof(float));
-          std::memcpy(t2, acc2, s.c * sizeof(float));
-        }
+        channel_totals(s, acc1, acc2, t1, t2);
       }
       for (long ch = 0; ch < s.c; ++ch) t2[ch] *= rstd_c[ch];
       // dx = r (kk dz - mean_g(kk dz) - xhat mean_g(kk dz xhat)) = pc * dz + qc * x + rc, kk = (1 + scale) gamma
