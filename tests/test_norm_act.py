@@ -117,6 +117,20 @@ def test_kernel_silu_is_accurate_over_a_wide_range():
 
 
 @needs_kernel
+def test_second_derivatives_follow_the_definition():
+    """create_graph=True (gradient penalties, Hessian-vector products) goes through differentiable ops."""
+    grads = []
+    for fn in (group_norm_act, norm_act.group_norm_act_reference):
+        x, w, b, scale, shift = _inputs(2, 8, 4, 4, torch.float32, True, True)
+        y = fn(x, w, b, 4, 1e-5, scale, shift, True)
+        gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+        grads.append([t.grad for t in (x, w, b, scale, shift)])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
 def test_custom_op_passes_torch_opcheck_and_compiles():
     """Schema, fake (meta) implementation and autograd registration, as torch.compile needs them."""
     x, w, b, scale, shift = _inputs(2, 8, 4, 4, torch.float32, True, True)

@@ -141,12 +141,19 @@ class _FusedGroupNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, scale, shift, groups, eps, act):
         y, mean, rstd = _kernel_forward(x, weight, bias, scale, shift, groups, eps, act)
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-        ctx.act = act
+        ctx.groups, ctx.eps, ctx.act = groups, eps, act
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, through the plain-torch ops
+            inputs = (x, weight, bias, scale, shift)
+            need = [t is not None and t.requires_grad for t in inputs]
+            with torch.enable_grad():
+                y = group_norm_act_reference(x, weight, bias, ctx.groups, ctx.eps, scale, shift, ctx.act)
+                grads = iter(torch.autograd.grad(y, [t for t, n in zip(inputs, need) if n], dy, create_graph=True))
+            return *(next(grads) if n else None for n in need), None, None, None
         dx, s1, s2 = _kernel_backward(x, dy, weight, bias, scale, shift, mean, rstd, ctx.act)
         return dx, *_input_grads(weight, bias, scale, shift, s1, s2), None, None, None
 
