@@ -32,7 +32,9 @@ def cpu_split(lo: int, hi: int, device: torch.device | str, min_size: int = 8) -
 
 def run_split(fn: Callable[[int, int], T], ranges: Sequence[tuple[int, int]]) -> list[T]:
     """``[fn(lo, hi) for lo, hi in ranges]``, concurrently when there are several, each in a thread of its
-    own with one torch intra-op thread and the caller's grad mode. The first error is re-raised."""
+    own with one torch intra-op thread and the caller's grad mode. The first error is re-raised.
+
+    torch's thread count is process-wide: other threads that use torch meanwhile get one thread too."""
     if len(ranges) == 1:
         return [fn(*ranges[0])]
     grad = torch.is_grad_enabled()
