@@ -84,8 +84,20 @@ def test_kernel_handles_odd_shapes_non_dense_input_and_many_channels_per_group()
     x = torch.randn(2, 8, 6, 10)[..., ::2]  # neither layout: made dense first
     y = group_norm_act(x, torch.ones(8), torch.zeros(8), 4)
     assert torch.allclose(y, F.group_norm(x, 4), atol=1e-5)
+    empty = group_norm_act(torch.randn(0, 8, 4, 4), torch.ones(8), torch.zeros(8), 4, act=True)
+    assert empty.shape == (0, 8, 4, 4)  # an empty batch (a rank's empty shard) takes the plain path
     x3 = torch.randn(2, 8, 50)  # [N, C, L]
     assert torch.allclose(group_norm_act(x3, torch.ones(8), torch.zeros(8), 2), F.group_norm(x3, 2), atol=1e-5)
+
+
+def test_mismatched_parameters_are_a_clear_error():
+    x = torch.randn(2, 8, 4, 4)
+    with pytest.raises(ValueError, match="groups"):
+        group_norm_act(x, torch.ones(8), torch.zeros(8), 3)
+    with pytest.raises(ValueError, match="weight/bias of 6/8"):
+        group_norm_act(x, torch.ones(6), torch.zeros(8), 4)
+    with pytest.raises(ValueError, match=r"scale \(2, 4\)"):
+        group_norm_act(x, torch.ones(8), torch.zeros(8), 4, scale=torch.zeros(2, 4))
 
 
 @needs_kernel

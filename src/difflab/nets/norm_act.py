@@ -204,7 +204,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def uses_kernel(x: Tensor) -> bool:
     """Whether ``group_norm_act`` runs the fused CPU kernel for this input."""
-    return x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() >= 3 and cpu_kernels.available()
+    return x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() >= 3 and x.numel() > 0 and cpu_kernels.available()
 
 
 def group_norm_act(
@@ -213,11 +213,16 @@ def group_norm_act(
 ) -> Tensor:  # fmt: skip
     """``act(group_norm(x) * (1 + scale) + shift)``; ``x`` [N, C, ...], ``scale``/``shift`` [N, C] or None,
     ``act`` SiLU or identity. Output in the dtype and memory format of ``x``."""
-    if x.shape[1] % groups:
-        raise ValueError(f"group_norm_act: {x.shape[1]} channels do not split into {groups} groups")
+    if x.dim() < 2 or x.shape[1] % groups:
+        raise ValueError(f"group_norm_act: input {tuple(x.shape)} does not split into {groups} groups of channels")
+    n, c = x.shape[:2]
+    if weight.numel() != c or bias.numel() != c:
+        raise ValueError(f"group_norm_act: {c} channels but weight/bias of {weight.numel()}/{bias.numel()}")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and t.numel() != n * c:
+            raise ValueError(f"group_norm_act: {name} {tuple(t.shape)} does not broadcast as [{n}, {c}]")
     if not uses_kernel(x):
         return group_norm_act_reference(x, weight, bias, groups, eps, scale, shift, act)
-    n, c = x.shape[:2]
     scale = None if scale is None else scale.reshape(n, c)
     shift = None if shift is None else shift.reshape(n, c)
     if torch.compiler.is_compiling():
