@@ -227,4 +227,6 @@ def group_norm_act(
     shift = None if shift is None else shift.reshape(n, c)
     if torch.compiler.is_compiling():
         return _forward_op(x, weight, bias, scale, shift, groups, eps, act)[0]
-    return _FusedGroupNormAct.apply(x, weight, bias, scale, shift, groups, eps, act)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)):
+        return _FusedGroupNormAct.apply(x, weight, bias, scale, shift, groups, eps, act)
+    return _kernel_forward(x, weight, bias, scale, shift, groups, eps, act)[0]  # inference: no autograd node
