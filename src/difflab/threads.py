@@ -9,9 +9,10 @@ as one batch with two threads, 155 img/s as two halves of 32 (``/tmp`` experimen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -28,6 +29,20 @@ def cpu_split(lo: int, hi: int, device: torch.device | str, min_size: int = 8) -
         return [(lo, hi)]
     bounds = [lo + (hi - lo) * i // parts for i in range(parts + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+@contextlib.contextmanager
+def one_torch_thread(enabled: bool = True) -> Iterator[None]:
+    """Run the block with one torch intra-op thread (process-wide), then restore the count."""
+    threads = torch.get_num_threads()
+    if not enabled or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_split(fn: Callable[[int, int], T], ranges: Sequence[tuple[int, int]]) -> list[T]:
@@ -48,16 +63,12 @@ def run_split(fn: Callable[[int, int], T], ranges: Sequence[tuple[int, int]]) ->
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(ranges))]
         for w in workers:
             w.start()
         for w in workers:
             w.join()
-    finally:
-        torch.set_num_threads(threads)
     if errors:
         raise errors[0]
     return results

@@ -19,14 +19,13 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from difflab import nets, runtime
+from difflab import nets, runtime, threads
 from difflab.conditioning import Conditioner
 from difflab.config import TrainConfig, save_json
 from difflab.data import ImageData, load
@@ -175,7 +174,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type in ("cuda", "cpu"))
         self.ema = EMA(self.net, cfg.ema_decay)
-        self._param_count = sum(p.numel() for p in self.net.parameters())
+        self._small_cpu_net = self.device.type == "cpu" and sum(p.numel() for p in self.net.parameters()) <= 4_000_000
         self.step = 0
         if resume:
             self._restore()
@@ -328,31 +327,16 @@ class Trainer:
                     loss = self.method.loss(self.train_net, x, cond, step, seeds) / cfg.grad_accum
                 loss.backward()
             total += loss.detach()
-        with self._update_threads():
+        # one thread for the weight updates of a small net on a CPU: clipping, AdamW and the EMA run a few
+        # small kernels per parameter tensor, and with two threads each wakes the other (mnist-small,
+        # 168 tensors: fused AdamW 16.6 ms with two threads, 1.8 ms with one, on the 2-core CI machine)
+        with threads.one_torch_thread(self._small_cpu_net):
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.ema.update(self.net)
         return total
-
-    @contextlib.contextmanager
-    def _update_threads(self) -> Iterator[None]:
-        """One thread for the weight updates of a small net on a CPU.
-
-        Clipping, AdamW and the EMA run a few small kernels per parameter tensor; with two threads each
-        one wakes the other (mnist-small, 168 tensors: fused AdamW 16.6 ms with two threads, 1.8 ms with
-        one, measured on the 2-core CI machine). Large nets keep every thread.
-        """
-        if self.device.type != "cpu" or self._param_count > 4_000_000 or torch.get_num_threads() == 1:
-            yield
-            return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
 
     def _stop_reason(self, deadline: float | None) -> str | None:
         """Whether to stop after this step, agreed by all ranks: "signal", "time-limit" or None."""

@@ -473,9 +473,6 @@ void backward(const Shape& s, const T* x, const T* dy, T* dx, const float* mean,
         rstd_c[ch] = rstd[n * s.g + ch / cg];
       }
       coefficients(s, n, mean_c, rstd_c, gamma, beta, scale, shift, k1, a, b);
-      replicate(s, a, at);
-      replicate(s, b, bt);
-      replicate(s, mean_c, mt);
       float* t1 = s1 + n * s.c;
       float* t2 = s2 + n * s.c;
       // one read of x and dy: dz = dy * act'(z) kept in float, and the sums of dz and dz * (x - mean)
@@ -485,6 +482,9 @@ void backward(const Shape& s, const T* x, const T* dy, T* dx, const float* mean,
       } else
 #endif
       {
+        replicate(s, a, at);
+        replicate(s, b, bt);
+        replicate(s, mean_c, mt);
         for (long j = 0; j < s.rep(); ++j) acc1[j] = acc2[j] = 0.0f;
         runs(s, [&](auto mode, long off, long len, long toff) {
           RUN(backward_run)<decltype(mode)::value>(x + base + off, dy + base + off, dz + off, len, at + toff,
