@@ -11,6 +11,7 @@ result is byte-identical to one process.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -110,9 +111,11 @@ class DistContext:
 
     def shutdown(self) -> None:
         """Leave the process group, together: every rank waits for the others first (a rank that
-        destroys its group while a peer still uses it can abort that peer at exit)."""
+        destroys its group while a peer still uses it can abort that peer at exit). DDP modules must be
+        gone by then (``Trainer.run`` drops its own; see ``Trainer.release_process_group``)."""
         global _cpu_group
         if self.active and dist.is_initialized():
+            gc.collect()  # DDP wrappers in reference cycles would outlive the group's Python handle
             dist.barrier(group=self.group)
             dist.destroy_process_group()
             _cpu_group = None

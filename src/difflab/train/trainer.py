@@ -178,17 +178,36 @@ class Trainer:
         self.step = 0
         if resume:
             self._restore()
-        self.train_net: nn.Module = self.net
-        if self.dist.active:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.train_net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.compile:
-            self.train_net = torch.compile(self.train_net)
+        self._train_net: nn.Module | None = self._wrap_for_training()  # DDP broadcasts rank 0's weights
         self.autocast = self._autocast()
         self._perm_cache: dict[int, torch.Tensor] = {}
         self._pending = 0  # a signal received on this rank and not yet acted on
         self._signal = 0  # the signal number that stopped the run (agreed by all ranks), 0 if none
+
+    @property
+    def train_net(self) -> nn.Module:
+        """The module a training step calls: the net, wrapped in DistributedDataParallel across processes
+        and compiled with ``--compile``; :meth:`run` drops it at its end (see :meth:`release_process_group`)
+        and the next step builds it again."""
+        if self._train_net is None:
+            self._train_net = self._wrap_for_training()
+        return self._train_net
+
+    def _wrap_for_training(self) -> nn.Module:
+        net: nn.Module = self.net
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.cfg.compile else net
+
+    def release_process_group(self) -> None:
+        """Drop the DDP wrapper, whose C++ reducer holds the process group, so that the group dies with
+        its Python handle (``destroy_process_group``), which frees it without the GIL. When the reducer
+        holds the last reference instead, freeing it joins gloo's worker thread while holding the GIL,
+        and that thread may be waiting for the GIL to free a tensor: the process hangs at exit."""
+        if self.dist.active:
+            self._train_net = None
 
     # --- set-up ---------------------------------------------------------------------------------
     def _merge_resume_config(self, cfg: TrainConfig) -> TrainConfig:
@@ -398,6 +417,7 @@ class Trainer:
                 bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+            self.release_process_group()
         if last_ckpt != self.step:
             if last_logged != self.step:
                 self._check_and_log(buf, last_logged, t0, start_step, None)
