@@ -6,7 +6,7 @@ UNet architecture, same batch and number of steps, in the same process.
 
 Variants: fp32; pure bf16 weights; pure bf16 + torch.compile (difflab also with CUDA-graph
 capture of the whole denoiser call, mode="reduce-overhead"; on a CPU the compiled variants need
-``--compile`` and use inductor's weight freezing on both sides). difflab runs channels-last,
+``--compile`` and use inductor's weight freezing and C++ wrapper on both sides). difflab runs channels-last,
 diffusers in its default layout (NCHW; channels-last does not speed it up). All variants are
 built and warmed up first, then timed in turns so that load changes hit all alike. The first call
 of a compiled variant (compilation included) is timed separately. The last line is ``ratio=X``,
@@ -52,11 +52,12 @@ def difflab_sampler(preset, batch, steps, device, variant):
     from difflab.denoiser import Denoiser
     from difflab.processes.gaussian import linear_schedule
     from difflab.samplers import generate
+    from difflab.sampling import compile_for_sampling
 
     dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
     net = nets.from_preset(preset).to(device, dtype).eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    if variant == "bf16+compile":
-        net = torch.compile(net)
+    if variant == "bf16+compile":  # CPUs: what `difflab sample --compile` does (frozen weights, C++ wrapper)
+        net = torch.compile(net) if device.type == "cuda" else compile_for_sampling(net, device)
     den = Denoiser(net, linear_schedule(), "eps")
     if variant == "bf16+graphs":
         den = torch.compile(den, mode="reduce-overhead")
@@ -85,7 +86,9 @@ def main(argv=None) -> int:
     else:
         import torch._inductor.config as inductor_config
 
-        inductor_config.freezing = True  # CPU inference: constant weights, pre-packed for oneDNN (both sides)
+        # CPU inference: constant weights pre-packed for oneDNN, and the graph run by a C++ wrapper (both sides)
+        inductor_config.freezing = True
+        inductor_config.cpp_wrapper = True
         variants = {k: ["fp32", "bf16"] + (["bf16+compile"] if args.compile else []) for k in ("diffusers", "difflab")}
         if args.quick:
             variants = {k: ["bf16"] for k in variants}
