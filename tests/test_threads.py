@@ -69,15 +69,21 @@ def test_generate_gives_the_same_samples_split_or_whole(two_threads, monkeypatch
     den = Denoiser(net, cosine_schedule(), "eps")
     labels = torch.arange(20) % 2
 
+    cond_threads = set()
+
+    def cond_fn(s):  # made in the caller's thread: a cond_fn (a prompt cache, say) need not be thread-safe
+        cond_threads.add(threading.get_ident())
+        return {"class_labels": labels[s]}
+
     def draw():
-        return generate(den, 20, (1, 32, 32), seed=3, sampler="ddpm", steps=4, batch_size=20,
-                        cond_fn=lambda s: {"class_labels": labels[s]})
+        return generate(den, 20, (1, 32, 32), seed=3, sampler="ddpm", steps=4, batch_size=20, cond_fn=cond_fn)
 
     calls = []
     real = threads.run_split
-    monkeypatch.setattr(threads, "run_split", lambda fn, r: calls.append(list(r)) or real(fn, r))
+    monkeypatch.setattr(threads, "run_split", lambda fn, r: calls.append([p[:2] for p in r]) or real(fn, r))
     split = draw()
     assert calls == [[(0, 10), (10, 20)]]
+    assert cond_threads == {threading.get_ident()}
     monkeypatch.setenv("DIFFLAB_SPLIT_BATCH", "0")
     whole = draw()
     assert calls[-1] == [(0, 20)]

@@ -45,9 +45,9 @@ def one_torch_thread(enabled: bool = True) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def run_split(fn: Callable[[int, int], T], ranges: Sequence[tuple[int, int]]) -> list[T]:
-    """``[fn(lo, hi) for lo, hi in ranges]``, concurrently when there are several, each in a thread of its
-    own with one torch intra-op thread and the caller's grad mode. The first error is re-raised.
+def run_split(fn: Callable[..., T], ranges: Sequence[tuple]) -> list[T]:
+    """``[fn(*r) for r in ranges]`` (e.g. ``(lo, hi)`` pairs), concurrently when there are several, each in
+    a thread of its own with one torch intra-op thread and the caller's grad mode. The first error is re-raised.
 
     torch's thread count is process-wide: other threads that use torch meanwhile get one thread too."""
     if len(ranges) == 1:

@@ -108,14 +108,13 @@ def generate(
     sigmas = sigmas.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     seeds = sample_seeds(seed, n, start)
 
-    def draw(lo: int, hi: int) -> torch.Tensor:
+    def draw(lo: int, hi: int, cond) -> torch.Tensor:
         noise = SeededNoise(seeds[lo:hi])
         if init_noise is not None:
             x = init_noise[lo:hi].to(device=device, dtype=dtype)
         else:
             x = noise.initial(shape, device=device, dtype=dtype)
         x = x * prior
-        cond = cond_fn(slice(lo, hi)) if cond_fn is not None else None
         return SAMPLERS[sampler](denoiser, x, sigmas, cond=cond, noise=noise, callback=callback, **options).float().cpu()
 
     out = []
@@ -124,7 +123,10 @@ def generate(
         # on a CPU, parts of the batch run side by side (per-sample seeds: the same samples either way);
         # a callback sees whole batches, so it keeps them whole
         parts = threads.cpu_split(lo, hi, device) if callback is None else [(lo, hi)]
-        out.extend(threads.run_split(draw, parts))
+        # conditioning is made here, one part after another: cond_fn need not be thread-safe (a prompt
+        # cache that encodes a new prompt is not)
+        conds = [cond_fn(slice(a, b)) if cond_fn is not None else None for a, b in parts]
+        out.extend(threads.run_split(draw, [(a, b, c) for (a, b), c in zip(parts, conds)]))
         if progress is not None:
             progress(hi - lo)
     return torch.cat(out)
