@@ -101,3 +101,54 @@ def test_tune_malloc_sets_glibc_options_unless_disabled():
     expected = "True True" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else "False False"
     assert on.stdout.strip() == expected, on.stderr
     assert off.stdout.strip() == "False False", off.stderr
+
+
+def test_cpu_compiled_compiles_new_inputs_alone_with_its_settings():
+    """Two threads meeting an input shape first compile one after the other; later calls overlap.
+    Freezing and the C++ wrapper are on during every call, in every thread (inductor's settings are
+    context variables: a thread does not see another's), and restored after."""
+    import time
+
+    import torch._inductor.config as inductor_config
+
+    from difflab.sampling import CpuCompiled, _signature
+
+    before = (inductor_config.freezing, inductor_config.cpp_wrapper)
+    lock, state, seen = threading.Lock(), {"now": 0, "peak": 0}, []
+
+    class FakeCompiled(torch.nn.Module):  # notes how many calls are in flight, and the settings
+        def forward(self, x, **kw):
+            with lock:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+            seen.append((inductor_config.freezing, inductor_config.cpp_wrapper))
+            time.sleep(0.2)
+            with lock:
+                state["now"] -= 1
+            return x
+
+    net = CpuCompiled(torch.nn.Identity())
+    net.compiled = FakeCompiled()
+
+    def together(shape):
+        state["peak"], barrier = 0, threading.Barrier(2, timeout=30)
+
+        def call():
+            barrier.wait()
+            net(torch.zeros(shape), cond={"labels": torch.zeros(shape[0])})
+
+        workers = [threading.Thread(target=call) for _ in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return state["peak"]
+
+    assert together((2, 3)) == 1  # new: one at a time
+    assert together((2, 3)) == 2  # seen: side by side
+    assert together((4, 3)) == 1  # another shape compiles again
+    assert set(seen) == {(True, True)}
+    assert (inductor_config.freezing, inductor_config.cpp_wrapper) == before
+    x = torch.zeros(2, 3)
+    assert _signature((x,), {}) != _signature((x.t(),), {}) != _signature((x.bfloat16(),), {})
+    assert _signature((x,), {"c": [x]}) != _signature((x,), {"c": [x[:1]]})
