@@ -6,7 +6,8 @@ UNet architecture, same batch and number of steps, in the same process.
 
 Variants: fp32; pure bf16 weights; pure bf16 + torch.compile (difflab also with CUDA-graph
 capture of the whole denoiser call, mode="reduce-overhead"; on a CPU the compiled variants need
-``--compile`` and use inductor's weight freezing and C++ wrapper on both sides). difflab runs channels-last,
+``--compile`` and use inductor's weight freezing and C++ wrapper on both sides; diffusers also
+without the C++ wrapper, inductor's default). difflab runs channels-last,
 diffusers in its default layout (NCHW; channels-last does not speed it up). All variants are
 built and warmed up first, then timed in turns so that load changes hit all alike. The first call
 of a compiled variant (compilation included) is timed separately. The last line is ``ratio=X``,
@@ -15,6 +16,7 @@ difflab / diffusers images per second at each side's best variant.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -29,9 +31,13 @@ def diffusers_sampler(preset, batch, steps, device, variant):
 
     quiet_diffusers()
     unet = UNet2DModel(**diffusers_twin_kwargs(preset)).to(device).eval().requires_grad_(False)
-    dtype = torch.bfloat16 if variant in ("bf16", "bf16+compile") else torch.float32
+    dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
     unet = unet.to(dtype)
-    net = torch.compile(unet) if variant == "bf16+compile" else unet
+    net = torch.compile(unet) if "compile" in variant else unet
+    # "py-wrapper": the CPU compile without the C++ wrapper (inductor's settings are per context)
+    import torch._inductor.config as inductor_config
+
+    settings = inductor_config.patch(cpp_wrapper=False) if variant.endswith("py-wrapper") else contextlib.nullcontext()
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="trailing")
     sched.set_timesteps(steps)
     c = unet.config.in_channels
@@ -39,9 +45,10 @@ def diffusers_sampler(preset, batch, steps, device, variant):
     @torch.no_grad()
     def run():
         x = torch.randn(batch, c, 32, 32, device=device, dtype=dtype)
-        for t in sched.timesteps:
-            eps = net(x, t).sample
-            x = sched.step(eps, t, x).prev_sample
+        with settings:
+            for t in sched.timesteps:
+                eps = net(x, t).sample
+                x = sched.step(eps, t, x).prev_sample
         return x
 
     return run
@@ -90,6 +97,8 @@ def main(argv=None) -> int:
         inductor_config.freezing = True
         inductor_config.cpp_wrapper = True
         variants = {k: ["fp32", "bf16"] + (["bf16+compile"] if args.compile else []) for k in ("diffusers", "difflab")}
+        if args.compile:  # diffusers also as inductor runs it by default: its best counts
+            variants["diffusers"].append("bf16+compile+py-wrapper")
         if args.quick:
             variants = {k: ["bf16"] for k in variants}
     print(f"# DDIM-{steps} sampling, {preset}, batch {batch}: {process_setup(device)}")
@@ -111,10 +120,10 @@ def main(argv=None) -> int:
         ips = batch / s
         best[lib] = max(best.get(lib, (0.0, "")), (ips, v))
         note = f"  first call {first[(lib, v)]:6.1f} s" if (lib, v) in first else ""
-        print(f"{lib:10s} {v:13s} {ips:9.1f} img/s{note}", flush=True)
+        print(f"{lib:10s} {v:24s} {ips:9.1f} img/s{note}", flush=True)
     for v in variants["difflab"]:
         if v in variants["diffusers"]:
-            print(f"same variant {v:13s} ratio {sec[('diffusers', v)] / sec[('difflab', v)]:.2f}")
+            print(f"same variant {v:24s} ratio {sec[('diffusers', v)] / sec[('difflab', v)]:.2f}")
     (a, va), (b, vb) = best["difflab"], best["diffusers"]
     print(f"best: difflab {va} {a:.1f} img/s, diffusers {vb} {b:.1f} img/s")
     print(f"ratio={a / b:.2f}")

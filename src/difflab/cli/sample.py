@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--bf16", action="store_true", help="run the network with pure bf16 weights (fast on GPUs and on CPUs with AMX)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (GPUs: with CUDA graphs; CPUs: with frozen weights)")
+                   help="torch.compile the network (GPUs: with CUDA graphs; CPUs: frozen weights, C++ wrapper)")
     p.add_argument("--out", default=None, help="PNG grid to write (default RUN/samples/sample-seedS.png)")
     p.add_argument("--save-npz", default=None, help="also write uint8 [N, H, W, C] under 'images' (+ 'labels')")
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
