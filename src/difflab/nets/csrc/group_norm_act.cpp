@@ -194,6 +194,22 @@ inline __m512 vsigmoid(__m512 z) {  // 1 / (1 + exp(-z)): 14-bit reciprocal and 
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
 }
 
+// SiLU for bfloat16 outputs, whose 8-bit significand needs far less than the float32 path gives:
+// e^-z = 2^n 2^f with f in [-1/2, 1/2], 2^f by a cubic (minimax for relative error: 7.5e-5), and the
+// 14-bit reciprocal without a Newton step. Relative error under 1.4e-4, a twentieth of bf16's rounding
+// step, in about half the instructions. Large |z| saturate through scalef (0 or inf), NaN stays NaN.
+inline __m512 vsilu_bf16(__m512 z) {
+  const __m512 t = _mm512_mul_ps(z, _mm512_set1_ps(-kLog2e));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(0.055171094834804535f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24260999262332916f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609677314758f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999281167984009f));
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, n));
+  return _mm512_mul_ps(z, _mm512_rcp14_ps(d));
+}
+
 template <Mode M, typename T>
 void stats_run_v(const T* x, long len, const float* k, float* s1, float* s2) {
   __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
@@ -219,7 +235,7 @@ void forward_run_v(const T* x, T* y, long len, const float* a, const float* b, b
   for (long j = 0; j < len; j += 16) {
     const __mmask16 m = tail(len - j);
     __m512 z = _mm512_fmadd_ps(vtab<M>(a, j, m), vload(x + j, m), vtab<M>(b, j, m));
-    if (act) z = _mm512_mul_ps(z, vsigmoid(z));
+    if (act) z = std::is_same_v<T, uint16_t> ? vsilu_bf16(z) : _mm512_mul_ps(z, vsigmoid(z));
     vstore(y + j, z, m);
   }
 }
