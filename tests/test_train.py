@@ -169,7 +169,7 @@ def test_compiled_cpu_sampling_matches_eager(tmp_path):
     finally:
         torch.set_num_threads(old)
     assert (split[:5] - ref).abs().max() <= 1
-    assert inductor_config.freezing is False and inductor_config.cpp_wrapper is False  # restored once both left
+    assert inductor_config.freezing is False and inductor_config.cpp_wrapper is False  # this thread's settings untouched
 
 
 def _cli(*args, cwd=None):
