@@ -66,7 +66,10 @@ def test_generate_gives_the_same_samples_split_or_whole(two_threads, monkeypatch
     net = from_preset("tiny", num_classes=2).to(memory_format=torch.channels_last).eval()
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    den = Denoiser(net, cosine_schedule(), "eps")
+    # v-prediction keeps the samples of order one: an eps-model with random weights gives values near 1e5
+    # (x0 = y - sigma eps at the cosine schedule's top, sigma ~ 2e4), where float32 rounding of split and
+    # whole batches (other kernels, other summation orders) differs by more than any fixed atol
+    den = Denoiser(net, cosine_schedule(), "v")
     labels = torch.arange(20) % 2
 
     cond_threads = set()
@@ -87,8 +90,10 @@ def test_generate_gives_the_same_samples_split_or_whole(two_threads, monkeypatch
     monkeypatch.setenv("DIFFLAB_SPLIT_BATCH", "0")
     whole = draw()
     assert calls[-1] == [(0, 20)]
-    assert torch.allclose(split, whole, atol=1e-5)  # per-sample seeds and labels: the same samples
-    assert not torch.allclose(split[:10], split[10:])
+    assert 0.1 < float(split.std()) < 10  # values of order one, so the tolerance below means something
+    # per-sample seeds and labels: the same samples, up to float32 rounding
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(split[:10], split[10:], rtol=1e-2, atol=1e-2)
 
 
 def test_tune_malloc_sets_glibc_options_unless_disabled():
