@@ -138,9 +138,27 @@ def process_setup(device: torch.device) -> str:
 
         runtime.tune_cpu()
         tuned = f"; denormals flushed, malloc reuse {'on' if runtime.tune_malloc() else 'off'} (both sides)"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{cpu_description()}, {torch.get_num_threads()} threads"
     env = ", ".join(f"{k}={os.environ.get(k, '-')}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY"))
     return f"torch {torch.__version__} on {name}; {env}{tuned}"
+
+
+def cpu_description() -> str:
+    """The CPU model and the flags that decide its fast paths (AVX-512, bf16, AMX), from /proc/cpuinfo."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    have = [f for f in wanted if f in flags]
+    return f"{model} ({os.cpu_count()} cores; {' '.join(have) or 'no AVX2/AVX-512'})"
 
 
 def write_json(path: str | None, obj) -> None:

@@ -49,20 +49,23 @@ class TrainConfig:
     time_limit: float = _f(0.0, "stop by itself after this many minutes, save, and be ready to sample")
     batch_size: int = _f(64, "global batch size (split over ranks; times --grad-accum micro-batches)")
     grad_accum: int = _f(1, "micro-batches per optimiser step")
-    lr: float = _f(2e-4, "AdamW learning rate")
+    lr: float = _f(2e-4, "AdamW learning rate (0: auto, by network size: 1e-3 below 5M parameters, 2e-4 above)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup: int = _f(200, "learning-rate warm-up steps")
     lr_decay: str = _f("none", "after warm-up: none or cosine", ("none", "cosine"))
     grad_clip: float = _f(1.0, "gradient-norm clipping (0: off)")
     ema_decay: float = _f(0.999, "EMA decay of the weights (with warm-up (1+n)/(10+n))")
-    precision: str = _f("auto", "auto (bf16 autocast on GPUs that support it, fp32 on CPUs), fp32 or bf16 "
-                                "(fast on CPUs with AMX)", ("auto", "fp32", "bf16"))
+    precision: str = _f("auto", "auto (bf16 autocast where the GPU or CPU computes bf16 natively: AVX-512 BF16 "
+                                "or AMX; else fp32), fp32 or bf16", ("auto", "fp32", "bf16"))
     compile: bool = _f(False, "torch.compile the network")
     seed: int = _f(0, "seed of the whole run (data order, noise, initial weights)")
     hflip: bool = _f(False, "random horizontal flips (off for digits)")
     log_every: int = _f(50, "steps between loss logs (the only host-device syncs)")
     sample_every: int = _f(1000, "steps between sample grids (0: only at the end)")
-    sample_steps: int = _f(50, "sampler steps of the periodic grids")
+    sampler: str = _f("ddim", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
+    sample_steps: int = _f(50, "sampler steps of 'difflab sample' and the periodic grids")
+    clip: str = _f("clip", "x0 estimates while sampling: clip to the data range, dynamic (Imagen's thresholding) "
+                   "or none", ("none", "clip", "dynamic"))
     checkpoint_every: int = _f(1000, "steps between checkpoints")
     keep: int = _f(3, "checkpoints kept")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
@@ -79,8 +82,8 @@ class TrainConfig:
         for name, v in positive.items():
             if v < 1:
                 raise UsageError(f"--{_flag(name)} must be at least 1, got {v}")
-        if self.lr <= 0 or not self.lr < 1:
-            raise UsageError(f"--lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.lr < 1:
+            raise UsageError(f"--lr must be in (0, 1), or 0 for auto, got {self.lr}")
         if not 0 <= self.cond_drop < 1:
             raise UsageError(f"--cond-drop must be in [0, 1), got {self.cond_drop}")
         if not 0 <= self.ema_decay < 1:
@@ -135,7 +138,7 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
             given.add(f.name)
     cfg._given = given  # which flags the user typed (a resumed run may change only some)
     if base is None:  # a new run: the method's reference settings fill the flags not given
-        from difflab.train.methods import apply_method_defaults  # (methods imports this module)
+        from difflab.recipe import apply_method_defaults
 
         apply_method_defaults(cfg, given)
     return cfg

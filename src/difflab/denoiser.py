@@ -11,6 +11,9 @@ turns the network's output into x0_hat (NVlabs/edm's preconditioning idea):
 - ``v``: v = gammabar s - sigmabar x (Salimans & Ho): x0 = (gammabar z - sigmabar v) / (gammabar^2 + sigmabar^2)
 - ``zprev``: the series' version 1, the network predicts the mean of z_{t-1} (discrete T only)
 - ``edm``: D = c_skip y + c_out F(c_in y, t) with sigma_data = 0.5 (Karras et al.)
+
+:class:`ClipX0` limits any denoiser's x0_hat to the data range (clipping, or Imagen's dynamic
+thresholding) with the same call, so every sampler, guidance rule and inversion gets it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from difflab.errors import UsageError
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess, _bc
 
 PREDICTIONS = ("eps", "x0", "v", "zprev", "edm")
+CLIP_MODES = ("none", "clip", "dynamic")
 SIGMA_DATA = 0.5
 
 Cond = dict[str, Any]
@@ -119,3 +123,46 @@ class Denoiser(nn.Module):
         t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
         a, s = self.process.alpha(t), self.process.sigma(t)
         return (z + _bc(s**2, z) * self.score(z, t, cond)) / _bc(a, z)
+
+
+class ClipX0(nn.Module):
+    """x0_hat limited to the data range ``[lo, hi]``, around any denoiser (outermost, after guidance).
+
+    - ``clip``: clamp to the range (diffusers' ``clip_sample``, lucidrains' ``clip_denoised``). A model
+      early in training, or a few-step sampler at high noise, predicts x0 far outside the pixel range,
+      and every later step inherits it (flat black or white images); the clamp removes that.
+    - ``dynamic``: Imagen's dynamic thresholding (Saharia et al. 2022). Per sample, s is the
+      ``percentile`` quantile of |x0_hat| in range units, at least 1; x0_hat is clamped to [-s, s] and
+      divided by s, so saturated pixels are pulled back instead of cut off.
+    - ``none``: unchanged (likelihood, exact inversion, data that is not bounded).
+    """
+
+    def __init__(self, denoiser: nn.Module, mode: str = "clip", data_range: tuple[float, float] = (-1.0, 1.0),
+                 percentile: float = 0.995):
+        super().__init__()
+        if mode not in CLIP_MODES:
+            raise UsageError(f"unknown x0 clipping '{mode}'; choose one of {', '.join(CLIP_MODES)}")
+        lo, hi = (float(v) for v in data_range)
+        if not hi > lo:
+            raise UsageError(f"the data range must have lo < hi, got [{lo}, {hi}]")
+        if not 0 < percentile <= 1:
+            raise UsageError(f"the dynamic-thresholding percentile must be in (0, 1], got {percentile}")
+        self.denoiser, self.mode, self.percentile = denoiser, mode, float(percentile)
+        self.centre, self.half = (hi + lo) / 2, (hi - lo) / 2
+        self.process = denoiser.process
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        return self.limit(self.denoiser(x, sigma, cond))
+
+    def limit(self, x0: torch.Tensor) -> torch.Tensor:
+        """The clipped (or thresholded) x0 estimate."""
+        if self.mode == "none":
+            return x0
+        u = (x0 - self.centre) / self.half  # in range units: [-1, 1] is the data range
+        if self.mode == "clip":
+            u = u.clamp(-1, 1)
+        else:
+            s = torch.quantile(u.flatten(1).abs().float(), self.percentile, dim=1).clamp_min(1).to(u.dtype)
+            s = _bc(s, u)
+            u = torch.maximum(torch.minimum(u, s), -s) / s
+        return u * self.half + self.centre

@@ -16,6 +16,7 @@ import torch
 from difflab import nets, runtime
 from difflab.conditioning import Conditioner
 from difflab.config import TrainConfig, load_run_config
+from difflab.denoiser import ClipX0
 from difflab.errors import CheckpointError, UsageError
 from difflab.figures import to_uint8
 from difflab.train.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
@@ -28,14 +29,17 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
                   labels: torch.Tensor | None = None, prompt: str | None = None, guidance: float = 1.0,
                   start: int = 0, init_noise: torch.Tensor | None = None, classifier=None,
                   classifier_scale: float = 0.0, classifier_sigma_max: float | None = None, progress=None,
-                  callback=None, **options) -> torch.Tensor:
+                  callback=None, clip: str = "clip", data_range: tuple[float, float] = (-1.0, 1.0),
+                  **options) -> torch.Tensor:
     """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j).
 
     Conditional runs: ``labels`` (class indices) or ``prompt``; with neither, class runs cycle
     through the classes and text runs use each class's first caption. ``guidance`` is the
     classifier-free scale g (g = 1: no guidance). ``classifier`` + ``classifier_scale`` steer with
     a noisy classifier's gradient (classifier guidance; needs ``labels``), at noise levels up to
-    ``classifier_sigma_max`` (default ``guidance.CLASSIFIER_SIGMA_MAX``; ``math.inf``: every level)."""
+    ``classifier_sigma_max`` (default ``guidance.CLASSIFIER_SIGMA_MAX``; ``math.inf``: every level).
+    ``clip`` limits every x0 estimate to ``data_range`` after guidance (:class:`~difflab.denoiser.ClipX0`:
+    ``clip``, ``dynamic`` or ``none``)."""
     net.eval()
     if method.name != "gaussian":
         if guidance != 1.0 or labels is not None or prompt or classifier is not None:
@@ -93,6 +97,7 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
             c["classifier_labels"] = labels[sl].to(device)
             return c
 
+    den = ClipX0(den, clip, data_range) if clip != "none" else den
     x = generate(den, n, shape, seed=seed, sampler=sampler or "ddim", steps=steps, cond_fn=cond_fn,
                  batch_size=batch_size, device=device, start=start, init_noise=init_noise,
                  progress=progress, callback=callback, **options)
@@ -114,7 +119,12 @@ class Run:
     device: torch.device
 
     def sample(self, n: int, **kwargs) -> torch.Tensor:
+        """n samples as uint8 [n, C, H, W] (see :func:`sample_images`); the run's own sampler, step
+        count and x0 clipping unless given."""
         kwargs.setdefault("device", self.device)
+        kwargs.setdefault("sampler", self.cfg.sampler)
+        kwargs.setdefault("steps", self.cfg.sample_steps)
+        kwargs.setdefault("clip", self.cfg.clip)
         return sample_images(self.method, self.net, self.conditioner, n, self.shape, **kwargs)
 
     def denoiser(self):

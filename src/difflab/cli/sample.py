@@ -25,8 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed; sample j depends only on (seed, j)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                   help="sampler (default: ddim for Gaussian runs; part 1 runs use their own)")
+                   help="sampler (default: the run's --sampler; part 1 runs use their own)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's --sample-steps; naive2: 64)")
+    p.add_argument("--clip", default=None, choices=["none", "clip", "dynamic"],
+                   help="x0 estimates: clip to the data range, dynamic thresholding, or none (default: the run's --clip)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic, 1 = DDPM)")
     p.add_argument("--variance", choices=["small", "large"], default=None, help="DDPM variance")
     p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default=None,
@@ -121,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
 
         def draw(start: int, count: int) -> torch.Tensor:
             imgs = run_.sample(count, seed=args.seed, start=start, steps=args.steps or default_steps,
-                               sampler=args.sampler, batch_size=args.batch_size,
+                               sampler=args.sampler or run_.cfg.sampler, clip=args.clip or run_.cfg.clip,
+                               batch_size=args.batch_size,
                                labels=_rows(labels, start, count), prompt=args.prompt, guidance=args.guidance,
                                init_noise=_rows(init_noise, start, count), classifier=classifier,
                                classifier_scale=args.classifier_scale,

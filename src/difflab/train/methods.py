@@ -9,7 +9,6 @@ resumed run and a run on any number of ranks see the same noise.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -24,34 +23,6 @@ from difflab.processes.binomial import BinomialNoise, PixelNoise
 from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
-
-# The series' reference settings (SPEC part 1): Adam 3e-4, batch 16, warm-up over the first 1000
-# images (63 steps of 16), gradient clipping 1.0; algorithm 1 noises k = 32 pixels a step for T = 60
-# steps; algorithm 2 samples in 64 steps (k = 16 pixels a step on 32x32). The network presets
-# (series-alg1 / series-alg2) are the 'auto' model of these methods (trainer.network_config).
-_SERIES = {"lr": 3e-4, "batch_size": 16, "warmup": 63, "grad_clip": 1.0}
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gaussian": {},
-    "naive1": {**_SERIES, "T": 60, "k": 32},
-    "naive2": {**_SERIES, "sample_steps": 64},
-    "cold": dict(_SERIES),
-}
-
-
-def apply_method_defaults(cfg: TrainConfig, given: Iterable[str] | None = None) -> TrainConfig:
-    """Set the method's reference settings (METHOD_DEFAULTS) on every field the user did not give.
-
-    ``given``: the fields the user set; by default ``cfg._given``, which ``config_from_args`` records
-    (the flags typed). A config without it (built in Python) is taken as fully specified and kept.
-    Changes ``cfg`` in place and returns it.
-    """
-    given = getattr(cfg, "_given", None) if given is None else set(given)
-    if given is None:
-        return cfg
-    for name, value in METHOD_DEFAULTS.get(cfg.method, {}).items():
-        if name not in given:
-            setattr(cfg, name, value)
-    return cfg
 
 
 def process_config(cfg: TrainConfig) -> dict[str, Any]:

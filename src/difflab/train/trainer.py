@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from difflab import nets, runtime, threads
+from difflab import nets, recipe, runtime, threads
 from difflab.conditioning import Conditioner
 from difflab.config import TrainConfig, save_json
 from difflab.data import ImageData, load
@@ -44,7 +44,7 @@ from difflab.train.ema import EMA
 from difflab.train.methods import make_method
 
 # flags that may change when a run is resumed; anything else must match the saved run
-RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "checkpoint_every", "keep",
+RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "checkpoint_every", "keep",
                     "log_every", "device", "out", "compile", "precision"}
 
 
@@ -171,6 +171,7 @@ class Trainer:
         self.net_config = network_config(cfg, data, self.device, context_dim)
         # channels-last convolutions are faster on GPUs and CPUs alike (see nets/layout.py)
         self.net = nets.build(self.net_config).to(self.device).to(memory_format=torch.channels_last)
+        recipe.resolve(cfg, self.device, nets.count_parameters(self.net))  # lr 0 and precision auto
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type in ("cuda", "cpu"))
         self.ema = EMA(self.net, cfg.ema_decay)
@@ -240,9 +241,7 @@ class Trainer:
         return Conditioner(cfg.conditioning, data.num_classes or 0, cfg.cond_drop)
 
     def _autocast(self):
-        use_bf16 = self.cfg.precision == "bf16" or (
-            self.cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        if not use_bf16:
+        if self.cfg.precision != "bf16":  # (auto was resolved when the network was built)
             return contextlib.nullcontext
         return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
 
@@ -376,6 +375,7 @@ class Trainer:
                 self.conditioner.prompts.save(self.out / "prompts.safetensors")
             self._truncate_log(self.step)
             self.log(self.describe())
+            self.log(recipe.describe(cfg))
             if self.dist.active and cfg.method != "gaussian":
                 self.log(f"note: {cfg.method} draws its noise per batch, not per sample, so each rank's slice "
                          "sees the same draws and the result depends on the number of processes")
@@ -506,5 +506,6 @@ class Trainer:
         from difflab.sampling import sample_images
 
         imgs = sample_images(self.method, self.ema.model, self.conditioner, n, self.shape, seed=0,
-                             steps=self.cfg.sample_steps, device=self.device)
+                             steps=self.cfg.sample_steps, sampler=self.cfg.sampler, clip=self.cfg.clip,
+                             device=self.device)
         return save_grid(imgs, path, nrow=8 if n >= 64 else None)

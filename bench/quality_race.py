@@ -1,0 +1,326 @@
+"""The quality race: difflab's defaults against diffusers' (and lucidrains') recipes, each trained for the
+same wall-clock minutes on the same machine one after the other, judged by one MNIST classifier.
+
+    python bench/quality_race.py --minutes 10                       # the unconditional race
+    python bench/quality_race.py --only class --class-minutes 12    # class-conditional, guidance 3
+    python bench/quality_race.py --only naive2 --naive2-minutes 8   # part 1, denoise then renoise
+    python bench/quality_race.py --only steps --run runs/race/difflab   # quality against NFE
+
+Contestants (``--only`` picks some; default ``difflab,diffusers,lucidrains``):
+
+- ``difflab``: ``difflab train --data mnist --time-limit M`` with no other flag, then the run's own default
+  sampler (what ``difflab sample`` uses without flags).
+- ``diffusers``: ``UNet2DModel`` (1.7M parameters: blocks 32/64/64, two layers each, attention at 16 and 8)
+  + ``DDPMScheduler`` (linear betas, eps), AdamW 1e-3, gradient clipping 1.0, ``EMAModel`` 0.999, batch 64,
+  MNIST padded to 32x32; sampled with ``DDIMScheduler`` (its defaults, clip_sample on) in 100 steps.
+- ``lucidrains``: ``denoising_diffusion_pytorch.GaussianDiffusion`` (v-prediction, sigmoid schedule),
+  Adam 3.2e-4, EMA 0.995, when installed (``pip install --no-deps denoising-diffusion-pytorch einops ema-pytorch
+  accelerate``; its torchvision import is satisfied by a stand-in, see ``_import_lucidrains``); else reported
+  as not installable. Judged on ``--n`` samples only (its sampler takes 250 steps).
+- ``class``: ``difflab train --data mnist --conditioning class --time-limit M``, sampled with ``--guidance 3``
+  and each digit asked for in turn: the fraction the classifier gives the asked-for digit.
+- ``naive2``: ``difflab train --data mnist --method naive2 --time-limit M`` and its own sampler.
+- ``steps``: confident fraction and classifier FID against the number of network evaluations (NFE) for the
+  run's default sampler and each few-step sampler, from one trained run (``--run``, or the difflab contestant's).
+
+The judge is difflab's own small MNIST classifier (``difflab.evaluate.classifier``, trained once and cached;
+about 99% test accuracy): the fraction of samples it labels with softmax confidence above 0.9 ("confident"),
+the count of the rarest digit among the confident ones, and the Frechet distance of its 128-d features to the
+MNIST test split over ``--fid-n`` samples ("classifier FID", comparable only within difflab). The last line is
+``ratio=X``: difflab's confident fraction over the best peer's. Every number goes to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import cpu_description, quiet_diffusers, write_json  # (also puts src/ on the path)
+
+ROOT = Path(__file__).resolve().parents[1]
+FEWSTEP = ("ddim", "heun", "dpmpp-2m", "dpmpp-3m", "unipc", "dpmpp-2m-sde")
+NFES = (4, 6, 8, 10, 20, 50, 100)
+
+
+# --- the judge ------------------------------------------------------------------------------------------
+class Judge:
+    """The MNIST classifier and the test split's feature statistics, loaded once."""
+
+    def __init__(self, device: torch.device):
+        from difflab.data import load
+        from difflab.evaluate.classifier import load_or_train_classifier
+
+        self.device = device
+        self.model, meta = load_or_train_classifier("mnist", pad_to=32, device=device)
+        self.accuracy = meta["test_accuracy"]
+        self.test = load("mnist", split="test", pad_to=32).images
+        self._ref = None
+
+    @torch.no_grad()
+    def _logits_and_features(self, images: torch.Tensor):
+        logits, feats = [], []
+        for i in range(0, len(images), 512):
+            x = images[i:i + 512].to(self.device).float() / 127.5 - 1
+            f = self.model.penultimate(x)
+            feats.append(f.cpu().double())
+            logits.append(self.model.head(f).cpu())
+        return torch.cat(logits), torch.cat(feats).numpy()
+
+    def judge(self, images: torch.Tensor, labels: torch.Tensor | None = None, fid_n: int = 0) -> dict:
+        """confident fraction, rarest digit, class histogram, accuracy (with labels), classifier FID."""
+        from difflab.evaluate.metrics import fid
+
+        self.model.eval()
+        logits, feats = self._logits_and_features(images)
+        prob = logits.softmax(1)
+        conf = prob.max(1).values > 0.9
+        counts = torch.bincount(prob.argmax(1)[conf], minlength=10)
+        out = {"n": len(images), "confident": float(conf.double().mean()), "rarest": int(counts.min()),
+               "rarest_fraction": float(counts.min()) / len(images), "histogram": counts.tolist()}
+        if labels is not None:
+            out["accuracy"] = float((prob.argmax(1) == labels).double().mean())
+        if fid_n:
+            if self._ref is None:
+                self._ref = self._logits_and_features(self.test)[1]
+            out["classifier_fid"] = fid(feats[:fid_n], self._ref)
+            out["fid_n"] = min(fid_n, len(images))
+        return out
+
+
+# --- contestants ----------------------------------------------------------------------------------------
+def _difflab(*args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run([sys.executable, "-m", "difflab", *args], check=True, env=env)
+
+
+def train_difflab(out: Path, minutes: float, *flags: str) -> dict:
+    """``difflab train --data mnist --time-limit M`` plus ``flags`` (none for the default contestant)."""
+    t0 = time.monotonic()
+    _difflab("train", "--data", "mnist", "--time-limit", str(minutes), "--out", str(out), "--quiet", *flags)
+    cfg = json.loads((out / "config.json").read_text())
+    rows = (out / "loss.csv").read_text().strip().splitlines()
+    return {"train_seconds": time.monotonic() - t0, "steps": int(rows[-1].split(",")[0]),
+            "recipe": {k: cfg[k] for k in ("prediction", "process", "lr", "warmup", "precision", "sampler",
+                                           "sample_steps", "clip", "batch_size") if k in cfg}
+            | {k: cfg[k] for k in ("ema_length", "ema_decay") if k in cfg}}
+
+
+def sample_difflab(run_dir: Path, n: int, **kw) -> tuple[torch.Tensor, float]:
+    from difflab.sampling import load_run
+
+    run = load_run(run_dir)
+    t0 = time.monotonic()
+    images = run.sample(n, seed=0, **kw)
+    return images, time.monotonic() - t0
+
+
+def diffusers_unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                       layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32)
+
+
+def race_diffusers(minutes: float, n: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """diffusers' unconditional recipe (its train_unconditional example's loop), time-limited, then DDIM-100."""
+    import torch.nn.functional as F
+    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from difflab.data import load
+
+    quiet_diffusers()
+    torch.manual_seed(seed)
+    data = load("mnist", pad_to=32).images
+    unet = diffusers_unet()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    ema = EMAModel(unet.parameters(), decay=0.999)
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    t0, steps, deadline = time.monotonic(), 0, time.monotonic() + minutes * 60
+    unet.train()
+    while time.monotonic() < deadline:
+        x = data[torch.randint(0, len(data), (64,))].float() / 127.5 - 1
+        noise = torch.randn_like(x)
+        t = torch.randint(0, 1000, (64,))
+        loss = F.mse_loss(unet(sched.add_noise(x, noise, t), t).sample, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        steps += 1
+    train_seconds = time.monotonic() - t0
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    ddim = DDIMScheduler.from_config(sched.config)
+    ddim.set_timesteps(100)
+    g = torch.Generator().manual_seed(seed)
+    out, t1 = [], time.monotonic()
+    with torch.no_grad():
+        for lo in range(0, n, 256):
+            x = torch.randn(min(256, n - lo), 1, 32, 32, generator=g)
+            for t in ddim.timesteps:
+                x = ddim.step(unet(x, t).sample, t, x).prev_sample
+            out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    return torch.cat(out), {"steps": steps, "train_seconds": train_seconds, "sample_seconds": time.monotonic() - t1,
+                            "sampler": "DDIMScheduler, 100 steps", "parameters": sum(p.numel() for p in unet.parameters())}
+
+
+def _import_lucidrains():
+    """``denoising_diffusion_pytorch``'s GaussianDiffusion and Unet. Its package imports torchvision at the top
+    for its Trainer's data pipeline only, and torchvision does not work with the CPU torch wheel here: a
+    stand-in module satisfies that import (the race uses neither its Trainer nor its datasets)."""
+    import types
+
+    if "torchvision" not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except Exception:
+            tv = types.ModuleType("torchvision")
+            for sub in ("transforms", "utils"):
+                setattr(tv, sub, types.ModuleType(f"torchvision.{sub}"))
+                sys.modules[f"torchvision.{sub}"] = getattr(tv, sub)
+            sys.modules["torchvision"] = tv
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+
+    return GaussianDiffusion, Unet
+
+
+def race_lucidrains(minutes: float, n: int, seed: int = 0) -> tuple[torch.Tensor | None, dict]:
+    """lucidrains' recipe: Unet(dim 32, mults 1/2/2; 1.4M) in GaussianDiffusion (v-prediction, sigmoid
+    schedule, its defaults), Adam 3.2e-4, ema_pytorch EMA 0.995 every 10 steps, batch 64; sampled with its
+    DDIM at 250 steps (its README's setting; its default is 1000 ancestral steps)."""
+    try:
+        GaussianDiffusion, Unet = _import_lucidrains()
+        from ema_pytorch import EMA
+    except Exception as e:
+        return None, {"skipped": f"not installable here: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    from difflab.data import load
+
+    torch.manual_seed(seed)
+    data = load("mnist", pad_to=32).images
+    model = GaussianDiffusion(Unet(dim=32, dim_mults=(1, 2, 2), channels=1, flash_attn=False), image_size=32,
+                              timesteps=1000, sampling_timesteps=250, objective="pred_v", beta_schedule="sigmoid")
+    opt = torch.optim.Adam(model.parameters(), lr=3.2e-4, betas=(0.9, 0.99))
+    ema = EMA(model, beta=0.995, update_every=10)
+    t0, steps, deadline = time.monotonic(), 0, time.monotonic() + minutes * 60
+    while time.monotonic() < deadline:
+        loss = model(data[torch.randint(0, len(data), (64,))].float() / 255)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update()
+        steps += 1
+    train_seconds = time.monotonic() - t0
+    ema.ema_model.eval()
+    out, t1 = [], time.monotonic()
+    with torch.no_grad():
+        for lo in range(0, n, 256):
+            x = ema.ema_model.sample(batch_size=min(256, n - lo))  # in [0, 1]
+            out.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.cat(out), {"steps": steps, "train_seconds": train_seconds, "sample_seconds": time.monotonic() - t1,
+                            "sampler": "its DDIM, 250 steps", "parameters": sum(p.numel() for p in model.parameters())}
+
+
+# --- the phases -----------------------------------------------------------------------------------------
+def quality_vs_steps(run_dir: Path, judge: Judge, n: int, samplers, nfes, default_1000: bool = True) -> dict:
+    """Confident fraction and classifier FID (n samples) for each sampler at each NFE."""
+    from difflab.samplers import SAMPLERS
+    from difflab.sampling import load_run
+
+    run = load_run(run_dir)
+    default = run.cfg.sampler
+    table = {}
+    for sampler in dict.fromkeys([default, *samplers]):
+        if sampler not in SAMPLERS:
+            continue
+        for nfe in [*nfes, *([1000] if default_1000 and sampler == default else [])]:
+            steps = (nfe + 1) // 2 if sampler == "heun" else nfe  # Heun: 2 steps - 1 evaluations
+            t0 = time.monotonic()
+            images = run.sample(n, seed=0, sampler=sampler, steps=steps)
+            r = judge.judge(images, fid_n=n) | {"seconds": time.monotonic() - t0, "steps": steps}
+            table[f"{sampler}/{nfe}"] = r
+            print(f"  {sampler:12s} NFE {nfe:4d}: confident {r['confident']:.3f} rarest {r['rarest']:3d} "
+                  f"classifier FID {r['classifier_fid']:.2f} ({r['seconds']:.0f} s)", flush=True)
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=10.0, help="training minutes of each unconditional contestant")
+    p.add_argument("--class-minutes", type=float, default=12.0)
+    p.add_argument("--naive2-minutes", type=float, default=8.0)
+    p.add_argument("--only", default="difflab,diffusers,lucidrains",
+                   help="comma-separated: difflab, diffusers, lucidrains, class, naive2, steps")
+    p.add_argument("--n", type=int, default=256, help="samples judged per contestant")
+    p.add_argument("--fid-n", type=int, default=2000, help="samples for the classifier FID (>= --n)")
+    p.add_argument("--steps-n", type=int, default=256, help="samples per cell of the quality-vs-steps table")
+    p.add_argument("--out", default="runs/race", help="folder for the runs")
+    p.add_argument("--run", default=None, help="steps: the run to measure (default OUT/difflab)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    only = set(args.only.split(","))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu")
+    print(f"# quality race on {cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+          flush=True)
+    judge = Judge(device)
+    n_all = max(args.n, args.fid_n)
+    results: dict = {"cpu": cpu_description(), "judge_test_accuracy": judge.accuracy}
+
+    def report(name: str, r: dict) -> None:
+        results[name] = r
+        fid_txt = f", classifier FID {r['classifier_fid']:.2f} ({r['fid_n']})" if "classifier_fid" in r else ""
+        acc = f", asked-for digit {r['accuracy']:.3f}" if "accuracy" in r else ""
+        print(f"{name}: confident {r['confident']:.3f}, rarest digit {r['rarest']}/{r['n']}{acc}{fid_txt}; "
+              f"{r.get('steps', '?')} steps in {r.get('train_seconds', 0) / 60:.1f} min", flush=True)
+
+    if "difflab" in only:
+        info = train_difflab(out / "difflab", args.minutes)
+        images, secs = sample_difflab(out / "difflab", n_all)
+        judged = judge.judge(images[:args.n])
+        judged["classifier_fid"], judged["fid_n"] = judge.judge(images, fid_n=args.fid_n)["classifier_fid"], args.fid_n
+        report("difflab", judged | info | {"sample_seconds": secs})
+    if "diffusers" in only:
+        images, info = race_diffusers(args.minutes, n_all)
+        judged = judge.judge(images[:args.n])
+        judged["classifier_fid"], judged["fid_n"] = judge.judge(images, fid_n=args.fid_n)["classifier_fid"], args.fid_n
+        report("diffusers", judged | info)
+    if "lucidrains" in only:
+        images, info = race_lucidrains(args.minutes, args.n)  # 250 steps a sample: no FID set
+        if images is None:
+            results["lucidrains"] = info
+            print(f"lucidrains: {info['skipped']}", flush=True)
+        else:
+            report("lucidrains", judge.judge(images) | info)
+    if "class" in only:
+        info = train_difflab(out / "class", args.class_minutes, "--conditioning", "class")
+        labels = torch.arange(200) % 10
+        images, secs = sample_difflab(out / "class", 200, labels=labels, guidance=3.0)
+        report("class", judge.judge(images, labels) | info | {"guidance": 3.0, "sample_seconds": secs})
+    if "naive2" in only:
+        info = train_difflab(out / "naive2", args.naive2_minutes, "--method", "naive2")
+        images, secs = sample_difflab(out / "naive2", args.n)
+        report("naive2", judge.judge(images) | info | {"sample_seconds": secs})
+    if "steps" in only:
+        run_dir = Path(args.run) if args.run else out / "difflab"
+        print(f"quality against NFE, {run_dir}, {args.steps_n} samples a cell:", flush=True)
+        results["steps"] = quality_vs_steps(run_dir, judge, args.steps_n, FEWSTEP, NFES)
+    peers = [results[k]["confident"] for k in ("diffusers", "lucidrains") if "confident" in results.get(k, {})]
+    write_json(args.json, results)
+    if "difflab" in results and peers:
+        print(f"ratio={results['difflab']['confident'] / max(max(peers), 1e-9):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""What a new run gets for the settings it was not given, decided in one place.
+
+- Part-1 methods take the series' reference settings (:data:`METHOD_DEFAULTS`, applied by
+  :func:`apply_method_defaults` to the flags not typed).
+- Gaussian diffusion takes ``TrainConfig``'s own defaults, which are the recipe measured best for a short
+  CPU budget (bench/RESULTS.md, "Defaults"), and :func:`resolve` fills the two settings that depend on the
+  machine and the network: the learning rate (``--lr 0``, auto) and the precision (``--precision auto``).
+
+The resolved recipe is printed when a run starts (:func:`describe`) and saved in its config.json.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from difflab.config import TrainConfig
+
+# The series' reference settings (SPEC part 1): Adam 3e-4, batch 16, warm-up over the first 1000
+# images (63 steps of 16), gradient clipping 1.0; algorithm 1 noises k = 32 pixels a step for T = 60
+# steps; algorithm 2 samples in 64 steps (k = 16 pixels a step on 32x32). The network presets
+# (series-alg1 / series-alg2) are the 'auto' model of these methods (trainer.network_config).
+_SERIES = {"lr": 3e-4, "batch_size": 16, "warmup": 63, "grad_clip": 1.0}
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gaussian": {},
+    "naive1": {**_SERIES, "T": 60, "k": 32},
+    "naive2": {**_SERIES, "sample_steps": 64},
+    "cold": dict(_SERIES),
+}
+
+# --lr 0 (auto): small networks train fastest at 1e-3 in a CPU budget (measured, RESULTS.md); above
+# LARGE_NETWORK parameters the DDPM paper's 2e-4 (Ho et al., 35.7M CIFAR-10 net; not measured here)
+LR_SMALL, LR_LARGE, LARGE_NETWORK = 1e-3, 2e-4, 5_000_000
+
+
+def apply_method_defaults(cfg: TrainConfig, given: Iterable[str] | None = None) -> TrainConfig:
+    """Set the method's reference settings (METHOD_DEFAULTS) on every field the user did not give.
+
+    ``given``: the fields the user set; by default ``cfg._given``, which ``config_from_args`` records
+    (the flags typed). A config without it (built in Python) is taken as fully specified and kept.
+    Changes ``cfg`` in place and returns it.
+    """
+    given = getattr(cfg, "_given", None) if given is None else set(given)
+    if given is None:
+        return cfg
+    for name, value in METHOD_DEFAULTS.get(cfg.method, {}).items():
+        if name not in given:
+            setattr(cfg, name, value)
+    return cfg
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a GPU that supports it, or a CPU with AVX-512 BF16 or AMX
+    (on other CPUs bf16 is emulated, and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve(cfg: TrainConfig, device: torch.device, n_params: int) -> TrainConfig:
+    """Fill the machine- and network-dependent settings: ``lr`` 0 and ``precision`` auto (in place)."""
+    if cfg.lr == 0:
+        cfg.lr = LR_LARGE if n_params > LARGE_NETWORK else LR_SMALL
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if native_bf16(device) else "fp32"
+    return cfg
+
+
+def describe(cfg: TrainConfig) -> str:
+    """The recipe in one line, as a run starts."""
+    if cfg.method != "gaussian":
+        return (f"recipe: {cfg.method}, lr {cfg.lr:g}, batch {cfg.batch_size}, warm-up {cfg.warmup}, "
+                f"{cfg.precision}, sampling {cfg.sample_steps} steps")
+    ema = (f"power EMA of {cfg.ema_length:g} of the run" if getattr(cfg, "ema_length", 0) > 0
+           else f"EMA decay {cfg.ema_decay:g}")
+    return (f"recipe: {cfg.process} process, predict {cfg.prediction}, lr {cfg.lr:g} (warm-up {cfg.warmup}), "
+            f"batch {cfg.batch_size}, {ema}, {cfg.precision}; sampling {cfg.sampler} {cfg.sample_steps} steps, "
+            f"x0 {cfg.clip}")
