@@ -64,6 +64,8 @@ class TrainConfig:
     sample_every: int = _f(1000, "steps between sample grids (0: only at the end)")
     sampler: str = _f("ddim", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
     sample_steps: int = _f(50, "sampler steps of 'difflab sample' and the periodic grids")
+    guidance: float = _f(3.0, "classifier-free guidance scale g that class/text runs sample with unless told "
+                         "(g = 1 + w; 1: plain conditional sampling)")
     clip: str = _f("clip", "x0 estimates while sampling: clip to the data range, dynamic (Imagen's thresholding) "
                    "or none", ("none", "clip", "dynamic"))
     checkpoint_every: int = _f(1000, "steps between checkpoints")

@@ -120,11 +120,13 @@ class Run:
 
     def sample(self, n: int, **kwargs) -> torch.Tensor:
         """n samples as uint8 [n, C, H, W] (see :func:`sample_images`); the run's own sampler, step
-        count and x0 clipping unless given."""
+        count, x0 clipping and (conditional runs) guidance scale unless given."""
         kwargs.setdefault("device", self.device)
         kwargs.setdefault("sampler", self.cfg.sampler)
         kwargs.setdefault("steps", self.cfg.sample_steps)
         kwargs.setdefault("clip", self.cfg.clip)
+        if self.conditioner.kind != "none":
+            kwargs.setdefault("guidance", self.cfg.guidance)
         return sample_images(self.method, self.net, self.conditioner, n, self.shape, **kwargs)
 
     def denoiser(self):

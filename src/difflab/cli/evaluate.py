@@ -27,9 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="reference split (default test; train if there is none)")
     p.add_argument("--n", type=int, default=1000, help="samples to draw (default 1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale g (1: none)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: the run's --sampler")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's --sample-steps")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale g (1: none; default: the run's for class/text runs)")
     p.add_argument("--metrics", default="fid,kid,precision,recall,accuracy",
                    help="comma-separated: fid, kid, precision, recall, accuracy")
     p.add_argument("--features", choices=["inception", "classifier"], default="inception",
@@ -85,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         if run_.conditioner.kind != "none":
             labels = torch.arange(args.n) % run_.conditioner.num_classes
         ctx = DistContext.from_env(device.type)
+        args.sampler, args.steps = args.sampler or run_.cfg.sampler, args.steps or run_.cfg.sample_steps
+        if args.guidance is None:
+            args.guidance = run_.cfg.guidance if run_.conditioner.kind != "none" else 1.0
 
         def draw(start: int, count: int) -> torch.Tensor:
             lab = labels[start:start + count] if labels is not None else None

@@ -12,7 +12,7 @@ import torch
 from difflab.errors import UsageError
 
 GUIDANCE_HELP = ("classifier-free guidance scale g: f_hat = f(z, null) + g (f(z, c) - f(z, null)); "
-                 "g = 1 + w with w the weight of Ho & Salimans; g = 1 is plain conditional sampling (default), "
+                 "g = 1 + w with w the weight of Ho & Salimans; g = 1 is plain conditional sampling, "
                  "g = 0 unconditional")
 
 
@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--churn", type=float, default=None, help="EDM churn for euler/heun")
     p.add_argument("--class", dest="class_label", type=int, default=None, help="class index to sample")
     p.add_argument("--prompt", default=None, help="text prompt (runs trained with --conditioning text)")
-    p.add_argument("--guidance", type=float, default=1.0, help=GUIDANCE_HELP)
+    p.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP + " (default: the run's --guidance "
+                   "for class/text runs, 1 otherwise)")
     p.add_argument("--classifier", default=None, help="classifier run folder (difflab train-classifier) "
                    "for classifier guidance")
     p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance weight w")
@@ -118,14 +119,17 @@ def run(args: argparse.Namespace) -> int:
             labels = torch.arange(args.n) % run_.conditioner.num_classes
         default_steps = run_.cfg.sample_steps  # the run's own (naive2: 64 denoise-renoise steps)
         extra = {"cold_update": True} if args.cold_update else {}
+        if args.guidance is not None:  # else the run's own scale (conditional runs)
+            extra["guidance"] = args.guidance
         per_sample = run_.cfg.method == "gaussian"  # part-1 methods seed per batch: shard on batch ends
         block = 1 if per_sample else args.batch_size
 
         def draw(start: int, count: int) -> torch.Tensor:
             imgs = run_.sample(count, seed=args.seed, start=start, steps=args.steps or default_steps,
-                               sampler=args.sampler or run_.cfg.sampler, clip=args.clip or run_.cfg.clip,
+                               sampler=args.sampler or run_.cfg.sampler,
+                               clip=args.clip or run_.cfg.clip,
                                batch_size=args.batch_size,
-                               labels=_rows(labels, start, count), prompt=args.prompt, guidance=args.guidance,
+                               labels=_rows(labels, start, count), prompt=args.prompt,
                                init_noise=_rows(init_noise, start, count), classifier=classifier,
                                classifier_scale=args.classifier_scale,
                                classifier_sigma_max=args.classifier_sigma_max, progress=tick,
@@ -172,7 +176,7 @@ def _check_condition(args, run_) -> None:
         raise UsageError(f"--class must be in 0..{k - 1} for this run, got {args.class_label}")
     if args.prompt is not None and kind != "text":
         raise UsageError("--prompt needs a run trained with --conditioning text")
-    if args.guidance != 1.0 and kind == "none":
+    if args.guidance is not None and args.guidance != 1.0 and kind == "none":
         raise UsageError("--guidance needs a run trained with --conditioning class|text (for an unconditional "
                          "run use --classifier with --classifier-scale)")
     if args.class_label is not None and kind == "none" and not args.classifier:
