@@ -28,7 +28,8 @@ from difflab.processes.gaussian import GaussianProcess
 # name -> (family, one line shown beside the picker)
 FORWARD_PROCESSES: dict[str, tuple[str, str]] = {
     "binomial": ("binomial", "part 1: k = 32 random pixels a step set to black or white, T = 60, with replacement"),
-    "binomial-no-replace": ("binomial", "part 1: the same walk without replacement (every pixel at most once)"),
+    "binomial-no-replace": ("binomial", "part 1: the same without replacement (every pixel at most once; "
+                            "T = min(60, h w / k))"),
     "pixel-noise": ("pixel", "part 1, algorithm 2: one pixel a step without replacement, T = h w"),
     **{name: ("degradation", f"cold diffusion: {name}") for name in DEGRADATIONS},
     "linear": ("gaussian", "part 3: DDPM linear betas 1e-4..0.02, T = 1000"),
@@ -90,8 +91,11 @@ def forward_view(name: str, x: torch.Tensor, levels: int = 41, seed: int = 0) ->
 
 
 def _binomial(name, x, levels, seed) -> ForwardView:
-    noise = BinomialNoise(BINOMIAL_K, BINOMIAL_T, replace=name == "binomial")
     h, w = x.shape[-2:]
+    replace = name == "binomial"
+    # without replacement the walk ends when every pixel is used: T = hw / k steps at most
+    steps = BINOMIAL_T if replace else max(1, min(BINOMIAL_T, h * w // BINOMIAL_K))
+    noise = BinomialNoise(BINOMIAL_K, steps, replace=replace)
     noise.check(h, w)
     frames = list(noise.walk(x, torch.Generator().manual_seed(seed)))
     # the same draws on a marker image (0 is never a noise bit): pixels still 0 were never touched

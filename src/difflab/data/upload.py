@@ -36,4 +36,4 @@ def decode_image_bytes(data: bytes, shape: tuple[int, int, int], *, max_bytes: i
         array = decode(io.BytesIO(data), h, c)  # type: ignore[arg-type]  # Image.open takes a file object
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read the upload as an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-    return torch.from_numpy(np.ascontiguousarray(array))
+    return torch.from_numpy(np.array(array, dtype=np.uint8, copy=True))

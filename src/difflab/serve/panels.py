@@ -143,14 +143,13 @@ class Panels:
         return work
 
     def invert(self, req: InvertRequest):
-        from difflab.data.upload import decode_image_bytes
         from difflab.latents import invert, reconstruct, reconstruction_error
 
         def work(job: Job) -> None:
             run = self.catalog.model(req.run)
             label = None
             if req.image is not None:
-                image = decode_image_bytes(req.image, run.shape)
+                image = req.image
             else:
                 image, label = self._image(req.run, req.index)
                 label = label if run.conditioner.kind != "none" and run.class_names else None

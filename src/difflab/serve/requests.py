@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import torch
+
 from difflab.errors import UsageError
 from difflab.serve.catalog import RunInfo
 
@@ -171,7 +173,7 @@ class InvertRequest:
     run: str
     steps: int
     index: int | None
-    image: bytes | None
+    image: torch.Tensor | None  # uint8 [C, H, W], fitted to the run
 
     @classmethod
     def from_json(cls, body: dict, info: RunInfo, max_bytes: int) -> InvertRequest:
@@ -193,7 +195,12 @@ class InvertRequest:
                 raw = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError) as e:
                 raise BadRequest("the image is not valid base64") from e
-            return cls(info.name, steps, None, raw)
+            from difflab.data.upload import decode_image_bytes
+
+            try:  # decoded here, so that a bad file is a 400 before any work is queued
+                return cls(info.name, steps, None, decode_image_bytes(raw, info.shape, max_bytes=max_bytes))
+            except UsageError as e:
+                raise BadRequest(str(e)) from e
         return cls(info.name, steps, _int(body, "index", 0, 0, 10**7), None)
 
 
