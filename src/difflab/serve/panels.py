@@ -101,6 +101,16 @@ class Panels:
 
         return work
 
+    def warm(self, name: str, precision: str = "fp32"):
+        """Load a run and draw one one-step sample, so the first click does not pay for either."""
+        def work(job: Job) -> None:
+            run = self.catalog.model(name, precision)
+            list(stream_samples(run, 1, steps=1, sampler="ddim" if run.method.name == "gaussian" else None,
+                                stop=job.cancelled))
+            job.emit({"type": "loaded", "checkpoint": run.step})
+
+        return work
+
     def compare(self, req: CompareRequest):
         def work(job: Job) -> None:
             job.emit({"type": "start", "columns": [{"sampler": c.sampler, "steps": c.steps,

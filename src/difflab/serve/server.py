@@ -213,8 +213,7 @@ class Handler(BaseHTTPRequestHandler):
             kind, work = "invert", panels.invert(InvertRequest.from_json(body, info, MAX_UPLOAD))
         elif path == "/api/load":
             precision = SampleRequest.from_json({"precision": body.get("precision", "fp32")}, info).precision
-            kind, work = "load", lambda job: job.emit({"type": "loaded", "checkpoint":
-                                                      catalog.model(info.name, precision).step})
+            kind, work = "load", panels.warm(info.name, precision)
         else:
             self._send_json({"error": f"no such endpoint {path}"}, HTTPStatus.NOT_FOUND)
             return

@@ -299,21 +299,25 @@ async function loadData() {
   await loadForward();
 }
 
+let forwardAsked = 0;
+
 async function loadForward() {
   showError("forward-error", "");
+  const ticket = ++forwardAsked; // only the newest answer is shown: answers may arrive out of order
   try {
     const v = await api("/api/forward", { run: state.run.name, process: $("forward-process").value, index: state.dataIndex });
+    if (ticket !== forwardAsked) return;
     state.forward = v;
     $("forward-about").textContent = v.about;
     $("forward-summary").textContent = v.summary;
     $("forward-x").src = v.frames[0];
     $("forward-index").textContent = `#${state.dataIndex}`;
-    $("forward-curve-label").textContent = v.curve_label;
+    $("forward-curve-label").textContent = v.curve_label + (v.untouched.length ? " (dashed: measured in this image)" : "");
     const slider = $("forward-slider");
     slider.max = v.frames.length - 1;
     slider.value = Math.min(Number(slider.value), v.frames.length - 1);
     showForward();
-  } catch (err) { showError("forward-error", err.message); }
+  } catch (err) { if (ticket === forwardAsked) showError("forward-error", err.message); }
 }
 
 function showForward() {
@@ -402,6 +406,7 @@ async function startInvert(body) {
         $("invert-psnr").textContent = "reconstructing…";
       }
       if (ev.type === "reconstruction") {
+        $("invert-recon").src = ev.png;
         const db = ev.psnr === null ? "exact" : `${ev.psnr.toFixed(2)} dB`;
         $("invert-psnr").textContent = `reconstruction error: PSNR ${db} (MSE ${ev.mse.toFixed(2)}, ${ev.steps} DDIM steps each way)`;
       }
