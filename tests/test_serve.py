@@ -36,7 +36,7 @@ def _data_url(raw: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(raw).decode()
 
 
-def _job(server, path, body) -> list[dict]:
+def _job(server, path, body) -> list[dict]:  # noqa: F811 - the fixture, passed on
     status, answer = request(server, path, body)
     assert status == 202, answer
     return events(server, answer["job"])
