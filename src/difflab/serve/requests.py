@@ -1,0 +1,228 @@
+"""What the page may ask for, validated in one place: each request is a small frozen dataclass built
+by ``from_json(body, info)`` from the JSON a client sent and the run it names. Anything wrong is a
+:class:`BadRequest` with one line for the page (HTTP 400), before any model work is queued.
+
+:class:`SampleRequest` is the one sampling request of the explorer (run, sampler, steps, guidance,
+class or prompt, seed, count, precision); the compare and interpolate panels are built from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from difflab.errors import UsageError
+from difflab.serve.catalog import RunInfo
+
+MAX_COUNT = 64
+MAX_SEED = 2**31 - 1
+PRECISIONS = ("fp32", "bf16")
+
+
+class BadRequest(UsageError):
+    """A request the page should not have sent: answered with HTTP 400 and this message."""
+
+
+def _int(body: dict, key: str, default: int | None, lo: int, hi: int) -> int:
+    value = body.get(key, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise BadRequest(f"{key} must be a whole number, got {value!r}")
+    if not lo <= value <= hi:
+        raise BadRequest(f"{key} must be between {lo} and {hi}, got {int(value)}")
+    return int(value)
+
+
+def _float(body: dict, key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"{key} must be a number, got {value!r}")
+    if not lo <= value <= hi:
+        raise BadRequest(f"{key} must be between {lo:g} and {hi:g}, got {value:g}")
+    return float(value)
+
+
+def _choice(body: dict, key: str, default: str | None, choices) -> str | None:
+    value = body.get(key, default)
+    if value not in choices:
+        raise BadRequest(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def run_name(body: dict) -> str:
+    name = body.get("run")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("choose a run (the 'run' field is missing)")
+    return name
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One sampling request: samples ``first .. first + count - 1`` of ``seed`` from run ``run``."""
+
+    run: str
+    sampler: str | None  # None: the method's own (part-1 runs)
+    steps: int
+    guidance: float = 1.0
+    label: int | None = None  # class index (class runs; text runs: the class's first caption)
+    prompt: str | None = None  # text runs
+    seed: int = 0
+    count: int = 16
+    precision: str = "fp32"
+    first: int = 0
+
+    @classmethod
+    def from_json(cls, body: dict, info: RunInfo) -> SampleRequest:
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        gaussian = info.method == "gaussian"
+        if gaussian:
+            from difflab.samplers import SAMPLERS
+
+            sampler = _choice(body, "sampler", "ddim", list(SAMPLERS))
+        else:
+            if body.get("sampler") not in (None, "", "default"):
+                raise BadRequest(f"this is a {info.method} run: it samples with its own algorithm, not "
+                                 f"{body.get('sampler')!r}")
+            sampler = None
+        steps = _int(body, "steps", info.sample_steps, 1, info.max_steps)
+        guidance = _float(body, "guidance", 1.0, -20.0, 20.0)
+        label = body.get("label")
+        prompt = body.get("prompt") or None
+        if label is not None:
+            if info.conditioning == "none":
+                raise BadRequest("this run is unconditional: it takes no class")
+            label = _int(body, "label", None, 0, len(info.class_names) - 1)
+        if prompt is not None:
+            if info.conditioning != "text":
+                raise BadRequest("a prompt needs a run trained with --conditioning text")
+            if not isinstance(prompt, str) or len(prompt) > 200:
+                raise BadRequest("the prompt must be text of at most 200 characters")
+        if guidance != 1.0 and info.conditioning == "none":
+            raise BadRequest("guidance needs a run trained with --conditioning class or text")
+        if not gaussian and (guidance != 1.0 or label is not None or prompt is not None):
+            raise BadRequest(f"conditioning and guidance need a Gaussian run, this one is {info.method}")
+        return cls(info.name, sampler, steps, guidance, label, prompt, _int(body, "seed", 0, 0, MAX_SEED),
+                   _int(body, "count", 16, 1, MAX_COUNT), _choice(body, "precision", "fp32", PRECISIONS),
+                   _int(body, "first", 0, 0, MAX_SEED))
+
+    def sample_kwargs(self) -> dict:
+        """The keyword arguments of :meth:`difflab.sampling.Run.sample` (and ``stream_samples``)."""
+        kw = {"seed": self.seed, "steps": self.steps, "sampler": self.sampler}
+        if self.guidance != 1.0:
+            kw["guidance"] = self.guidance
+        if self.prompt is not None:
+            kw["prompt"] = self.prompt
+        return kw
+
+    def evaluations(self) -> int:
+        """Network evaluations per sample (classifier-free guidance batches both passes into one)."""
+        from difflab.samplers import evaluations
+
+        return evaluations(self.sampler, self.steps) if self.sampler else self.steps
+
+
+@dataclass(frozen=True)
+class CompareRequest:
+    """The same seeds with several samplers or step counts: one SampleRequest per column."""
+
+    columns: tuple[SampleRequest, ...]
+
+    @classmethod
+    def from_json(cls, body: dict, info: RunInfo) -> CompareRequest:
+        base = SampleRequest.from_json({**body, "count": body.get("count", 4)}, info)
+        if base.count > 16:
+            raise BadRequest("compare at most 16 seeds at once")
+        cols = body.get("columns")
+        if not isinstance(cols, list) or not 2 <= len(cols) <= 6:
+            raise BadRequest("compare needs 2 to 6 columns of {sampler, steps}")
+        columns = []
+        for col in cols:
+            if not isinstance(col, dict):
+                raise BadRequest("each column must be an object {sampler, steps}")
+            one = SampleRequest.from_json({**body, "count": base.count, "sampler": col.get("sampler", base.sampler),
+                                           "steps": col.get("steps", base.steps)}, info)
+            columns.append(replace(one, precision=base.precision))
+        return cls(tuple(columns))
+
+
+@dataclass(frozen=True)
+class InterpolateRequest:
+    """slerp between the starting noise of sample 0 of two seeds, ``n`` images decoded by DDIM."""
+
+    run: str
+    seed_a: int
+    seed_b: int
+    n: int
+    steps: int
+    label: int | None
+
+    @classmethod
+    def from_json(cls, body: dict, info: RunInfo) -> InterpolateRequest:
+        _gaussian(info, "interpolation")
+        one = SampleRequest.from_json({k: body[k] for k in ("steps", "label") if k in body}, info)
+        return cls(info.name, _int(body, "seed_a", 0, 0, MAX_SEED), _int(body, "seed_b", 1, 0, MAX_SEED),
+                   _int(body, "n", 8, 2, 32), one.steps, one.label)
+
+
+@dataclass(frozen=True)
+class InvertRequest:
+    """DDIM-invert one image (uploaded bytes, or dataset image ``index``) and reconstruct it."""
+
+    run: str
+    steps: int
+    index: int | None
+    image: torch.Tensor | None  # uint8 [C, H, W], fitted to the run
+
+    @classmethod
+    def from_json(cls, body: dict, info: RunInfo, max_bytes: int) -> InvertRequest:
+        import base64
+        import binascii
+
+        _gaussian(info, "inversion")
+        steps = _int(body, "steps", 50, 1, info.max_steps)
+        image, index = body.get("image"), body.get("index")
+        if (image is None) == (index is None):
+            raise BadRequest("give either an uploaded image or a dataset index")
+        if image is not None:
+            if not isinstance(image, str):
+                raise BadRequest("the image must be a data URL or base64 text")
+            text = image.split(",", 1)[1] if image.startswith("data:") else image
+            if len(text) > (max_bytes * 4) // 3 + 8:
+                raise BadRequest(f"the image is over {max_bytes / 2**20:.0f} MiB")
+            try:
+                raw = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise BadRequest("the image is not valid base64") from e
+            from difflab.data.upload import decode_image_bytes
+
+            try:  # decoded here, so that a bad file is a 400 before any work is queued
+                return cls(info.name, steps, None, decode_image_bytes(raw, info.shape, max_bytes=max_bytes))
+            except UsageError as e:
+                raise BadRequest(str(e)) from e
+        return cls(info.name, steps, _int(body, "index", 0, 0, 10**7), None)
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """The forward process ``process`` on dataset image ``index`` of a run's training data."""
+
+    run: str
+    process: str
+    index: int
+    seed: int
+
+    @classmethod
+    def from_json(cls, body: dict, info: RunInfo) -> ForwardRequest:
+        from difflab.forward import FORWARD_PROCESSES
+
+        if info.data is None:
+            raise BadRequest("this model has no training data to show (a diffusers folder)")
+        return cls(info.name, _choice(body, "process", "cosine", list(FORWARD_PROCESSES)),
+                   _int(body, "index", 0, 0, 10**7), _int(body, "seed", 0, 0, MAX_SEED))
+
+
+def _gaussian(info: RunInfo, what: str) -> None:
+    if info.method != "gaussian":
+        raise BadRequest(f"{what} needs a Gaussian run (deterministic DDIM); this one is {info.method}")

@@ -1,0 +1,137 @@
+"""The explorer clicked through in headless Chromium (Debian's package): every panel, what appears in
+it, a screenshot of each, and no request to any host but the server's.
+
+Screenshots go to the test's tmp folder, or to ``$DIFFLAB_SCREENSHOTS`` (the docs' pictures were
+made so, on the mnist-small demo run: ``DIFFLAB_SERVE_RUNS=folder-with-runs``)."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from serve_helpers import guarded_page, launch_browser, runs_dir  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def served(runs_dir):  # noqa: F811
+    from difflab.serve import ExplorerServer
+
+    srv = ExplorerServer(os.environ.get("DIFFLAB_SERVE_RUNS") or runs_dir, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_click_through_every_panel(served, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    shots = Path(os.environ.get("DIFFLAB_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    upload = tmp_path / "upload.png"
+    a = np.zeros((64, 64), np.uint8)
+    a[12:52, 26:38] = 255  # a thick "1"
+    Image.fromarray(a).save(upload)
+    with sync_api.sync_playwright() as p:
+        browser = launch_browser(p)
+        try:
+            page = guarded_page(browser, served)
+            page.goto(f"http://127.0.0.1:{served.port}/")
+            page.wait_for_selector("#run option", state="attached")
+            page.wait_for_selector("#compare-columns .colspec", state="attached")
+
+            # sample: images stream in, the path scrubs back and forth
+            page.fill("#sample-form input[name=steps]", "10")
+            page.select_option("#sample-form select[name=label]", "7")
+            page.fill("#sample-form input[name=guidance]", "2")
+            page.click("#sample-go")
+            page.wait_for_selector("#sample-grid img:nth-child(16)", timeout=60_000)
+            page.wait_for_selector("#sample-status:has-text('all in')", timeout=60_000)
+            assert page.locator("#sample-grid img").count() == 16
+            assert page.get_attribute("#path-slider", "max") == "9"
+            page.locator("#path-slider").fill("3")
+            assert "step 4 of 10" in page.inner_text("#path-label")
+            page.screenshot(path=str(shots / "serve-sample.png"), full_page=True)
+
+            # another sample's path, replayed on click
+            page.click("#sample-grid img:nth-child(5)")
+            page.wait_for_selector("#path-which:has-text('sample 4')")
+            page.wait_for_selector("#path-label:has-text('step 10 of 10')", timeout=60_000)
+
+            # cancel: a long request stops
+            page.fill("#sample-form input[name=steps]", "1000")
+            page.select_option("#sample-form select[name=sampler]", "ddpm")
+            page.fill("#sample-form input[name=count]", "64")
+            page.click("#sample-go")
+            page.wait_for_selector("#path-label:has-text('step 1 ')", timeout=60_000)
+            page.click("#sample-cancel")
+            page.wait_for_selector("#sample-status:has-text('cancelled')", timeout=60_000)
+
+            # a bad parameter: a clear message, no stack trace
+            page.fill("#sample-form input[name=steps]", "0")
+            page.click("#sample-go")
+            page.wait_for_selector("#sample-error:not([hidden])")
+            assert "steps must be between 1 and" in page.inner_text("#sample-error")
+            assert "Traceback" not in page.content()
+
+            # compare samplers: four columns, each with its evaluations
+            page.click("#tabs button[data-panel=compare]")
+            page.click("#compare-go")
+            page.wait_for_selector("#compare-out .col:nth-child(4) div.muted:has-text('evaluations ·')", timeout=120_000)
+            heads = page.locator("#compare-out .col h3").all_inner_texts()
+            assert heads == ["ddim · 10 steps", "dpmpp-2m · 10 steps", "heun · 10 steps", "ddpm · 50 steps"]
+            assert "19 evaluations" in page.locator("#compare-out .col").nth(2).inner_text()
+            assert page.locator("#compare-out .col img").count() == 16
+            page.screenshot(path=str(shots / "serve-compare.png"), full_page=True)
+
+            # the forward process: binomial noise with its untouched pixels, then a Gaussian schedule
+            page.click("#tabs button[data-panel=forward]")
+            page.click("#data-strip img:nth-child(3)")
+            page.select_option("#forward-process", "binomial")
+            page.wait_for_selector("#forward-summary:has-text('binomial noise k=32')")
+            page.locator("#forward-slider").fill("60")
+            assert "pixels never touched" in page.inner_text("#forward-untouched")
+            page.screenshot(path=str(shots / "serve-forward-binomial.png"), full_page=True)
+            page.select_option("#forward-process", "cosine")
+            page.wait_for_selector("#forward-curve-label:has-text('SNR')")
+            page.locator("#forward-slider").fill("12")
+            assert page.locator("#forward-curve polyline").count() == 1
+            page.screenshot(path=str(shots / "serve-forward.png"), full_page=True)
+
+            # interpolate: a strip of 8
+            page.click("#tabs button[data-panel=interpolate]")
+            page.click("#interp-go")
+            page.wait_for_selector("#interp-strip figure:nth-child(8) figcaption:has-text('t = 1.00')", timeout=60_000)
+            page.screenshot(path=str(shots / "serve-interpolate.png"), full_page=True)
+
+            # invert: a dataset image, then an uploaded file
+            page.click("#tabs button[data-panel=invert]")
+            page.click("#invert-go")
+            page.wait_for_selector("#invert-psnr:has-text('dB')", timeout=120_000)
+            page.set_input_files("#invert-file", str(upload))
+            page.wait_for_selector("#invert-psnr:has-text('inverting')")
+            page.wait_for_selector("#invert-psnr:has-text('dB')", timeout=120_000)
+            page.wait_for_selector("#invert-recon[src^='data:image/png']", state="attached")
+            page.wait_for_timeout(300)  # let the last image decode before the picture is taken
+            page.screenshot(path=str(shots / "serve-invert.png"), full_page=True)
+
+            # training monitor: the loss curve and the newest grid
+            page.click("#tabs button[data-panel=monitor]")
+            page.wait_for_selector("#monitor-loss polyline", state="attached", timeout=30_000)
+            page.wait_for_selector("#monitor-grid[src^='data:image/png']", state="attached", timeout=30_000)
+            assert "checkpoint step" in page.inner_text("#monitor-state")
+            page.screenshot(path=str(shots / "serve-monitor.png"), full_page=True)
+
+            assert page.foreign == [], f"requests left the machine: {page.foreign}"
+            assert page.errors == [] or all("400" in e for e in page.errors), page.errors
+        finally:
+            browser.close()
+    for name in ("sample", "compare", "forward", "forward-binomial", "interpolate", "invert", "monitor"):
+        with Image.open(io.BytesIO((shots / f"serve-{name}.png").read_bytes())) as im:
+            assert im.width >= 1000  # a real screenshot, not an empty file
