@@ -333,8 +333,12 @@ def test_cli_class_run_samples_with_class_and_guidance(class_run, capsys, tmp_pa
     assert f["images"].shape == (6, 8, 8, 1) and set(f["labels"].tolist()) == {3}
     assert (tmp_path / "g.png").stat().st_size > 0
     rc, _, _ = cli(capsys, "sample", "--run", class_run, "--n", "6", "--steps", "8", "--class", "3",
-                   "--out", tmp_path / "p.png", "--save-npz", tmp_path / "p.npz")
+                   "--guidance", "1", "--out", tmp_path / "p.png", "--save-npz", tmp_path / "p.npz")
     assert rc == 0 and not np.array_equal(np.load(tmp_path / "p.npz")["images"], f["images"])
+    # without --guidance a class run samples with its own scale (config.json 'guidance', 3 by default)
+    rc, _, _ = cli(capsys, "sample", "--run", class_run, "--n", "6", "--steps", "8", "--class", "3",
+                   "--out", tmp_path / "d.png", "--save-npz", tmp_path / "d.npz")
+    assert rc == 0 and np.array_equal(np.load(tmp_path / "d.npz")["images"], f["images"])
 
 
 @pytest.mark.parametrize("args,msg", [
