@@ -143,10 +143,9 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
 
 def save_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
+    from difflab.files import write_text
+
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False))
 
 
 def load_run_config(run: str | Path) -> TrainConfig:

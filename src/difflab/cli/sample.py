@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from difflab.errors import UsageError
+from difflab.files import atomic_write
 
 GUIDANCE_HELP = ("classifier-free guidance scale g: f_hat = f(z, null) + g (f(z, c) - f(z, null)); "
                  "g = 1 + w with w the weight of Ho & Salimans; g = 1 is plain conditional sampling (default), "
@@ -148,13 +149,14 @@ def run(args: argparse.Namespace) -> int:
         arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
         if labels is not None:
             arrays["labels"] = labels.numpy()
-        path = Path(args.save_npz)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        path = atomic_write(args.save_npz, lambda tmp: _savez(tmp, arrays))
         print(f"samples: {path} ({len(images)} images, uint8 [N, H, W, C])")
     return 0
+
+
+def _savez(tmp: Path, arrays: dict) -> None:
+    with open(tmp, "wb") as f:  # a file object: numpy would add .npz to a temporary name
+        np.savez_compressed(f, **arrays)
 
 
 def _rows(x: torch.Tensor | None, start: int, count: int) -> torch.Tensor | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 import signal
 import sys
@@ -31,6 +32,7 @@ from difflab.config import TrainConfig, save_json
 from difflab.data import ImageData, load
 from difflab.errors import CheckpointError, TrainingDiverged, UsageError
 from difflab.figures import plot_loss, save_grid
+from difflab.files import write_text
 from difflab.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -479,10 +481,9 @@ class Trainer:
             rows = list(csv.reader(f))
         kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
         if len(kept) != len(rows):
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows(kept)
-            tmp.replace(path)
+            text = io.StringIO()
+            csv.writer(text).writerows(kept)
+            write_text(path, text.getvalue())
 
     def save(self) -> Path | None:
         """Write a checkpoint (rank 0) and wait for it on every rank."""
