@@ -88,7 +88,7 @@ def _kill_during_checkpoint(proc: Proc, folder: Path, stage: str) -> None:
         if not folder.is_dir():
             return False
         if stage == "tmp":
-            return any(folder.glob(".step-*.safetensors.tmp"))
+            return any(folder.glob(".step-*.safetensors.*.tmp"))
         return any(not p.with_suffix(".json").exists() for p in folder.glob("step-*.safetensors"))
 
     proc.wait_for(caught)
