@@ -185,6 +185,12 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     for name, value in tensors.items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
+    if state:  # every parameter has the same state entries (or the optimiser fails at its next step)
+        params = [i for g in meta["param_groups"] for i in g["params"]]
+        keys = set(next(iter(state.values())))
+        missing = next((i for i in params if set(state.get(i, {})) != keys), None)
+        if missing is not None:
+            raise ValueError(f"optimiser state of parameter {missing} is missing or incomplete")
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     for group in opt.param_groups:
         for p in group["params"]:

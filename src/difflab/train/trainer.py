@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import signal
 import sys
@@ -408,10 +409,10 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "samples").mkdir(exist_ok=True)
+            self._truncate_log(self.step)  # first: a damaged log stops the run before anything is written
             save_json(self.out / "config.json", cfg.to_json())
             if cfg.conditioning == "text":
                 self.conditioner.prompts.save(self.out / "prompts.safetensors")
-            self._truncate_log(self.step)
             self.log(self.describe())
             if self.dist.active and cfg.method != "gaussian":
                 self.log(f"note: {cfg.method} draws its noise per batch, not per sample, so each rank's slice "
@@ -589,6 +590,13 @@ def _check_new_run_folder(out: Path) -> None:
 
         try:
             load_run_config(out)
+            ours = {"data", "method", "steps"} <= set(json.loads((out / "config.json").read_text()))
         except UsageError as e:
             raise UsageError(f"--out {out} holds a config.json that is not a difflab run's ({e}); choose a new "
                              "or empty folder") from e
+        if not ours:
+            raise UsageError(f"--out {out} holds a config.json that is not a difflab run's; choose a new or empty "
+                             "folder")
+    log = out / "loss.csv"
+    if log.exists() and not log.read_bytes().startswith(b"step,loss,"):
+        raise UsageError(f"--out {out} holds a loss.csv that is not a difflab run's; choose a new or empty folder")
