@@ -200,7 +200,10 @@ class Trainer:
         self._perm_cache: dict[int, torch.Tensor] = {}
         self._pending = 0  # a signal received on this rank and not yet acted on
         self._signal = 0  # the signal number that stopped the run (agreed by all ranks), 0 if none
-        self._phase = "loop"  # "loop", "final" (the last save), "grid" (the final grid: a signal skips it)
+        # "loop", then "final" (the last save and grid): a repeated Ctrl-C aborts only the loop. A signal during
+        # the final grid lets it finish (it is bounded by --sample-steps): raising out of the sampler while its
+        # threads run a batch aborts the process
+        self._phase = "loop"
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -345,8 +348,6 @@ class Trainer:
         def handler(signum, _frame):
             repeat = bool(self._pending)
             self._pending = self._pending or signum
-            if self._phase == "grid":
-                raise _SkipGrid
             if repeat and signum == signal.SIGINT and not self.dist.active and self._phase == "loop":
                 raise KeyboardInterrupt
 
@@ -394,8 +395,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train to ``cfg.steps`` (or the time limit, or a signal), save, and write the final grid. SIGTERM or
-        SIGINT at any moment, also during the last save, ends with that checkpoint complete; during the
-        final grid they skip it."""
+        SIGINT at any moment, also during the last save or grid, ends with that checkpoint complete."""
         old_handlers = self._handle_signals()
         try:
             return self._run()
@@ -463,22 +463,13 @@ class Trainer:
         grid = None
         if main:
             if stopped_by != "signal" and not self._pending:  # a signal asks for a quick exit
-                grid = self._final_grid()
+                grid = self.sample_grid(self.out / "samples" / "final.png")
             if (self.out / "loss.csv").exists():
                 plot_loss(self.out / "loss.csv", self.out / "loss.png")
         self.dist.barrier()
         if self._pending and not self._signal:  # a signal during the final save or grid
             self._signal, stopped_by = self._pending, "signal"
         return TrainResult(self.step, ckpt_path, grid, ips, seconds, stopped_by, self._signal)
-
-    def _final_grid(self) -> Path | None:
-        self._phase = "grid"
-        try:
-            return self.sample_grid(self.out / "samples" / "final.png")
-        except _SkipGrid:
-            return None
-        finally:
-            self._phase = "final"
 
     def describe(self) -> str:
         cfg, d = self.cfg, self.data
@@ -576,10 +567,6 @@ class Trainer:
         imgs = sample_images(self.method, self.ema.model, self.conditioner, n, self.shape, seed=0,
                              steps=self.cfg.sample_steps, device=self.device)
         return save_grid(imgs, path, nrow=8 if n >= 64 else None)
-
-
-class _SkipGrid(BaseException):
-    """Raised by the signal handler during the final grid (a BaseException, so no handler swallows it)."""
 
 
 def _check_new_run_folder(out: Path) -> None:
