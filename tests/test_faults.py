@@ -88,7 +88,7 @@ def _kill_during_checkpoint(proc: Proc, folder: Path, stage: str) -> None:
         if not folder.is_dir():
             return False
         if stage == "tmp":
-            return any(folder.glob(".step-*.safetensors.tmp"))
+            return any(folder.glob(".step-*.safetensors.*.tmp"))
         return any(not p.with_suffix(".json").exists() for p in folder.glob("step-*.safetensors"))
 
     proc.wait_for(caught)
@@ -175,3 +175,32 @@ def test_next_save_removes_leftovers_of_a_killed_writer(tmp_path):
     save_checkpoint(tmp_path, 10, {"w": torch.zeros(4)}, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "step-0000005.json", "step-0000005.safetensors", "step-0000010.json", "step-0000010.safetensors"]
+
+
+@pytest.mark.parametrize("sigs,code", [([signal.SIGTERM], 0),
+                                       pytest.param([signal.SIGINT, signal.SIGINT], 130, marks=pytest.mark.slow)])
+def test_signal_during_the_final_save_completes_it(tmp_path, sigs, code):
+    """The only checkpoint of a run is the final one: a signal (even a repeated Ctrl-C) while it is written
+    must not lose the run; the handlers stay until the end."""
+    out, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    proc = Proc(_train(out, 6, checkpoint_every=1000), slow_checkpoint=0.5)
+    proc.wait_for(lambda: folder.is_dir() and any(folder.glob(".step-*.safetensors.*.tmp")))
+    for s in sigs:
+        os.kill(proc.p.pid, s)
+    assert proc.finish(120) == code, proc.output
+    assert _assert_disk_sound(folder) == [6] and "Traceback" not in proc.output
+    assert "stopped by a signal: step 6" in proc.output
+
+
+@pytest.mark.slow
+def test_signal_during_the_final_grid_ends_cleanly(tmp_path):
+    out = tmp_path / "run"
+    # a continuous process: 400 sampler steps are 400 network calls (a discrete one stops at T)
+    proc = Proc(_train(out, 4, checkpoint_every=1000, sample_steps=400, process="vp"))
+    proc.wait_for(lambda: (out / "checkpoints" / "step-0000004.json").exists())
+    time.sleep(0.3)
+    os.kill(proc.p.pid, signal.SIGINT)
+    assert proc.finish(120) == 130, proc.output
+    assert _assert_disk_sound(out / "checkpoints") == [4] and "Traceback" not in proc.output
+    assert "stopped by a signal: step 4" in proc.output and not list((out / "samples").glob(".*"))
+    assert not (out / ".lock").exists()

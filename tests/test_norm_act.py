@@ -225,7 +225,8 @@ def test_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch)
     path = cpu_kernels._build(cpu_kernels._compiler())
     assert path.parent == tmp_path / "cache" / "kernels" and path.exists()
     assert cpu_kernels._build(cpu_kernels._compiler()) == path  # second call: the cached file
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+    # no temporary left behind; the digest recorded at build time beside the library
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".sha256"]
     fake = tmp_path / "bin" / "c++"
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\necho 'c++ 1.0'\n[ \"$1\" = --version ] && exit 0\necho 'error: broken' >&2\nexit 1\n")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from difflab.checks import MAX_SEED, check_range
 from difflab.errors import CheckpointError, UsageError
 
 METHODS = ("gaussian", "naive1", "naive2", "cold")
@@ -78,20 +80,20 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got '{getattr(self, f.name)}'")
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "T": self.T, "log_every": self.log_every, "checkpoint_every": self.checkpoint_every,
-                    "keep": self.keep, "sample_steps": self.sample_steps}
-        for name, v in positive.items():
-            if v < 1:
-                raise UsageError(f"--{_flag(name)} must be at least 1, got {v}")
-        if not 0 <= self.lr < 1:
-            raise UsageError(f"--lr must be in (0, 1), or 0 for auto, got {self.lr}")
-        if not 0 <= self.cond_drop < 1:
-            raise UsageError(f"--cond-drop must be in [0, 1), got {self.cond_drop}")
-        if not 0 <= self.ema_decay < 1:
-            raise UsageError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.time_limit < 0:
-            raise UsageError("--time-limit must be positive (minutes)")
+        for name, (lo, hi, *opts) in _RANGES.items():
+            check_range(f"--{_flag(name)}", getattr(self, name), lo, hi, **(opts[0] if opts else {}))
+        if self.dropout != -1:
+            check_range("--dropout", self.dropout, 0, 1, open_hi=True)
+        if self.channels_mult:
+            channel_widths(self.channels_mult)
+        if not DEVICE.fullmatch(self.device):
+            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        if not self.out.strip():
+            raise UsageError("--out must name a folder")
+        from difflab.samplers import SAMPLERS  # (samplers import nothing of the run layer)
+
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
         if self.image_channels not in (0, 1, 3):
             raise UsageError(f"--image-channels must be 1 or 3, got {self.image_channels}")
         if self.conditioning != "none" and self.method != "gaussian":
@@ -105,8 +107,40 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The config saved as JSON; a value of the wrong type (or null) is a TypeError naming the key."""
+        if not isinstance(d, dict):
+            raise TypeError("not a JSON object")
+        types = {f.name: str(f.type) for f in fields(cls)}
+        kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+        for k, v in d.items():
+            ok = kinds.get(types.get(k, ""))  # fields of other types (none yet) are not checked here
+            if ok and (not isinstance(v, ok) or (isinstance(v, bool) and types[k] != "bool")):
+                raise TypeError(f"'{k}' is {json.dumps(v)}, not a {types[k]}")
+        return cls(**{k: v for k, v in d.items() if k in types})
+
+
+# (lo, hi[, options]) of every numeric field; sizes are bounded so that no absurd value reaches an allocation
+_RANGES: dict[str, tuple] = {
+    "T": (1, 1_000_000), "gamma": (0, 1, {"open_lo": True, "open_hi": True}), "k": (1, 1 << 24),
+    "cond_drop": (0, 1, {"open_hi": True}), "image_size": (0, 4096), "steps": (1, 10**10),
+    "time_limit": (0, 10**7), "batch_size": (1, 1 << 16), "grad_accum": (1, 1 << 12),
+    "lr": (0, 1, {"open_hi": True}), "guidance": (-100, 100), "weight_decay": (0, None), "warmup": (0, 10**10),
+    "grad_clip": (0, None), "ema_decay": (0, 1, {"open_hi": True}), "seed": (0, MAX_SEED),
+    "log_every": (1, 10**6), "sample_every": (0, 10**10), "sample_steps": (1, 100_000),
+    "checkpoint_every": (1, 10**10), "keep": (1, 10_000),
+}
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+
+
+def channel_widths(text: str) -> list[int]:
+    """``--channels-mult`` '32,64,64' as positive widths (1 to 8 levels, each at most 4096)."""
+    try:
+        widths = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--channels-mult takes comma-separated integers, got '{text}'") from None
+    if not 1 <= len(widths) <= 8 or not all(1 <= w <= 4096 for w in widths):
+        raise UsageError(f"--channels-mult takes 1 to 8 widths from 1 to 4096, got '{text}'")
+    return widths
 
 
 def _flag(name: str) -> str:
@@ -148,10 +182,9 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
 
 def save_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
+    from difflab.files import write_text
+
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False))
 
 
 def load_run_config(run: str | Path) -> TrainConfig:
@@ -161,6 +194,6 @@ def load_run_config(run: str | Path) -> TrainConfig:
     if not p.exists():
         raise CheckpointError(f"'{run}' has no config.json: is it a difflab run folder?")
     try:
-        return TrainConfig.from_json(json.loads(p.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+        return TrainConfig.from_json(json.loads(p.read_text())).validate()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, UsageError) as e:
         raise CheckpointError(f"{p} is corrupt ({e}); restore it or start a new run") from e

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from difflab.files import atomic_write
+
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Model units ([-1, 1]) to uint8 [N, C, H, W] (rounded and clamped)."""
@@ -35,15 +37,10 @@ def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value:
 
 def save_image(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     """Save an H x W x C uint8 array as PNG (nearest-neighbour upscaled by ``scale``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 2) -> Path:
@@ -84,9 +81,7 @@ def plot_loss(csv_path: str | Path, png_path: str | Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(png_path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)

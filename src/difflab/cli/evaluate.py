@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.checks import MAX_SAMPLES, MAX_SEED, check_array, check_values
 from difflab.errors import UsageError
+from difflab.files import check_output, write_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--force", action="store_true", help="replace a --json file that exists")
 
 
 def _reference(name: str, split: str, shape):
@@ -66,8 +69,11 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.run is None) == (args.samples is None):
         raise UsageError("give exactly one of --run DIR or --samples FILE.npz")
-    if args.n < 2:
-        raise UsageError("--n must be at least 2")
+    check_values({"--n": (args.n, 2, MAX_SAMPLES), "--seed": (args.seed, 0, MAX_SEED), "--steps": (args.steps, 1, 100_000),
+                  "--guidance": (args.guidance, None, None), "--bpd-n": (args.bpd_n, 1, MAX_SAMPLES),
+                  "--batch-size": (args.batch_size, 1, 1 << 16)})
+    if args.json:
+        check_output(args.json, "--json", force=args.force)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     device = pick_device(args.device)
     labels = None
@@ -118,9 +124,7 @@ def run(args: argparse.Namespace) -> int:
         result["bpd_n"] = len(bpd)
     _print_table(result)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=float))
+        path = write_text(args.json, json.dumps(result, indent=2, default=float))
         print(f"json: {path}")
     return 0
 
@@ -135,8 +139,13 @@ def _read_npz(path: str):
             labels = f["labels"] if "labels" in f else None
     except (ValueError, KeyError, OSError) as e:
         raise UsageError(f"{path} is not a difflab samples file (uint8 'images' [N, H, W, C]): {e}") from e
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise UsageError(f"{path}: 'images' must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) < 2:
+        raise UsageError(f"{path}: 'images' must be uint8 [N, H, W, C] with N >= 2 and C = 1 or 3, got "
+                         f"{images.dtype} {list(images.shape)}")
+    if labels is not None:
+        check_array(f"{path} 'labels'", labels, kinds="iu", ndim=1, shape=(len(images),))
+        if labels.min() < 0:
+            raise UsageError(f"{path}: 'labels' must not be negative")
     t = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
     return t, (torch.from_numpy(labels).long() if labels is not None else None)
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from difflab.checks import MAX_SEED, check_values
 from difflab.errors import UsageError
+from difflab.files import run_folder_of
 
 MEAN_SEEDS = 64  # seeds averaged for the mean prediction from pure noise
 
@@ -166,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
     from difflab.train.trainer import pick_device
 
     check_counts(args.n, args.grid, args.columns)  # before the (slow) loading of the run
+    check_values({"--n": (args.n, 1, 10_000), "--grid": (args.grid, 1, 10_000), "--columns": (args.columns, 1, 10_000),
+                  "--steps": (args.steps, 1, 100_000), "--seed": (args.seed, 0, MAX_SEED)})
+    if args.out and (run_folder_of(Path(args.out).resolve()) or Path(args.out).is_file()):
+        raise UsageError(f"--out {args.out} must be a folder outside any run's own files (default RUN/figures)")
     run_ = load_run(args.run, pick_device(args.device))
     out = Path(args.out) if args.out else Path(args.run) / "figures"
     make_figures(run_, out, n=args.n, columns=args.columns, grid=args.grid, steps=args.steps, seed=args.seed)

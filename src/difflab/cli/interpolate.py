@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from difflab.checks import MAX_SEED, check_values
 from difflab.errors import DataError, UsageError
+from difflab.files import check_output
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="class index for class-conditional runs (default: the null condition)")
     p.add_argument("--out", default=None, help="PNG strip (default RUN/samples/interpolate.png)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--force", action="store_true", help="replace an --out file that exists")
 
 
 def _read_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -47,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
     from difflab.noise import SeededNoise, sample_seeds
     from difflab.train.trainer import pick_device
 
-    if args.n < 2:
-        raise UsageError(f"--n must be at least 2 (the two ends), got {args.n}")
+    check_values({"--n": (args.n, 2, 10_000), "--steps": (args.steps, 1, 100_000),
+                  **{f"--seeds {ab}": (s, 0, MAX_SEED) for ab, s in zip("AB", args.seeds or ())}})
+    out = check_output(args.out or Path(args.run) / "samples" / "interpolate.png", "--out", force=args.force,
+                       own=args.out is None)
     device = pick_device(args.device)
     run_ = gaussian_run(args.run, device, "interpolate")
     den, conditioner = run_.denoiser(), run_.conditioner
@@ -70,6 +75,6 @@ def run(args: argparse.Namespace) -> int:
         images = torch.stack([_read_image(p, run_.shape) for p in args.images]).to(device)
         za, zb = invert(den, images.float() / 127.5 - 1, args.steps, cond_of(2), spacing=args.spacing)
     x = interpolate(den, za, zb, args.n, args.steps, cond_of(args.n), spacing=args.spacing)
-    out = save_rows([x], args.out or Path(args.run) / "samples" / "interpolate.png")
+    out = save_rows([x], out)
     print(f"strip: {out} ({args.n} images, slerp from {' to '.join(map(str, args.seeds or args.images))})")
     return 0

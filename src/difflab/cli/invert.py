@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from difflab.checks import MAX_SAMPLES, check_values
 from difflab.cli.rundata import (
     add_run_images_arguments,
     condition_fn,
@@ -15,7 +16,7 @@ from difflab.cli.rundata import (
     run_images,
     save_npy,
 )
-from difflab.errors import UsageError
+from difflab.files import check_output
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "same --steps")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--force", action="store_true", help="replace --out / --save-latents files that exist")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,10 +41,12 @@ def run(args: argparse.Namespace) -> int:
     from difflab.latents import invert, reconstruct, reconstruction_error
     from difflab.train.trainer import pick_device
 
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.refine < 0:
-        raise UsageError(f"--refine must be 0 or more, got {args.refine}")
+    check_values({"--n": (args.n, 1, MAX_SAMPLES), "--steps": (args.steps, 1, 100_000), "--refine": (args.refine, 0, 1000),
+                  "--batch-size": (args.batch_size, 1, 1 << 16)})
+    out = check_output(args.out or Path(args.run) / "samples" / "invert.png", "--out", force=args.force,
+                       own=args.out is None)
+    if args.save_latents:
+        check_output(args.save_latents, "--save-latents", force=args.force)
     device = pick_device(args.device)
     run_ = gaussian_run(args.run, device, "invert")
     name = args.data or run_.cfg.data
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     mse, psnr = reconstruction_error(data.images, recon_t)
     print(f"reconstruction of {len(data)} images ({args.steps} DDIM steps each way): "
           f"MSE {mse:.3f}, PSNR {psnr:.2f} dB ([0, 255] units)")
-    out = save_rows([data.images, recon_t], args.out or Path(args.run) / "samples" / "invert.png")
+    out = save_rows([data.images, recon_t], out)
     print(f"strip: {out} (originals above, reconstructions below)")
     if args.save_latents:
         path = save_npy(latents_t.float().numpy(), args.save_latents)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
+from difflab.checks import MAX_SAMPLES, MAX_SEED, check_values
 from difflab.cli.rundata import add_run_images_arguments, condition_fn, default_split, gaussian_run, run_images
-from difflab.errors import UsageError
+from difflab.files import check_output
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    p.add_argument("--force", action="store_true", help="replace a --json file that exists")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,10 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from difflab.likelihood import bits_per_dim
     from difflab.train.trainer import pick_device
 
-    for flag, value in (("--steps", args.steps), ("--hutchinson-samples", args.hutchinson_samples),
-                        ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
+    check_values({"--n": (args.n, 1, MAX_SAMPLES), "--steps": (args.steps, 1, 100_000),
+                  "--hutchinson-samples": (args.hutchinson_samples, 1, 10_000), "--seed": (args.seed, 0, MAX_SEED),
+                  "--batch-size": (args.batch_size, 1, 1 << 16)})
+    if args.json:
+        check_output(args.json, "--json", force=args.force)
     device = pick_device(args.device)
     run_ = gaussian_run(args.run, device, "likelihood")
     data_name = args.data or run_.cfg.data
@@ -54,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
           f"{data_name}; 8-bit data, uniform dequantisation; probability-flow ODE, RK4, {args.steps} steps, "
           f"{args.hutchinson_samples} {args.probe} probe(s))")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         save_json(args.json, {
             "bits_per_dim": mean, "standard_error": stderr, "n": len(bpd), "run": str(args.run),
             "step": run_.step, "data": data_name, "split": split, "ode_steps": args.steps,

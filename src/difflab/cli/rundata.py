@@ -77,10 +77,10 @@ def condition_fn(run_, data, device):
 
 def save_npy(array: np.ndarray, path: str | Path) -> Path:
     """Write ``array`` to ``path`` through a temporary file (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
-    return path
+    from difflab.files import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    return atomic_write(path, write)

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.checks import MAX_SAMPLES, MAX_SEED, check_array, check_values
 from difflab.errors import UsageError
+from difflab.files import atomic_write, check_output
 
 GUIDANCE_HELP = ("classifier-free guidance scale g: f_hat = f(z, null) + g (f(z, c) - f(z, null)); "
                  "g = 1 + w with w the weight of Ho & Salimans; g = 1 is plain conditional sampling, "
@@ -53,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="PNG grid to write (default RUN/samples/sample-seedS.png)")
     p.add_argument("--save-npz", default=None, help="also write uint8 [N, H, W, C] under 'images' (+ 'labels')")
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+    p.add_argument("--force", action="store_true", help="replace --out / --save-npz files that exist")
 
 
 def _options(args) -> dict:
@@ -71,10 +74,19 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.run is None) == (args.diffusers_model is None):
         raise UsageError("give exactly one of --run DIR or --diffusers-model DIR")
-    if args.n < 1 or args.batch_size < 1:
-        raise UsageError("--n and --batch-size must be at least 1")
+    check_values({"--n": (args.n, 1, MAX_SAMPLES), "--batch-size": (args.batch_size, 1, 1 << 16),
+                  "--seed": (args.seed, 0, MAX_SEED), "--steps": (args.steps, 1, 100_000),
+                  "--eta": (args.eta, 0, 1), "--churn": (args.churn, 0, None), "--guidance": (args.guidance, None, None),
+                  "--classifier-scale": (args.classifier_scale, None, None), "--nrow": (args.nrow, 1, 100_000),
+                  "--classifier-sigma-max": (args.classifier_sigma_max, 0, None, {"open_lo": True, "allow_inf": True})})
     if args.out is None and args.save_npz is None and args.run is None:
         raise UsageError("give --out GRID.png and/or --save-npz FILE")
+    own = args.out is None  # the default grid name under RUN/samples is difflab's own, replaced on purpose
+    out_path = args.out or (str(Path(args.run) / "samples" / f"sample-seed{args.seed}.png") if args.run else None)
+    if out_path:
+        check_output(out_path, "--out", force=args.force, own=own)
+    if args.save_npz:
+        check_output(args.save_npz, "--save-npz", force=args.force)
     ctx = DistContext.from_env(pick_device(args.device).type)  # under torchrun: split the n samples
     device = pick_device(args.device, ctx.local_rank)
     init_noise = _read_noise(args.init_noise, args.n) if args.init_noise else None
@@ -93,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         from difflab.samplers import generate
 
         den, shape = load_diffusers_unet(args.diffusers_model, device)
+        _check_noise_shape(init_noise, shape)
         block = 1
 
         def draw(start: int, count: int) -> torch.Tensor:
@@ -106,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         from difflab.sampling import load_run
 
         run_ = load_run(args.run, device)
+        _check_noise_shape(init_noise, run_.shape)
         run_.speed_up(bf16=args.bf16, compile=args.compile)
         classifier = None
         if args.classifier:
@@ -138,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                 tick(count)
             return imgs
 
-        out = args.out or str(Path(args.run) / "samples" / f"sample-seed{args.seed}.png")
+        out = out_path
     if ctx.main:
         bar = tqdm(total=len(shard(args.n, ctx, block)), unit="img", file=sys.stderr, mininterval=0.5, delay=0.5,
                    dynamic_ncols=True)
@@ -155,13 +169,14 @@ def run(args: argparse.Namespace) -> int:
         arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
         if labels is not None:
             arrays["labels"] = labels.numpy()
-        path = Path(args.save_npz)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        path = atomic_write(args.save_npz, lambda tmp: _savez(tmp, arrays))
         print(f"samples: {path} ({len(images)} images, uint8 [N, H, W, C])")
     return 0
+
+
+def _savez(tmp: Path, arrays: dict) -> None:
+    with open(tmp, "wb") as f:  # a file object: numpy would add .npz to a temporary name
+        np.savez_compressed(f, **arrays)
 
 
 def _rows(x: torch.Tensor | None, start: int, count: int) -> torch.Tensor | None:
@@ -191,6 +206,15 @@ def _read_noise(path: str, n: int) -> torch.Tensor:
         arr = np.load(p, allow_pickle=False)
     except ValueError as e:
         raise UsageError(f"--init-noise {path} is not a plain .npy array ({e})") from e
-    if arr.ndim != 4 or arr.shape[0] < n:
-        raise UsageError(f"--init-noise must be float32 [N, C, H, W] with N >= --n ({n}); got shape {arr.shape}")
+    except (OSError, EOFError) as e:
+        raise UsageError(f"--init-noise {path} cannot be read ({e.__class__.__name__})") from e
+    if not isinstance(arr, np.ndarray) or arr.ndim != 4 or arr.shape[0] < n:
+        raise UsageError(f"--init-noise must be float32 [N, C, H, W] with N >= --n ({n}); got shape "
+                         f"{getattr(arr, 'shape', '?')}")
+    check_array(f"--init-noise {path}", arr[:n], kinds="f", ndim=4)
     return torch.from_numpy(np.ascontiguousarray(arr[:n], dtype=np.float32))
+
+
+def _check_noise_shape(noise: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    if noise is not None and tuple(noise.shape[1:]) != tuple(shape):
+        raise UsageError(f"--init-noise has images of shape {list(noise.shape[1:])}; this model draws {list(shape)}")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from difflab.files import OutputError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,12 @@ def write(path: Path, arrays: dict[str, np.ndarray], stale: str | None = None) -
             for old in path.parent.glob(stale):
                 if old != path:
                     old.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
+        def fill(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as e:
+
+        atomic_write(path, fill)
+    except (OSError, OutputError) as e:
         log.warning("could not cache decoded data in %s (%s); it will be decoded again next time", path, e)
 
 

