@@ -20,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from difflab.samplers import SAMPLERS
 
     p.add_argument("--run", help="run folder written by 'difflab train'")
-    p.add_argument("--diffusers-model", help="a folder saved by diffusers' UNet2DModel.save_pretrained "
-                   "(with scheduler_config.json when present) to sample with difflab's samplers")
+    p.add_argument("--diffusers-model", help="a diffusers UNet2DModel folder or saved pipeline; samples follow its "
+                   "scheduler config (spacing, offset, final alpha, clipping) unless --spacing is given")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed; sample j depends only on (seed, j)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
@@ -79,23 +79,23 @@ def run(args: argparse.Namespace) -> int:
 
     bar = None  # rank 0's progress over its share, created once the inputs are known to be good
 
-    def tick(k: int) -> None:
+    def tick(k: float) -> None:  # k images' worth of sampler steps (fractions: the bar moves every step)
         if bar is not None:
-            bar.update(k)
+            bar.update(min(k, bar.total - bar.n))
 
     labels = None
     if args.diffusers_model:
         from difflab.figures import to_uint8
-        from difflab.interop import load_diffusers_unet
-        from difflab.samplers import generate
+        from difflab.interop import load_diffusers_unet, sample_folder
 
         den, shape = load_diffusers_unet(args.diffusers_model, device)
         block = 1
 
         def draw(start: int, count: int) -> torch.Tensor:
-            x = generate(den, count, shape, seed=args.seed, sampler=args.sampler or "ddim", steps=args.steps or 50,
-                         batch_size=args.batch_size, device=device, start=start,
-                         init_noise=_rows(init_noise, start, count), progress=tick, **_options(args))
+            x = sample_folder(den, count, shape, seed=args.seed, sampler=args.sampler or "ddim",
+                              steps=args.steps or 50, batch_size=args.batch_size, device=device, start=start,
+                              init_noise=_rows(init_noise, start, count), label=args.class_label, progress=tick,
+                              **_options(args))
             return to_uint8(x)
 
         out = args.out
@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
 
         out = args.out or str(Path(args.run) / "samples" / f"sample-seed{args.seed}.png")
     if ctx.main:
-        bar = tqdm(total=len(shard(args.n, ctx, block)), unit="img", file=sys.stderr, mininterval=0.5, delay=0.5,
+        bar = tqdm(total=len(shard(args.n, ctx, block)), unit="img", unit_scale=True, file=sys.stderr,
+                   mininterval=0.5, delay=0.5,
                    dynamic_ncols=True)
     images = sample_sharded(draw, args.n, ctx, block)
     if bar is not None:
