@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "interpolate": ("interpolate", "slerp between two seeds or two images and write a strip"),
     "figures": ("figures", "the series' figures for a run: noising strips, trajectories, samples"),
     "train-classifier": ("train_classifier", "train a noisy, time-conditioned classifier for guidance"),
+    "export": ("export", "write a run as a diffusers pipeline folder (Hub layout, model card)"),
 }
 
 
