@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="PNG grid to write (default RUN/samples/sample-seedS.png)")
     p.add_argument("--save-npz", default=None, help="also write uint8 [N, H, W, C] under 'images' (+ 'labels')")
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+    p.add_argument("--out-dir", default=None, help="also write one PNG per sample, named by its seed index, "
+                   "with the settings in its text chunk (what FID tools read)")
+    p.add_argument("--force", action="store_true", help="let --out-dir be a folder that holds other files")
+    p.add_argument("--trajectory", default=None, help="GIF of the denoising path (x_t above the predicted x0)")
 
 
 def _options(args) -> dict:
@@ -70,11 +74,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give exactly one of --run DIR or --diffusers-model DIR")
     if args.n < 1 or args.batch_size < 1:
         raise UsageError("--n and --batch-size must be at least 1")
-    if args.out is None and args.save_npz is None and args.run is None:
-        raise UsageError("give --out GRID.png and/or --save-npz FILE")
+    if args.out is None and args.save_npz is None and args.out_dir is None and args.run is None:
+        raise UsageError("give --out GRID.png, --out-dir DIR and/or --save-npz FILE")
     ctx = DistContext.from_env(pick_device(args.device).type)  # under torchrun: split the n samples
     device = pick_device(args.device, ctx.local_rank)
     init_noise = _read_noise(args.init_noise, args.n) if args.init_noise else None
+    from difflab.outputs import Trajectory, prepare_out_dir, save_sample_pngs
+
+    out_dir = prepare_out_dir(args.out_dir, args.force) if args.out_dir and ctx.main else None
+    path_cb = Trajectory() if args.trajectory else None  # keeps whole batches (one batch per frame row)
     from tqdm.auto import tqdm
 
     bar = None  # rank 0's progress over its share, created once the inputs are known to be good
@@ -95,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             x = sample_folder(den, count, shape, seed=args.seed, sampler=args.sampler or "ddim",
                               steps=args.steps or 50, batch_size=args.batch_size, device=device, start=start,
                               init_noise=_rows(init_noise, start, count), label=args.class_label, progress=tick,
-                              **_options(args))
+                              callback=path_cb if start == 0 else None, **_options(args))
             return to_uint8(x)
 
         out = args.out
@@ -126,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                                init_noise=_rows(init_noise, start, count), classifier=classifier,
                                classifier_scale=args.classifier_scale,
                                classifier_sigma_max=args.classifier_sigma_max, progress=tick,
-                               **_options(args), **extra)
+                               callback=path_cb if start == 0 else None, **_options(args), **extra)
             if not per_sample:
                 tick(count)
             return imgs
@@ -145,6 +153,12 @@ def run(args: argparse.Namespace) -> int:
     if out:
         save_grid(images, out, nrow=args.nrow)
         print(f"grid: {out}")
+    if out_dir is not None:
+        settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "force", "command") and v is not None}
+        save_sample_pngs(images, out_dir, settings)
+        print(f"samples: {out_dir}/000000.png .. {len(images) - 1:06d}.png")
+    if path_cb is not None:
+        print(f"trajectory: {path_cb.save(args.trajectory)}")
     if args.save_npz:
         arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
         if labels is not None:
