@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "figures": ("figures", "the series' figures for a run: noising strips, trajectories, samples"),
     "train-classifier": ("train_classifier", "train a noisy, time-conditioned classifier for guidance"),
     "serve": ("serve", "the explorer: a local web page to sample, compare, noise, interpolate and invert"),
+    "export": ("export", "write a run as a diffusers pipeline folder (Hub layout, model card)"),
 }
 
 

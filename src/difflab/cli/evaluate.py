@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from difflab.samplers import SAMPLERS
 
     p.add_argument("--run", help="run folder (samples are drawn from its EMA weights)")
-    p.add_argument("--samples", help=".npz with uint8 'images' [N, H, W, C] (and 'labels'), instead of --run")
+    p.add_argument("--samples", help=".npz with uint8 'images' [N, H, W, C] (and 'labels'), or a folder "
+                   "of PNGs (difflab sample --out-dir), instead of --run")
     p.add_argument("--data", default=None, help="reference dataset (default: the run's)")
     p.add_argument("--split", default="test", help="reference split (default test; train if there is none)")
     p.add_argument("--n", type=int, default=1000, help="samples to draw (default 1000)")
@@ -79,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
     labels = None
     run_ = None
     if args.samples:
-        images, labels = _read_npz(args.samples)
+        if Path(args.samples).is_dir():  # a folder of PNGs (difflab sample --out-dir)
+            from difflab.outputs import read_sample_pngs
+
+            images = read_sample_pngs(args.samples)
+        else:
+            images, labels = _read_npz(args.samples)
         if args.data is None:
             raise UsageError("with --samples, name the reference dataset with --data")
         data_name = args.data

@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from difflab.samplers import SAMPLERS
 
     p.add_argument("--run", help="run folder written by 'difflab train'")
-    p.add_argument("--diffusers-model", help="a folder saved by diffusers' UNet2DModel.save_pretrained "
-                   "(with scheduler_config.json when present) to sample with difflab's samplers")
+    p.add_argument("--diffusers-model", help="a diffusers UNet2DModel folder or saved pipeline; samples follow its "
+                   "scheduler config (spacing, offset, final alpha, clipping) unless --spacing is given")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed; sample j depends only on (seed, j)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
@@ -55,7 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="PNG grid to write (default RUN/samples/sample-seedS.png)")
     p.add_argument("--save-npz", default=None, help="also write uint8 [N, H, W, C] under 'images' (+ 'labels')")
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
-    p.add_argument("--force", action="store_true", help="replace --out / --save-npz files that exist")
+    p.add_argument("--out-dir", default=None, help="also write one PNG per sample, named by its seed index, "
+                   "with the settings in its text chunk (what FID tools read)")
+    p.add_argument("--force", action="store_true", help="replace --out / --save-npz files that exist, and let "
+                   "--out-dir be a folder that holds other files")
+    p.add_argument("--trajectory", default=None, help="GIF of the denoising path (x_t above the predicted x0)")
 
 
 def _options(args) -> dict:
@@ -79,39 +83,45 @@ def run(args: argparse.Namespace) -> int:
                   "--eta": (args.eta, 0, 1), "--churn": (args.churn, 0, None), "--guidance": (args.guidance, None, None),
                   "--classifier-scale": (args.classifier_scale, None, None), "--nrow": (args.nrow, 1, 100_000),
                   "--classifier-sigma-max": (args.classifier_sigma_max, 0, None, {"open_lo": True, "allow_inf": True})})
-    if args.out is None and args.save_npz is None and args.run is None:
-        raise UsageError("give --out GRID.png and/or --save-npz FILE")
+    if args.out is None and args.save_npz is None and args.out_dir is None and args.run is None:
+        raise UsageError("give --out GRID.png, --out-dir DIR and/or --save-npz FILE")
     own = args.out is None  # the default grid name under RUN/samples is difflab's own, replaced on purpose
     out_path = args.out or (str(Path(args.run) / "samples" / f"sample-seed{args.seed}.png") if args.run else None)
     if out_path:
         check_output(out_path, "--out", force=args.force, own=own)
     if args.save_npz:
         check_output(args.save_npz, "--save-npz", force=args.force)
+    if args.trajectory:
+        check_output(args.trajectory, "--trajectory", force=args.force)
     ctx = DistContext.from_env(pick_device(args.device).type)  # under torchrun: split the n samples
     device = pick_device(args.device, ctx.local_rank)
     init_noise = _read_noise(args.init_noise, args.n) if args.init_noise else None
+    from difflab.outputs import Trajectory, prepare_out_dir, save_sample_pngs
+
+    out_dir = prepare_out_dir(args.out_dir, args.force) if args.out_dir and ctx.main else None
+    path_cb = Trajectory() if args.trajectory else None  # keeps whole batches (one batch per frame row)
     from tqdm.auto import tqdm
 
     bar = None  # rank 0's progress over its share, created once the inputs are known to be good
 
-    def tick(k: int) -> None:
+    def tick(k: float) -> None:  # k images' worth of sampler steps (fractions: the bar moves every step)
         if bar is not None:
-            bar.update(k)
+            bar.update(min(k, bar.total - bar.n))
 
     labels = None
     if args.diffusers_model:
         from difflab.figures import to_uint8
-        from difflab.interop import load_diffusers_unet
-        from difflab.samplers import generate
+        from difflab.interop import load_diffusers_unet, sample_folder
 
         den, shape = load_diffusers_unet(args.diffusers_model, device)
         _check_noise_shape(init_noise, shape)
         block = 1
 
         def draw(start: int, count: int) -> torch.Tensor:
-            x = generate(den, count, shape, seed=args.seed, sampler=args.sampler or "ddim", steps=args.steps or 50,
-                         batch_size=args.batch_size, device=device, start=start,
-                         init_noise=_rows(init_noise, start, count), progress=tick, **_options(args))
+            x = sample_folder(den, count, shape, seed=args.seed, sampler=args.sampler or "ddim",
+                              steps=args.steps or 50, batch_size=args.batch_size, device=device, start=start,
+                              init_noise=_rows(init_noise, start, count), label=args.class_label, progress=tick,
+                              callback=path_cb if start == 0 else None, **_options(args))
             return to_uint8(x)
 
         out = args.out
@@ -147,14 +157,15 @@ def run(args: argparse.Namespace) -> int:
                                init_noise=_rows(init_noise, start, count), classifier=classifier,
                                classifier_scale=args.classifier_scale,
                                classifier_sigma_max=args.classifier_sigma_max, progress=tick,
-                               **_options(args), **extra)
+                               callback=path_cb if start == 0 else None, **_options(args), **extra)
             if not per_sample:
                 tick(count)
             return imgs
 
         out = out_path
     if ctx.main:
-        bar = tqdm(total=len(shard(args.n, ctx, block)), unit="img", file=sys.stderr, mininterval=0.5, delay=0.5,
+        bar = tqdm(total=len(shard(args.n, ctx, block)), unit="img", unit_scale=True, file=sys.stderr,
+                   mininterval=0.5, delay=0.5,
                    dynamic_ncols=True)
     images = sample_sharded(draw, args.n, ctx, block)
     if bar is not None:
@@ -165,6 +176,12 @@ def run(args: argparse.Namespace) -> int:
     if out:
         save_grid(images, out, nrow=args.nrow)
         print(f"grid: {out}")
+    if out_dir is not None:
+        settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "force", "command") and v is not None}
+        save_sample_pngs(images, out_dir, settings)
+        print(f"samples: {out_dir}/000000.png .. {len(images) - 1:06d}.png")
+    if path_cb is not None:
+        print(f"trajectory: {path_cb.save(args.trajectory)}")
     if args.save_npz:
         arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
         if labels is not None:

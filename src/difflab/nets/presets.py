@@ -58,18 +58,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 def diffusers_twin_kwargs(preset_name: str, **overrides: Any) -> dict[str, Any]:
     """``diffusers.UNet2DModel`` keyword arguments for the same architecture as a ``unet`` preset.
 
-    Used only by benchmarks that compare difflab with diffusers; difflab never imports diffusers. The twin
+    Used by the benchmarks and by ``difflab export`` (which imports diffusers, lazily). The twin
     has the same layers, widths, time embedding (DDPM sinusoid, ``flip_sin_to_cos=False, freq_shift=1``),
     normalisation and parameter count; only the initialisation differs (difflab zero-initialises the last
     conv of each residual branch, the attention outputs and the output conv).
     """
-    config = {**PRESETS[preset_name], **overrides}
+    return twin_kwargs({**PRESETS[preset_name], **overrides}, preset_name)
+
+
+def twin_kwargs(config: dict[str, Any], name: str = "this network") -> dict[str, Any]:
+    """``diffusers.UNet2DModel`` keyword arguments for a ``unet`` network config (``net.config``);
+    ValueError, naming what differs, for a network the twin cannot be."""
     defaults = {k: p.default for k, p in inspect.signature(UNet).parameters.items()}
     config = {**defaults, **config}
     out_channels = config["in_channels"] if config["out_channels"] is None else config["out_channels"]
     if config["kind"] != "unet":
         raise ValueError(
-            f"preset {preset_name!r} is a {config['kind']}; only 'unet' presets have a diffusers twin"
+            f"{name} is a {config['kind']}; only 'unet' networks have a diffusers twin"
         )
     if config["context_dim"] is not None:
         raise ValueError("the diffusers twin (UNet2DModel) has no cross-attention; use context_dim=None")

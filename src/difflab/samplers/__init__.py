@@ -92,19 +92,26 @@ def generate(
     start: int = 0,
     init_noise: torch.Tensor | None = None,
     callback: Callable | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
+    sigmas: torch.Tensor | None = None,
+    prior: float | None = None,
     **options,
 ) -> torch.Tensor:
     """Draw ``n`` samples of ``shape`` (C, H, W) with per-sample seeds (sample j of ``--seed s`` is the
     same for any batch size or rank). ``cond_fn(slice)`` gives the conditioning of a batch.
     ``init_noise`` ([n, C, H, W] standard normal) replaces the seeded starting noise.
+    ``sigmas`` and ``prior`` (the starting std in VE units) replace the grid of ``steps``/``spacing``
+    (a diffusers scheduler's grid, :mod:`difflab.interop.schedulers`). ``progress(k)`` is told after
+    every sampler step, k = the images of that step / the steps (so a whole run adds up to n).
     Returns float samples in model units (about [-1, 1]) on the CPU."""
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
-    sigmas = get_sigmas(denoiser.process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"))
-    # start from the prior when the grid starts at the top, else at the grid's first level
-    prior = denoiser.process.prior_std() if float(sigmas[0]) >= denoiser.process.sigma_max() * 0.999 \
-        else float(sigmas[0])
+    if sigmas is None:
+        sigmas = get_sigmas(denoiser.process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"))
+    if prior is None:  # start from the prior when the grid starts at the top, else at its first level
+        prior = denoiser.process.prior_std() if float(sigmas[0]) >= denoiser.process.sigma_max() * 0.999 \
+            else float(sigmas[0])
+    n_steps = len(sigmas) - 1
     sigmas = sigmas.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     seeds = sample_seeds(seed, n, start)
 
@@ -115,7 +122,16 @@ def generate(
         else:
             x = noise.initial(shape, device=device, dtype=dtype)
         x = x * prior
-        return SAMPLERS[sampler](denoiser, x, sigmas, cond=cond, noise=noise, callback=callback, **options).float().cpu()
+
+        def step_done(info: dict) -> None:
+            if callback is not None:
+                callback(info)
+            if progress is not None:
+                progress((hi - lo) / n_steps)
+
+        step_cb = step_done if (callback is not None or progress is not None) else None
+        return SAMPLERS[sampler](denoiser, x, sigmas, cond=cond, noise=noise, callback=step_cb,
+                                 **options).float().cpu()
 
     out = []
     for lo in range(0, n, batch_size):
@@ -127,6 +143,4 @@ def generate(
         # cache that encodes a new prompt is not)
         conds = [cond_fn(slice(a, b)) if cond_fn is not None else None for a, b in parts]
         out.extend(threads.run_split(draw, [(a, b, c) for (a, b), c in zip(parts, conds)]))
-        if progress is not None:
-            progress(hi - lo)
     return torch.cat(out)

@@ -1,20 +1,13 @@
-"""Models from other libraries behind difflab's interfaces.
+"""diffusers ``UNet2DModel`` folders as difflab denoisers.
 
-:func:`load_diffusers_unet` turns a folder written by diffusers' ``UNet2DModel.save_pretrained``
-(``config.json`` + ``diffusion_pytorch_model.safetensors``, with ``scheduler_config.json`` beside
-it when present; a saved pipeline with ``unet/`` and ``scheduler/`` works too) into a
-:class:`~difflab.denoiser.Denoiser`, so every difflab sampler, the inversion and the likelihood
-run on it. diffusers is optional: ``pip install diffusers``.
+:func:`load_diffusers_unet` reads a folder written by ``UNet2DModel.save_pretrained`` (``config.json``
++ ``diffusion_pytorch_model.safetensors`` or ``.bin``, with ``scheduler_config.json`` beside it when
+present) or a saved pipeline (``model_index.json`` + ``unet/`` + ``scheduler/``), by path, with nothing
+downloaded. The result is a :class:`~difflab.interop.schedulers.DiffusersDenoiser`: every difflab sampler,
+the inversion and the likelihood run on it, and with a scheduler plan it samples what diffusers' loop does.
 
-Two conventions differ between the libraries and are bridged here:
-
-- **Time.** diffusers indexes its ``alphas_cumprod`` table from 0 (timestep tau has
-  alphabar = prod_{i <= tau} alpha_i); difflab's step t = tau + 1 has the same gammabar_t^2 (t = 0 is
-  the data). The wrapper hands the UNet tau = t - 1, the timestep it was trained with.
-- **Grids.** difflab's uniform grid t = round(linspace(T, 0, K + 1))[:-1] is diffusers'
-  ``timestep_spacing="trailing"`` (tau = t - 1) ending at alphabar = 1 (``set_alpha_to_one=True``);
-  the scheduler config's own spacing, offset, clipping and thresholding settings are sampling
-  choices of diffusers' loop and are not used (difflab's samplers never clip, as in k-diffusion).
+Time: diffusers indexes ``alphas_cumprod`` from 0 (timestep tau has alphabar = prod_{i <= tau} alpha_i);
+difflab's step t = tau + 1 has the same gammabar_t^2 (t = 0 is the data), so the UNet gets tau = t - 1.
 """
 
 from __future__ import annotations
@@ -25,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from difflab.denoiser import Denoiser
 from difflab.errors import CheckpointError, UsageError
+from difflab.interop.schedulers import DiffusersDenoiser
 from difflab.processes.gaussian import DiscreteSchedule, cosine_schedule
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -74,6 +67,7 @@ class DiffusersUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.channels = int(unet.config.in_channels)
+        self.num_classes = int(unet.config.num_class_embeds or 0)
         self.config = {"kind": "diffusers", "folder": folder}
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
@@ -81,6 +75,8 @@ class DiffusersUNet(nn.Module):
                 ) -> torch.Tensor:
         if context is not None:
             raise UsageError("a diffusers UNet2DModel takes no text condition")
+        if class_labels is None and self.num_classes:
+            raise UsageError(f"this UNet2DModel is class-conditional ({self.num_classes} classes): give --class")
         out = self.unet(z.to(self.unet.dtype), t - 1, class_labels=class_labels).sample
         # learned-variance models (improved-diffusion) stack the variance after the prediction
         return out[:, : self.channels].to(z.dtype)
@@ -94,7 +90,7 @@ def _read_json(path: Path) -> dict:
 
 
 def load_diffusers_unet(folder: str | Path, device: str | torch.device = "cpu"
-                        ) -> tuple[Denoiser, tuple[int, int, int]]:
+                        ) -> tuple[DiffusersDenoiser, tuple[int, int, int]]:
     """(denoiser, image shape (C, H, W)) of a diffusers ``UNet2DModel`` folder, with the schedule and
     prediction type of its ``scheduler_config.json`` (default: DDPM's linear betas 1e-4..0.02 over
     1000 steps, epsilon prediction)."""
@@ -141,4 +137,4 @@ def load_diffusers_unet(folder: str | Path, device: str | torch.device = "cpu"
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     shape = (int(unet.config.in_channels), int(h), int(w))
-    return Denoiser(net, process, PREDICTION_TYPES[prediction_type]), shape
+    return DiffusersDenoiser(net, process, PREDICTION_TYPES[prediction_type], sched), shape

@@ -1,0 +1,186 @@
+"""A difflab run as a diffusers pipeline folder: ``difflab export --run DIR --to diffusers OUT``.
+
+The folder is what ``huggingface_hub.upload_folder`` publishes and what ``DDPMPipeline.from_pretrained``
+/ ``DDIMPipeline.from_pretrained`` load: ``model_index.json``, ``unet/`` (``UNet2DModel``, safetensors),
+``scheduler/`` (``DDPMScheduler``), a ``README.md`` model card with the Hub's YAML metadata, and
+``samples.png``. The weights are the EMA weights unless asked otherwise.
+
+Exact mapping, nothing approximated: the UNet is the architecture's diffusers twin
+(:func:`difflab.nets.presets.twin_kwargs`) with the same tensors under diffusers' names. diffusers gives
+the UNet timestep tau = t - 1 for difflab's step t (the same alphabar), so the time embedding's first
+layer is composed with the rotation that turns the sinusoid of tau into the sinusoid of tau + 1
+(sin(w(tau + 1)) = sin(w tau) cos w + cos(w tau) sin w, and so on): the twin at tau is difflab's net at t.
+The scheduler config names the run's schedule when diffusers has it (linear over T = 1000, cosine) and
+lists its betas (``trained_betas``) otherwise; ``timestep_spacing="trailing"`` with ``set_alpha_to_one``
+is difflab's uniform grid, and no x0 clipping (difflab's samplers never clip).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from difflab.errors import UsageError
+
+PIPELINE_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def _refuse(why: str) -> None:
+    raise UsageError(f"cannot export this run to diffusers: {why}")
+
+
+def check_exportable(run) -> None:
+    """One clear UsageError naming why diffusers cannot represent the run, if it cannot."""
+    cfg = run.cfg
+    if cfg.method != "gaussian":
+        _refuse(f"method '{cfg.method}' is not Gaussian diffusion (diffusers pipelines only sample those)")
+    if run.net.config.get("kind") != "unet":
+        _refuse(f"its network is a {run.net.config.get('kind')} (CoordConv inputs have no UNet2DModel layer)")
+    process = run.denoiser().process
+    if not getattr(process, "discrete", False):
+        _refuse("its process is continuous-time (diffusers' DDPM/DDIM schedulers have discrete steps)")
+    if cfg.prediction not in PIPELINE_PREDICTION:
+        _refuse(f"prediction '{cfg.prediction}' has no diffusers prediction_type (epsilon, v_prediction, "
+                "sample); EDM preconditioning and z_{t-1} prediction are difflab's own")
+    if cfg.conditioning == "text":
+        _refuse("text conditioning uses difflab's cross-attention UNet and prompt encoder, which "
+                "UNet2DModel does not have")
+
+
+def _time_shift(weight: torch.Tensor) -> torch.Tensor:
+    """The first time-embedding layer's weight composed with the sinusoid's shift by one step."""
+    dim = weight.shape[1]
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float64) / max(half - 1, 1)
+    w = torch.exp(-math.log(10000.0) * exponent)
+    c, s = torch.cos(w), torch.sin(w)
+    shift = torch.zeros(dim, dim, dtype=torch.float64)  # features f = [sin, cos]: f(tau + 1) = shift @ f(tau)
+    i = torch.arange(half)
+    shift[i, i], shift[i, i + half] = c, s
+    shift[i + half, i + half], shift[i + half, i] = c, -s
+    if dim % 2:
+        shift[-1, -1] = 1.0  # the zero padding column
+    return (weight.double() @ shift).to(weight.dtype)
+
+
+def diffusers_state_dict(net) -> dict[str, torch.Tensor]:
+    """The tensors of a difflab ``UNet`` under its UNet2DModel twin's names (the same layers)."""
+    sd: dict[str, torch.Tensor] = {}
+
+    def put(name, module):
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = module.weight, module.bias
+
+    def res(name, block):
+        for theirs, ours in [("norm1", "norm1"), ("conv1", "conv1"), ("time_emb_proj", "emb_proj"),
+                             ("norm2", "norm2"), ("conv2", "conv2"), ("conv_shortcut", "skip")]:  # fmt: skip
+            if isinstance(getattr(block, ours), torch.nn.Conv2d | torch.nn.Linear | torch.nn.GroupNorm):
+                put(f"{name}.{theirs}", getattr(block, ours))
+
+    def attn(name, block):
+        put(f"{name}.group_norm", block.norm)
+        put(f"{name}.to_out.0", block.proj)
+        for i, (w, b) in enumerate(zip(block.qkv.weight.chunk(3), block.qkv.bias.chunk(3))):
+            sd[f"{name}.to_{'qkv'[i]}.weight"], sd[f"{name}.to_{'qkv'[i]}.bias"] = w, b
+
+    put("conv_in", net.stem)
+    put("time_embedding.linear_1", net.time_embed[0])
+    put("time_embedding.linear_2", net.time_embed[2])
+    if net.class_embed is not None:
+        sd["class_embedding.weight"] = net.class_embed.weight
+    levels, blocks = len(net.config["channel_mult"]), net.config["num_res_blocks"]
+    down, up = iter(net.down), iter(net.up)
+    for level in range(levels):
+        for j in range(blocks):
+            stage = next(down)
+            res(f"down_blocks.{level}.resnets.{j}", stage.res)
+            if stage.attn is not None:
+                attn(f"down_blocks.{level}.attentions.{j}", stage.attn)
+        if level < levels - 1:
+            put(f"down_blocks.{level}.downsamplers.0.conv", next(down).conv)
+        for j in range(blocks + 1):
+            stage = next(up)
+            res(f"up_blocks.{level}.resnets.{j}", stage.res)
+            if stage.attn is not None:
+                attn(f"up_blocks.{level}.attentions.{j}", stage.attn)
+            if stage.resample is not None:
+                put(f"up_blocks.{level}.upsamplers.0.conv", stage.resample.conv)
+    res("mid_block.resnets.0", net.mid[0].res)
+    attn("mid_block.attentions.0", net.mid[0].attn)
+    res("mid_block.resnets.1", net.mid[1].res)
+    put("conv_norm_out", net.out[0])
+    put("conv_out", net.out[2])
+    sd = {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
+    sd["time_embedding.linear_1.weight"] = _time_shift(sd["time_embedding.linear_1.weight"])
+    return sd
+
+
+def scheduler_config(process, prediction: str) -> dict:
+    """DDPMScheduler arguments for a discrete difflab schedule and parameterisation."""
+    params = getattr(process, "params", {})
+    cfg = {"num_train_timesteps": process.T, "prediction_type": PIPELINE_PREDICTION[prediction],
+           "clip_sample": False, "timestep_spacing": "trailing", "steps_offset": 0, "variance_type": "fixed_small"}
+    if process.name == "linear" and process.T == 1000:
+        cfg.update(beta_schedule="linear", beta_start=params["beta_start"], beta_end=params["beta_end"])
+    elif process.name == "cosine" and params.get("offset", 0.008) == 0.008:
+        cfg.update(beta_schedule="squaredcos_cap_v2")
+    else:
+        betas = process.beta(torch.arange(1, process.T + 1))
+        cfg.update(trained_betas=[float(b) for b in betas])
+    return cfg
+
+
+def model_card(run, pipeline: str, sample_file: str) -> str:
+    """README.md with the Hub's YAML metadata for the exported folder."""
+    cfg = run.cfg
+    meta = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
+            "tags:", "- difflab", "- diffusion", f"- {pipeline}", f"datasets:\n- {cfg.data}",
+            "model-index:", f"- name: {Path(run.path).name}", "---"]
+    h = run.shape
+    lines = [f"# {Path(run.path).name}", "",
+             f"A {h[1]}x{h[2]}x{h[0]} image diffusion model trained with difflab on `{cfg.data}` for "
+             f"{run.step} steps (batch {cfg.batch_size}, lr {cfg.lr}); the EMA weights, "
+             f"{cfg.process} schedule over T = {cfg.T} steps, {cfg.prediction} prediction.", "",
+             f"![samples]({sample_file})", "", "```python", "from diffusers import DDIMPipeline",
+             "pipe = DDIMPipeline.from_pretrained(\"PATH_OR_REPO\")",
+             "images = pipe(batch_size=16, num_inference_steps=50, eta=0.0).images", "```", ""]
+    if run.conditioner.kind == "class":
+        lines += [f"Class-conditional ({run.conditioner.num_classes} classes, label "
+                  f"{run.conditioner.num_classes} is the null class): call the UNet with `class_labels`; "
+                  "diffusers' unconditional pipelines do not pass labels.", ""]
+    lines += ["Training settings (difflab's `config.json`):", "", "```json",
+              json.dumps(cfg.to_json(), indent=2, default=str), "```", ""]
+    return "\n".join(meta + [""] + lines)
+
+
+def export_diffusers(run_dir: str | Path, out: str | Path, ema: bool = True, n_samples: int = 16) -> Path:
+    """Write the run as a diffusers pipeline folder at ``out`` (which must not hold files yet)."""
+    from difflab.sampling import load_run
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} already exists and is not an empty folder; choose a new one")
+    run = load_run(run_dir, "cpu", ema=ema)
+    check_exportable(run)
+    try:
+        import diffusers
+    except ImportError:
+        raise UsageError("export to diffusers needs: pip install diffusers") from None
+    from difflab.nets.presets import twin_kwargs
+
+    try:
+        kwargs = twin_kwargs(run.net.config, "its network")
+    except ValueError as e:
+        _refuse(str(e))
+    unet = diffusers.UNet2DModel(**kwargs)
+    unet.load_state_dict(diffusers_state_dict(run.net), strict=True)
+    sched = diffusers.DDPMScheduler(**scheduler_config(run.denoiser().process, run.cfg.prediction))
+    out.mkdir(parents=True, exist_ok=True)
+    diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(out, safe_serialization=True)
+    from difflab.figures import save_grid
+
+    save_grid(run.sample(n_samples, seed=0, steps=run.cfg.sample_steps), out / "samples.png")
+    (out / "README.md").write_text(model_card(run, "ddpm", "samples.png"))
+    return out

@@ -1,0 +1,92 @@
+"""difflab export --to diffusers: the folder diffusers' pipelines load, and their images equal difflab's."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from difflab.cli import main
+from difflab.config import TrainConfig
+from difflab.train.trainer import Trainer
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _train(out, **kw):
+    kw = {"model": "mnist-small", "channels_mult": "32,64", **kw}
+    cfg = TrainConfig(data="digits", out=str(out), steps=6, batch_size=8, log_every=3, checkpoint_every=6,
+                      sample_every=0, sample_steps=2, warmup=1, lr=3e-3, **kw)
+    Trainer(cfg, progress=False, log=lambda *a: None).run()
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    run = _train(root / "run", prediction="v", process="cosine")
+    code = main(["export", "--run", str(run), "--to", "diffusers", str(root / "hub")])
+    assert code == 0
+    return run, root / "hub"
+
+
+def test_folder_has_the_hub_layout_and_loads_without_warnings(exported, caplog, monkeypatch):
+    run, out = exported
+    assert {p.name for p in out.iterdir()} >= {"model_index.json", "unet", "scheduler", "README.md", "samples.png"}
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\npipeline_tag: unconditional-image-generation")
+    assert "datasets:\n- digits" in card and "6 steps" in card and "](samples.png)" in card
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction" and sched["beta_schedule"] == "squaredcos_cap_v2"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diffusers.DDPMPipeline.from_pretrained(out)
+        diffusers.DDIMPipeline.from_pretrained(out)
+        diffusers.UNet2DModel.from_pretrained(out, subfolder="unet")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
+def test_diffusers_pipeline_images_equal_difflab(exported):
+    from difflab.figures import to_uint8
+    from difflab.sampling import load_run
+
+    run, out = exported
+    pipe = diffusers.DDIMPipeline.from_pretrained(out)
+    ref = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=10, eta=0.0,
+               output_type="np").images
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = load_run(run).sample(4, sampler="ddim", steps=10, init_noise=noise)
+    want = torch.from_numpy(np.round(ref * 255)).permute(0, 3, 1, 2).int()
+    diff = (ours.int() - want).abs()
+    assert int(diff.max()) <= 1, int(diff.max())
+    # the exported UNet at diffusers' timestep tau is difflab's net at step tau + 1
+    den = load_run(run).denoiser()
+    z = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        a = den.net(z, torch.tensor([1.0, 640.0]))
+        b = pipe.unet(z, torch.tensor([0, 639])).sample
+    assert torch.allclose(a, b, atol=1e-4)
+    assert float(to_uint8(ours.float() / 127.5 - 1).float().std()) > 0  # not a blank image
+
+
+@pytest.mark.parametrize("kw,why", [({"method": "naive2", "model": "series-alg2", "channels_mult": ""}, "method"),
+                                    ({"process": "vp"}, "continuous"), ({"prediction": "edm"}, "prediction")])
+def test_unrepresentable_runs_fail_with_one_line(tmp_path, capsys, kw, why):
+    run = _train(tmp_path / "run", **kw)
+    code = main(["export", "--run", str(run), "--to", "diffusers", str(tmp_path / "hub")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and why in err and "cannot export" in err, err
+    assert not (tmp_path / "hub").exists()
+
+
+def test_export_never_overwrites(exported, capsys):
+    run, out = exported
+    assert main(["export", "--run", str(run), "--to", "diffusers", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
