@@ -20,7 +20,9 @@ from difflab.errors import UsageError
 from difflab.noise import SeededNoise, sample_seeds
 from difflab.processes.gaussian import GaussianProcess
 from difflab.samplers.ancestral import sample_ddim, sample_ddpm
-from difflab.samplers.ode import sample_dpmpp_2m, sample_euler, sample_heun
+from difflab.samplers.multistep import (sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m,
+                                        sample_dpmpp_3m_sde, sample_unipc)
+from difflab.samplers.ode import sample_euler, sample_heun
 from difflab.samplers.sde import sample_euler_maruyama, sample_langevin, sample_pc
 
 SAMPLERS: dict[str, Callable] = {
@@ -29,6 +31,10 @@ SAMPLERS: dict[str, Callable] = {
     "euler": sample_euler,
     "heun": sample_heun,
     "dpmpp-2m": sample_dpmpp_2m,
+    "dpmpp-3m": sample_dpmpp_3m,
+    "dpmpp-2m-sde": sample_dpmpp_2m_sde,
+    "dpmpp-3m-sde": sample_dpmpp_3m_sde,
+    "unipc": sample_unipc,
     "sde": sample_euler_maruyama,
     "pc": sample_pc,
     "langevin": sample_langevin,
