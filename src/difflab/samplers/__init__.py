@@ -10,6 +10,7 @@ starting noise from per-sample seeds and runs one sampler in batches.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -39,8 +40,11 @@ SAMPLERS: dict[str, Callable] = {
     "pc": sample_pc,
     "langevin": sample_langevin,
 }
-# the grid each sampler uses unless told otherwise (EDM's solvers were designed for Karras levels)
-DEFAULT_SPACING = {"heun": "karras", "euler": "karras", "dpmpp-2m": "karras", "langevin": "geometric"}
+# the grid each sampler uses unless told otherwise (EDM's solvers were designed for Karras levels; the
+# newer multistep solvers are far more accurate on levels uniform in lambda = -log sigma, measured on
+# Gaussian data in tests/test_fewstep_samplers.py: DPM-Solver's and UniPC's "logSNR" grid)
+DEFAULT_SPACING = {"heun": "karras", "euler": "karras", "dpmpp-2m": "karras", "langevin": "geometric",
+                   **{name: "geometric" for name in ("dpmpp-3m", "dpmpp-2m-sde", "dpmpp-3m-sde", "unipc")}}
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -107,6 +111,9 @@ def generate(
     Returns float samples in model units (about [-1, 1]) on the CPU."""
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    unknown = [k for k in options if k not in inspect.signature(SAMPLERS[sampler]).parameters]
+    if unknown:
+        raise UsageError(f"sampler '{sampler}' takes no option {', '.join(unknown)}")
     sigmas = get_sigmas(denoiser.process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"))
     # start from the prior when the grid starts at the top, else at the grid's first level
     prior = denoiser.process.prior_std() if float(sigmas[0]) >= denoiser.process.sigma_max() * 0.999 \
