@@ -21,8 +21,7 @@ from difflab.errors import UsageError
 from difflab.noise import SeededNoise, sample_seeds
 from difflab.processes.gaussian import GaussianProcess
 from difflab.samplers.ancestral import sample_ddim, sample_ddpm
-from difflab.samplers.multistep import (sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m,
-                                        sample_dpmpp_3m_sde, sample_unipc)
+from difflab.samplers.multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_dpmpp_3m_sde, sample_unipc
 from difflab.samplers.ode import sample_euler, sample_heun
 from difflab.samplers.sde import sample_euler_maruyama, sample_langevin, sample_pc
 
