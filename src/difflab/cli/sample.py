@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's --sample-steps; naive2: 64)")
     p.add_argument("--clip", default=None, choices=["none", "clip", "dynamic"],
                    help="x0 estimates: clip to the data range, dynamic thresholding, or none (default: the run's --clip)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic, 1 = DDPM)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM / DPM-Solver++ SDE eta (0 deterministic, 1 = DDPM's noise)")
+    p.add_argument("--order", type=int, default=None, help="order of the dpmpp-* and unipc solvers (1 to 3)")
     p.add_argument("--variance", choices=["small", "large"], default=None, help="DDPM variance")
     p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default=None,
                    help="noise-level grid (default: the sampler's own)")
@@ -64,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _options(args) -> dict:
     opts = {}
-    for name in ("eta", "variance", "spacing", "churn"):
+    for name in ("eta", "order", "variance", "spacing", "churn"):
         v = getattr(args, name)
         if v is not None:
             opts[name] = v

@@ -17,8 +17,7 @@ from difflab.interop.folders import (
     diffusers_schedule,
     load_diffusers_unet,
 )
-from difflab.interop.schedulers import (DiffusersDenoiser, SchedulerPlan, generate_like_diffusers,
-                                        sample_folder, scheduler_plan)
+from difflab.interop.schedulers import DiffusersDenoiser, SchedulerPlan, generate_like_diffusers, sample_folder, scheduler_plan
 
 __all__ = ["BETA_SCHEDULES", "PREDICTION_TYPES", "DiffusersDenoiser", "DiffusersUNet", "SchedulerPlan",
            "diffusers_betas", "diffusers_schedule", "generate_like_diffusers", "load_diffusers_unet", "sample_folder",

@@ -10,6 +10,7 @@ starting noise from per-sample seeds and runs one sampler in batches.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -20,7 +21,8 @@ from difflab.errors import UsageError
 from difflab.noise import SeededNoise, sample_seeds
 from difflab.processes.gaussian import GaussianProcess
 from difflab.samplers.ancestral import sample_ddim, sample_ddpm
-from difflab.samplers.ode import sample_dpmpp_2m, sample_euler, sample_heun
+from difflab.samplers.multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_dpmpp_3m_sde, sample_unipc
+from difflab.samplers.ode import sample_euler, sample_heun
 from difflab.samplers.sde import sample_euler_maruyama, sample_langevin, sample_pc
 
 SAMPLERS: dict[str, Callable] = {
@@ -29,12 +31,19 @@ SAMPLERS: dict[str, Callable] = {
     "euler": sample_euler,
     "heun": sample_heun,
     "dpmpp-2m": sample_dpmpp_2m,
+    "dpmpp-3m": sample_dpmpp_3m,
+    "dpmpp-2m-sde": sample_dpmpp_2m_sde,
+    "dpmpp-3m-sde": sample_dpmpp_3m_sde,
+    "unipc": sample_unipc,
     "sde": sample_euler_maruyama,
     "pc": sample_pc,
     "langevin": sample_langevin,
 }
-# the grid each sampler uses unless told otherwise (EDM's solvers were designed for Karras levels)
-DEFAULT_SPACING = {"heun": "karras", "euler": "karras", "dpmpp-2m": "karras", "langevin": "geometric"}
+# the grid each sampler uses unless told otherwise (EDM's solvers were designed for Karras levels; the
+# newer multistep solvers are far more accurate on levels uniform in lambda = -log sigma, measured on
+# Gaussian data in tests/test_fewstep_samplers.py: DPM-Solver's and UniPC's "logSNR" grid)
+DEFAULT_SPACING = {"heun": "karras", "euler": "karras", "dpmpp-2m": "karras", "langevin": "geometric",
+                   **{name: "geometric" for name in ("dpmpp-3m", "dpmpp-2m-sde", "dpmpp-3m-sde", "unipc")}}
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -106,6 +115,9 @@ def generate(
     Returns float samples in model units (about [-1, 1]) on the CPU."""
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    unknown = [k for k in options if k not in inspect.signature(SAMPLERS[sampler]).parameters]
+    if unknown:
+        raise UsageError(f"sampler '{sampler}' takes no option {', '.join(unknown)}")
     if sigmas is None:
         sigmas = get_sigmas(denoiser.process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"))
     if prior is None:  # start from the prior when the grid starts at the top, else at its first level

@@ -1,8 +1,8 @@
 """Solvers of the probability-flow ODE dy/dsigma = (y - D(y, sigma)) / sigma (part 4).
 
 Euler and Heun follow EDM's Algorithm 2 (with optional churn, which makes them
-stochastic); DPM-Solver++(2M) is Lu et al.'s multistep second-order solver in
-lambda = -log sigma. Euler on the ODE, DDIM with eta = 0 and DPM-Solver++ of
+stochastic). The multistep solvers in lambda = -log sigma (DPM-Solver++, UniPC) are in
+:mod:`difflab.samplers.multistep`. Euler on the ODE, DDIM with eta = 0 and DPM-Solver++ of
 order 1 are the same update.
 """
 
@@ -48,28 +48,3 @@ def sample_heun(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
                 churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
     """EDM's Algorithm 2: Heun's second-order method, Euler on the last step (2K - 1 evaluations)."""
     return _heun_family(denoiser, x, sigmas, cond, noise, callback, True, churn, s_tmin, s_tmax, s_noise)
-
-
-@torch.no_grad()
-def sample_dpmpp_2m(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, order: int = 2):
-    """DPM-Solver++(2M): y' = (sigma'/sigma) y - expm1(-h) D_hat, with D_hat a linear extrapolation
-    of the last two denoised images in lambda = -log sigma (order=1: plain DDIM)."""
-    sigmas = _levels(sigmas)
-    x0_prev, h_prev = None, None
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        x0 = denoiser(x, s * _ones(x), cond)
-        if s_next == 0:
-            x = x0
-        else:
-            h = math.log(s) - math.log(s_next)
-            d = x0
-            if order == 2 and x0_prev is not None:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (s_next / s) * x - math.expm1(-h) * d
-            h_prev = h
-        x0_prev = x0
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "x0": x0})
-    return x

@@ -49,15 +49,23 @@ def sample_euler_maruyama(denoiser, x, sigmas, *, cond=None, noise=None, callbac
     return x
 
 
+def langevin_step_size(s: float, snr: float) -> float:
+    """The corrector's step at noise level s for a target signal-to-noise ratio: Song et al.'s
+    eps = 2 (snr |z| / |score|)^2 with the norms' expected values, |z| ~ sqrt(d) and
+    |score| ~ sqrt(d) / s (the score of the noise, (D - y) / s^2 with |y - D| ~ s sqrt(d); the Fisher
+    information of p_s is at most d / s^2), so eps = 2 (snr s)^2. score_sde takes the norms' batch
+    means, which makes a sample depend on its batch; per-sample norms make eps random where d is
+    small (a ratio of chi-square draws) and big steps land on the samples nearest the mode, which
+    widens the distribution (std 0.90 instead of 0.60 for 4-dimensional Gaussian data)."""
+    return 2 * (snr * s) ** 2
+
+
 def _langevin(denoiser, x, s, cond, n, snr, noise, key):
-    """n Langevin corrector steps at noise level s, step size set by the target signal-to-noise ratio
-    (Song et al.'s corrector): eps = 2 (snr |z| / |score|)^2 per sample."""
+    """n Langevin corrector steps at noise level s (step size: :func:`langevin_step_size`)."""
+    step = langevin_step_size(s, snr)
     for j in range(n):
         score = (denoiser(x, s * _ones(x), cond) - x) / s**2
-        z = _randn(noise, key + j, x)
-        step = 2 * (snr * z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp_min(1e-12)) ** 2
-        step = step.reshape(-1, *([1] * (x.ndim - 1)))
-        x = x + step * score + torch.sqrt(2 * step) * z
+        x = x + step * score + math.sqrt(2 * step) * _randn(noise, key + j, x)
     return x
 
 
