@@ -54,7 +54,19 @@ class TrainConfig:
     warmup: int = _f(200, "learning-rate warm-up steps")
     lr_decay: str = _f("none", "after warm-up: none or cosine", ("none", "cosine"))
     grad_clip: float = _f(1.0, "gradient-norm clipping (0: off)")
-    ema_decay: float = _f(0.999, "EMA decay of the weights (with warm-up (1+n)/(10+n))")
+    ema_decay: float = _f(0.999, "EMA decay of the weights (with warm-up (1+n)/(10+n)), used with --ema-length 0")
+    # --- training recipes: EDM2's power EMA and post-hoc EMA, EDM's noise levels, loss weightings ---
+    ema_length: float = _f(0.1, "the main EMA: EDM2's power-function EMA whose length (relative std sigma_rel) is "
+                           "this fraction of the run; 0: the classic EMA of --ema-decay")
+    ema_track: str = _f("0.05,0.1", "power EMAs (comma-separated sigma_rel) tracked and snapshotted for "
+                        "post-hoc EMA ('difflab ema'); '' for none")
+    ema_snapshot_every: int = _f(200, "steps between snapshots of the --ema-track EMAs in RUN/ema-snapshots (0: none)")
+    noise_sampling: str = _f("uniform", "training noise levels: uniform in t, or lognormal (EDM: log sigma ~ "
+                             "N(-1.2, 1.2^2), mapped to t; discrete schedules round t to a step)", ("uniform", "lognormal"))
+    loss_weighting: str = _f("none", "per-sample loss weight: none (plain MSE of the network output), min-snr "
+                             "(Hang et al.: min(SNR, gamma) on the x0 error) or edm ((sigma^2 + sigma_data^2) / "
+                             "(sigma sigma_data)^2 on the x0 error)", ("none", "min-snr", "edm"))
+    min_snr_gamma: float = _f(5.0, "gamma of --loss-weighting min-snr")
     precision: str = _f("auto", "auto (bf16 autocast on GPUs that support it, fp32 on CPUs), fp32 or bf16 "
                                 "(fast on CPUs with AMX)", ("auto", "fp32", "bf16"))
     compile: bool = _f(False, "torch.compile the network")
@@ -85,6 +97,17 @@ class TrainConfig:
             raise UsageError(f"--cond-drop must be in [0, 1), got {self.cond_drop}")
         if not 0 <= self.ema_decay < 1:
             raise UsageError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        from difflab.train.ema import check_ema_length, parse_lengths  # (the power-EMA maths lives there)
+
+        if self.ema_length != 0:
+            check_ema_length(self.ema_length)
+        parse_lengths(self.ema_track)
+        if self.ema_snapshot_every < 0:
+            raise UsageError(f"--ema-snapshot-every must be 0 (off) or a number of steps, got {self.ema_snapshot_every}")
+        if self.method != "gaussian" and (self.noise_sampling != "uniform" or self.loss_weighting != "none"):
+            raise UsageError("--noise-sampling and --loss-weighting apply to --method gaussian")
+        if not self.min_snr_gamma > 0:
+            raise UsageError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}")
         if self.time_limit < 0:
             raise UsageError("--time-limit must be positive (minutes)")
         if self.image_channels not in (0, 1, 3):
@@ -101,7 +124,11 @@ class TrainConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{**LEGACY_DEFAULTS, **{k: v for k, v in d.items() if k in known}})
+
+
+# What a field missing from a saved run's config.json means: the behaviour from before it existed
+LEGACY_DEFAULTS: dict[str, Any] = {"ema_length": 0.0, "ema_track": "", "ema_snapshot_every": 0}
 
 
 def _flag(name: str) -> str:

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", help="run folder written by 'difflab train'")
     p.add_argument("--diffusers-model", help="a folder saved by diffusers' UNet2DModel.save_pretrained "
                    "(with scheduler_config.json when present) to sample with difflab's samplers")
+    p.add_argument("--ema-length", type=float, default=None, help="sample the post-hoc power EMA of this "
+                   "relative length (see 'difflab ema'; built now when the run has not saved it)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed; sample j depends only on (seed, j)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from difflab.sampling import load_run
 
-        run_ = load_run(args.run, device)
+        run_ = load_run(args.run, device, ema_length=args.ema_length)
         run_.speed_up(bf16=args.bf16, compile=args.compile)
         classifier = None
         if args.classifier:
