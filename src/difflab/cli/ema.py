@@ -13,8 +13,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from difflab.config import load_run_config
+    from difflab.train.ema import check_ema_length
     from difflab.train.posthoc_ema import save_posthoc_ema
 
+    check_ema_length(args.ema_length)
+    load_run_config(args.run)  # a missing or foreign folder fails with its own message
     path, info = save_posthoc_ema(args.run, args.ema_length, force=args.force)
     print(f"ema: {path.with_suffix('.safetensors')} (sigma_rel {info['ema_length']}, gamma {info['gamma']:.3f}, "
           f"step {info['step']}, from {info['snapshots']} snapshots; profile fit error {info['profile_error']:.2%})")
