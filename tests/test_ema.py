@@ -1,17 +1,19 @@
 """EDM2's power-function EMA: the profile formulas, the update rule, post-hoc reconstruction, the trainer's
 snapshots and the ``difflab ema`` command."""
 
+import contextlib
+import io
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from scipy.integrate import quad
 
+from difflab.cli import main
 from difflab.config import TrainConfig, load_run_config
 from difflab.errors import UsageError
 from difflab.sampling import load_run
@@ -163,21 +165,31 @@ def cfg(tmp_path, name="run", **kw):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "difflab", *args], capture_output=True, text=True, timeout=300)
+    """``difflab ARGS`` in this process (a subprocess would import torch again): (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
-def test_trainer_tracks_power_emas_and_snapshots_them(tmp_path):
-    tr = Trainer(cfg(tmp_path), **quiet)
-    tr.run()
-    snaps = list_checkpoints(tmp_path / "run" / "ema-snapshots")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run (12 steps, snapshots every 4) shared by the tests that only read it."""
+    tmp = tmp_path_factory.mktemp("ema")
+    Trainer(cfg(tmp), **quiet).run()
+    return tmp / "run"
+
+
+def test_trainer_tracks_power_emas_and_snapshots_them(trained):
+    snaps = list_checkpoints(trained / "ema-snapshots")
     assert [json.loads(p.read_text())["step"] for p in snaps] == [4, 6, 8, 12]  # every 4, and with each checkpoint
     meta = json.loads(snaps[-1].read_text())
     assert meta["ema_lengths"] == [0.05, 0.1] and meta["updates"] == [12, 12]
-    tensors, ck = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    tensors, ck = latest_checkpoint(trained / "checkpoints")
     assert ck["ema_updates"] == 12 and ck["ema_tracked_updates"] == [12]  # 0.1 is the main EMA, saved once
     main = split_prefix(tensors, "ema")
     # the main EMA (sigma_rel 0.1 at step 12) rebuilt from the snapshots is itself
-    run = load_run(tmp_path / "run", ema_length=0.1)
+    run = load_run(trained, ema_length=0.1)
     assert run.step == 12
     for k, v in run.net.state_dict().items():
         torch.testing.assert_close(v, main[k], atol=1e-5, rtol=1e-4)
@@ -195,9 +207,8 @@ def test_resume_rewrites_snapshots_after_the_checkpoint(tmp_path):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
-def test_cli_ema_builds_saves_and_samples(tmp_path):
-    Trainer(cfg(tmp_path), **quiet).run()
-    run_dir = tmp_path / "run"
+def test_cli_ema_builds_saves_and_samples(trained, tmp_path):
+    run_dir = trained
     r = _cli("ema", "--run", str(run_dir), "--ema-length", "0.08")
     assert r.returncode == 0, r.stderr
     saved = run_dir / "ema" / "ema-0.080.safetensors"
