@@ -29,7 +29,7 @@ from difflab.train.ema import (
     profile_inner,
     sigma_rel_of_gamma,
 )
-from difflab.train.posthoc_ema import reconstruct_ema, save_posthoc_ema, save_snapshot
+from difflab.train.posthoc_ema import load_posthoc_ema, reconstruct_ema, save_posthoc_ema, save_snapshot
 from difflab.train.trainer import Trainer
 
 quiet = dict(progress=False, log=lambda *a: None)
@@ -133,6 +133,13 @@ def test_posthoc_reconstruction_matches_a_directly_tracked_ema(tmp_path, capsys)
                   f"{info['profile_error']:.2e}")
         assert info["step"] == 1000 and info["snapshots"] == 20 and info["profiles"] == 40
         assert err < limit and err < 0.2 * float(nearest / (ref - raw).norm())
+    # a saved post-hoc EMA is used while it is as new as the snapshots, and rebuilt when they changed
+    js, info = save_posthoc_ema(tmp_path, 0.08)
+    assert js == tmp_path / "ema" / "ema-0.080.json" and load_posthoc_ema(tmp_path, 0.08)[1] == json.loads(js.read_text())
+    (tmp_path / "ema-snapshots" / "step-0001000.json").unlink()
+    assert load_posthoc_ema(tmp_path, 0.08)[1]["step"] == 950
+    with pytest.raises(UsageError, match="--force"):
+        save_posthoc_ema(tmp_path, 0.08)
 
 
 def test_lengths_are_checked():
