@@ -56,7 +56,19 @@ class TrainConfig:
     warmup: int = _f(200, "learning-rate warm-up steps")
     lr_decay: str = _f("none", "after warm-up: none or cosine", ("none", "cosine"))
     grad_clip: float = _f(1.0, "gradient-norm clipping (0: off)")
-    ema_decay: float = _f(0.999, "EMA decay of the weights (with warm-up (1+n)/(10+n))")
+    ema_decay: float = _f(0.999, "EMA decay of the weights (with warm-up (1+n)/(10+n)), used with --ema-length 0")
+    # --- training recipes: EDM2's power EMA and post-hoc EMA, EDM's noise levels, loss weightings ---
+    ema_length: float = _f(0.1, "the main EMA: EDM2's power-function EMA whose length (relative std sigma_rel) is "
+                           "this fraction of the run; 0: the classic EMA of --ema-decay")
+    ema_track: str = _f("0.05,0.1", "power EMAs (comma-separated sigma_rel) tracked and snapshotted for "
+                        "post-hoc EMA ('difflab ema'); '' for none")
+    ema_snapshot_every: int = _f(200, "steps between snapshots of the --ema-track EMAs in RUN/ema-snapshots (0: none)")
+    noise_sampling: str = _f("uniform", "training noise levels: uniform in t, or lognormal (EDM: log sigma ~ "
+                             "N(-1.2, 1.2^2), mapped to t; discrete schedules round t to a step)", ("uniform", "lognormal"))
+    loss_weighting: str = _f("none", "per-sample loss weight: none (plain MSE of the network output), min-snr "
+                             "(Hang et al.: min(SNR, gamma) on the x0 error) or edm ((sigma^2 + sigma_data^2) / "
+                             "(sigma sigma_data)^2 on the x0 error)", ("none", "min-snr", "edm"))
+    min_snr_gamma: float = _f(5.0, "gamma of --loss-weighting min-snr")
     precision: str = _f("auto", "auto (bf16 autocast where the GPU or CPU computes bf16 natively: AVX-512 BF16 "
                                 "or AMX; else fp32), fp32 or bf16", ("auto", "fp32", "bf16"))
     compile: bool = _f(False, "torch.compile the network")
@@ -94,6 +106,15 @@ class TrainConfig:
 
         if self.sampler not in SAMPLERS:
             raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
+        from difflab.train.ema import check_ema_length, parse_lengths  # (the power-EMA maths lives there)
+
+        if self.ema_length != 0:
+            check_ema_length(self.ema_length)
+        parse_lengths(self.ema_track)
+        if self.ema_snapshot_every < 0:
+            raise UsageError(f"--ema-snapshot-every must be 0 (off) or a number of steps, got {self.ema_snapshot_every}")
+        if self.method != "gaussian" and (self.noise_sampling != "uniform" or self.loss_weighting != "none"):
+            raise UsageError("--noise-sampling and --loss-weighting apply to --method gaussian")
         if self.image_channels not in (0, 1, 3):
             raise UsageError(f"--image-channels must be 1 or 3, got {self.image_channels}")
         if self.conditioning != "none" and self.method != "gaussian":
@@ -116,7 +137,7 @@ class TrainConfig:
             ok = kinds.get(types.get(k, ""))  # fields of other types (none yet) are not checked here
             if ok and (not isinstance(v, ok) or (isinstance(v, bool) and types[k] != "bool")):
                 raise TypeError(f"'{k}' is {json.dumps(v)}, not a {types[k]}")
-        return cls(**{k: v for k, v in d.items() if k in types})
+        return cls(**{**LEGACY_DEFAULTS, **{k: v for k, v in d.items() if k in types}})
 
 
 # (lo, hi[, options]) of every numeric field; sizes are bounded so that no absurd value reaches an allocation
@@ -127,7 +148,8 @@ _RANGES: dict[str, tuple] = {
     "lr": (0, 1, {"open_hi": True}), "guidance": (-100, 100), "weight_decay": (0, None), "warmup": (0, 10**10),
     "grad_clip": (0, None), "ema_decay": (0, 1, {"open_hi": True}), "seed": (0, MAX_SEED),
     "log_every": (1, 10**6), "sample_every": (0, 10**10), "sample_steps": (1, 100_000),
-    "checkpoint_every": (1, 10**10), "keep": (1, 10_000),
+    "checkpoint_every": (1, 10**10), "keep": (1, 10_000), "ema_snapshot_every": (0, 10**10),
+    "min_snr_gamma": (0, 1e6, {"open_lo": True}),
 }
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
 
@@ -141,6 +163,10 @@ def channel_widths(text: str) -> list[int]:
     if not 1 <= len(widths) <= 8 or not all(1 <= w <= 4096 for w in widths):
         raise UsageError(f"--channels-mult takes 1 to 8 widths from 1 to 4096, got '{text}'")
     return widths
+
+
+# What a field missing from a saved run's config.json means: the behaviour from before it existed
+LEGACY_DEFAULTS: dict[str, Any] = {"ema_length": 0.0, "ema_track": "", "ema_snapshot_every": 0}
 
 
 def _flag(name: str) -> str:

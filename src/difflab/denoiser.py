@@ -86,6 +86,14 @@ class Denoiser(nn.Module):
         c_out = sigma.double() * SIGMA_DATA / torch.sqrt(s2 + SIGMA_DATA**2)
         return _bc(c_skip, x) * x + _bc(c_out, x) * out
 
+    def x0_per_output(self, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """d x0_hat / d output per sample [B] (float64): every parameterisation is affine in the network's
+        output, so an output error e moves x0_hat by this times e (-sigma for eps, 1 for x0,
+        -sigmabar / (gammabar^2 + sigmabar^2) for v, c_out for edm). Read off x0_from_output itself."""
+        sigma, t = torch.as_tensor(sigma, dtype=torch.float64), torch.as_tensor(t, dtype=torch.float64)
+        zero = torch.zeros(sigma.numel(), 1, dtype=torch.float64, device=sigma.device)
+        return (self.x0_from_output(zero, sigma, t, zero + 1) - self.x0_from_output(zero, sigma, t, zero)).reshape(-1)
+
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, z_prev: torch.Tensor | None = None):
         """The regression target of the network for clean x0, noise s and time t (training)."""
         p = self.prediction

@@ -198,9 +198,13 @@ class CpuCompiled(torch.nn.Module):
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
-             ema: bool = True) -> Run:
-    """Load a run folder written by ``difflab train`` (the latest verified checkpoint, EMA weights)."""
+             ema: bool = True, ema_length: float | None = None) -> Run:
+    """Load a run folder written by ``difflab train`` (the latest verified checkpoint, EMA weights).
+    ``ema_length``: the post-hoc power EMA of that relative length instead (``difflab ema`` saved it,
+    or it is built now from the run's EMA snapshots; see :mod:`difflab.train.posthoc_ema`)."""
     path = Path(path)
+    if ema_length is not None and not ema:
+        raise UsageError("ema=False (the raw weights) and an ema_length exclude each other")
     cfg = load_run_config(path)
     device = torch.device(device)
     if device.type == "cpu":
@@ -212,7 +216,13 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
     _check_config_matches(path, cfg, meta)
     try:
         net = nets.build(meta["network"]).to(device)
-        net.load_state_dict(split_prefix(tensors, "ema" if ema else "model"))
+        weights, step = split_prefix(tensors, "ema" if ema else "model"), int(meta["step"])
+        if ema_length is not None:
+            from difflab.train.posthoc_ema import load_posthoc_ema
+
+            weights, info = load_posthoc_ema(path, ema_length, device)
+            step = int(info["step"])
+        net.load_state_dict(weights)
     except (RuntimeError, TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint in {path} does not match its network config "
                               f"({str(e).splitlines()[0]})") from e
@@ -234,8 +244,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
         from difflab.train.trainer import load_data
 
         method.reference = load_data(cfg).images[:512].float().div(127.5).sub(1)
-    return Run(path, cfg, method, net, conditioner, tuple(meta["image_shape"]), class_names,
-               int(meta["step"]), device)
+    return Run(path, cfg, method, net, conditioner, tuple(meta["image_shape"]), class_names, step, device)
 
 
 def _check_config_matches(path: Path, cfg: TrainConfig, meta: dict) -> None:

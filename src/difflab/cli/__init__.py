@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "likelihood": ("likelihood", "bits per dimension of test images under a run (probability-flow ODE)"),
     "invert": ("invert", "DDIM-invert images to latents and reconstruct them"),
     "interpolate": ("interpolate", "slerp between two seeds or two images and write a strip"),
+    "ema": ("ema", "build the post-hoc EMA of any relative length from a run's EMA snapshots (EDM2)"),
     "figures": ("figures", "the series' figures for a run: noising strips, trajectories, samples"),
     "train-classifier": ("train_classifier", "train a noisy, time-conditioned classifier for guidance"),
     "serve": ("serve", "the explorer: a local web page to sample, compare, noise, interpolate and invert"),

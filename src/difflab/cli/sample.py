@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", help="run folder written by 'difflab train'")
     p.add_argument("--diffusers-model", help="a diffusers UNet2DModel folder or saved pipeline; samples follow its "
                    "scheduler config (spacing, offset, final alpha, clipping) unless --spacing is given")
+    p.add_argument("--ema-length", type=float, default=None, help="sample the post-hoc power EMA of this "
+                   "relative length (see 'difflab ema'; built now when the run has not saved it)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed; sample j depends only on (seed, j)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from difflab.sampling import load_run
 
-        run_ = load_run(args.run, device)
+        run_ = load_run(args.run, device, ema_length=args.ema_length)
         _check_noise_shape(init_noise, run_.shape)
         run_.speed_up(bf16=args.bf16, compile=args.compile)
         classifier = None

@@ -59,16 +59,25 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                    keep: int = 3) -> Path:
-    """Atomically write checkpoint ``step`` into ``folder`` and keep only the newest ``keep``."""
+def write_tensor_file(folder: str | Path, stem: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Atomically write ``STEM.safetensors``, then ``STEM.json`` (``meta`` and the tensor file's SHA-256)
+    into ``folder``; returns the JSON's path. Every tensor file of a run (checkpoints, EMA snapshots,
+    post-hoc EMAs) is written by this function and read back verified by :func:`load_checkpoint`."""
     folder = Path(folder)
-    stem = f"step-{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
     st, js = folder / f"{stem}.safetensors", folder / f"{stem}.json"
     atomic_write(st, lambda tmp: _write_tensors(tmp, tensors))
     _test_pause()
-    meta = {**meta, "step": step, "tensors": st.name, "sha256": sha256_file(st), "format": "difflab-checkpoint-1"}
+    meta = {**meta, "tensors": st.name, "sha256": sha256_file(st), "format": "difflab-checkpoint-1"}
     write_text(js, json.dumps(meta, indent=1, sort_keys=True, allow_nan=False))
+    return js
+
+
+def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    keep: int = 3) -> Path:
+    """Atomically write checkpoint ``step`` into ``folder`` and keep only the newest ``keep`` (0: all)."""
+    folder = Path(folder)
+    js = write_tensor_file(folder, f"step-{step:07d}", tensors, {**meta, "step": step})
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         for p in (old, old.with_suffix(".safetensors")):
             p.unlink(missing_ok=True)

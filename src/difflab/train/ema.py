@@ -1,12 +1,103 @@
-"""Exponential moving average of the weights, with warm-up: the decay at update n is
-min(decay, (1 + n) / (10 + n)), so early averages are not dominated by the random init."""
+"""Moving averages of the weights.
+
+- :class:`EMA`: the classic exponential average with warm-up: the decay at update n is
+  min(decay, (1 + n) / (10 + n)), so early averages are not dominated by the random init.
+- :class:`PowerEMA`: EDM2's power-function EMA (Karras et al. 2024, sec. 3), whose length is a
+  fraction of the run. After t updates it is the average of the weights theta_1..theta_t under the
+  profile p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t], which needs only the decay
+  beta_t = (1 - 1/t)^(gamma + 1) at update t: the weight of theta_i is exactly the integral of p_t over
+  [i - 1, i]. The profile's relative std (std / t) is
+  sigma_rel = sqrt(gamma + 1) / ((gamma + 2) sqrt(gamma + 3)),
+  the same at every t, so a short run never averages in its untrained start.
+
+The profile maths (sigma_rel <-> gamma, inner products of two profiles) serves the post-hoc
+reconstruction in :mod:`difflab.train.posthoc_ema`.
+"""
 
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import torch
 from torch import nn
+
+from difflab.errors import UsageError
+
+# sigma_rel(gamma) rises from 0 at gamma = -1 to its maximum at gamma = (sqrt 5 - 3) / 2 (the root of
+# gamma^2 + 3 gamma + 1, where d log sigma_rel / d gamma = 0) and falls to 0 as gamma grows; lengths up
+# to the maximum have a gamma on the decreasing branch, the one used (gamma > -0.382, so the square of
+# every profile is integrable).
+GAMMA_AT_MAX = (math.sqrt(5) - 3) / 2
+
+
+def sigma_rel_of_gamma(gamma: float) -> float:
+    """Relative std of the power profile tau^gamma on [0, t]: sqrt(g + 1) / ((g + 2) sqrt(g + 3))."""
+    return math.sqrt(gamma + 1) / ((gamma + 2) * math.sqrt(gamma + 3))
+
+
+SIGMA_REL_MAX = sigma_rel_of_gamma(GAMMA_AT_MAX)  # 0.3003: no power profile is relatively wider
+
+
+def gamma_of_sigma_rel(sigma_rel: float) -> float:
+    """The exponent gamma of relative std ``sigma_rel``: squaring sigma_rel(gamma) gives the cubic
+    gamma^3 + 7 gamma^2 + (16 - 1/s^2) gamma + (12 - 1/s^2) = 0; its largest real root (the other two
+    lie below -1 once s is below the maximum; near it, two roots merge and the real part is kept)."""
+    check_ema_length(sigma_rel)
+    k = 1 / sigma_rel**2
+    return float(np.roots([1.0, 7.0, 16.0 - k, 12.0 - k]).real.max())
+
+
+def check_ema_length(x: float, flag: str = "--ema-length") -> float:
+    """``x`` if it is a representable relative EMA length, 0 < x < 0.3003, else a UsageError."""
+    if not 0 < x < SIGMA_REL_MAX:  # NaN fails this too
+        raise UsageError(f"{flag} must be a fraction of the run in (0, {SIGMA_REL_MAX:.4f}) (a power-function "
+                         f"EMA's relative std; EDM2 uses 0.05 to 0.2), got {x}")
+    return x
+
+
+def parse_lengths(text: str, flag: str = "--ema-track") -> list[float]:
+    """Comma-separated relative EMA lengths ('' gives none), each checked."""
+    try:
+        lengths = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated fractions such as 0.05,0.1, got '{text}'") from None
+    if len(set(lengths)) != len(lengths):
+        raise UsageError(f"{flag} lists a length twice: '{text}'")
+    return [check_ema_length(x, flag) for x in lengths]
+
+
+def power_profile(tau: np.ndarray, t: float, gamma: float) -> np.ndarray:
+    """The density p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t], 0 after t."""
+    tau = np.asarray(tau, dtype=np.float64)
+    return np.where((tau >= 0) & (tau <= t), (gamma + 1) * np.abs(tau) ** gamma / t ** (gamma + 1), 0.0)
+
+
+def profile_inner(t_a, gamma_a, t_b, gamma_b) -> np.ndarray:
+    """<p_a, p_b> = integral of the two profiles' product, in closed form (broadcasts):
+    (g_a + 1)(g_b + 1) m^(g_a + g_b + 1) / ((g_a + g_b + 1) t_a^(g_a + 1) t_b^(g_b + 1)), m = min(t_a, t_b).
+    Computed in logarithms: the powers overflow for long runs."""
+    t_a, g_a, t_b, g_b = (np.asarray(v, dtype=np.float64) for v in (t_a, gamma_a, t_b, gamma_b))
+    g = g_a + g_b + 1
+    log = (np.log((g_a + 1) * (g_b + 1) / g) + g * np.log(np.minimum(t_a, t_b))
+           - (g_a + 1) * np.log(t_a) - (g_b + 1) * np.log(t_b))
+    return np.exp(log)
+
+
+def posthoc_coefficients(t: np.ndarray, gamma: np.ndarray, t_target: float, gamma_target: float
+                         ) -> tuple[np.ndarray, float]:
+    """Coefficients x of snapshots (profiles at times ``t`` with exponents ``gamma``) whose sum
+    sum_k x_k p_k is the least-squares fit of the target profile, and the fit's relative L2 error
+    ||sum x_k p_k - p_target|| / ||p_target|` (EDM2's post-hoc EMA: solve A x = b, A the snapshots'
+    Gram matrix, b their inner products with the target)."""
+    t, gamma = np.asarray(t, dtype=np.float64), np.asarray(gamma, dtype=np.float64)
+    A = profile_inner(t[:, None], gamma[:, None], t[None, :], gamma[None, :])
+    b = profile_inner(t, gamma, t_target, gamma_target)
+    x = np.linalg.lstsq(A, b, rcond=None)[0]
+    norm2 = float(profile_inner(t_target, gamma_target, t_target, gamma_target))
+    err2 = max(float(x @ A @ x - 2 * x @ b) + norm2, 0.0)
+    return x, math.sqrt(err2 / norm2)
 
 
 class EMA:
@@ -34,3 +125,25 @@ class EMA:
     def load_state_dict(self, sd: dict[str, torch.Tensor], updates: int) -> None:
         self.model.load_state_dict(sd)
         self.updates = updates
+
+
+class PowerEMA(EMA):
+    """EDM2's power-function EMA of relative length ``sigma_rel``: decay (1 - 1/t)^(gamma + 1) at
+    update t = 1, 2, ... (the first update copies the weights)."""
+
+    def __init__(self, model: nn.Module, sigma_rel: float):
+        super().__init__(model, decay=0.0)
+        self.sigma_rel = sigma_rel
+        self.gamma = gamma_of_sigma_rel(sigma_rel)
+
+    def current_decay(self) -> float:
+        return (1 - 1 / (self.updates + 1)) ** (self.gamma + 1)
+
+
+def build_emas(model: nn.Module, ema_length: float, ema_decay: float, tracked: list[float]
+               ) -> tuple[EMA, list[PowerEMA]]:
+    """The run's main EMA (the power EMA of ``ema_length``, or the classic one of ``ema_decay`` when
+    it is 0) and the power EMAs tracked for post-hoc reconstruction; a tracked length equal to the
+    main one is the same object (updated once)."""
+    main = PowerEMA(model, ema_length) if ema_length > 0 else EMA(model, ema_decay)
+    return main, [main if ema_length == x else PowerEMA(model, x) for x in tracked]

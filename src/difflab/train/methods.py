@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from difflab import naive
 from difflab.config import TrainConfig
@@ -23,6 +22,8 @@ from difflab.processes.binomial import BinomialNoise, PixelNoise
 from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
+from difflab.train.noise_levels import training_times
+from difflab.train.weighting import loss_weight, weighted_mse
 
 
 def process_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -65,11 +66,7 @@ class GaussianMethod:
     def loss(self, net, x: torch.Tensor, cond: dict | None, step: int, seeds: torch.Tensor) -> torch.Tensor:
         den = self.denoiser(net)
         p, dev = self.process, x.device
-        u = seeded_uniform(seeds, step, (), dev)
-        if p.discrete:
-            t = (u * p.T).floor().clamp(max=p.T - 1) + 1
-        else:
-            t = p.t_min + (p.t_max - p.t_min) * (1 - u)
+        t = training_times(p, seeded_uniform(seeds, step, (), dev), self.cfg.noise_sampling)
         noise = seeded_normal(seeds, step, x.shape[1:], dev)
         z_prev = None
         if self.cfg.prediction == "zprev":  # the series' version 1: z_{t-1}, then one step to z_t
@@ -83,7 +80,7 @@ class GaussianMethod:
         inp = den.net_input(y, sigma, t).to(x.dtype)
         out = net(inp, p.net_time(t), **(cond or {}))
         target = den.target(x, noise, t, z_prev).to(torch.float32)
-        return F.mse_loss(out.float(), target)
+        return weighted_mse(out, target, loss_weight(self.cfg.loss_weighting, den, sigma, t, self.cfg.min_snr_gamma))
 
     @torch.no_grad()
     def sample(self, net, n: int, shape, *, seed: int = 0, steps: int = 50, sampler: str = "ddim",

@@ -45,8 +45,9 @@ from difflab.train.checkpoint import (
     verify_checkpoint,
 )
 from difflab.train.distributed import DistContext
-from difflab.train.ema import EMA
+from difflab.train.ema import build_emas, parse_lengths
 from difflab.train.methods import make_method
+from difflab.train.posthoc_ema import drop_snapshots_after, save_snapshot
 
 # flags that may change when a run is resumed; anything else must match the saved run
 RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "checkpoint_every", "keep",
@@ -186,7 +187,9 @@ class Trainer:
         recipe.resolve(cfg, self.device, nets.count_parameters(self.net))  # lr 0 and precision auto
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type in ("cuda", "cpu"))
-        self.ema = EMA(self.net, cfg.ema_decay)
+        # the main EMA (samples, ``ema.*`` in checkpoints) and the power EMAs snapshotted for post-hoc EMA
+        self.ema, self.tracked = build_emas(self.net, cfg.ema_length, cfg.ema_decay, parse_lengths(cfg.ema_track))
+        self._emas = [self.ema, *(e for e in self.tracked if e is not self.ema)]  # each updated once a step
         self._small_cpu_net = self.device.type == "cpu" and sum(p.numel() for p in self.net.parameters()) <= 4_000_000
         self.step = 0
         self._lock = runlock.acquire(self.out) if self.dist.main else None  # one writer per run folder
@@ -282,6 +285,8 @@ class Trainer:
         try:
             self.net.load_state_dict(split_prefix(tensors, "model"))
             self.ema.load_state_dict(split_prefix(tensors, "ema"), meta["ema_updates"])
+            for i, e in enumerate(self._emas[1:]):
+                e.load_state_dict(split_prefix(tensors, f"ema-tracked{i}"), meta["ema_tracked_updates"][i])
             optimizer_from_tensors(self.opt, split_prefix(tensors, "opt"), meta["optimizer"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoint step {meta.get('step')} in {self.out} does not fit this network "
@@ -380,7 +385,8 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            self.ema.update(self.net)
+            for ema in self._emas:
+                ema.update(self.net)
         return total
 
     def _stop_reason(self, deadline: float | None) -> str | None:
@@ -412,6 +418,7 @@ class Trainer:
             save_json(self.out / "config.json", cfg.to_json())
             if cfg.conditioning == "text":
                 self.conditioner.prompts.save(self.out / "prompts.safetensors")
+            drop_snapshots_after(self.out, self.step)
             self.log(self.describe())
             self.log(recipe.describe(cfg))
             if self.dist.active and cfg.method != "gaussian":
@@ -441,6 +448,8 @@ class Trainer:
                 if stop:
                     stopped_by = stop
                     break
+                if main and cfg.ema_snapshot_every and self.step % cfg.ema_snapshot_every == 0:
+                    save_snapshot(self.out, self.step, self.tracked)
                 if self.step % cfg.checkpoint_every == 0:
                     if last_logged != self.step:
                         self._check_and_log(buf, last_logged, t0, start_step, bar)
@@ -539,9 +548,11 @@ class Trainer:
             opt_t, opt_meta = optimizer_to_tensors(self.opt)
             tensors = {**{f"model.{k}": v for k, v in self.net.state_dict().items()},
                        **{f"ema.{k}": v for k, v in self.ema.state_dict().items()},
+                       **{f"ema-tracked{i}.{k}": v for i, e in enumerate(self._emas[1:]) for k, v in e.state_dict().items()},
                        **{f"opt.{k}": v for k, v in opt_t.items()}}
             meta = {"config": self.cfg.to_json(), "network": self.net_config, "optimizer": opt_meta,
-                    "ema_updates": self.ema.updates, "data_fingerprint": self.data.fingerprint,
+                    "ema_updates": self.ema.updates, "ema_tracked_updates": [e.updates for e in self._emas[1:]],
+                    "data_fingerprint": self.data.fingerprint,
                     "image_shape": list(self.shape), "class_names": self.data.class_names,
                     "world_size": self.dist.world}
             bad = non_finite(tensors)  # a checkpoint is written only when every tensor is finite
@@ -549,6 +560,8 @@ class Trainer:
                 self._diverged(f"{bad[0]} became NaN or infinite by step {self.step}")
             phase, self._phase = self._phase, "final"  # a repeated Ctrl-C does not abort a save
             try:
+                if self.cfg.ema_snapshot_every:  # the last step always has a snapshot
+                    save_snapshot(self.out, self.step, self.tracked)
                 path = save_checkpoint(self.out / "checkpoints", self.step, tensors, meta, keep=self.cfg.keep)
             except OutputError as e:
                 good = list_checkpoints(self.out / "checkpoints")

@@ -1,0 +1,121 @@
+"""Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
+Models", sec. 3.2): the EMA of any relative length, built after training.
+
+During training the power EMAs of a few lengths (``--ema-track``) are saved every
+``--ema-snapshot-every`` steps into ``RUN/ema-snapshots/step-NNNNNNN.safetensors`` (+ JSON, written
+and verified like checkpoints). A snapshot of exponent gamma_k after t_k updates is the average of
+the weights under the power profile p_k (see :mod:`difflab.train.ema`); sums of snapshots are
+averages under sums of profiles, so the EMA of a target profile is sum_k x_k snapshot_k with x the
+least-squares fit of the target profile by the snapshots' profiles (their inner products have a
+closed form). The target ends at the latest snapshot. ``difflab ema`` writes the result to
+``RUN/ema/ema-0.080.safetensors``; ``load_run(..., ema_length=X)`` reads it, or builds it when it is
+missing or older than the snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.errors import CheckpointError, UsageError
+from difflab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, split_prefix, write_tensor_file
+from difflab.train.ema import PowerEMA, check_ema_length, gamma_of_sigma_rel, posthoc_coefficients
+
+SNAPSHOTS = "ema-snapshots"
+POSTHOC = "ema"
+
+
+def save_snapshot(run: str | Path, step: int, tracked: list[PowerEMA]) -> Path | None:
+    """Write the tracked EMAs of ``step`` (all snapshots are kept); None when there is nothing to
+    write or the snapshot exists (a resumed run reaches the step of its checkpoint again)."""
+    folder = Path(run) / SNAPSHOTS
+    if not tracked or tracked[0].updates == 0 or (folder / f"step-{step:07d}.json").exists():
+        return None
+    tensors = {f"ema{i}.{k}": v for i, e in enumerate(tracked) for k, v in e.state_dict().items()}
+    meta = {"kind": "ema-snapshot", "ema_lengths": [e.sigma_rel for e in tracked],
+            "gammas": [e.gamma for e in tracked], "updates": [e.updates for e in tracked]}
+    return save_checkpoint(folder, step, tensors, meta, keep=0)
+
+
+def drop_snapshots_after(run: str | Path, step: int) -> None:
+    """On resume: delete the snapshots written after the checkpoint (they will be made again)."""
+    for js in list_checkpoints(Path(run) / SNAPSHOTS):
+        if int(json.loads(js.read_text()).get("step", 0)) > step:
+            js.with_suffix(".safetensors").unlink(missing_ok=True)
+            js.unlink()
+
+
+def _snapshot_metas(run: Path) -> list[tuple[Path, dict]]:
+    metas = []
+    for js in list_checkpoints(run / SNAPSHOTS):
+        try:
+            metas.append((js, json.loads(js.read_text())))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"EMA snapshot {js} is unreadable ({e.__class__.__name__}); delete it") from e
+    if not metas:
+        raise CheckpointError(f"'{run}' has no EMA snapshots (train with --ema-track and --ema-snapshot-every)")
+    return metas
+
+
+def reconstruct_ema(run: str | Path, ema_length: float) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights of the power EMA of relative length ``ema_length`` at the latest snapshot, from all
+    snapshots (summed in float64), and a JSON-able description (step, gamma, fit error)."""
+    run = Path(run)
+    check_ema_length(ema_length)
+    metas = _snapshot_metas(run)
+    profiles = [(js, i, t, g) for js, m in metas for i, (t, g) in enumerate(zip(m["updates"], m["gammas"]))]
+    gamma = gamma_of_sigma_rel(ema_length)
+    t_target = max(p[2] for p in profiles)
+    coef, err = posthoc_coefficients(np.array([p[2] for p in profiles]), np.array([p[3] for p in profiles]),
+                                     t_target, gamma)
+    acc: dict[str, torch.Tensor] = {}
+    k = 0
+    for js, m in metas:
+        tensors, _ = load_checkpoint(js)
+        for i in range(len(m["updates"])):
+            for name, v in split_prefix(tensors, f"ema{i}").items():
+                if not v.is_floating_point():  # integer buffers are not averaged: the latest one's
+                    acc[name] = v
+                    continue
+                acc[name] = acc.get(name, torch.zeros(v.shape, dtype=torch.float64)) + float(coef[k]) * v.double()
+            k += 1
+    dtypes = {name: v.dtype for name, v in split_prefix(tensors, "ema0").items()}
+    weights = {name: v.to(dtypes[name]) for name, v in acc.items()}
+    info = {"kind": "posthoc-ema", "ema_length": ema_length, "gamma": gamma, "step": int(metas[-1][1]["step"]),
+            "snapshots": len(metas), "profiles": len(profiles), "profile_error": err}
+    return weights, info
+
+
+def posthoc_stem(ema_length: float) -> str:
+    """``ema-0.080`` (three decimals when they are exact, else every digit needed)."""
+    return f"ema-{ema_length:.3f}" if round(ema_length, 3) == ema_length else f"ema-{ema_length!r}"
+
+
+def save_posthoc_ema(run: str | Path, ema_length: float, force: bool = False) -> tuple[Path, dict]:
+    """Build the EMA of ``ema_length`` and write it as ``RUN/ema/ema-X.safetensors`` (+ JSON); an
+    existing one is overwritten only with ``force``. Returns the JSON's path and the description."""
+    run = Path(run)
+    check_ema_length(ema_length)
+    stem = posthoc_stem(ema_length)
+    target = run / POSTHOC / f"{stem}.safetensors"
+    if target.exists() and not force:
+        raise UsageError(f"{target} exists; pass --force to build it again")
+    weights, info = reconstruct_ema(run, ema_length)
+    return write_tensor_file(run / POSTHOC, stem, weights, info), info
+
+
+def load_posthoc_ema(run: str | Path, ema_length: float, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """The EMA of ``ema_length``: the file ``difflab ema`` saved when it is as new as the latest
+    snapshot, else built now (not saved)."""
+    run = Path(run)
+    check_ema_length(ema_length)
+    js = run / POSTHOC / f"{posthoc_stem(ema_length)}.json"
+    if js.exists():
+        tensors, info = load_checkpoint(js, device)
+        if info.get("ema_length") == ema_length and info.get("step") == _snapshot_metas(run)[-1][1].get("step"):
+            return tensors, info
+    weights, info = reconstruct_ema(run, ema_length)
+    return {k: v.to(device) for k, v in weights.items()}, info
