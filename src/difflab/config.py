@@ -31,14 +31,14 @@ class TrainConfig:
     out: str = _f("runs/demo", "run folder (checkpoints, samples, loss curve)")
     method: str = _f("gaussian", "gaussian (DDPM and continuous time), naive1/naive2 (part 1), cold", METHODS)
     degradation: str = _f("fade-colour", "cold diffusion: fade-colour, fade-black, mask, blur, pixelate")
-    process: str = _f("linear", "Gaussian noise process: discrete schedules linear/cosine/sigmoid/constant, "
+    process: str = _f("cosine", "Gaussian noise process: discrete schedules linear/cosine/sigmoid/constant, "
                       "continuous vp/vp-cosine/ve", PROCESSES)
     T: int = _f(1000, "number of discrete steps (naive1: noising steps, default 60 there)")
     gamma: float = _f(0.9, "per-step gamma of the constant schedule")
     k: int = _f(32, "naive1: pixels noised per step")
     replace: bool = _f(True, "naive1: pixels may be picked again in later steps (--no-replace walks a "
                        "random order, so T*k must not exceed the pixel count)")
-    prediction: str = _f("eps", "what the network predicts: eps, x0, v, zprev (series v1), edm",
+    prediction: str = _f("v", "what the network predicts: eps, x0, v, zprev (series v1), edm",
                          ("eps", "x0", "v", "zprev", "edm"))
     model: str = _f("auto", "network preset (see difflab.nets.presets) or 'auto' for the method's default")
     channels_mult: str = _f("", "override the UNet's channels, e.g. '32,64,64' (CoordConv: its widths)")
@@ -51,9 +51,9 @@ class TrainConfig:
     time_limit: float = _f(0.0, "stop by itself after this many minutes, save, and be ready to sample")
     batch_size: int = _f(64, "global batch size (split over ranks; times --grad-accum micro-batches)")
     grad_accum: int = _f(1, "micro-batches per optimiser step")
-    lr: float = _f(2e-4, "AdamW learning rate (0: auto, by network size: 1e-3 below 5M parameters, 2e-4 above)")
+    lr: float = _f(0.0, "AdamW learning rate (0: auto, by network size: 1e-3 below 5M parameters, 2e-4 above)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup: int = _f(200, "learning-rate warm-up steps")
+    warmup: int = _f(100, "learning-rate warm-up steps")
     lr_decay: str = _f("none", "after warm-up: none or cosine", ("none", "cosine"))
     grad_clip: float = _f(1.0, "gradient-norm clipping (0: off)")
     ema_decay: float = _f(0.999, "EMA decay of the weights (with warm-up (1+n)/(10+n)), used with --ema-length 0")
@@ -76,8 +76,8 @@ class TrainConfig:
     hflip: bool = _f(False, "random horizontal flips (off for digits)")
     log_every: int = _f(50, "steps between loss logs (the only host-device syncs)")
     sample_every: int = _f(1000, "steps between sample grids (0: only at the end)")
-    sampler: str = _f("ddim", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
-    sample_steps: int = _f(50, "sampler steps of 'difflab sample' and the periodic grids")
+    sampler: str = _f("unipc", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
+    sample_steps: int = _f(20, "sampler steps of 'difflab sample' and the periodic grids")
     guidance: float = _f(3.0, "classifier-free guidance scale g that class/text runs sample with unless told "
                          "(g = 1 + w; 1: plain conditional sampling)")
     clip: str = _f("clip", "x0 estimates while sampling: clip to the data range, dynamic (Imagen's thresholding) "
