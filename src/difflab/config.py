@@ -58,7 +58,7 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "gradient-norm clipping (0: off)")
     ema_decay: float = _f(0.999, "EMA decay of the weights (with warm-up (1+n)/(10+n)), used with --ema-length 0")
     # --- training recipes: EDM2's power EMA and post-hoc EMA, EDM's noise levels, loss weightings ---
-    ema_length: float = _f(0.1, "the main EMA: EDM2's power-function EMA whose length (relative std sigma_rel) is "
+    ema_length: float = _f(0.05, "the main EMA: EDM2's power-function EMA whose length (relative std sigma_rel) is "
                            "this fraction of the run; 0: the classic EMA of --ema-decay")
     ema_track: str = _f("0.05,0.1", "power EMAs (comma-separated sigma_rel) tracked and snapshotted for "
                         "post-hoc EMA ('difflab ema'); '' for none")
@@ -76,8 +76,8 @@ class TrainConfig:
     hflip: bool = _f(False, "random horizontal flips (off for digits)")
     log_every: int = _f(50, "steps between loss logs (the only host-device syncs)")
     sample_every: int = _f(1000, "steps between sample grids (0: only at the end)")
-    sampler: str = _f("unipc", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
-    sample_steps: int = _f(20, "sampler steps of 'difflab sample' and the periodic grids")
+    sampler: str = _f("dpmpp-2m", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
+    sample_steps: int = _f(10, "sampler steps of 'difflab sample' and the periodic grids")
     guidance: float = _f(3.0, "classifier-free guidance scale g that class/text runs sample with unless told "
                          "(g = 1 + w; 1: plain conditional sampling)")
     clip: str = _f("clip", "x0 estimates while sampling: clip to the data range, dynamic (Imagen's thresholding) "
