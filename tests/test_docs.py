@@ -1,7 +1,7 @@
 """Every ```python block of README.md and docs/*.md runs, in a temporary folder.
 
 Blocks that sample a trained model name runs/demo or runs/digits; here both are one tiny run
-(the `tiny` network, a few steps on the 8x8 digits resized to 32x32), so the code is checked,
+(the `tiny` network, a few steps on the 8x8 digits), so the code is checked,
 not the pictures. A block fenced ```python no-run is only listed (NO_RUN says which, and why).
 """
 
@@ -32,7 +32,7 @@ def workdir(tmp_path_factory):
     """A folder with docs/images/ and runs/demo, runs/digits (one tiny trained run)."""
     root = tmp_path_factory.mktemp("docs")
     (root / "docs" / "images").mkdir(parents=True)
-    cfg = TrainConfig(data="digits", image_size=32, out=str(root / "runs" / "demo"), model="tiny", steps=4,
+    cfg = TrainConfig(data="digits", out=str(root / "runs" / "demo"), model="tiny", steps=4,
                       batch_size=8, log_every=2, checkpoint_every=4, sample_every=0, sample_steps=2, warmup=1)
     Trainer(cfg, progress=False, log=lambda *a: None).run()
     os.symlink(root / "runs" / "demo", root / "runs" / "digits")
