@@ -75,6 +75,9 @@ class TrainConfig:
     seed: int = _f(0, "seed of the whole run (data order, noise, initial weights)")
     hflip: bool = _f(False, "random horizontal flips (off for digits)")
     log_every: int = _f(50, "steps between loss logs (the only host-device syncs)")
+    logger: str = _f("csv", "where the logs go besides loss.csv: csv (nothing else) or tensorboard (loss, lr, "
+                     "images/s and sample grids as events in RUN/tensorboard; pip install 'difflab[tensorboard]')",
+                     ("csv", "tensorboard"))
     sample_every: int = _f(1000, "steps between sample grids (0: only at the end)")
     sampler: str = _f("unipc", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
     sample_steps: int = _f(20, "sampler steps of 'difflab sample' and the periodic grids")
