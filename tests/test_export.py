@@ -60,7 +60,7 @@ def test_diffusers_pipeline_images_equal_difflab(exported):
     run, out = exported
     pipe = diffusers.DDIMPipeline.from_pretrained(out)
     ref = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=10, eta=0.0,
-               output_type="np").images
+               use_clipped_model_output=True, output_type="np").images
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     ours = load_run(run).sample(4, sampler="ddim", steps=10, init_noise=noise)
     want = torch.from_numpy(np.round(ref * 255)).permute(0, 3, 1, 2).int()
@@ -90,3 +90,21 @@ def test_export_never_overwrites(exported, capsys):
     run, out = exported
     assert main(["export", "--run", str(run), "--to", "diffusers", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_invert_likelihood_and_evaluate_of_the_exported_folder_equal_the_run(exported, tmp_path, capsys):
+    """The exported folder is the run: --diffusers-model gives the run's latents, bits/dim and samples."""
+    run, out = exported
+    res = {}
+    for key, model in [("run", ["--run", str(run)]), ("hub", ["--diffusers-model", str(out), "--data", "digits"])]:
+        assert main(["invert", *model, "--n", "3", "--steps", "6", "--out", str(tmp_path / f"{key}.png"),
+                     "--save-latents", str(tmp_path / f"{key}.npy")]) == 0
+        assert main(["likelihood", *model, "--n", "2", "--steps", "3", "--json", str(tmp_path / f"{key}.json")]) == 0
+        assert main(["evaluate", *model, "--n", "6", "--sampler", "ddim", "--steps", "4", "--features", "classifier",
+                     "--metrics", "fid", "--json", str(tmp_path / f"{key}-e.json")]) == 0
+        res[key] = (np.load(tmp_path / f"{key}.npy"), json.loads((tmp_path / f"{key}.json").read_text()),
+                    json.loads((tmp_path / f"{key}-e.json").read_text()))
+    capsys.readouterr()
+    assert np.allclose(res["run"][0], res["hub"][0], atol=1e-3)
+    assert res["run"][1]["bits_per_dim"] == pytest.approx(res["hub"][1]["bits_per_dim"], rel=1e-4)
+    assert res["run"][2]["fid"] == pytest.approx(res["hub"][2]["fid"], rel=0.02)

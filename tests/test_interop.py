@@ -136,3 +136,77 @@ def test_cli_sample_honours_the_folder_scheduler(tmp_path, capsys):
     got = torch.from_numpy(np.load(tmp_path / "s.npz")["images"]).permute(0, 3, 1, 2).int()
     want = to_uint8(diffusers_loop(unet, sched, noise, 20, "ddim")).int()
     assert int((got - want).abs().max()) <= 1
+
+
+def _strip_rows(path, n, size=8, pad=2):
+    """The two rows of a ``difflab invert`` strip (originals, reconstructions) as uint8 [2, n, H, W]."""
+    from PIL import Image
+
+    a = np.asarray(Image.open(path))[::2, ::2]  # the strip is upscaled 2x
+    return np.stack([[a[pad + r * (size + pad):][:size, pad + i * (size + pad):][:, :size] for i in range(n)]
+                     for r in range(2)])
+
+
+def test_invert_a_folder_and_decode_with_the_printed_command(tmp_path, capsys):
+    """invert --diffusers-model: the latents it saves, decoded by the 'difflab sample' line it prints,
+    are its own reconstructions (class-conditional: the digits' own labels)."""
+    from difflab.cli import main
+
+    tiny_unet(num_classes=10).save_pretrained(tmp_path / "m")
+    diffusers.DDIMScheduler(clip_sample=False).save_pretrained(tmp_path / "m")
+    code = main(["invert", "--diffusers-model", str(tmp_path / "m"), "--data", "digits", "--n", "4", "--steps", "8",
+                 "--out", str(tmp_path / "inv.png"), "--save-latents", str(tmp_path / "z.npy")])
+    out = capsys.readouterr().out
+    assert code == 0 and "PSNR" in out
+    decode = next(line for line in out.splitlines() if line.startswith("latents:")).split("decode with difflab ")[1]
+    assert "--spacing uniform" in decode  # the folder's own scheduler grid would be another one
+    from difflab.data import load
+
+    label = int(load("digits", split="test").labels[0])  # the command samples one class: the first image's
+    argv = decode.rstrip(")").split() + ["--save-npz", str(tmp_path / "d.npz"), "--class", str(label)]
+    assert main(argv) == 0
+    got = np.load(tmp_path / "d.npz")["images"][0, ..., 0].astype(int)
+    recon = _strip_rows(tmp_path / "inv.png", 4)[1, 0].astype(int)
+    assert np.abs(got - recon).max() <= 1
+
+
+def test_likelihood_of_a_folder(tmp_path, capsys):
+    import json as json_
+
+    from difflab.cli import main
+    from difflab.data import load
+    from difflab.interop import load_diffusers_unet
+    from difflab.likelihood import bits_per_dim
+
+    tiny_unet().save_pretrained(tmp_path / "m")
+    code = main(["likelihood", "--diffusers-model", str(tmp_path / "m"), "--data", "digits", "--n", "3",
+                 "--steps", "4", "--json", str(tmp_path / "b.json")])
+    assert code == 0, capsys.readouterr().err
+    res = json_.loads((tmp_path / "b.json").read_text())
+    den, _ = load_diffusers_unet(tmp_path / "m")
+    want = bits_per_dim(den, load("digits", split="test").images[:3], steps=4, seed=0)
+    assert res["diffusers_model"] == str(tmp_path / "m") and "run" not in res
+    assert res["bits_per_dim"] == pytest.approx(float(want.mean()), rel=1e-6) and 0 < res["bits_per_dim"] < 64
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["invert", "--data", "digits"], "exactly one of --run DIR or --diffusers-model"),
+    (["likelihood", "--run", "{m}", "--diffusers-model", "{m}"], "exactly one of --run DIR or --diffusers-model"),
+    (["likelihood", "--diffusers-model", "{m}"], "--data"),
+    (["invert", "--diffusers-model", "{m}", "--data", "digits"], "--out"),
+    (["evaluate", "--diffusers-model", "{m}"], "--data"),
+    (["evaluate", "--diffusers-model", "{m}", "--samples", "{m}", "--data", "digits"], "exactly one of"),
+    (["likelihood", "--diffusers-model", "{c}", "--data", "{m}", "--n", "1"], "class-conditional"),
+])
+def test_folder_commands_refuse_with_one_line(tmp_path, capsys, argv, why):
+    from PIL import Image
+
+    from difflab.cli import main
+
+    tiny_unet().save_pretrained(tmp_path / "m")
+    tiny_unet(num_classes=3).save_pretrained(tmp_path / "c")
+    Image.new("L", (8, 8)).save(tmp_path / "m" / "x.png")  # an unlabelled image folder (no classes)
+    argv = [a.format(m=tmp_path / "m", c=tmp_path / "c") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and why in err, err

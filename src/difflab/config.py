@@ -75,6 +75,9 @@ class TrainConfig:
     seed: int = _f(0, "seed of the whole run (data order, noise, initial weights)")
     hflip: bool = _f(False, "random horizontal flips (off for digits)")
     log_every: int = _f(50, "steps between loss logs (the only host-device syncs)")
+    logger: str = _f("csv", "where the logs go besides loss.csv: csv (nothing else) or tensorboard (loss, lr, "
+                     "images/s and sample grids as events in RUN/tensorboard; pip install 'difflab[tensorboard]')",
+                     ("csv", "tensorboard"))
     sample_every: int = _f(1000, "steps between sample grids (0: only at the end)")
     sampler: str = _f("dpmpp-2m", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
     sample_steps: int = _f(10, "sampler steps of 'difflab sample' and the periodic grids")
@@ -127,8 +130,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
-        """The config saved as JSON; a value of the wrong type (or null) is a TypeError naming the key."""
+    def check_types(cls, d: Any) -> None:
+        """TypeError naming the first key of ``d`` (a JSON object) whose value has the wrong type (or is null)."""
         if not isinstance(d, dict):
             raise TypeError("not a JSON object")
         types = {f.name: str(f.type) for f in fields(cls)}
@@ -137,7 +140,13 @@ class TrainConfig:
             ok = kinds.get(types.get(k, ""))  # fields of other types (none yet) are not checked here
             if ok and (not isinstance(v, ok) or (isinstance(v, bool) and types[k] != "bool")):
                 raise TypeError(f"'{k}' is {json.dumps(v)}, not a {types[k]}")
-        return cls(**{**LEGACY_DEFAULTS, **{k: v for k, v in d.items() if k in types}})
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        """The config saved as JSON; a value of the wrong type (or null) is a TypeError naming the key."""
+        cls.check_types(d)
+        names = {f.name for f in fields(cls)}
+        return cls(**{**LEGACY_DEFAULTS, **{k: v for k, v in d.items() if k in names}})
 
 
 # (lo, hi[, options]) of every numeric field; sizes are bounded so that no absurd value reaches an allocation
@@ -189,10 +198,31 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
                                 if typ is not str else None, choices=f.metadata.get("choices"))
 
 
-def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """The defaults (or a saved run's config), overridden by every flag that was given."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """``difflab train --config FILE``: a saved config.json, or part of one, checked (a UsageError names
+    unknown keys or a value of the wrong type; choices and ranges are checked with the flags')."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--config {path} cannot be read as JSON ({e})") from None
+    try:
+        TrainConfig.check_types(d)
+    except TypeError as e:
+        raise UsageError(f"--config {path}: {e}") from None
+    unknown = sorted(set(d) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise UsageError(f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+    return d
+
+
+def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None,
+                     defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """The defaults (or a saved run's config), then ``defaults`` (a ``--config`` file's values), overridden
+    by every flag that was given; the file's keys count as given (a method's defaults do not replace them)."""
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
-    given = set()
+    given = set(defaults or ())
+    for name, v in (defaults or {}).items():
+        setattr(cfg, name, v)
     for f in fields(cfg):
         v = getattr(args, f.name, None)
         if v is not None:

@@ -1,6 +1,7 @@
 """difflab evaluate: FID, KID, precision/recall, accuracy of conditional samples and bits/dim.
 
-Samples come from a run (drawn here, sharded over ranks under torchrun) or from an .npz
+Samples come from a run or a diffusers UNet2DModel folder (drawn here, sharded over ranks under
+torchrun; a folder samples on its scheduler's own grid, as ``difflab sample`` does) or from an .npz
 written by ``difflab sample --save-npz``; the reference is the run's dataset (its test split
 when it has one). Prints a table and writes every number under its plain name with --json.
 """
@@ -21,17 +22,19 @@ from difflab.files import check_output, write_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from difflab.cli.rundata import add_diffusers_argument
     from difflab.samplers import SAMPLERS
 
     p.add_argument("--run", help="run folder (samples are drawn from its EMA weights)")
+    add_diffusers_argument(p)
     p.add_argument("--samples", help=".npz with uint8 'images' [N, H, W, C] (and 'labels'), or a folder "
                    "of PNGs (difflab sample --out-dir), instead of --run")
     p.add_argument("--data", default=None, help="reference dataset (default: the run's)")
     p.add_argument("--split", default="test", help="reference split (default test; train if there is none)")
     p.add_argument("--n", type=int, default=1000, help="samples to draw (default 1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: the run's --sampler")
-    p.add_argument("--steps", type=int, default=None, help="default: the run's --sample-steps")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: the run's --sampler (a diffusers folder: ddim)")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's --sample-steps (a diffusers folder: 50)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale g (1: none; default: the run's for class/text runs)")
     p.add_argument("--metrics", default="fid,kid,precision,recall,accuracy",
@@ -68,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from difflab.evaluate import evaluate_images
     from difflab.train.trainer import pick_device
 
-    if (args.run is None) == (args.samples is None):
-        raise UsageError("give exactly one of --run DIR or --samples FILE.npz")
+    if sum(a is not None for a in (args.run, args.samples, args.diffusers_model)) != 1:
+        raise UsageError("give exactly one of --run DIR, --diffusers-model DIR or --samples FILE.npz")
     check_values({"--n": (args.n, 2, MAX_SAMPLES), "--seed": (args.seed, 0, MAX_SEED), "--steps": (args.steps, 1, 100_000),
                   "--guidance": (args.guidance, None, None), "--bpd-n": (args.bpd_n, 1, MAX_SAMPLES),
                   "--batch-size": (args.batch_size, 1, 1 << 16)})
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     device = pick_device(args.device)
     labels = None
-    run_ = None
+    run_ = den = None
     if args.samples:
         if Path(args.samples).is_dir():  # a folder of PNGs (difflab sample --out-dir)
             from difflab.outputs import read_sample_pngs
@@ -88,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
             images, labels = _read_npz(args.samples)
         if args.data is None:
             raise UsageError("with --samples, name the reference dataset with --data")
+        data_name = args.data
+    elif args.diffusers_model:
+        images, labels, den = _sample_folder(args, device)
+        if images is None:
+            return 0
         data_name = args.data
     else:
         from difflab.sampling import load_run
@@ -119,12 +127,16 @@ def run(args: argparse.Namespace) -> int:
     if args.run:
         result.update(run=str(args.run), step=run_.step, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, seed=args.seed)
+    if args.diffusers_model:
+        result.update(diffusers_model=str(args.diffusers_model), sampler=args.sampler, steps=args.steps, seed=args.seed)
     if args.bpd:
-        if run_ is None or run_.cfg.method != "gaussian":
-            raise UsageError("--bpd needs --run of a Gaussian diffusion run")
+        if den is None and (run_ is None or run_.cfg.method != "gaussian"):
+            raise UsageError("--bpd needs --run of a Gaussian diffusion run or --diffusers-model")
         from difflab.likelihood import bits_per_dim
 
-        bpd = bits_per_dim(run_.denoiser(), reference.images[: args.bpd_n], device=device,
+        den = den or run_.denoiser()
+        den.plan = None  # the likelihood ODE on difflab's grid, not the sampling loop's timesteps
+        bpd = bits_per_dim(den, reference.images[: args.bpd_n], device=device,
                            batch_size=args.batch_size)
         result["bpd"] = float(bpd.mean())
         result["bpd_n"] = len(bpd)
@@ -133,6 +145,32 @@ def run(args: argparse.Namespace) -> int:
         path = write_text(args.json, json.dumps(result, indent=2, default=float))
         print(f"json: {path}")
     return 0
+
+
+def _sample_folder(args: argparse.Namespace, device):
+    """(uint8 samples, labels, denoiser) of --diffusers-model on its scheduler's grid, sharded over ranks;
+    (None, None, None) on the ranks that do not compute the metrics. A class-conditional UNet2DModel
+    draws the classes in turn."""
+    from difflab.figures import to_uint8
+    from difflab.interop import load_diffusers_unet, sample_folder
+    from difflab.train.distributed import DistContext, sample_sharded
+
+    if args.data is None:
+        raise UsageError("with --diffusers-model, name the reference dataset with --data")
+    den, shape = load_diffusers_unet(args.diffusers_model, device)
+    classes = den.net.num_classes
+    labels = torch.arange(args.n) % classes if classes else None
+    args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
+    ctx = DistContext.from_env(device.type)
+
+    def draw(start: int, count: int) -> torch.Tensor:
+        lab = labels[start:start + count] if labels is not None else None
+        return to_uint8(sample_folder(den, count, shape, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                                      start=start, batch_size=args.batch_size, device=device, label=lab))
+
+    images = sample_sharded(draw, args.n, ctx)
+    ctx.shutdown()
+    return (images, labels, den) if ctx.main else (None, None, None)
 
 
 def _read_npz(path: str):

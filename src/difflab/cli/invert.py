@@ -10,12 +10,14 @@ import torch
 from difflab.checks import MAX_SAMPLES, check_values
 from difflab.cli.rundata import (
     add_run_images_arguments,
+    check_one_model,
     condition_fn,
     default_split,
-    gaussian_run,
+    gaussian_model,
     run_images,
     save_npy,
 )
+from difflab.errors import UsageError
 from difflab.files import check_output
 
 
@@ -27,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", type=int, default=0, help="fixed-point iterations per inversion step "
                    "(0: plain DDIM inversion; more make the round trip exact on any grid, one call each)")
     p.add_argument("--out", default=None, help="PNG strip, originals above reconstructions "
-                   "(default RUN/samples/invert.png)")
+                   "(default RUN/samples/invert.png; needed with --diffusers-model)")
     p.add_argument("--save-latents", default=None, help="write the latents as float32 [N, C, H, W] .npy in "
                    "standard-normal units, for 'difflab sample --init-noise FILE --sampler ddim' with the "
                    "same --steps")
@@ -43,15 +45,18 @@ def run(args: argparse.Namespace) -> int:
 
     check_values({"--n": (args.n, 1, MAX_SAMPLES), "--steps": (args.steps, 1, 100_000), "--refine": (args.refine, 0, 1000),
                   "--batch-size": (args.batch_size, 1, 1 << 16)})
+    check_one_model(args)
+    if args.out is None and args.run is None:
+        raise UsageError("with --diffusers-model, name the strip with --out FILE.png")
     out = check_output(args.out or Path(args.run) / "samples" / "invert.png", "--out", force=args.force,
                        own=args.out is None)
     if args.save_latents:
         check_output(args.save_latents, "--save-latents", force=args.force)
     device = pick_device(args.device)
-    run_ = gaussian_run(args.run, device, "invert")
+    run_, den, shape = gaussian_model(args, device, "invert")
     name = args.data or run_.cfg.data
-    data = run_images(name, args.split or default_split(name), run_.shape, args.n)
-    den, cond_fn = run_.denoiser(), condition_fn(run_, data, device)
+    data = run_images(name, args.split or default_split(name), shape, args.n)
+    cond_fn = condition_fn(run_, data, device, den)
     x, latents, recon = data.to_model(device), [], []
     for lo in range(0, len(data), args.batch_size):
         sl = slice(lo, min(len(data), lo + args.batch_size))
@@ -67,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"strip: {out} (originals above, reconstructions below)")
     if args.save_latents:
         path = save_npy(latents_t.float().numpy(), args.save_latents)
+        # a diffusers folder samples on its scheduler's grid unless --spacing names difflab's
+        model = f"--run {args.run}" if run_ is not None else f"--diffusers-model {args.diffusers_model}"
+        spacing = "" if args.spacing == "uniform" and run_ is not None else f" --spacing {args.spacing}"
         print(f"latents: {path} (float32 {list(latents_t.shape)}, standard normal units; decode with "
-              f"difflab sample --run {args.run} --init-noise {path} --n {len(data)} --sampler ddim "
-              f"--steps {args.steps}{'' if args.spacing == 'uniform' else ' --spacing ' + args.spacing})")
+              f"difflab sample {model} --init-noise {path} --n {len(data)} --sampler ddim "
+              f"--steps {args.steps}{spacing})")
     return 0

@@ -7,7 +7,7 @@ import math
 import sys
 
 from difflab.checks import MAX_SAMPLES, MAX_SEED, check_values
-from difflab.cli.rundata import add_run_images_arguments, condition_fn, default_split, gaussian_run, run_images
+from difflab.cli.rundata import add_run_images_arguments, condition_fn, default_split, gaussian_model, run_images
 from difflab.files import check_output
 
 
@@ -40,14 +40,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_output(args.json, "--json", force=args.force)
     device = pick_device(args.device)
-    run_ = gaussian_run(args.run, device, "likelihood")
+    run_, den, shape = gaussian_model(args, device, "likelihood")
     data_name = args.data or run_.cfg.data
     split = args.split or default_split(data_name)
-    data = run_images(data_name, split, run_.shape, args.n)
+    data = run_images(data_name, split, shape, args.n)
+    cond_fn = condition_fn(run_, data, device, den)  # (a bad condition fails before the bar is drawn)
     bar = tqdm(total=len(data), unit="img", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
-    bpd = bits_per_dim(run_.denoiser(), data.images, steps=args.steps, seed=args.seed,
+    bpd = bits_per_dim(den, data.images, steps=args.steps, seed=args.seed,
                        hutchinson_samples=args.hutchinson_samples, probe=args.probe,
-                       cond_fn=condition_fn(run_, data, device), batch_size=args.batch_size, device=device,
+                       cond_fn=cond_fn, batch_size=args.batch_size, device=device,
                        progress=bar.update)
     bar.close()
     mean = float(bpd.mean())
@@ -57,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
           f"{args.hutchinson_samples} {args.probe} probe(s))")
     if args.json:
         save_json(args.json, {
-            "bits_per_dim": mean, "standard_error": stderr, "n": len(bpd), "run": str(args.run),
-            "step": run_.step, "data": data_name, "split": split, "ode_steps": args.steps,
+            "bits_per_dim": mean, "standard_error": stderr, "n": len(bpd),
+            **({"run": str(args.run), "step": run_.step} if run_ is not None else
+               {"diffusers_model": str(args.diffusers_model)}), "data": data_name, "split": split, "ode_steps": args.steps,
             "solver": "rk4-log-sigma", "hutchinson_samples": args.hutchinson_samples, "probe": args.probe,
             "seed": args.seed, "per_image": [float(b) for b in bpd],
         })

@@ -1,5 +1,6 @@
-"""What the commands that work on a trained run and real images share: their flags, the run (a
-Gaussian one), the images fitted to it, their condition, and atomic .npy output."""
+"""What the commands that work on a trained run and real images share: their flags, the model (a
+Gaussian run or a diffusers UNet2DModel folder), the images fitted to it, their condition, and atomic
+.npy output."""
 
 from __future__ import annotations
 
@@ -13,14 +14,40 @@ from difflab.errors import UsageError
 
 
 def add_run_images_arguments(p: argparse.ArgumentParser, n_default: int, fitted: str = "") -> None:
-    """--run, --data, --split and --n: the first n images of a dataset or folder, under a run."""
-    p.add_argument("--run", required=True, help="run folder written by 'difflab train' (a Gaussian run)")
+    """--run or --diffusers-model, --data, --split and --n: the first n images of a dataset or folder."""
+    p.add_argument("--run", default=None, help="run folder written by 'difflab train' (a Gaussian run)")
+    add_diffusers_argument(p)
     p.add_argument("--data", default=None, help="mnist, fashion-mnist, digits, emoji or a folder of images "
-                   f"(default: the run's dataset){fitted}")
+                   f"(default: the run's dataset; needed with --diffusers-model){fitted}")
     p.add_argument("--split", default=None, help="train or test (default: test for named datasets, "
                    "the whole folder for a folder)")
     p.add_argument("--n", type=int, default=n_default,
                    help=f"number of images, the first n of the split (default {n_default})")
+
+
+def add_diffusers_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--diffusers-model", default=None, help="a diffusers UNet2DModel folder or saved pipeline "
+                   "(its scheduler config's schedule and prediction type), instead of --run")
+
+
+def check_one_model(args: argparse.Namespace) -> None:
+    if (args.run is None) == (args.diffusers_model is None):
+        raise UsageError("give exactly one of --run DIR or --diffusers-model DIR")
+
+
+def gaussian_model(args: argparse.Namespace, device: torch.device, command: str):
+    """(run or None, denoiser, image shape (C, H, W)) of exactly one of ``--run`` (a Gaussian run) and
+    ``--diffusers-model`` (whose images must be named with ``--data``)."""
+    check_one_model(args)
+    if args.diffusers_model is None:
+        run_ = gaussian_run(args.run, device, command)
+        return run_, run_.denoiser(), run_.shape
+    if args.data is None:
+        raise UsageError("with --diffusers-model, name the images with --data")
+    from difflab.interop import load_diffusers_unet
+
+    den, shape = load_diffusers_unet(args.diffusers_model, device)
+    return None, den, shape
 
 
 def gaussian_run(path: str, device: torch.device, command: str):
@@ -59,9 +86,12 @@ def run_images(data: str, split: str, shape: tuple[int, int, int], n: int):
     return found.subset(n)
 
 
-def condition_fn(run_, data, device):
+def condition_fn(run_, data, device, denoiser=None):
     """cond_fn(slice) for ``data`` under a conditional run: the images' own classes when the data
-    carries the run's class names, else the null condition; None for unconditional runs."""
+    carries the run's class names, else the null condition; None for unconditional runs. Without a run
+    (``run_`` None), the same for the diffusers UNet ``denoiser``, which has no null class."""
+    if run_ is None:
+        return _folder_condition_fn(denoiser, data, device)
     conditioner = run_.conditioner
     if conditioner.kind == "none":
         return None
@@ -73,6 +103,18 @@ def condition_fn(run_, data, device):
         return conditioner.for_labels(labels[sl], device)
 
     return cond
+
+
+def _folder_condition_fn(denoiser, data, device):
+    """A class-conditional UNet2DModel has no null class: the images' own labels, which must fit it."""
+    classes = getattr(denoiser.net, "num_classes", 0)
+    if not classes:
+        return None
+    labels = data.labels
+    if labels is None or int(labels.min()) < 0 or int(labels.max()) >= classes:
+        raise UsageError(f"this UNet2DModel is class-conditional ({classes} classes, no null class): give --data "
+                         f"images labelled 0..{classes - 1}")
+    return lambda sl: {"class_labels": labels[sl].to(device)}
 
 
 def save_npy(array: np.ndarray, path: str | Path) -> Path:

@@ -7,11 +7,13 @@ import os
 import signal
 import sys
 
-from difflab.config import add_config_arguments, config_from_args
+from difflab.config import add_config_arguments, config_from_args, read_config_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
+    p.add_argument("--config", metavar="FILE", help="a saved config.json (or part of one) as the defaults; the "
+                   "flags given beside it win")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest checkpoint in --out (a new run when there is none)")
     p.add_argument("--nproc", type=int, default=0,
@@ -24,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         return _launch(args.nproc)
     from difflab.train.trainer import Trainer
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, defaults=read_config_file(args.config) if args.config else None)
     trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
     result = trainer.run()
     if trainer.dist.main:

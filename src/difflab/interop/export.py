@@ -12,7 +12,9 @@ layer is composed with the rotation that turns the sinusoid of tau into the sinu
 (sin(w(tau + 1)) = sin(w tau) cos w + cos(w tau) sin w, and so on): the twin at tau is difflab's net at t.
 The scheduler config names the run's schedule when diffusers has it (linear over T = 1000, cosine) and
 lists its betas (``trained_betas``) otherwise; ``timestep_spacing="trailing"`` with ``set_alpha_to_one``
-is difflab's uniform grid, and no x0 clipping (difflab's samplers never clip).
+is difflab's uniform grid; the run's ``--clip`` becomes ``clip_sample`` (or dynamic ``thresholding``
+with no upper bound, as difflab's), and DDIM then needs ``use_clipped_model_output=True`` (the model card
+says so) to renoise with the noise of the clipped x0 as difflab does.
 """
 
 from __future__ import annotations
@@ -117,11 +119,13 @@ def diffusers_state_dict(net) -> dict[str, torch.Tensor]:
     return sd
 
 
-def scheduler_config(process, prediction: str) -> dict:
-    """DDPMScheduler arguments for a discrete difflab schedule and parameterisation."""
+def scheduler_config(process, prediction: str, clip: str = "none") -> dict:
+    """DDPMScheduler arguments for a discrete difflab schedule, parameterisation and x0 clipping."""
     params = getattr(process, "params", {})
     cfg = {"num_train_timesteps": process.T, "prediction_type": PIPELINE_PREDICTION[prediction],
-           "clip_sample": False, "timestep_spacing": "trailing", "steps_offset": 0, "variance_type": "fixed_small"}
+           "clip_sample": clip == "clip", "clip_sample_range": 1.0, "thresholding": clip == "dynamic",
+           "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1e9,
+           "timestep_spacing": "trailing", "steps_offset": 0, "variance_type": "fixed_small"}
     if process.name == "linear" and process.T == 1000:
         cfg.update(beta_schedule="linear", beta_start=params["beta_start"], beta_end=params["beta_end"])
     elif process.name == "cosine" and params.get("offset", 0.008) == 0.008:
@@ -145,7 +149,8 @@ def model_card(run, pipeline: str, sample_file: str) -> str:
              f"{cfg.process} schedule over T = {cfg.T} steps, {cfg.prediction} prediction.", "",
              f"![samples]({sample_file})", "", "```python", "from diffusers import DDIMPipeline",
              "pipe = DDIMPipeline.from_pretrained(\"PATH_OR_REPO\")",
-             "images = pipe(batch_size=16, num_inference_steps=50, eta=0.0).images", "```", ""]
+             "images = pipe(batch_size=16, num_inference_steps=50, eta=0.0"
+             + (", use_clipped_model_output=True" if cfg.clip != "none" else "") + ").images", "```", ""]
     if run.conditioner.kind == "class":
         lines += [f"Class-conditional ({run.conditioner.num_classes} classes, label "
                   f"{run.conditioner.num_classes} is the null class): call the UNet with `class_labels`; "
@@ -176,7 +181,7 @@ def export_diffusers(run_dir: str | Path, out: str | Path, ema: bool = True, n_s
         _refuse(str(e))
     unet = diffusers.UNet2DModel(**kwargs)
     unet.load_state_dict(diffusers_state_dict(run.net), strict=True)
-    sched = diffusers.DDPMScheduler(**scheduler_config(run.denoiser().process, run.cfg.prediction))
+    sched = diffusers.DDPMScheduler(**scheduler_config(run.denoiser().process, run.cfg.prediction, run.cfg.clip))
     out.mkdir(parents=True, exist_ok=True)
     diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(out, safe_serialization=True)
     from difflab.figures import save_grid

@@ -180,16 +180,18 @@ def generate_like_diffusers(denoiser: DiffusersDenoiser, n: int, shape, *, sampl
 
 
 def sample_folder(denoiser: DiffusersDenoiser, n: int, shape, *, sampler: str = "ddim", steps: int = 50,
-                  spacing: str | None = None, label: int | None = None, device="cpu", **kwargs) -> torch.Tensor:
+                  spacing: str | None = None, label: int | torch.Tensor | None = None, device="cpu",
+                  **kwargs) -> torch.Tensor:
     """Samples of a diffusers folder: diffusers' own grid for ``sampler`` unless a difflab ``spacing`` is
-    asked for; ``label`` is the class of a class-conditional UNet2DModel."""
+    asked for; ``label`` is the class of a class-conditional UNet2DModel (one for all, or one per sample)."""
     classes = getattr(denoiser.net, "num_classes", 0)
-    if label is not None and not 0 <= label < classes:
+    labels = None if label is None else torch.as_tensor(label, device=device).long().expand(n)
+    if labels is not None and not (classes and 0 <= int(labels.min()) and int(labels.max()) < classes):
         raise UsageError(f"--class must be in 0..{classes - 1} for this UNet2DModel" if classes else
                          "this UNet2DModel is unconditional: it takes no --class")
     cond_fn = None
-    if label is not None:
-        cond_fn = lambda sl: {"class_labels": torch.full((sl.stop - sl.start,), label, device=device)}  # noqa: E731
+    if labels is not None:
+        cond_fn = lambda sl: {"class_labels": labels[sl]}  # noqa: E731
     if spacing is not None:
         from difflab.samplers import generate
 

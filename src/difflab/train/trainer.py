@@ -32,7 +32,7 @@ from difflab.conditioning import Conditioner
 from difflab.config import DEVICE, TrainConfig, channel_widths, save_json
 from difflab.data import ImageData, load
 from difflab.errors import CheckpointError, TrainingDiverged, UsageError
-from difflab.figures import plot_loss, save_grid
+from difflab.figures import grid, plot_loss, save_image
 from difflab.files import OutputError, check_run_folder, write_text
 from difflab.train.checkpoint import (
     latest_checkpoint,
@@ -46,12 +46,13 @@ from difflab.train.checkpoint import (
 )
 from difflab.train.distributed import DistContext
 from difflab.train.ema import build_emas, parse_lengths
+from difflab.train.loggers import RunLogger
 from difflab.train.methods import make_method
 from difflab.train.posthoc_ema import drop_snapshots_after, save_snapshot
 
 # flags that may change when a run is resumed; anything else must match the saved run
 RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "checkpoint_every", "keep",
-                    "log_every", "device", "out", "compile", "precision"}
+                    "log_every", "logger", "device", "out", "compile", "precision"}
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -166,6 +167,7 @@ class Trainer:
         else:
             runtime.tune_cpu()  # flush denormals (6x on the mnist-small step), keep freed memory for reuse
         self.progress = progress and self.dist.main
+        self.logger = RunLogger(self.out, cfg.logger)  # loss.csv (+ TensorBoard events); checks its package now
 
         data = load_data(cfg)
         self.data = data
@@ -407,6 +409,7 @@ class Trainer:
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+            self.logger.close()
             self._release_lock()
 
     def _run(self) -> TrainResult:
@@ -415,6 +418,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "samples").mkdir(exist_ok=True)
             self._truncate_log(self.step)  # first: a damaged log stops the run before anything is written
+            self.logger.open(self.step)
             save_json(self.out / "config.json", cfg.to_json())
             if cfg.conditioning == "text":
                 self.conditioner.prompts.save(self.out / "prompts.safetensors")
@@ -509,13 +513,7 @@ class Trainer:
         if bar is not None:
             bar.set_postfix_str(f"loss {loss:.4f} | {ips:.0f} img/s", refresh=False)
         if self.dist.main:
-            path = self.out / "loss.csv"
-            new = not path.exists()
-            with open(path, "a", newline="") as f:
-                w = csv.writer(f)
-                if new:
-                    w.writerow(["step", "loss", "lr", "images_per_second", "seconds"])
-                w.writerow([self.step, f"{loss:.6g}", f"{self.lr_at(self.step - 1):.3g}", f"{ips:.1f}", f"{elapsed:.1f}"])
+            self.logger.scalars(self.step, loss, self.lr_at(self.step - 1), ips, elapsed)
 
     def _diverged(self, what: str) -> None:
         found = list_checkpoints(self.out / "checkpoints")
@@ -580,7 +578,9 @@ class Trainer:
         imgs = sample_images(self.method, self.ema.model, self.conditioner, n, self.shape, seed=0,
                              steps=self.cfg.sample_steps, sampler=self.cfg.sampler, clip=self.cfg.clip,
                              device=self.device)
-        return save_grid(imgs, path, nrow=8 if n >= 64 else None)
+        tiles = grid(imgs, nrow=8 if n >= 64 else None)
+        self.logger.image(self.step, tiles)
+        return save_image(tiles, path, scale=2)
 
 
 def _check_new_run_folder(out: Path) -> None:
