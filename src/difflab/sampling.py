@@ -19,6 +19,7 @@ from difflab.config import TrainConfig, load_run_config
 from difflab.denoiser import ClipX0
 from difflab.errors import CheckpointError, UsageError
 from difflab.figures import to_uint8
+from difflab.runs import RESUME_OVERRIDES, data_name, load_data, make_conditioner, prompt_cache
 from difflab.train.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
 from difflab.train.methods import make_method
 
@@ -229,20 +230,9 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
     net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     method = make_method(cfg)
     class_names = meta.get("class_names")
-    num_classes = len(class_names) if class_names else 0
-    if cfg.conditioning == "text":
-        from difflab.data.captions import captions_for
-        from difflab.text import PromptCache, text_encoder
-
-        prompts = PromptCache.load(path / "prompts.safetensors", _optional_encoder(), device=device)
-        conditioner = Conditioner("text", num_classes, cfg.cond_drop,
-                                  captions_for(_data_name(cfg), class_names), prompts)
-        del text_encoder
-    else:
-        conditioner = Conditioner(cfg.conditioning, num_classes, cfg.cond_drop)
+    conditioner = make_conditioner(cfg, len(class_names) if class_names else 0, class_names, data_name(cfg),
+                                   lambda: prompt_cache(path, device, need_encoder=False))
     if cfg.method == "cold":
-        from difflab.train.trainer import load_data
-
         method.reference = load_data(cfg).images[:512].float().div(127.5).sub(1)
     return Run(path, cfg, method, net, conditioner, tuple(meta["image_shape"]), class_names, step, device)
 
@@ -250,8 +240,6 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
 def _check_config_matches(path: Path, cfg: TrainConfig, meta: dict) -> None:
     """The checkpoint's own config decides what its weights mean: an edited config.json that disagrees
     with it (in anything but the settings a resumed run may change) is an error, not a silent mix."""
-    from difflab.train.trainer import RESUME_OVERRIDES
-
     if "network" not in meta or "image_shape" not in meta:
         raise CheckpointError(f"the checkpoint in {path} has no network config; it was not written by difflab train")
     saved = meta.get("config")
@@ -262,19 +250,3 @@ def _check_config_matches(path: Path, cfg: TrainConfig, meta: dict) -> None:
         k = diff[0]
         raise CheckpointError(f"{path}/config.json says {k} = {getattr(cfg, k)!r} but its checkpoint was trained "
                               f"with {saved[k]!r}; restore config.json (the checkpoint's config is the truth)")
-
-
-def _optional_encoder():
-    """The text encoder when installed (new prompts), else None (only the run's cached prompts)."""
-    try:
-        from difflab.text import text_encoder
-
-        return text_encoder()
-    except UsageError:
-        return None
-
-
-def _data_name(cfg: TrainConfig) -> str:
-    from difflab.data import dataset_key
-
-    return dataset_key(cfg.data) or cfg.data

@@ -118,7 +118,7 @@ def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 6
                  seed: int = 0, log=print) -> list[Path]:
     """Write the figures of ``run`` (a :class:`difflab.sampling.Run`) into ``out``; returns the paths."""
     from difflab.figures import save_grid, save_rows
-    from difflab.train.trainer import load_data
+    from difflab.runs import load_data
 
     check_counts(n, grid, columns)
     method, device = run.method, run.device
@@ -165,7 +165,7 @@ def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 6
 
 def run(args: argparse.Namespace) -> int:
     from difflab.sampling import load_run
-    from difflab.train.trainer import pick_device
+    from difflab.runs import pick_device
 
     check_counts(args.n, args.grid, args.columns)  # before the (slow) loading of the run
     check_values({"--n": (args.n, 1, 10_000), "--grid": (args.grid, 1, 10_000), "--columns": (args.columns, 1, 10_000),

@@ -78,7 +78,7 @@ def _options(args) -> dict:
 def run(args: argparse.Namespace) -> int:
     from difflab.figures import save_grid
     from difflab.train.distributed import DistContext, sample_sharded, shard
-    from difflab.train.trainer import pick_device
+    from difflab.runs import pick_device
 
     if (args.run is None) == (args.diffusers_model is None):
         raise UsageError("give exactly one of --run DIR or --diffusers-model DIR")

@@ -42,7 +42,7 @@ class Panels:
     def dataset(self, name: str):
         """The training data of run ``name`` (as trained: MNIST padded to 32), cached in memory."""
         from difflab.config import load_run_config
-        from difflab.train.trainer import load_data
+        from difflab.runs import load_data
 
         info = self.catalog.info(name)
         if info.data is None:

@@ -29,11 +29,12 @@ from torch import nn
 
 from difflab import nets, recipe, runlock, runtime, threads
 from difflab.conditioning import Conditioner
-from difflab.config import DEVICE, TrainConfig, channel_widths, save_json
-from difflab.data import ImageData, load
+from difflab.config import TrainConfig, channel_widths, save_json
+from difflab.data import ImageData
 from difflab.errors import CheckpointError, TrainingDiverged, UsageError
 from difflab.figures import plot_loss, save_grid
 from difflab.files import OutputError, check_run_folder, write_text
+from difflab.runs import RESUME_OVERRIDES, describe_run, load_data, make_conditioner, pick_device, prompt_cache
 from difflab.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -48,37 +49,6 @@ from difflab.train.distributed import DistContext
 from difflab.train.ema import build_emas, parse_lengths
 from difflab.train.methods import make_method
 from difflab.train.posthoc_ema import drop_snapshots_after, save_snapshot
-
-# flags that may change when a run is resumed; anything else must match the saved run
-RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "checkpoint_every", "keep",
-                    "log_every", "device", "out", "compile", "precision"}
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if not DEVICE.fullmatch(name):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} asked for, but torch sees no CUDA GPU (install a CUDA build of torch)")
-    dev = torch.device(name)
-    return torch.device(f"cuda:{local_rank}") if dev.type == "cuda" and dev.index is None else dev
-
-
-def load_data(cfg: TrainConfig) -> ImageData:
-    """The run's dataset as uint8 tensors; MNIST-like 28x28 sets are padded to 32."""
-    kw = {}
-    if cfg.image_size:
-        kw["image_size"] = cfg.image_size
-    if cfg.image_channels:
-        kw["channels"] = cfg.image_channels
-    data = load(cfg.data, **kw)
-    if not cfg.image_size and data.height == 28 and data.width == 28:
-        data = load(cfg.data, pad_to=32, **kw)
-    if data.height != data.width:
-        raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
-    return data
-
 
 def network_config(cfg: TrainConfig, data: ImageData, device: torch.device, context_dim: int | None) -> dict:
     """The network a run trains: the method's default preset fitted to the data's shape."""
@@ -255,19 +225,8 @@ class Trainer:
         return saved.validate()
 
     def _conditioner(self, data: ImageData) -> Conditioner:
-        cfg = self.cfg
-        if cfg.conditioning == "text":
-            from difflab.data.captions import captions_for
-            from difflab.text import PromptCache, text_encoder
-
-            if data.class_names is None:
-                raise UsageError("--conditioning text needs labelled data (class names become captions)")
-            cache_file = self.out / "prompts.safetensors"
-            cache = (PromptCache.load(cache_file, text_encoder()) if cache_file.exists()
-                     else PromptCache(text_encoder()))
-            return Conditioner("text", data.num_classes, cfg.cond_drop,
-                               captions_for(data.name, data.class_names), cache)
-        return Conditioner(cfg.conditioning, data.num_classes or 0, cfg.cond_drop)
+        return make_conditioner(self.cfg, data.num_classes or 0, data.class_names, data.name,
+                                lambda: prompt_cache(self.out))
 
     def _autocast(self):
         if self.cfg.precision != "bf16":  # (auto was resolved when the network was built)
@@ -482,12 +441,9 @@ class Trainer:
 
     def describe(self) -> str:
         cfg, d = self.cfg, self.data
-        n_params = nets.count_parameters(self.net)
         desc = self.method.describe() if cfg.method != "naive1" else self.method.describe(d.height, d.width)
-        world = f" x {self.dist.world} processes" if self.dist.active else ""
-        return (f"difflab: {cfg.method} on {d.name} ({len(d)} images {d.channels}x{d.height}x{d.width}) | "
-                f"{self.net_config['kind']} {n_params / 1e6:.2f}M parameters | {desc} | "
-                f"device {self.device}{world} | batch {cfg.batch_size} | steps {self.step}->{cfg.steps}")
+        return describe_run(cfg, d, desc, self.net_config, nets.count_parameters(self.net), self.device,
+                            self.dist.world if self.dist.active else None, self.step)
 
     def _check_and_log(self, buf, last_logged: int, t0: float, start_step: int, bar) -> None:
         """Read the losses since the last log (the one sync), stop on NaN/inf, append to loss.csv."""
