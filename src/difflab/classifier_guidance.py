@@ -251,8 +251,8 @@ def train_classifier_run(
 
     Stops after ``steps`` or ``time_limit`` minutes, saves, and measures the accuracy on ``eval_n``
     noisy test images at each of ``REPORT_SIGMAS``."""
-    from difflab.train.methods import process_config
     from difflab.runs import pick_device
+    from difflab.train.methods import process_config
 
     out = Path(out)
     if list_checkpoints(out / "checkpoints"):

@@ -21,11 +21,11 @@ from difflab.errors import CheckpointError, UsageError
 from difflab.figures import to_uint8
 from difflab.runs import RESUME_OVERRIDES, data_name, load_data, make_conditioner, prompt_cache
 from difflab.train.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
-from difflab.train.methods import make_method
+from difflab.train.methods import Method, make_method
 
 
 @torch.no_grad()
-def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *, seed: int = 0,
+def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, shape, *, seed: int = 0,
                   steps: int = 50, sampler: str | None = None, device="cpu", batch_size: int = 256,
                   labels: torch.Tensor | None = None, prompt: str | None = None, guidance: float = 1.0,
                   start: int = 0, init_noise: torch.Tensor | None = None, classifier=None,
@@ -42,20 +42,9 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
     ``clip`` limits every x0 estimate to ``data_range`` after guidance (:class:`~difflab.denoiser.ClipX0`:
     ``clip``, ``dynamic`` or ``none``)."""
     net.eval()
-    if method.name != "gaussian":
-        if guidance != 1.0 or labels is not None or prompt or classifier is not None:
-            raise UsageError(f"conditioning and guidance need a Gaussian run, this one is {method.name}")
-        out = []
-        for lo in range(0, n, batch_size):
-            m = min(batch_size, n - lo)
-            x = method.sample(net, m, shape, seed=seed * 1_000_003 + start + lo, steps=steps, device=device,
-                              callback=callback, **options)
-            out.append(to_uint8(x.cpu()))
-        return torch.cat(out)
-
-    from difflab.samplers import generate
-
-    den = method.denoiser(net)
+    if not method.conditional and (guidance != 1.0 or labels is not None or prompt or classifier is not None):
+        raise UsageError(f"conditioning and guidance need a Gaussian run, this one is {method.name}")
+    wraps = []  # around the method's denoiser, innermost first
     cond_fn = None
     if conditioner is not None and conditioner.kind != "none":
         if labels is None and prompt is None:
@@ -77,7 +66,8 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
         if guidance != 1.0:
             from difflab.guidance import ClassifierFreeGuidance
 
-            den = ClassifierFreeGuidance(den, conditioner.null(min(n, batch_size), device), guidance)
+            null = conditioner.null(min(n, batch_size), device)
+            wraps.append(lambda d: ClassifierFreeGuidance(d, null, guidance))
     elif guidance != 1.0 or labels is not None or prompt is not None:
         if classifier is None:
             raise UsageError("this run is unconditional: --class/--prompt/--guidance need a run trained with "
@@ -90,7 +80,7 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n).clone() if torch.as_tensor(
             labels).numel() == 1 else torch.as_tensor(labels, dtype=torch.long)
         sigma_max = CLASSIFIER_SIGMA_MAX if classifier_sigma_max is None else classifier_sigma_max
-        den = ClassifierGuidance(den, classifier, classifier_scale, sigma_max)
+        wraps.append(lambda d: ClassifierGuidance(d, classifier, classifier_scale, sigma_max))
         base_fn = cond_fn
 
         def cond_fn(sl: slice):  # noqa: F811 - the classifier's target rides along with the condition
@@ -98,10 +88,17 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
             c["classifier_labels"] = labels[sl].to(device)
             return c
 
-    den = ClipX0(den, clip, data_range) if clip != "none" else den
-    x = generate(den, n, shape, seed=seed, sampler=sampler or "ddim", steps=steps, cond_fn=cond_fn,
-                 batch_size=batch_size, device=device, start=start, init_noise=init_noise,
-                 progress=progress, callback=callback, **options)
+    if clip != "none":
+        wraps.append(lambda d: ClipX0(d, clip, data_range))
+
+    def wrap(den):
+        for w in wraps:
+            den = w(den)
+        return den
+
+    x = method.sample(net, n, shape, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
+                      start=start, callback=callback, wrap=wrap, cond_fn=cond_fn, init_noise=init_noise,
+                      progress=progress, **options)
     return to_uint8(x)
 
 
@@ -111,7 +108,7 @@ class Run:
 
     path: Path
     cfg: TrainConfig
-    method: object
+    method: Method
     net: torch.nn.Module
     conditioner: Conditioner
     shape: tuple[int, int, int]
@@ -232,8 +229,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
     class_names = meta.get("class_names")
     conditioner = make_conditioner(cfg, len(class_names) if class_names else 0, class_names, data_name(cfg),
                                    lambda: prompt_cache(path, device, need_encoder=False))
-    if cfg.method == "cold":
-        method.reference = load_data(cfg).images[:512].float().div(127.5).sub(1)
+    if method.samples_from_data:
+        method.prepare(load_data(cfg))
     return Run(path, cfg, method, net, conditioner, tuple(meta["image_shape"]), class_names, step, device)
 
 

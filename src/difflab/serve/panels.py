@@ -105,7 +105,7 @@ class Panels:
         """Load a run and draw one one-step sample, so the first click does not pay for either."""
         def work(job: Job) -> None:
             run = self.catalog.model(name, precision)
-            list(stream_samples(run, 1, steps=1, sampler="ddim" if run.method.name == "gaussian" else None,
+            list(stream_samples(run, 1, steps=1, sampler="ddim",  # (part-1 methods have their own)
                                 stop=job.cancelled))
             job.emit({"type": "loaded", "checkpoint": run.step})
 

@@ -47,17 +47,18 @@ from difflab.train.checkpoint import (
 )
 from difflab.train.distributed import DistContext
 from difflab.train.ema import build_emas, parse_lengths
-from difflab.train.methods import make_method
+from difflab.train.methods import Method, make_method
 from difflab.train.posthoc_ema import drop_snapshots_after, save_snapshot
 
-def network_config(cfg: TrainConfig, data: ImageData, device: torch.device, context_dim: int | None) -> dict:
-    """The network a run trains: the method's default preset fitted to the data's shape."""
+
+def network_config(cfg: TrainConfig, data: ImageData, device: torch.device, context_dim: int | None,
+                   preset: str | None = None) -> dict:
+    """The network a run trains: ``--model``, or the method's ``preset`` (else one for the device and
+    data), fitted to the data's shape."""
     name = cfg.model
     if name == "auto":
-        if cfg.method == "naive1":
-            name = "series-alg1"
-        elif cfg.method in ("naive2", "cold"):
-            name = "series-alg2"
+        if preset is not None:
+            name = preset
         elif device.type == "cuda":
             name = "ddpm-cifar10" if data.channels == 3 else "mnist"
         else:
@@ -142,16 +143,13 @@ class Trainer:
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device) if data.labels is not None else None
         self.shape = tuple(data.images.shape[1:])
-        self.method = make_method(cfg)
-        if cfg.method == "naive1":  # impossible (k, T) settings fail before anything is written
-            self.method.noise.check(data.height, data.width)
-        if cfg.method == "cold":
-            self.method.reference = data.images[:512].float().div(127.5).sub(1)
+        self.method: Method = make_method(cfg)
+        self.method.prepare(data)  # (impossible settings fail before anything is written)
         self.conditioner = self._conditioner(data)
         context_dim = self.conditioner.prompts.dim if cfg.conditioning == "text" else None
 
         torch.manual_seed(cfg.seed)
-        self.net_config = network_config(cfg, data, self.device, context_dim)
+        self.net_config = network_config(cfg, data, self.device, context_dim, self.method.preset)
         # channels-last convolutions are faster on GPUs and CPUs alike (see nets/layout.py)
         self.net = nets.build(self.net_config).to(self.device).to(memory_format=torch.channels_last)
         recipe.resolve(cfg, self.device, nets.count_parameters(self.net))  # lr 0 and precision auto
@@ -380,7 +378,7 @@ class Trainer:
             drop_snapshots_after(self.out, self.step)
             self.log(self.describe())
             self.log(recipe.describe(cfg))
-            if self.dist.active and cfg.method != "gaussian":
+            if self.dist.active and not self.method.per_sample_seeds:
                 self.log(f"note: {cfg.method} draws its noise per batch, not per sample, so each rank's slice "
                          "sees the same draws and the result depends on the number of processes")
         start_step, t0 = self.step, time.monotonic()
@@ -441,8 +439,7 @@ class Trainer:
 
     def describe(self) -> str:
         cfg, d = self.cfg, self.data
-        desc = self.method.describe() if cfg.method != "naive1" else self.method.describe(d.height, d.width)
-        return describe_run(cfg, d, desc, self.net_config, nets.count_parameters(self.net), self.device,
+        return describe_run(cfg, d, self.method.describe(d), self.net_config, nets.count_parameters(self.net), self.device,
                             self.dist.world if self.dist.active else None, self.step)
 
     def _check_and_log(self, buf, last_logged: int, t0: float, start_step: int, bar) -> None:
