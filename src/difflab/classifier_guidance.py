@@ -170,15 +170,13 @@ def _data_config(run: str | Path | None, data: str | None, process: str, T: int,
 def _splits(cfg: TrainConfig, seed: int):
     """(train images, train labels, test images, test labels, class names) as the diffusion run saw them;
     without a test split a seeded 10% of the training data is held out."""
-    from difflab.data import load
-    from difflab.train.trainer import load_data
+    from difflab.runs import load_data
 
     train = load_data(cfg)
     if train.labels is None or not train.num_classes:
         raise UsageError(f"a classifier needs labelled data (labels or class folders); {cfg.data} has none")
     try:
-        test = load(cfg.data, split="test", image_size=cfg.image_size or None, channels=cfg.image_channels or None,
-                    pad_to=None if cfg.image_size else train.height)
+        test = load_data(cfg, split="test")
         if test.labels is None or test.fingerprint == train.fingerprint:
             test = None
     except DataError:
@@ -253,8 +251,8 @@ def train_classifier_run(
 
     Stops after ``steps`` or ``time_limit`` minutes, saves, and measures the accuracy on ``eval_n``
     noisy test images at each of ``REPORT_SIGMAS``."""
+    from difflab.runs import pick_device
     from difflab.train.methods import process_config
-    from difflab.train.trainer import pick_device
 
     out = Path(out)
     if list_checkpoints(out / "checkpoints"):

@@ -19,12 +19,13 @@ from difflab.config import TrainConfig, load_run_config
 from difflab.denoiser import ClipX0
 from difflab.errors import CheckpointError, UsageError
 from difflab.figures import to_uint8
+from difflab.runs import RESUME_OVERRIDES, data_name, load_data, make_conditioner, prompt_cache
 from difflab.train.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
-from difflab.train.methods import make_method
+from difflab.train.methods import Method, make_method
 
 
 @torch.no_grad()
-def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *, seed: int = 0,
+def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, shape, *, seed: int = 0,
                   steps: int = 50, sampler: str | None = None, device="cpu", batch_size: int = 256,
                   labels: torch.Tensor | None = None, prompt: str | None = None, guidance: float = 1.0,
                   start: int = 0, init_noise: torch.Tensor | None = None, classifier=None,
@@ -41,20 +42,9 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
     ``clip`` limits every x0 estimate to ``data_range`` after guidance (:class:`~difflab.denoiser.ClipX0`:
     ``clip``, ``dynamic`` or ``none``)."""
     net.eval()
-    if method.name != "gaussian":
-        if guidance != 1.0 or labels is not None or prompt or classifier is not None:
-            raise UsageError(f"conditioning and guidance need a Gaussian run, this one is {method.name}")
-        out = []
-        for lo in range(0, n, batch_size):
-            m = min(batch_size, n - lo)
-            x = method.sample(net, m, shape, seed=seed * 1_000_003 + start + lo, steps=steps, device=device,
-                              callback=callback, **options)
-            out.append(to_uint8(x.cpu()))
-        return torch.cat(out)
-
-    from difflab.samplers import generate
-
-    den = method.denoiser(net)
+    if not method.conditional and (guidance != 1.0 or labels is not None or prompt or classifier is not None):
+        raise UsageError(f"conditioning and guidance need a Gaussian run, this one is {method.name}")
+    wraps = []  # around the method's denoiser, innermost first
     cond_fn = None
     if conditioner is not None and conditioner.kind != "none":
         if labels is None and prompt is None:
@@ -76,7 +66,8 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
         if guidance != 1.0:
             from difflab.guidance import ClassifierFreeGuidance
 
-            den = ClassifierFreeGuidance(den, conditioner.null(min(n, batch_size), device), guidance)
+            null = conditioner.null(min(n, batch_size), device)
+            wraps.append(lambda d: ClassifierFreeGuidance(d, null, guidance))
     elif guidance != 1.0 or labels is not None or prompt is not None:
         if classifier is None:
             raise UsageError("this run is unconditional: --class/--prompt/--guidance need a run trained with "
@@ -89,7 +80,7 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n).clone() if torch.as_tensor(
             labels).numel() == 1 else torch.as_tensor(labels, dtype=torch.long)
         sigma_max = CLASSIFIER_SIGMA_MAX if classifier_sigma_max is None else classifier_sigma_max
-        den = ClassifierGuidance(den, classifier, classifier_scale, sigma_max)
+        wraps.append(lambda d: ClassifierGuidance(d, classifier, classifier_scale, sigma_max))
         base_fn = cond_fn
 
         def cond_fn(sl: slice):  # noqa: F811 - the classifier's target rides along with the condition
@@ -97,10 +88,17 @@ def sample_images(method, net, conditioner: Conditioner | None, n: int, shape, *
             c["classifier_labels"] = labels[sl].to(device)
             return c
 
-    den = ClipX0(den, clip, data_range) if clip != "none" else den
-    x = generate(den, n, shape, seed=seed, sampler=sampler or "ddim", steps=steps, cond_fn=cond_fn,
-                 batch_size=batch_size, device=device, start=start, init_noise=init_noise,
-                 progress=progress, callback=callback, **options)
+    if clip != "none":
+        wraps.append(lambda d: ClipX0(d, clip, data_range))
+
+    def wrap(den):
+        for w in wraps:
+            den = w(den)
+        return den
+
+    x = method.sample(net, n, shape, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
+                      start=start, callback=callback, wrap=wrap, cond_fn=cond_fn, init_noise=init_noise,
+                      progress=progress, **options)
     return to_uint8(x)
 
 
@@ -110,7 +108,7 @@ class Run:
 
     path: Path
     cfg: TrainConfig
-    method: object
+    method: Method
     net: torch.nn.Module
     conditioner: Conditioner
     shape: tuple[int, int, int]
@@ -229,29 +227,16 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
     net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     method = make_method(cfg)
     class_names = meta.get("class_names")
-    num_classes = len(class_names) if class_names else 0
-    if cfg.conditioning == "text":
-        from difflab.data.captions import captions_for
-        from difflab.text import PromptCache, text_encoder
-
-        prompts = PromptCache.load(path / "prompts.safetensors", _optional_encoder(), device=device)
-        conditioner = Conditioner("text", num_classes, cfg.cond_drop,
-                                  captions_for(_data_name(cfg), class_names), prompts)
-        del text_encoder
-    else:
-        conditioner = Conditioner(cfg.conditioning, num_classes, cfg.cond_drop)
-    if cfg.method == "cold":
-        from difflab.train.trainer import load_data
-
-        method.reference = load_data(cfg).images[:512].float().div(127.5).sub(1)
+    conditioner = make_conditioner(cfg, len(class_names) if class_names else 0, class_names, data_name(cfg),
+                                   lambda: prompt_cache(path, device, need_encoder=False))
+    if method.samples_from_data:
+        method.prepare(load_data(cfg))
     return Run(path, cfg, method, net, conditioner, tuple(meta["image_shape"]), class_names, step, device)
 
 
 def _check_config_matches(path: Path, cfg: TrainConfig, meta: dict) -> None:
     """The checkpoint's own config decides what its weights mean: an edited config.json that disagrees
     with it (in anything but the settings a resumed run may change) is an error, not a silent mix."""
-    from difflab.train.trainer import RESUME_OVERRIDES
-
     if "network" not in meta or "image_shape" not in meta:
         raise CheckpointError(f"the checkpoint in {path} has no network config; it was not written by difflab train")
     saved = meta.get("config")
@@ -262,19 +247,3 @@ def _check_config_matches(path: Path, cfg: TrainConfig, meta: dict) -> None:
         k = diff[0]
         raise CheckpointError(f"{path}/config.json says {k} = {getattr(cfg, k)!r} but its checkpoint was trained "
                               f"with {saved[k]!r}; restore config.json (the checkpoint's config is the truth)")
-
-
-def _optional_encoder():
-    """The text encoder when installed (new prompts), else None (only the run's cached prompts)."""
-    try:
-        from difflab.text import text_encoder
-
-        return text_encoder()
-    except UsageError:
-        return None
-
-
-def _data_name(cfg: TrainConfig) -> str:
-    from difflab.data import dataset_key
-
-    return dataset_key(cfg.data) or cfg.data

@@ -54,6 +54,7 @@ def _reference(name: str, split: str, shape):
     32x32 when the samples are (MNIST-like sets are trained padded)."""
     from difflab.data import load
     from difflab.errors import DataError
+    from difflab.runs import padded_size
 
     try:
         data = load(name, split=split)
@@ -62,14 +63,15 @@ def _reference(name: str, split: str, shape):
             raise
         split = "train"
         data = load(name, split=split)
-    if data.height == 28 and shape[-1] == 32:
-        data = load(name, split=split, pad_to=32)
+    pad = padded_size(data.height, data.width, shape[-1])
+    if pad:
+        data = load(name, split=split, pad_to=pad)
     return data
 
 
 def run(args: argparse.Namespace) -> int:
     from difflab.evaluate import evaluate_images
-    from difflab.train.trainer import pick_device
+    from difflab.runs import pick_device
 
     if sum(a is not None for a in (args.run, args.samples, args.diffusers_model)) != 1:
         raise UsageError("give exactly one of --run DIR, --diffusers-model DIR or --samples FILE.npz")

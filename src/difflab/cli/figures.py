@@ -59,32 +59,8 @@ def columns_of(count: int, columns: int) -> list[int]:
 
 def noising_chain(run, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
     """The forward process of ``run`` on clean images x ([B, C, H, W] in [-1, 1]): [K, B, C, H, W], z_0 first."""
-    method = run.method
-    if method.name == "naive1":
-        chain = method.noise.chain(x, generator)
-        return chain[columns_of(len(chain), columns)]
-    if method.name == "naive2":
-        from difflab.processes.binomial import PixelNoise
-
-        noise = PixelNoise(*x.shape[-2:])
-        state = noise.prepare(x, generator)  # one pixel order per image: the strip shows one chain
-        ts = [round(noise.T * i / (columns - 1)) for i in range(columns)]
-        return torch.stack([noise.apply(x, t, state) for t in ts])
-    if method.name == "cold":
-        state = method.degradation.prepare(x, generator)
-        return torch.stack([method.degradation.degrade(x, i / (columns - 1), state) for i in range(columns)])
-    process = method.process
-    ts = torch.linspace(process.t_min, process.t_max, columns, dtype=torch.float64)
-    if process.discrete:
-        ts = ts.round()
-    s = torch.randn(x.shape, generator=generator)  # one noise image per row, growing along it
-    out = []
-    for t in ts:
-        z = process.marginal(x, t.expand(len(x)), s)
-        # unit variance, so that VE processes (alpha = 1, sigma up to 50) stay visible
-        scale = torch.sqrt(process.alpha(t) ** 2 + process.sigma(t) ** 2).float()
-        out.append(z / scale)
-    return torch.stack(out)
+    chain = run.method.noising_chain(x, columns, generator)
+    return chain[columns_of(len(chain), columns)]
 
 
 def sampling_run(run, n: int, *, seed: int, steps: int, device, **options):
@@ -118,7 +94,7 @@ def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 6
                  seed: int = 0, log=print) -> list[Path]:
     """Write the figures of ``run`` (a :class:`difflab.sampling.Run`) into ``out``; returns the paths."""
     from difflab.figures import save_grid, save_rows
-    from difflab.train.trainer import load_data
+    from difflab.runs import load_data
 
     check_counts(n, grid, columns)
     method, device = run.method, run.device
@@ -135,9 +111,8 @@ def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 6
     chain = noising_chain(run, x, columns, torch.Generator().manual_seed(seed))
     emit(save_rows(list(chain.transpose(0, 1)), out / "noising.png", scale=scale))
 
-    if method.name != "naive1":
-        one_step = {"sampler": "ddim"} if method.name == "gaussian" else {}
-        _, inputs, x0s = sampling_run(run, max(MEAN_SEEDS, n), seed=seed, steps=1, device=device, **one_step)
+    if not method.predicts_previous_step:  # (a prediction of z_{t-1} is no image estimate)
+        _, inputs, x0s = sampling_run(run, max(MEAN_SEEDS, n), seed=seed, steps=1, device=device, sampler="ddim")
         emit(save_rows([inputs[0, :n], x0s[0, :n]], out / "prediction-from-noise.png", scale=scale))
         data_mean = data.images.sum(0, dtype=torch.float64).float() / len(data.images) / 127.5 - 1
         means = torch.stack([data_mean, x0s[0, :MEAN_SEEDS].mean(0)])
@@ -146,26 +121,17 @@ def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 6
     emit(save_grid(run.sample(grid, seed=seed, steps=steps, sampler="ddim"), out / "samples.png",
                    nrow=min(grid, 8), scale=scale))
 
-    if method.name == "naive1":
-        _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, device=device)
-        states = torch.cat([inputs[:1], x0s])  # z_T, z_{T-1}, ..., z_0
-        emit(save_rows(_rows([states], columns), out / "trajectory.png", scale=scale))
-    elif method.name == "gaussian":
-        for sampler in ("ddpm", "ddim"):
-            _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, device=device, sampler=sampler)
-            emit(save_rows(_rows([inputs, x0s], columns), out / f"trajectory-{sampler}.png", scale=scale))
-    else:
-        _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, device=device)
-        emit(save_rows(_rows([inputs, x0s], columns), out / "trajectory.png", scale=scale))
-        if method.name == "naive2":
-            _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, device=device, cold_update=True)
-            emit(save_rows(_rows([inputs, x0s], columns), out / "trajectory-cold-update.png", scale=scale))
+    for suffix, options in method.trajectories().items():
+        _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, device=device, **options)
+        # a chain of previous-step predictions is the trajectory itself: z_T, z_{T-1}, ..., z_0
+        states = [torch.cat([inputs[:1], x0s])] if method.predicts_previous_step else [inputs, x0s]
+        emit(save_rows(_rows(states, columns), out / f"trajectory{suffix}.png", scale=scale))
     return paths
 
 
 def run(args: argparse.Namespace) -> int:
+    from difflab.runs import pick_device
     from difflab.sampling import load_run
-    from difflab.train.trainer import pick_device
 
     check_counts(args.n, args.grid, args.columns)  # before the (slow) loading of the run
     check_values({"--n": (args.n, 1, 10_000), "--grid": (args.grid, 1, 10_000), "--columns": (args.columns, 1, 10_000),

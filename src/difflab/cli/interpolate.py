@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from difflab.figures import save_rows
     from difflab.latents import interpolate, invert
     from difflab.noise import SeededNoise, sample_seeds
-    from difflab.train.trainer import pick_device
+    from difflab.runs import pick_device
 
     check_values({"--n": (args.n, 2, 10_000), "--steps": (args.steps, 1, 100_000),
                   **{f"--seeds {ab}": (s, 0, MAX_SEED) for ab, s in zip("AB", args.seeds or ())}})

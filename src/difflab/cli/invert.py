@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from difflab.figures import save_rows, to_uint8
     from difflab.latents import invert, reconstruct, reconstruction_error
-    from difflab.train.trainer import pick_device
+    from difflab.runs import pick_device
 
     check_values({"--n": (args.n, 1, MAX_SAMPLES), "--steps": (args.steps, 1, 100_000), "--refine": (args.refine, 0, 1000),
                   "--batch-size": (args.batch_size, 1, 1 << 16)})

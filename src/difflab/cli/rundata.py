@@ -71,19 +71,11 @@ def default_split(data: str) -> str:
 def run_images(data: str, split: str, shape: tuple[int, int, int], n: int):
     """The first ``n`` images of a dataset or folder as an ImageData fitted to a run's (C, H, W):
     MNIST-sized 28x28 sets are padded to 32 as in training, other sizes resized."""
-    from difflab.data import dataset_key, load
+    from difflab.runs import load_fitted
 
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
-    c, h, w = shape
-    if dataset_key(data) is None:
-        return load(data, split=split, image_size=h, channels=c).subset(n)
-    found = load(data, split=split, channels=c)
-    if (found.height, found.width) == (28, 28) and (h, w) == (32, 32):
-        found = load(data, split=split, channels=c, pad_to=32)
-    elif (found.height, found.width) != (h, w):
-        found = load(data, split=split, channels=c, image_size=h)
-    return found.subset(n)
+    return load_fitted(data, split, shape).subset(n)
 
 
 def condition_fn(run_, data, device, denoiser=None):

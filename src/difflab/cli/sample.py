@@ -77,8 +77,8 @@ def _options(args) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from difflab.figures import save_grid
+    from difflab.runs import pick_device
     from difflab.train.distributed import DistContext, sample_sharded, shard
-    from difflab.train.trainer import pick_device
 
     if (args.run is None) == (args.diffusers_model is None):
         raise UsageError("give exactly one of --run DIR or --diffusers-model DIR")
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         extra = {"cold_update": True} if args.cold_update else {}
         if args.guidance is not None:  # else the run's own scale (conditional runs)
             extra["guidance"] = args.guidance
-        per_sample = run_.cfg.method == "gaussian"  # part-1 methods seed per batch: shard on batch ends
+        per_sample = run_.method.per_sample_seeds  # part-1 methods seed per batch: shard on batch ends
         block = 1 if per_sample else args.batch_size
 
         def draw(start: int, count: int) -> torch.Tensor:

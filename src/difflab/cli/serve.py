@@ -18,8 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from difflab.errors import UsageError
+    from difflab.runs import pick_device
     from difflab.serve import ExplorerServer
-    from difflab.train.trainer import pick_device
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")

@@ -20,7 +20,7 @@ from torch import nn
 
 from difflab.errors import CheckpointError, UsageError
 from difflab.interop.schedulers import DiffusersDenoiser
-from difflab.processes.gaussian import DiscreteSchedule, cosine_schedule
+from difflab.processes.gaussian import DiscreteSchedule, cosine_schedule, register_schedule
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -57,6 +57,9 @@ def diffusers_schedule(beta_schedule: str = "linear", T: int = 1000, beta_start:
     if trained_betas is not None:
         params["trained_betas"] = [float(b) for b in trained_betas]
     return DiscreteSchedule(gammas, "diffusers", params)
+
+
+register_schedule("diffusers", diffusers_schedule)  # process configs naming it rebuild through make_schedule
 
 
 class DiffusersUNet(nn.Module):

@@ -272,11 +272,15 @@ def constant_schedule(gamma: float = 0.9, T: int = 120) -> DiscreteSchedule:
 SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule, "sigmoid": sigmoid_schedule, "constant": constant_schedule}
 
 
-def make_schedule(name: str, **kwargs) -> DiscreteSchedule:
-    if name == "diffusers":  # a schedule read from a diffusers scheduler config (difflab.interop)
-        from difflab.interop import diffusers_schedule
+def register_schedule(name: str, build) -> None:
+    """Make ``make_schedule(name, **params)`` call ``build(**params)``: schedules defined above this module
+    (``difflab.interop`` registers the schedule of a diffusers scheduler config as "diffusers"), so the
+    schedule a process config names is rebuilt without this module importing its maker."""
+    SCHEDULES[name] = build
 
-        return diffusers_schedule(**kwargs)
+
+def make_schedule(name: str, **kwargs) -> DiscreteSchedule:
     if name not in SCHEDULES:
-        raise UsageError(f"unknown schedule '{name}'; choose one of {', '.join(SCHEDULES)}")
+        hint = " (import difflab.interop to read diffusers schedules)" if name == "diffusers" else ""
+        raise UsageError(f"unknown schedule '{name}'; choose one of {', '.join(SCHEDULES)}{hint}")
     return SCHEDULES[name](**kwargs)

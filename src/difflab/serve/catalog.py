@@ -90,21 +90,6 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-class _DiffusersMethod:
-    """A diffusers UNet seen as a Gaussian method, so that ``sample_images`` and the streaming helpers
-    treat it like a trained run."""
-
-    name = "gaussian"
-
-    def __init__(self, process, prediction: str) -> None:
-        self.process, self.prediction = process, prediction
-
-    def denoiser(self, net):
-        from difflab.denoiser import Denoiser
-
-        return Denoiser(net, self.process, self.prediction)
-
-
 class Catalog:
     """Runs under ``root`` by name, and their loaded models (cached per name, precision and step)."""
 
@@ -168,5 +153,7 @@ class Catalog:
         from difflab.interop import load_diffusers_unet
 
         den, shape = load_diffusers_unet(path, self.device)
-        return Run(path, None, _DiffusersMethod(den.process, den.prediction), den.net, Conditioner("none"),
+        from difflab.train.methods import GaussianMethod
+
+        return Run(path, None, GaussianMethod.of(den.process, den.prediction), den.net, Conditioner("none"),
                    shape, None, 0, self.device)

@@ -42,7 +42,7 @@ class Panels:
     def dataset(self, name: str):
         """The training data of run ``name`` (as trained: MNIST padded to 32), cached in memory."""
         from difflab.config import load_run_config
-        from difflab.train.trainer import load_data
+        from difflab.runs import load_data
 
         info = self.catalog.info(name)
         if info.data is None:
@@ -105,7 +105,7 @@ class Panels:
         """Load a run and draw one one-step sample, so the first click does not pay for either."""
         def work(job: Job) -> None:
             run = self.catalog.model(name, precision)
-            list(stream_samples(run, 1, steps=1, sampler="ddim" if run.method.name == "gaussian" else None,
+            list(stream_samples(run, 1, steps=1, sampler="ddim",  # (part-1 methods have their own)
                                 stop=job.cancelled))
             job.emit({"type": "loaded", "checkpoint": run.step})
 

@@ -9,7 +9,8 @@ resumed run and a run on any number of ranks see the same noise.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -24,6 +25,47 @@ from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
 from difflab.train.noise_levels import training_times
 from difflab.train.weighting import loss_weight, weighted_mse
+
+if TYPE_CHECKING:
+    from difflab.data import ImageData
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What the trainer trains and the samplers draw from; the trainer, ``sampling`` and the figures use
+    only this, never the method's name (which is for messages)."""
+
+    name: ClassVar[str]
+    preset: ClassVar[str | None]  # the network of ``--model auto`` (None: the device and data choose)
+    per_sample_seeds: ClassVar[bool]  # sample j depends only on (seed, j), whatever the batch boundaries
+    conditional: ClassVar[bool]  # takes class labels, prompts and guidance
+    predicts_previous_step: ClassVar[bool]  # the network predicts z_{t-1} (not an estimate of x0)
+    samples_from_data: ClassVar[bool]  # sampling starts from dataset images (given by :meth:`prepare`)
+
+    def prepare(self, data: ImageData) -> None:
+        """Check the settings against the run's data (before anything is written) and keep what
+        sampling needs of it."""
+
+    def describe(self, data: ImageData) -> str:
+        """The method's part of the run's description line."""
+
+    def batch_index(self, step: int) -> int:
+        """Which global batch of the data order ``step`` trains on."""
+
+    def loss(self, net, x: torch.Tensor, cond: dict | None, step: int, seeds: torch.Tensor) -> torch.Tensor:
+        """The scalar training loss of batch ``x`` (in [-1, 1]) at ``step``."""
+
+    def sample(self, net, n: int, shape, *, seed: int = 0, start: int = 0, steps: int = 50,
+               batch_size: int = 256, device="cpu", callback=None, **options) -> torch.Tensor:
+        """n samples (floats in [-1, 1], on the CPU for batch-seeded methods) of the samples
+        ``start .. start + n - 1`` of ``seed``."""
+
+    def noising_chain(self, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
+        """The forward process on clean images x: [K, B, C, H, W], x first; ``columns`` states, or every
+        step of a chain that has no states between its steps."""
+
+    def trajectories(self) -> dict[str, dict]:
+        """The sampling trajectories the figures draw: file-name suffix -> sampling options."""
 
 
 def process_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -47,21 +89,37 @@ class GaussianMethod:
     parameterisation (the noise s for ``eps``: Ho et al.'s simple loss)."""
 
     name = "gaussian"
+    preset = None
+    per_sample_seeds = True
+    conditional = True
+    predicts_previous_step = False
+    samples_from_data = False
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.process: GaussianProcess = make_process(process_config(cfg))
+        self.prediction = cfg.prediction
 
-    def describe(self) -> str:
+    @classmethod
+    def of(cls, process: GaussianProcess, prediction: str) -> GaussianMethod:
+        """The method of a network trained elsewhere (a diffusers folder), for sampling only."""
+        method = cls.__new__(cls)
+        method.cfg, method.process, method.prediction = None, process, prediction
+        return method
+
+    def prepare(self, data: ImageData) -> None:
+        pass
+
+    def describe(self, data: ImageData | None = None) -> str:
         p = self.process
         head = p.describe() if isinstance(p, DiscreteSchedule) else f"continuous {p.config()['kind']} process"
-        return f"{head}; the network predicts {self.cfg.prediction}"
+        return f"{head}; the network predicts {self.prediction}"
 
     def batch_index(self, step: int) -> int:
         return step
 
     def denoiser(self, net) -> Denoiser:
-        return Denoiser(net, self.process, self.cfg.prediction)
+        return Denoiser(net, self.process, self.prediction)
 
     def loss(self, net, x: torch.Tensor, cond: dict | None, step: int, seeds: torch.Tensor) -> torch.Tensor:
         den = self.denoiser(net)
@@ -83,26 +141,79 @@ class GaussianMethod:
         return weighted_mse(out, target, loss_weight(self.cfg.loss_weighting, den, sigma, t, self.cfg.min_snr_gamma))
 
     @torch.no_grad()
-    def sample(self, net, n: int, shape, *, seed: int = 0, steps: int = 50, sampler: str = "ddim",
-               device="cpu", cond_fn=None, **options) -> torch.Tensor:
+    def sample(self, net, n: int, shape, *, seed: int = 0, start: int = 0, steps: int = 50, batch_size: int = 256,
+               device="cpu", callback=None, sampler: str | None = None, wrap: Callable | None = None,
+               **options) -> torch.Tensor:
+        """``wrap(denoiser)`` adds guidance and clipping around the method's denoiser; ``options`` go to
+        :func:`difflab.samplers.generate` (cond_fn, init_noise, progress, sampler options)."""
         from difflab.samplers import generate
 
-        return generate(self.denoiser(net), n, shape, seed=seed, sampler=sampler, steps=steps,
-                        device=device, cond_fn=cond_fn, **options)
+        den = self.denoiser(net)
+        return generate(wrap(den) if wrap is not None else den, n, shape, seed=seed, sampler=sampler or "ddim",
+                        steps=steps, batch_size=batch_size, device=device, start=start, callback=callback, **options)
+
+    def noising_chain(self, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
+        process = self.process
+        ts = torch.linspace(process.t_min, process.t_max, columns, dtype=torch.float64)
+        if process.discrete:
+            ts = ts.round()
+        s = torch.randn(x.shape, generator=generator)  # one noise image per row, growing along it
+        out = []
+        for t in ts:
+            z = process.marginal(x, t.expand(len(x)), s)
+            # unit variance, so that VE processes (alpha = 1, sigma up to 50) stay visible
+            scale = torch.sqrt(process.alpha(t) ** 2 + process.sigma(t) ** 2).float()
+            out.append(z / scale)
+        return torch.stack(out)
+
+    def trajectories(self) -> dict[str, dict]:
+        return {"-ddpm": {"sampler": "ddpm"}, "-ddim": {"sampler": "ddim"}}
 
 
-class Naive1Method:
+class _BatchSeeded:
+    """Part 1's methods: noise drawn per batch (one generator each), so a sample depends on its batch;
+    unconditional; the network sees the series' inputs directly."""
+
+    preset: ClassVar[str | None] = "series-alg2"
+    per_sample_seeds = False
+    conditional = False
+    predicts_previous_step = False
+    samples_from_data = False
+
+    def prepare(self, data: ImageData) -> None:
+        pass
+
+    @torch.no_grad()
+    def sample(self, net, n: int, shape, *, seed: int = 0, start: int = 0, steps: int = 50, batch_size: int = 256,
+               device="cpu", callback=None, **options) -> torch.Tensor:
+        out = []
+        for lo in range(0, n, batch_size):
+            m = min(batch_size, n - lo)
+            out.append(self.sample_batch(net, m, shape, seed=seed * 1_000_003 + start + lo, steps=steps,
+                                         device=device, callback=callback, **options).cpu())
+        return torch.cat(out)
+
+    def trajectories(self) -> dict[str, dict]:
+        return {"": {}}
+
+
+class Naive1Method(_BatchSeeded):
     """Algorithm 1: predict the previous step of the binomial chain; the chain is walked in order,
     one gradient step per noising step (batch b serves T consecutive steps)."""
 
     name = "naive1"
+    preset = "series-alg1"
+    predicts_previous_step = True
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.noise = BinomialNoise(cfg.k, cfg.T, replace=cfg.replace)
 
-    def describe(self, h: int = 32, w: int = 32) -> str:
-        return self.noise.summary(h, w)
+    def prepare(self, data: ImageData) -> None:
+        self.noise.check(data.height, data.width)  # impossible (k, T) settings fail before anything is written
+
+    def describe(self, data: ImageData | None = None) -> str:
+        return self.noise.summary(data.height, data.width) if data is not None else self.noise.summary(32, 32)
 
     def batch_index(self, step: int) -> int:
         return naive.naive1_position(step, self.cfg.T)[0]
@@ -112,13 +223,15 @@ class Naive1Method:
         z_prev, z_t = naive.naive1_pair(x, t, self.noise, self.cfg.seed, b)
         return naive.naive1_loss(net, z_prev, z_t, t, self.cfg.T)
 
-    @torch.no_grad()
-    def sample(self, net, n, shape, *, seed=0, steps=None, device="cpu", callback=None, **_):
+    def noising_chain(self, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
+        return self.noise.chain(x, generator)  # every step (the figures pick ``columns`` of them)
+
+    def sample_batch(self, net, n, shape, *, seed=0, steps=None, device="cpu", callback=None, **_):
         return naive.naive1_sample(net, (n, *shape), self.cfg.T, _generator(seed, 0, "cpu"),
                                    callback=callback, device=device)
 
 
-class Naive2Method:
+class Naive2Method(_BatchSeeded):
     """Algorithm 2: pixel noise one pixel at a time (T = h*w), predict the clean image; sample by
     denoise-then-renoise in S steps (optionally with the cold-diffusion update)."""
 
@@ -127,7 +240,7 @@ class Naive2Method:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
-    def describe(self) -> str:
+    def describe(self, data: ImageData | None = None) -> str:
         return "algorithm 2: pixel noise without replacement (T = h*w), predict x"
 
     def batch_index(self, step: int) -> int:
@@ -136,8 +249,16 @@ class Naive2Method:
     def loss(self, net, x, cond, step, seeds):
         return naive.naive2_loss(net, x, _generator(self.cfg.seed, step, "cpu"), PixelNoise(*x.shape[-2:]))
 
-    @torch.no_grad()
-    def sample(self, net, n, shape, *, seed=0, steps=64, device="cpu", callback=None, cold_update=False, **_):
+    def noising_chain(self, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
+        noise = PixelNoise(*x.shape[-2:])
+        state = noise.prepare(x, generator)  # one pixel order per image: the strip shows one chain
+        ts = [round(noise.T * i / (columns - 1)) for i in range(columns)]
+        return torch.stack([noise.apply(x, t, state) for t in ts])
+
+    def trajectories(self) -> dict[str, dict]:
+        return {"": {}, "-cold-update": {"cold_update": True}}
+
+    def sample_batch(self, net, n, shape, *, seed=0, steps=64, device="cpu", callback=None, cold_update=False, **_):
         T = shape[-2] * shape[-1]
         if not 1 <= steps <= T:
             raise UsageError(f"naive2 samples in 1 to T = h*w = {T} steps on {shape[-2]}x{shape[-1]} images, "
@@ -146,17 +267,21 @@ class Naive2Method:
                                    cold_update=cold_update, callback=callback, device=device)
 
 
-class ColdMethod:
+class ColdMethod(_BatchSeeded):
     """Cold diffusion: any degradation D(x, t), the network restores x (L1 loss)."""
 
     name = "cold"
+    samples_from_data = True
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.degradation = get_degradation(cfg.degradation)
         self.reference: torch.Tensor | None = None  # dataset images for priors that need them
 
-    def describe(self) -> str:
+    def prepare(self, data: ImageData) -> None:
+        self.reference = data.images[:512].float().div(127.5).sub(1)  # the prior degrades dataset images
+
+    def describe(self, data: ImageData | None = None) -> str:
         return f"cold diffusion with degradation {self.degradation!r}"
 
     def batch_index(self, step: int) -> int:
@@ -165,8 +290,11 @@ class ColdMethod:
     def loss(self, net, x, cond, step, seeds):
         return naive.cold_loss(net, x, self.degradation, _generator(self.cfg.seed, step, "cpu"))
 
-    @torch.no_grad()
-    def sample(self, net, n, shape, *, seed=0, steps=50, device="cpu", callback=None, improved=True, **_):
+    def noising_chain(self, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
+        state = self.degradation.prepare(x, generator)
+        return torch.stack([self.degradation.degrade(x, i / (columns - 1), state) for i in range(columns)])
+
+    def sample_batch(self, net, n, shape, *, seed=0, steps=50, device="cpu", callback=None, improved=True, **_):
         if steps < 1:
             raise UsageError(f"cold diffusion samples in at least 1 step, got --steps {steps}")
         g = _generator(seed, 0, "cpu")
@@ -182,5 +310,5 @@ class ColdMethod:
 METHOD_CLASSES = {"gaussian": GaussianMethod, "naive1": Naive1Method, "naive2": Naive2Method, "cold": ColdMethod}
 
 
-def make_method(cfg: TrainConfig):
+def make_method(cfg: TrainConfig) -> Method:
     return METHOD_CLASSES[cfg.method](cfg)

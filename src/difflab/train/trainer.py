@@ -29,11 +29,12 @@ from torch import nn
 
 from difflab import nets, recipe, runlock, runtime, threads
 from difflab.conditioning import Conditioner
-from difflab.config import DEVICE, TrainConfig, channel_widths, save_json
-from difflab.data import ImageData, load
+from difflab.config import TrainConfig, channel_widths, save_json
+from difflab.data import ImageData
 from difflab.errors import CheckpointError, TrainingDiverged, UsageError
 from difflab.figures import grid, plot_loss, save_image
 from difflab.files import OutputError, check_run_folder, write_text
+from difflab.runs import RESUME_OVERRIDES, describe_run, load_data, make_conditioner, pick_device, prompt_cache
 from difflab.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -47,48 +48,18 @@ from difflab.train.checkpoint import (
 from difflab.train.distributed import DistContext
 from difflab.train.ema import build_emas, parse_lengths
 from difflab.train.loggers import RunLogger
-from difflab.train.methods import make_method
+from difflab.train.methods import Method, make_method
 from difflab.train.posthoc_ema import drop_snapshots_after, save_snapshot
 
-# flags that may change when a run is resumed; anything else must match the saved run
-RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "checkpoint_every", "keep",
-                    "log_every", "logger", "device", "out", "compile", "precision"}
 
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if not DEVICE.fullmatch(name):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} asked for, but torch sees no CUDA GPU (install a CUDA build of torch)")
-    dev = torch.device(name)
-    return torch.device(f"cuda:{local_rank}") if dev.type == "cuda" and dev.index is None else dev
-
-
-def load_data(cfg: TrainConfig) -> ImageData:
-    """The run's dataset as uint8 tensors; MNIST-like 28x28 sets are padded to 32."""
-    kw = {}
-    if cfg.image_size:
-        kw["image_size"] = cfg.image_size
-    if cfg.image_channels:
-        kw["channels"] = cfg.image_channels
-    data = load(cfg.data, **kw)
-    if not cfg.image_size and data.height == 28 and data.width == 28:
-        data = load(cfg.data, pad_to=32, **kw)
-    if data.height != data.width:
-        raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
-    return data
-
-
-def network_config(cfg: TrainConfig, data: ImageData, device: torch.device, context_dim: int | None) -> dict:
-    """The network a run trains: the method's default preset fitted to the data's shape."""
+def network_config(cfg: TrainConfig, data: ImageData, device: torch.device, context_dim: int | None,
+                   preset: str | None = None) -> dict:
+    """The network a run trains: ``--model``, or the method's ``preset`` (else one for the device and
+    data), fitted to the data's shape."""
     name = cfg.model
     if name == "auto":
-        if cfg.method == "naive1":
-            name = "series-alg1"
-        elif cfg.method in ("naive2", "cold"):
-            name = "series-alg2"
+        if preset is not None:
+            name = preset
         elif device.type == "cuda":
             name = "ddpm-cifar10" if data.channels == 3 else "mnist"
         else:
@@ -174,16 +145,13 @@ class Trainer:
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device) if data.labels is not None else None
         self.shape = tuple(data.images.shape[1:])
-        self.method = make_method(cfg)
-        if cfg.method == "naive1":  # impossible (k, T) settings fail before anything is written
-            self.method.noise.check(data.height, data.width)
-        if cfg.method == "cold":
-            self.method.reference = data.images[:512].float().div(127.5).sub(1)
+        self.method: Method = make_method(cfg)
+        self.method.prepare(data)  # (impossible settings fail before anything is written)
         self.conditioner = self._conditioner(data)
         context_dim = self.conditioner.prompts.dim if cfg.conditioning == "text" else None
 
         torch.manual_seed(cfg.seed)
-        self.net_config = network_config(cfg, data, self.device, context_dim)
+        self.net_config = network_config(cfg, data, self.device, context_dim, self.method.preset)
         # channels-last convolutions are faster on GPUs and CPUs alike (see nets/layout.py)
         self.net = nets.build(self.net_config).to(self.device).to(memory_format=torch.channels_last)
         recipe.resolve(cfg, self.device, nets.count_parameters(self.net))  # lr 0 and precision auto
@@ -257,19 +225,8 @@ class Trainer:
         return saved.validate()
 
     def _conditioner(self, data: ImageData) -> Conditioner:
-        cfg = self.cfg
-        if cfg.conditioning == "text":
-            from difflab.data.captions import captions_for
-            from difflab.text import PromptCache, text_encoder
-
-            if data.class_names is None:
-                raise UsageError("--conditioning text needs labelled data (class names become captions)")
-            cache_file = self.out / "prompts.safetensors"
-            cache = (PromptCache.load(cache_file, text_encoder()) if cache_file.exists()
-                     else PromptCache(text_encoder()))
-            return Conditioner("text", data.num_classes, cfg.cond_drop,
-                               captions_for(data.name, data.class_names), cache)
-        return Conditioner(cfg.conditioning, data.num_classes or 0, cfg.cond_drop)
+        return make_conditioner(self.cfg, data.num_classes or 0, data.class_names, data.name,
+                                lambda: prompt_cache(self.out))
 
     def _autocast(self):
         if self.cfg.precision != "bf16":  # (auto was resolved when the network was built)
@@ -425,7 +382,7 @@ class Trainer:
             drop_snapshots_after(self.out, self.step)
             self.log(self.describe())
             self.log(recipe.describe(cfg))
-            if self.dist.active and cfg.method != "gaussian":
+            if self.dist.active and not self.method.per_sample_seeds:
                 self.log(f"note: {cfg.method} draws its noise per batch, not per sample, so each rank's slice "
                          "sees the same draws and the result depends on the number of processes")
         start_step, t0 = self.step, time.monotonic()
@@ -486,12 +443,8 @@ class Trainer:
 
     def describe(self) -> str:
         cfg, d = self.cfg, self.data
-        n_params = nets.count_parameters(self.net)
-        desc = self.method.describe() if cfg.method != "naive1" else self.method.describe(d.height, d.width)
-        world = f" x {self.dist.world} processes" if self.dist.active else ""
-        return (f"difflab: {cfg.method} on {d.name} ({len(d)} images {d.channels}x{d.height}x{d.width}) | "
-                f"{self.net_config['kind']} {n_params / 1e6:.2f}M parameters | {desc} | "
-                f"device {self.device}{world} | batch {cfg.batch_size} | steps {self.step}->{cfg.steps}")
+        return describe_run(cfg, d, self.method.describe(d), self.net_config, nets.count_parameters(self.net), self.device,
+                            self.dist.world if self.dist.active else None, self.step)
 
     def _check_and_log(self, buf, last_logged: int, t0: float, start_step: int, bar) -> None:
         """Read the losses since the last log (the one sync), stop on NaN/inf, append to loss.csv."""

@@ -1,0 +1,130 @@
+"""The run layer: what training and sampling a run both need, built one way for the trainer,
+:func:`difflab.sampling.load_run`, the CLI and the web page.
+
+- the device (:func:`pick_device`),
+- the data with the one shape rule (:func:`load_data`, :func:`load_fitted`; :func:`padded_size`),
+- the conditioner (:func:`make_conditioner`, :func:`prompt_cache`),
+- the one-line description of a run (:func:`describe_run`),
+- which settings a resumed run may change (:data:`RESUME_OVERRIDES`).
+
+It sits beneath ``train/`` and ``sampling.py`` (they import it, it imports neither).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.conditioning import Conditioner
+from difflab.config import DEVICE, TrainConfig
+from difflab.data import ImageData, load
+from difflab.errors import UsageError
+
+# flags that may change when a run is resumed; anything else must match the saved run
+RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "checkpoint_every", "keep",
+                    "log_every", "logger", "device", "out", "compile", "precision"}
+
+PADDED = 32  # the size MNIST-like 28x28 images are trained at: every UNet preset halves it three times
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch device of ``--device`` (auto, cpu, mps, cuda or cuda:N); ``cuda`` is this process's GPU
+    under torchrun (``local_rank``)."""
+    if not DEVICE.fullmatch(name):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but torch sees no CUDA GPU (install a CUDA build of torch)")
+    dev = torch.device(name)
+    return torch.device(f"cuda:{local_rank}") if dev.type == "cuda" and dev.index is None else dev
+
+
+def padded_size(height: int, width: int, target: int | None = None) -> int | None:
+    """The one shape rule: MNIST-like 28x28 images are padded to 32x32 when no other size is asked for
+    (``target`` None) or when 32 is; None: no padding."""
+    return PADDED if (height, width) == (28, 28) and target in (None, PADDED) else None
+
+
+def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
+    """The run's dataset as uint8 tensors, as it trains: ``--image-size`` when given, else padded by
+    :func:`padded_size`; square images only."""
+    kw = {}
+    if cfg.image_size:
+        kw["image_size"] = cfg.image_size
+    if cfg.image_channels:
+        kw["channels"] = cfg.image_channels
+    data = load(cfg.data, split=split, **kw)
+    pad = None if cfg.image_size else padded_size(data.height, data.width)
+    if pad:
+        data = load(cfg.data, split=split, pad_to=pad, **kw)
+    if data.height != data.width:
+        raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
+    return data
+
+
+def load_fitted(name: str, split: str, shape: tuple[int, int, int]) -> ImageData:
+    """The images of dataset or folder ``name`` fitted to a run's (C, H, W): padded by the shape rule
+    (as in training), other sizes resized."""
+    from difflab.data import dataset_key
+
+    c, h, w = shape
+    if dataset_key(name) is None:
+        return load(name, split=split, image_size=h, channels=c)
+    found = load(name, split=split, channels=c)
+    pad = padded_size(found.height, found.width, h) if h == w else None
+    if pad:
+        return load(name, split=split, channels=c, pad_to=pad)
+    if (found.height, found.width) != (h, w):
+        return load(name, split=split, channels=c, image_size=h)
+    return found
+
+
+def prompt_cache(run_dir: str | Path, device: torch.device | str = "cpu", need_encoder: bool = True):
+    """The text run's prompt cache (``RUN/prompts.safetensors``, or a new one), with the text encoder:
+    needed to train; to sample, without it (not installed) only the cached prompts can be used."""
+    from difflab.text import PromptCache, text_encoder
+
+    try:
+        encoder = text_encoder()
+    except UsageError:  # not installed
+        if need_encoder:
+            raise
+        encoder = None
+    path = Path(run_dir) / "prompts.safetensors"
+    return PromptCache.load(path, encoder, device=device) if path.exists() or not need_encoder else PromptCache(encoder)
+
+
+def make_conditioner(cfg: TrainConfig, num_classes: int, class_names: list[str] | None, data_name: str,
+                     prompts: Callable[[], Any] | None = None) -> Conditioner:
+    """The run's condition: none, its class labels, or text prompts (the classes' captions; ``prompts()``
+    makes the :class:`difflab.text.PromptCache`, called for text runs only)."""
+    if cfg.conditioning != "text":
+        return Conditioner(cfg.conditioning, num_classes, cfg.cond_drop)
+    from difflab.data.captions import captions_for
+
+    if class_names is None:
+        raise UsageError("--conditioning text needs labelled data (class names become captions)")
+    if prompts is None:
+        raise UsageError("text conditioning needs a text encoder")
+    return Conditioner("text", num_classes, cfg.cond_drop, captions_for(data_name, class_names), prompts())
+
+
+def data_name(cfg: TrainConfig) -> str:
+    """The dataset name the run's data goes by (a known dataset's key, else the folder as given)."""
+    from difflab.data import dataset_key
+
+    return dataset_key(cfg.data) or cfg.data
+
+
+def describe_run(cfg: TrainConfig, data: ImageData, method_line: str, net_config: dict, n_params: int,
+                 device: torch.device, world: int | None, step: int) -> str:
+    """The one line a run starts with: method, data, network, device (``world`` processes under
+    torchrun, else None), batch and steps."""
+    procs = f" x {world} processes" if world is not None else ""
+    return (f"difflab: {cfg.method} on {data.name} ({len(data)} images {data.channels}x{data.height}x{data.width}) | "
+            f"{net_config['kind']} {n_params / 1e6:.2f}M parameters | {method_line} | "
+            f"device {device}{procs} | batch {cfg.batch_size} | steps {step}->{cfg.steps}")
