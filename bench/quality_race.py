@@ -265,6 +265,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps-n", type=int, default=256, help="samples per cell of the quality-vs-steps table")
     p.add_argument("--out", default="runs/race", help="folder for the runs")
     p.add_argument("--run", default=None, help="steps: the run to measure (default OUT/difflab)")
+    p.add_argument("--samplers", default=",".join(FEWSTEP), help="steps: the samplers beside the run's default")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     only = set(args.only.split(","))
@@ -314,7 +315,7 @@ def main(argv=None) -> int:
     if "steps" in only:
         run_dir = Path(args.run) if args.run else out / "difflab"
         print(f"quality against NFE, {run_dir}, {args.steps_n} samples a cell:", flush=True)
-        results["steps"] = quality_vs_steps(run_dir, judge, args.steps_n, FEWSTEP, NFES)
+        results["steps"] = quality_vs_steps(run_dir, judge, args.steps_n, args.samplers.split(","), NFES)
     peers = [results[k]["confident"] for k in ("diffusers", "lucidrains") if "confident" in results.get(k, {})]
     write_json(args.json, results)
     if "difflab" in results and peers:

@@ -193,8 +193,10 @@ def _record_write(event: str, args: tuple, root: str, writes: list[str]) -> None
         path, mode, flags = args
         writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
             isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
-    else:
-        path, writing = args[0], event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir")
+    elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir"):
+        path, writing = args[0], True
+    else:  # (events such as socket.gethostname carry no path)
+        return
     if writing and isinstance(path, (str, bytes, os.PathLike)) and os.fsdecode(path).startswith(root):
         writes.append(f"{event} {os.fsdecode(path)}")
 

@@ -166,7 +166,7 @@ def test_main_ema_is_shared_with_an_equal_tracked_length():
 # --- the trainer and the command line --------------------------------------------------------------------
 def cfg(tmp_path, name="run", **kw):
     base = dict(data="digits", out=str(tmp_path / name), model="tiny", steps=12, batch_size=16, log_every=4,
-                checkpoint_every=6, sample_every=0, sample_steps=4, warmup=2, lr=1e-3, ema_snapshot_every=4)
+                checkpoint_every=6, sample_every=0, sample_steps=4, warmup=2, lr=1e-3, ema_snapshot_every=4, ema_length=0.1)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -27,6 +27,7 @@ from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from difflab.processes.continuous import VPCosine
 from difflab.processes.gaussian import cosine_schedule, linear_schedule
 from difflab.samplers import evaluations, generate
+from difflab.train.methods import GaussianMethod
 
 SHAPE = (1, 4, 4)
 K, MEAN, STD, SHIFT = 4, -0.6, 0.3, 0.4  # four Gaussian classes: x | c ~ N(MEAN + SHIFT c, STD^2 I)
@@ -158,15 +159,10 @@ def test_cfg_g1_is_plain_conditional_sampling_exactly():
                       seed=4, sampler="ddpm", steps=20, cond_fn=cond_fn, batch_size=5)
     assert torch.equal(plain, guided)
 
-    class Method:  # sample_images' view of a Gaussian run around the exact network
-        name, process = "gaussian", den.process
-
-        def denoiser(self, net):
-            return Denoiser(net, self.process, "eps")
-
+    method = GaussianMethod.of(den.process, "eps")  # a Gaussian run around the exact network
     cls = Conditioner("class", num_classes=K)
-    a = sample_images(Method(), den.net, cls, 12, SHAPE, seed=4, sampler="ddpm", steps=20, guidance=1.0, clip="none")
-    b = sample_images(Method(), den.net, cls, 12, SHAPE, seed=4, sampler="ddpm", steps=20, guidance=3.0, clip="none")
+    a = sample_images(method, den.net, cls, 12, SHAPE, seed=4, sampler="ddpm", steps=20, guidance=1.0, clip="none")
+    b = sample_images(method, den.net, cls, 12, SHAPE, seed=4, sampler="ddpm", steps=20, guidance=3.0, clip="none")
     from difflab.figures import to_uint8
 
     assert torch.equal(a, to_uint8(plain.float()))
@@ -380,7 +376,7 @@ def test_cli_train_classifier_and_classifier_guided_sampling(class_run, capsys, 
     assert np.array_equal(np.load(tmp_path / "cap.npz")["images"], np.load(tmp_path / "s0.npz")["images"])
     rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "2", "--steps", "2", "--class", "3",
                      "--classifier", clf, "--classifier-sigma-max", "0", "--out", tmp_path / "x.png")
-    assert rc == 2 and "must be positive" in err
+    assert rc == 2 and "--classifier-sigma-max must be in (0, inf]" in err
     rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "2", "--steps", "2", "--class", "3",
                      "--classifier", class_run, "--out", tmp_path / "x.png")
     assert rc == 2 and "not a noisy classifier" in err
@@ -421,7 +417,7 @@ def test_cli_text_run_trains_and_samples_with_a_prompt(capsys, tmp_path, monkeyp
     for prompt, g in (("the digit 3", "1"), ("the digit 7", "2.5"), ("number seven", "2")):
         npz = tmp_path / f"t{g}.npz"
         rc, _, err = cli(capsys, "sample", "--run", out, "--n", "4", "--steps", "5", "--prompt", prompt,
-                         "--guidance", g, "--save-npz", npz, "--out", tmp_path / "t.png")
+                         "--guidance", g, "--save-npz", npz, "--out", tmp_path / f"t{g}.png")
         assert rc == 0, err
         images = np.load(npz)["images"]
         assert images.shape == (4, 8, 8, 1) and images.std() > 0

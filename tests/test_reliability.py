@@ -80,7 +80,7 @@ def run_copy(tiny_run, tmp_path):
 
 # --- flags ---------------------------------------------------------------------------------------------------
 TRAIN_BAD = {
-    "--time-limit": ["nan", "inf", "-1"], "--warmup": ["-5"], "--steps": ["0", "-3"], "--lr": ["nan", "0", "2"],
+    "--time-limit": ["nan", "inf", "-1"], "--warmup": ["-5"], "--steps": ["0", "-3"], "--lr": ["nan", "-1e-3", "2"],
     "--dropout": ["2", "nan", "-0.5"], "--channels-mult": ["0,0", "a,b", "-4", "4," * 9 + "4"],
     "--device": ["tpu", "cuda:x"], "--seed": ["-1", str(10**30)], "--weight-decay": ["-1", "nan"],
     "--grad-clip": ["inf", "-1"], "--ema-decay": ["1", "nan"], "--cond-drop": ["1.5"], "--gamma": ["1", "0"],

@@ -119,13 +119,18 @@ class Run:
     def sample(self, n: int, **kwargs) -> torch.Tensor:
         """n samples as uint8 [n, C, H, W] (see :func:`sample_images`); the run's own sampler, step
         count, x0 clipping and (conditional runs) guidance scale unless given."""
-        kwargs.setdefault("device", self.device)
-        kwargs.setdefault("sampler", self.cfg.sampler)
-        kwargs.setdefault("steps", self.cfg.sample_steps)
-        kwargs.setdefault("clip", self.cfg.clip)
+        return sample_images(self.method, self.net, self.conditioner, n, self.shape,
+                             **{"device": self.device, **self.sampling_defaults(), **kwargs})
+
+    def sampling_defaults(self) -> dict:
+        """What the run samples with unless told: its sampler, step count, x0 clipping and, for class and
+        text runs, its guidance scale (saved in config.json); none for a model trained elsewhere."""
+        if self.cfg is None:
+            return {}
+        d = {"sampler": self.cfg.sampler, "steps": self.cfg.sample_steps, "clip": self.cfg.clip}
         if self.conditioner.kind != "none":
-            kwargs.setdefault("guidance", self.cfg.guidance)
-        return sample_images(self.method, self.net, self.conditioner, n, self.shape, **kwargs)
+            d["guidance"] = self.cfg.guidance
+        return d
 
     def denoiser(self):
         return self.method.denoiser(self.net)

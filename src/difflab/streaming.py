@@ -84,6 +84,7 @@ def stream_samples(run, n: int, *, start: int = 0, chunk: int = 4, on_step: Call
     if n < 1:
         return
     watched = WatchedNet(run.net, stop)
+    kwargs = {**run.sampling_defaults(), **kwargs}  # the same images as run.sample
     steps = kwargs.get("steps")
 
     def callback(d: dict) -> None:

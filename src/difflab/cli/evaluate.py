@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         result["bpd_n"] = len(bpd)
     _print_table(result)
     if args.json:
-        path = write_text(args.json, json.dumps(result, indent=2, default=float))
+        path = write_text(args.json, json.dumps(_finite_or_null(result), indent=2, default=float, allow_nan=False))
         print(f"json: {path}")
     return 0
 
@@ -211,3 +211,14 @@ def _print_table(result: dict) -> None:
         print(f"{k:<{width}}  {v}")
     for w in result.get("warnings", []):
         print(f"warning: {w}")
+
+
+def _finite_or_null(obj):
+    """The results with NaN and infinities as null: JSON has no NaN, and readers reject it."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
