@@ -306,62 +306,16 @@ def test_coordconv_sees_time_and_position_before_every_convolution():
     assert isinstance(net, CoordConvUNet) and net.config["channels"] == [8, 16, 24]
 
 
-def _copy_into_diffusers(net: UNet, twin) -> None:
-    """Load difflab UNet weights into its diffusers UNet2DModel twin (same layers, other names)."""
-    sd: dict[str, torch.Tensor] = {}
-
-    def put(name, module):
-        sd[f"{name}.weight"], sd[f"{name}.bias"] = module.weight, module.bias
-
-    def res(name, block):
-        for theirs, ours in [("norm1", "norm1"), ("conv1", "conv1"), ("time_emb_proj", "emb_proj"),
-                             ("norm2", "norm2"), ("conv2", "conv2"), ("conv_shortcut", "skip")]:  # fmt: skip
-            if isinstance(getattr(block, ours), torch.nn.Conv2d | torch.nn.Linear | torch.nn.GroupNorm):
-                put(f"{name}.{theirs}", getattr(block, ours))
-
-    def attn(name, block):
-        put(f"{name}.group_norm", block.norm)
-        put(f"{name}.to_out.0", block.proj)
-        for i, (w, b) in enumerate(zip(block.qkv.weight.chunk(3), block.qkv.bias.chunk(3))):
-            sd[f"{name}.to_{'qkv'[i]}.weight"], sd[f"{name}.to_{'qkv'[i]}.bias"] = w, b
-
-    put("conv_in", net.stem)
-    put("time_embedding.linear_1", net.time_embed[0])
-    put("time_embedding.linear_2", net.time_embed[2])
-    sd["class_embedding.weight"] = net.class_embed.weight
-    levels, blocks = len(net.config["channel_mult"]), net.config["num_res_blocks"]
-    down, up = iter(net.down), iter(net.up)
-    for level in range(levels):
-        for j in range(blocks):
-            stage = next(down)
-            res(f"down_blocks.{level}.resnets.{j}", stage.res)
-            if stage.attn is not None:
-                attn(f"down_blocks.{level}.attentions.{j}", stage.attn)
-        if level < levels - 1:
-            put(f"down_blocks.{level}.downsamplers.0.conv", next(down).conv)
-        for j in range(blocks + 1):
-            stage = next(up)
-            res(f"up_blocks.{level}.resnets.{j}", stage.res)
-            if stage.attn is not None:
-                attn(f"up_blocks.{level}.attentions.{j}", stage.attn)
-            if stage.resample is not None:
-                put(f"up_blocks.{level}.upsamplers.0.conv", stage.resample.conv)
-    res("mid_block.resnets.0", net.mid[0].res)
-    attn("mid_block.attentions.0", net.mid[0].attn)
-    res("mid_block.resnets.1", net.mid[1].res)
-    put("conv_norm_out", net.out[0])
-    put("conv_out", net.out[2])
-    twin.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
-
-
 def test_diffusers_twin_is_the_same_network():
     diffusers = pytest.importorskip("diffusers")
     assert count_parameters(diffusers.UNet2DModel(**diffusers_twin_kwargs("ddpm-cifar10"))) == 35_746_307
     net = _randomise(from_preset("mnist-small", num_classes=10), scale=0.05)
     twin = diffusers.UNet2DModel(**diffusers_twin_kwargs("mnist-small", num_classes=10)).eval()
     assert count_parameters(twin) == count_parameters(net)
-    _copy_into_diffusers(net, twin)
+    from difflab.interop.export import diffusers_state_dict
+
+    twin.load_state_dict(diffusers_state_dict(net), strict=True)  # the export's mapping, timestep shift included
     x, t = _inputs(2, 1, 32)
     labels = torch.tensor([3, 10])
-    with torch.no_grad():
-        assert torch.allclose(net(x, t, labels), twin(x, t, class_labels=labels).sample, atol=1e-4)
+    with torch.no_grad():  # diffusers' timestep tau is difflab's step t = tau + 1
+        assert torch.allclose(net(x, t, labels), twin(x, t - 1, class_labels=labels).sample, atol=1e-4)
