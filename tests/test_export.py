@@ -50,7 +50,9 @@ def test_folder_has_the_hub_layout_and_loads_without_warnings(exported, caplog, 
         diffusers.DDPMPipeline.from_pretrained(out)
         diffusers.DDIMPipeline.from_pretrained(out)
         diffusers.UNet2DModel.from_pretrained(out, subfolder="unet")
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    # diffusers warns when `accelerate` is missing whatever folder it loads: that is the environment, not ours
+    ours = [r for r in caplog.records if r.levelno >= logging.WARNING and "accelerate" not in r.getMessage()]
+    assert not ours, ours
 
 
 def test_diffusers_pipeline_images_equal_difflab(exported):
