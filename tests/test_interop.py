@@ -77,9 +77,8 @@ def compare(ours, ref):
 
 
 # diffusers' DDIM with linspace spacing steps from tau to tau - T // K and then evaluates the UNet at the
-# next listed timestep, which is another noise level: not a grid (difflab reads the UNet at the level z has)
-CASES = [pytest.param(s, sp, marks=pytest.mark.xfail(strict=True, reason="diffusers' DDIM linspace is not a grid"))
-         if (s, sp) == ("ddim", "linspace") else (s, sp) for s in SAMPLERS for sp in SPACINGS]
+# next listed timestep, as if its sample were at that level: not a grid (DDIM's `landing` option follows it)
+CASES = [(s, sp) for s in SAMPLERS for sp in SPACINGS]
 
 
 @pytest.mark.parametrize("sampler,spacing", CASES)

@@ -15,12 +15,13 @@ without restating its formulas), and become:
 - ``clip``/``threshold``: ``clip_sample`` and dynamic ``thresholding`` of x0, where that scheduler applies
   them (DDPM and DDIM; DPM-Solver++ thresholds only; Euler and Heun never clip).
 
-Two of diffusers' own loops are not a grid: DDIM with ``linspace`` spacing (or ``trailing`` with T not a
-multiple of the steps) steps from timestep tau to tau - T // K but then evaluates the UNet at the next
-listed timestep, so its sample is not at the level the UNet is told. difflab evaluates the UNet at the
-same timestep on the same z and reads its output at the level z really has. And DDIM with
-``clip_sample`` renoises with the network's raw noise estimate next to the clipped x0, where difflab's
-DDIM uses the noise implied by the clipped x0 (diffusers' ``use_clipped_model_output=True``).
+One of diffusers' own loops is not a grid: DDIM with ``linspace`` spacing (or ``trailing`` with T not
+a multiple of the steps) steps from timestep tau to tau - T // K but then evaluates the UNet at the next
+listed timestep, reading its sample as one of that timestep's level. The plan's ``sigmas`` are then the
+levels diffusers evaluates at, and DDIM's ``landing`` option says where each step really lands and how
+diffusers' reading rescales it, so the images are diffusers' own. And DDIM with ``clip_sample``
+renoises with the network's raw noise estimate next to the clipped x0, where difflab's DDIM uses the
+noise implied by the clipped x0 (diffusers' ``use_clipped_model_output=True``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class SchedulerPlan:
     prior: float
     clip: float | None = None
     threshold: tuple[float, float] | None = None  # (quantile ratio, largest threshold)
-    options: dict = field(default_factory=dict)  # sampler options (the DDPM variance)
+    options: dict = field(default_factory=dict)  # sampler options (the DDPM variance, DDIM's landing)
 
 
 def make_scheduler(config: dict, sampler: str, steps: int):
@@ -95,13 +96,15 @@ def scheduler_plan(config: dict, sampler: str, steps: int) -> SchedulerPlan:
         final = 1.0 if sampler == "ddpm" else float(sched.final_alpha_cumprod)
         prev = [int(sched.previous_timestep(int(t))) if sampler == "ddpm"
                 else int(t) - c.num_train_timesteps // steps for t in taus]
-        landing = torch.stack([abar[p].double() if p >= 0 else torch.tensor(final, dtype=torch.float64)
-                               for p in prev])
-        sigmas = torch.cat([_ve(abar[int(taus[0])]).reshape(1), _ve(landing)])
+        landing = _ve(torch.stack([abar[p].double() if p >= 0 else torch.tensor(final, dtype=torch.float64)
+                                   for p in prev]))
+        evaluated = _ve(abar[taus.long()])  # the level diffusers assumes its sample is at, step by step
+        sigmas = torch.cat([evaluated, landing[-1:]])
         prior = math.sqrt(float(sigmas[0]) ** 2 + 1)  # z_T ~ N(0, I) is y = z / gammabar
-        # level i > 0 is where step i - 1 landed; the UNet is given the next listed timestep there
         options = {"variance": "large" if c.variance_type in ("fixed_large", "fixed_large_log") else "small"} \
             if sampler == "ddpm" else {}
+        if sampler == "ddim" and not torch.allclose(landing[:-1], evaluated[1:], rtol=1e-12, atol=0):
+            options = {"landing": _off_grid(landing, sigmas)}
     else:
         s = sched.sigmas.double()
         if sampler == "heun":  # diffusers interleaves each level twice for the second evaluation
@@ -115,6 +118,15 @@ def scheduler_plan(config: dict, sampler: str, steps: int) -> SchedulerPlan:
     threshold = (float(c.dynamic_thresholding_ratio), float(c.sample_max_value)) \
         if "threshold" in kinds and c.get("thresholding") else None
     return SchedulerPlan(sampler, sigmas, taus, prior, clip, threshold, options)
+
+
+def _off_grid(landing: torch.Tensor, sigmas: torch.Tensor) -> list[tuple[float, float]]:
+    """DDIM's ``landing`` option for a loop off its grid: step i lands at VE level l_i, z = gammabar_l y,
+    and the next step reads z as a sample of level sigma_{i+1}: y' = y gammabar(l_i) / gammabar(sigma_{i+1}),
+    with gammabar = 1 / sqrt(1 + sigma^2) of the variance-preserving schedules diffusers' DDIM has."""
+    nxt = sigmas[1:]
+    scales = torch.sqrt((1 + nxt**2) / (1 + landing**2))
+    return [(float(level), float(scale)) for level, scale in zip(landing, scales)]
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:

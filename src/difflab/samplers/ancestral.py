@@ -31,18 +31,24 @@ def _levels(sigmas) -> list[float]:
 
 
 @torch.no_grad()
-def sample_ddim(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, eta: float = 0.0):
+def sample_ddim(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, eta: float = 0.0,
+                landing=None):
     """DDIM: x_hat from the model, then renoise to the next level reusing the predicted noise.
-    eta = 0 is deterministic (the probability-flow ODE's Euler step); eta = 1 is DDPM."""
+    eta = 0 is deterministic (the probability-flow ODE's Euler step); eta = 1 is DDPM.
+    ``landing`` [(level, scale)] per step, for loops that are not a grid (diffusers' DDIM with linspace
+    spacing): step i renoises to ``level`` and multiplies by ``scale``, and the next step reads the result
+    as a sample of the next level of ``sigmas``."""
     sig = _levels(sigmas)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
+        s_land, scale = landing[i] if landing is not None else (s_next, 1.0)
         x0 = denoiser(x, s * _ones(x), cond)
         eps = (x - x0) / s
-        c = eta * s_next * math.sqrt(max(s**2 - s_next**2, 0.0)) / s
-        x = x0 + math.sqrt(max(s_next**2 - c**2, 0.0)) * eps
-        if eta > 0 and s_next > 0:
+        c = eta * s_land * math.sqrt(max(s**2 - s_land**2, 0.0)) / s
+        x = x0 + math.sqrt(max(s_land**2 - c**2, 0.0)) * eps
+        if eta > 0 and s_land > 0:
             x = x + c * _randn(noise, i, x)
+        x = x * scale if scale != 1.0 else x
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x0})
     return x
