@@ -135,7 +135,7 @@ def test_sigkill_many_times_loses_nothing(tmp_path):
 @pytest.mark.parametrize("nproc,sig,code,group", [
     (1, signal.SIGTERM, 0, False),
     (1, signal.SIGINT, 130, False),
-    (2, signal.SIGINT, 130, True),  # Ctrl-C: the terminal signals the launcher's process group
+    pytest.param(2, signal.SIGINT, 130, True, marks=pytest.mark.slow),  # Ctrl-C to the launcher's group
     pytest.param(2, signal.SIGTERM, 0, False, marks=pytest.mark.slow),
 ])
 def test_signal_saves_current_step_and_exits(tmp_path, nproc, sig, code, group):

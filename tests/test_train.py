@@ -52,11 +52,12 @@ def test_resume_with_grad_accum_matches_plain_batch(tmp_path):
 
 
 def test_loss_falls_on_tiny_dataset(tmp_path):
-    c = cfg(tmp_path, steps=150, batch_size=32, log_every=10, checkpoint_every=150, lr=3e-3, warmup=10)
+    # 80 steps: the last logged loss is 0.63-0.65 of the first for seeds 0-2 (0.69 at 50 steps)
+    c = cfg(tmp_path, steps=80, batch_size=32, log_every=10, checkpoint_every=80, lr=3e-3, warmup=10)
     Trainer(c, **quiet).run()
     rows = (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]
     losses = [float(r.split(",")[1]) for r in rows]
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.72 * losses[0], losses
     assert (tmp_path / "run" / "loss.png").exists() and (tmp_path / "run" / "samples" / "final.png").exists()
 
 
