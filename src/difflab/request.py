@@ -87,6 +87,15 @@ class SampleRequest:
     batch_size: int = 256
     precision: str = "fp32"
 
+    @classmethod
+    def of(cls, **settings: Any) -> SampleRequest:
+        """A request from keyword settings (Python callers): an unknown name is a UsageError, not a TypeError."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise UsageError(f"unknown sampling setting {unknown[0]!r}; choose from {', '.join(names)}")
+        return cls(**settings)
+
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_choices()

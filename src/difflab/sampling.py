@@ -144,7 +144,7 @@ class Run:
         """n samples as uint8 [n, C, H, W] of a :class:`~difflab.request.SampleRequest` with the settings
         ``request`` (seed, start, sampler, steps, guidance, labels, prompt, ...); the run's own sampler, step
         count, x0 clipping and (conditional runs) guidance scale unless given."""
-        return sample_request(self, SampleRequest(run=self.path, n=n, **request), progress=progress,
+        return sample_request(self, SampleRequest.of(run=self.path, n=n, **request), progress=progress,
                               callback=callback)
 
     @property

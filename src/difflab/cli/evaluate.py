@@ -49,26 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace a --json file that exists")
 
 
-def _reference(name: str, split: str, shape):
-    """The reference images: the requested split (train when a folder has no test split), padded to
-    32x32 when the samples are (MNIST-like sets are trained padded)."""
-    from difflab.data import load
-    from difflab.errors import DataError
-    from difflab.runs import padded_size
-
-    try:
-        data = load(name, split=split)
-    except DataError:
-        if split != "test":
-            raise
-        split = "train"
-        data = load(name, split=split)
-    pad = padded_size(data.height, data.width, shape[-1])
-    if pad:
-        data = load(name, split=split, pad_to=pad)
-    return data
-
-
 def run(args: argparse.Namespace) -> int:
     from difflab.evaluate import evaluate_images
     from difflab.runs import pick_device
@@ -121,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
         ctx.shutdown()  # every rank holds all samples; rank 0 alone computes the metrics
         if not ctx.main:
             return 0
-    reference = _reference(data_name, args.split, tuple(images.shape[1:]))
+    from difflab.evaluate.reference import reference_data
+
+    reference = reference_data(data_name, args.split, tuple(images.shape[1:]))
     if labels is None and "accuracy" in metrics:
         metrics.remove("accuracy")
     result = evaluate_images(images, labels, reference, metrics, args.features, device=device,

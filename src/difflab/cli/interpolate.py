@@ -46,8 +46,7 @@ def _read_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
 def run(args: argparse.Namespace) -> int:
     from difflab.cli.rundata import gaussian_run
     from difflab.figures import save_rows
-    from difflab.latents import interpolate, invert
-    from difflab.noise import SeededNoise, sample_seeds
+    from difflab.latents import interpolate, invert, seed_latent
     from difflab.runs import pick_device
 
     check_values({"--n": (args.n, 2, 10_000), "--steps": (args.steps, 1, 100_000),
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         return conditioner.for_labels(torch.full((m,), label), device)
 
     if args.seeds:
-        za, zb = (SeededNoise(sample_seeds(s, 1)).initial(run_.shape, device=device) for s in args.seeds)
+        za, zb = (seed_latent(s, run_.shape, device) for s in args.seeds)
     else:
         images = torch.stack([_read_image(p, run_.shape) for p in args.images]).to(device)
         za, zb = invert(den, images.float() / 127.5 - 1, args.steps, cond_of(2), spacing=args.spacing)
