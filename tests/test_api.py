@@ -81,8 +81,10 @@ def test_given_settings_win_over_the_method_defaults():
     assert config_from_values({}).T == 1000
 
 
-def test_a_diffusers_folder_samples_as_the_cli_does(model, tmp_path):
-    cli("export", "--run", model.path, "--to", "diffusers", tmp_path / "hub")
+def test_a_diffusers_folder_samples_as_the_cli_does(tmp_path, one_thread):
+    run = difflab.train(**{**TINY, "model": "mnist-small", "channels_mult": "32,64", "checkpoint_every": 1}, steps=1,
+                        out=str(tmp_path / "run"))  # the tiny preset has no diffusers twin
+    cli("export", "--run", run.path, "--to", "diffusers", tmp_path / "hub")
     folder = difflab.load(tmp_path / "hub")
     assert folder.run is None and folder.shape == (1, 8, 8)
     images = folder.sample(4, seed=2, steps=3)
@@ -136,7 +138,7 @@ def test_likelihood_is_bits_per_dim(model):
 ])
 def test_bad_sampling_settings_are_one_clear_line(model, kwargs, message):
     with pytest.raises(UsageError) as caught:
-        model.sample(3, **kwargs)
+        model.sample(**{"n": 3, **kwargs})
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 

@@ -7,6 +7,7 @@ pipeline, e.g. one written by ``difflab export``); both sample as ``difflab samp
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,21 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, ema_length: fl
     """The model in ``path``: a run folder (its latest verified checkpoint, EMA weights; ``ema_length``:
     a post-hoc EMA) or a diffusers UNet2DModel folder."""
     p = Path(path)
-    if (p / "config.json").exists() and (p / "checkpoints").is_dir() or not p.is_dir():
+    if not _is_diffusers(p):
         return Model(load_run(p, device, ema_length=ema_length))  # (its errors say what a run folder needs)
     if ema_length is not None:
         raise UsageError(f"ema_length needs a difflab run folder; {path} is a diffusers folder")
     return Model(FolderModel.load(p, device))
+
+
+def _is_diffusers(p: Path) -> bool:
+    """A saved pipeline (unet/) or a bare UNet2DModel folder (its config.json names its class)."""
+    if (p / "unet" / "config.json").exists():
+        return True
+    try:
+        return "_class_name" in json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def to_pil(images: torch.Tensor) -> list:

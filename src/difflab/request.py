@@ -155,7 +155,8 @@ class SampleRequest:
         if self.classifier is not None and not model.classifier_guidance:
             raise UsageError("--classifier (classifier guidance) needs a difflab run (--run)")
         if self.labels is not None and kind == "none" and self.classifier is None:
-            raise UsageError("this run is unconditional: --class needs --classifier (classifier guidance)")
+            hint = "--class needs --classifier (classifier guidance)" if model.classifier_guidance else "it takes no --class"
+            raise UsageError(f"this run is unconditional: {hint}")
         if self.classifier is not None and self.labels is None:
             raise UsageError("classifier guidance needs --class")
         if not model.conditional and (guided or self.labels is not None or self.prompt or self.classifier is not None):

@@ -41,7 +41,7 @@ class RunInfo:
     def traits(self) -> ModelTraits:
         """What a sampling request is checked against (:meth:`difflab.request.SampleRequest.resolve`)."""
         return ModelTraits(self.method, self.method == "gaussian", self.conditioning, len(self.class_names),
-                           self.shape)
+                           self.shape, classifier_guidance=False)  # the page has no classifier to send
 
     def to_json(self) -> dict:
         from difflab.samplers import SAMPLERS
