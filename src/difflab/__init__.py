@@ -25,7 +25,7 @@ def __getattr__(name: str):
 
         return SampleRequest
     if name == "train":  # the subpackage, which trains when called (difflab/train/__init__.py)
-        import difflab.train
+        import difflab.train  # noqa: F401 - binds the subpackage on the package
 
         return sys.modules["difflab.train"]
     if name in ("Model", "load", "to_pil"):

@@ -142,9 +142,7 @@ class Model:
         name = data or (self.run.cfg.data if self.run is not None and self.run.cfg is not None else None)
         if name is None:
             raise UsageError("name the reference dataset with data=... (a diffusers folder has none of its own)")
-        req = self.source.prepare(SampleRequest.of(run=self.path, n=n, **sampling))
-        images = self.source.draw(req)
-        labels = req.label_tensor()
+        images, labels, _ = samples_for_evaluation(self.source, n, **sampling)
         metrics = [m for m in metrics if m != "accuracy" or labels is not None]
         return evaluate_images(images, labels, reference_data(name, split, self.shape), metrics, features,
                                device=self.source.device)
@@ -173,6 +171,23 @@ class Model:
             raise UsageError(f"labels must hold one class per image ({n}), got {len(t)}")
         fn = model_condition(self.source, t, self.source.device)
         return fn if fn is not None else (lambda sl: None)
+
+
+def samples_for_evaluation(source: Run | FolderModel, n: int, ctx=None, **sampling: Any):
+    """(uint8 samples, their labels, the prepared request) of ``source`` for the metrics: conditional models
+    draw the classes in turn (the labels the accuracy is judged by). With ``ctx`` (a ``DistContext``) the n
+    are split over its ranks, and the ranks other than 0 get (None, None, request)."""
+    from difflab.sampling import sample_sharded_request
+
+    traits = source.traits()
+    if traits.conditioning != "none":
+        sampling.setdefault("labels", torch.arange(n) % traits.num_classes)
+    req = source.prepare(SampleRequest.of(n=n, **sampling))
+    if ctx is None:
+        return source.draw(req), req.label_tensor(), req
+    images = sample_sharded_request(source, req, ctx)
+    ctx.shutdown()  # every rank holds all samples; rank 0 alone computes the metrics
+    return (images, req.label_tensor(), req) if ctx.main else (None, None, req)
 
 
 def model_condition(source: Run | FolderModel, labels: torch.Tensor | None, device) -> Callable | None:

@@ -74,33 +74,13 @@ def run(args: argparse.Namespace) -> int:
         if args.data is None:
             raise UsageError("with --samples, name the reference dataset with --data")
         data_name = args.data
-    elif args.diffusers_model:
-        images, labels, den = _sample_folder(args, device)
+    else:
+        model, images, labels = _draw(args, device)
         if images is None:
             return 0
-        data_name = args.data
-    else:
-        from difflab.sampling import load_run
-        from difflab.train.distributed import DistContext, sample_sharded
-
-        run_ = load_run(args.run, device)
-        data_name = args.data or run_.cfg.data
-        if run_.conditioner.kind != "none":
-            labels = torch.arange(args.n) % run_.conditioner.num_classes
-        ctx = DistContext.from_env(device.type)
-        args.sampler, args.steps = args.sampler or run_.cfg.sampler, args.steps or run_.cfg.sample_steps
-        if args.guidance is None:
-            args.guidance = run_.cfg.guidance if run_.conditioner.kind != "none" else 1.0
-
-        def draw(start: int, count: int) -> torch.Tensor:
-            lab = labels[start:start + count] if labels is not None else None
-            return run_.sample(count, seed=args.seed, start=start, sampler=args.sampler, steps=args.steps,
-                               guidance=args.guidance, labels=lab, batch_size=args.batch_size)
-
-        images = sample_sharded(draw, args.n, ctx)
-        ctx.shutdown()  # every rank holds all samples; rank 0 alone computes the metrics
-        if not ctx.main:
-            return 0
+        run_ = model if args.run else None
+        den = None if args.run else model.denoiser
+        data_name = args.data or (run_.cfg.data if run_ is not None else None)
     from difflab.evaluate.reference import reference_data
 
     reference = reference_data(data_name, args.split, tuple(images.shape[1:]))
@@ -131,30 +111,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_folder(args: argparse.Namespace, device):
-    """(uint8 samples, labels, denoiser) of --diffusers-model on its scheduler's grid, sharded over ranks;
-    (None, None, None) on the ranks that do not compute the metrics. A class-conditional UNet2DModel
-    draws the classes in turn."""
-    from difflab.figures import to_uint8
-    from difflab.interop import load_diffusers_unet, sample_folder
-    from difflab.train.distributed import DistContext, sample_sharded
+def _draw(args: argparse.Namespace, device):
+    """(model, uint8 samples, labels) of --run or --diffusers-model, sharded over ranks (None samples on the
+    ranks that do not compute the metrics); the sampler, steps and guidance used are set on ``args``."""
+    from difflab.model import samples_for_evaluation
+    from difflab.train.distributed import DistContext
 
-    if args.data is None:
-        raise UsageError("with --diffusers-model, name the reference dataset with --data")
-    den, shape = load_diffusers_unet(args.diffusers_model, device)
-    classes = den.net.num_classes
-    labels = torch.arange(args.n) % classes if classes else None
-    args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
-    ctx = DistContext.from_env(device.type)
+    if args.diffusers_model:
+        if args.data is None:
+            raise UsageError("with --diffusers-model, name the reference dataset with --data")
+        from difflab.interop.folder_model import FolderModel
 
-    def draw(start: int, count: int) -> torch.Tensor:
-        lab = labels[start:start + count] if labels is not None else None
-        return to_uint8(sample_folder(den, count, shape, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                                      start=start, batch_size=args.batch_size, device=device, label=lab))
+        model = FolderModel.load(args.diffusers_model, device)
+    else:
+        from difflab.sampling import load_run
 
-    images = sample_sharded(draw, args.n, ctx)
-    ctx.shutdown()
-    return (images, labels, den) if ctx.main else (None, None, None)
+        model = load_run(args.run, device)
+    images, labels, req = samples_for_evaluation(model, args.n, DistContext.from_env(device.type), seed=args.seed,
+                                                 sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                                                 batch_size=args.batch_size)
+    args.sampler, args.steps, args.guidance = req.sampler, req.steps, 1.0 if req.guidance is None else req.guidance
+    return model, images, labels
 
 
 def _read_npz(path: str):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 from difflab.checks import MAX_SAMPLES, check_values
 from difflab.cli.rundata import (
     add_run_images_arguments,

@@ -16,9 +16,9 @@ from PIL import Image
 
 from difflab.errors import DataError
 from difflab.figures import to_uint8
+from difflab.request import SampleRequest
 from difflab.serve.catalog import Catalog
 from difflab.serve.jobs import Job
-from difflab.request import SampleRequest
 from difflab.serve.requests import CompareRequest, ForwardRequest, InterpolateRequest, InvertRequest
 from difflab.streaming import WatchedNet, chunks, stream_samples
 

@@ -30,8 +30,8 @@ from difflab.serve.requests import (
     ForwardRequest,
     InterpolateRequest,
     InvertRequest,
-    sample_request,
     run_name,
+    sample_request,
 )
 
 MAX_BODY = 6 << 20  # a JSON body: a 4 MiB image in base64 and a little more
