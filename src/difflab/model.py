@@ -102,7 +102,7 @@ class Model:
     def interpolate(self, a: int | torch.Tensor, b: int | torch.Tensor, n: int = 10, *, steps: int = 50,
                     spacing: str = "uniform", label: int | None = None) -> torch.Tensor:
         """n images (uint8 [n, C, H, W]) decoded by DDIM along the slerp between two latents: ``a`` and ``b``
-        are seeds (the starting noise of sample 0 of ``sample(seed=a)``) or uint8 images [C, H, W],
+        are two seeds (the starting noise of sample 0 of ``sample(seed=a)``) or two uint8 images [C, H, W],
         DDIM-inverted first. ``label``: the class on conditional runs (default: the null condition)."""
         from difflab.figures import to_uint8
         from difflab.latents import interpolate, invert, seed_latent
@@ -110,12 +110,16 @@ class Model:
         if _count(n, "n") < 2:
             raise UsageError(f"n must be at least 2 (the two ends), got {n}")
         den = self._denoiser("interpolate")
-        labels = None if label is None else [label]
-        ends = [seed_latent(e, self.shape, self.source.device) if isinstance(e, int) else
-                invert(den, self._images(e[None], "interpolate"), steps, self._condition(labels, 1)(slice(0, 1)),
-                       spacing=spacing) for e in (a, b)]
-        cond = self._condition(None if label is None else [label] * n, n)(slice(0, n))
-        return to_uint8(interpolate(den, ends[0], ends[1], n, steps, cond, spacing=spacing).cpu())
+        labels = None if label is None else torch.full((max(n, 2),), int(label), dtype=torch.long)
+        cond = self._condition(labels, len(labels) if labels is not None else max(n, 2))
+        if isinstance(a, int) and isinstance(b, int):
+            za, zb = (seed_latent(s, self.shape, self.source.device) for s in (a, b))
+        elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            za, zb = invert(den, self._images(torch.stack([a, b]), "interpolate"), steps, cond(slice(0, 2)),
+                            spacing=spacing)
+        else:
+            raise UsageError("interpolate between two seeds or two images")
+        return to_uint8(interpolate(den, za, zb, n, steps, cond(slice(0, n)), spacing=spacing).cpu())
 
     def likelihood(self, images: torch.Tensor, *, steps: int = 32, seed: int = 0, hutchinson_samples: int = 1,
                    probe: str = "rademacher", labels: torch.Tensor | Sequence[int] | None = None,
@@ -169,6 +173,11 @@ class Model:
         t = None if labels is None else torch.as_tensor(labels).long().reshape(-1)
         if t is not None and len(t) != n:
             raise UsageError(f"labels must hold one class per image ({n}), got {len(t)}")
+        traits = self.source.traits()
+        if t is not None and traits.conditioning == "none":
+            raise UsageError("--class needs a run trained with --conditioning class|text")
+        if t is not None and not (0 <= int(t.min()) and int(t.max()) < traits.num_classes):
+            raise UsageError(f"--class must be in 0..{traits.num_classes - 1}")
         fn = model_condition(self.source, t, self.source.device)
         return fn if fn is not None else (lambda sl: None)
 
