@@ -65,12 +65,17 @@ def test_pil_images(model):
 def test_method_defaults_are_the_clis(tmp_path, one_thread):
     """naive1 through the API and through the CLI: one config.json (the series' settings, T = 60, k = 32)."""
     settings = {**TINY, "method": "naive1", "steps": 1, "checkpoint_every": 1}
-    difflab.train(**settings, out=str(tmp_path / "api"))
+    naive = difflab.train(**settings, out=str(tmp_path / "api"))
     cli("train", *flags(settings), "--out", tmp_path / "cli", "--quiet")
     api, ours = (json.loads((tmp_path / name / "config.json").read_text()) for name in ("api", "cli"))
     assert api.pop("out") != ours.pop("out")
     assert api == ours
     assert (api["T"], api["k"], api["lr"], api["grad_clip"]) == (60, 32, 3e-4, 1.0)
+    # a method seeded per batch samples the CLI's images too, and has no ODE to invert
+    cli("sample", "--run", naive.path, "--n", 3, "--seed", 1, "--batch-size", 2, "--save-npz", tmp_path / "s.npz")
+    assert torch.equal(naive.sample(3, seed=1, batch_size=2), npz_images(tmp_path / "s.npz"))
+    with pytest.raises(UsageError, match="invert needs a Gaussian run"):
+        naive.invert(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
 
 
 def test_given_settings_win_over_the_method_defaults():
@@ -129,6 +134,8 @@ def test_likelihood_is_bits_per_dim(model):
     ({"sampler": "nope"}, "--sampler must be one of"),
     ({"labels": 3}, "this run is unconditional: --class needs --classifier"),
     ({"labels": [0, 1]}, "one per sample"),
+    ({"labels": "3"}, "--class must be a class index"),
+    ({"labels": [[0], "a"]}, "--class must be a class index"),
     ({"prompt": "a cat"}, "--prompt needs a run trained with --conditioning text"),
     ({"guidance": 2.0}, "--guidance needs a run trained with --conditioning class|text"),
     ({"init_noise": torch.zeros(3, 1, 4, 4)}, "--init-noise has images of shape [1, 4, 4]; this model draws [1, 8, 8]"),

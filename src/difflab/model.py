@@ -93,8 +93,8 @@ class Model:
         ``labels``: the images' classes on conditional runs (default: the null condition)."""
         from difflab.latents import invert_images
 
-        x = self._images(images, "invert")
         den = self._denoiser("invert")
+        x = self._images(images, "invert")
         latents, _ = invert_images(den, x, steps, self._condition(labels, len(x)), spacing=spacing, refine=refine,
                                    batch_size=_count(batch_size, "batch_size"), reconstruction=False)
         return latents
@@ -155,7 +155,7 @@ class Model:
     def _denoiser(self, what: str):
         if self.run is None:
             return self.source.denoiser
-        if not self.run.method.conditional:  # the part-1 methods have no ODE
+        if getattr(self.run.method, "denoiser", None) is None:  # the part-1 methods have no D(x, sigma), no ODE
             raise UsageError(f"{what} needs a Gaussian run (--method gaussian); {self.path} is a "
                              f"{self.run.method.name} run")
         return self.run.denoiser()

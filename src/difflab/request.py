@@ -198,9 +198,12 @@ class SampleRequest:
 
 def _labels(labels, n: int) -> torch.Tensor:
     """One class index (as a 1-element tensor) or n of them, long and not negative."""
-    if isinstance(labels, bool) or not isinstance(labels, (int, np.integer, Sequence, torch.Tensor, np.ndarray)):
+    if isinstance(labels, (bool, str)) or not isinstance(labels, (int, np.integer, Sequence, torch.Tensor, np.ndarray)):
         raise UsageError(f"--class must be a class index or one per sample, got {labels!r}")
-    t = torch.as_tensor(labels)
+    try:
+        t = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"--class must be a class index or one per sample, got {labels!r}") from e
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.ndim > 1 or t.numel() not in (1, n):
         raise UsageError(f"--class must be a class index or {n} of them (one per sample), got "
                          f"{t.dtype} {list(t.shape)}")
