@@ -171,6 +171,8 @@ def test_a_request_checks_itself_and_fills_the_models_defaults():
     assert (part.start, part.n, part.label_tensor().tolist()) == (9, 2, [9, 0])
     with pytest.raises(UsageError, match="--class must be in 0..9 for this run, got 10"):
         SampleRequest(n=2, labels=10).resolve(class_run)
+    with pytest.raises(UsageError, match="--class must be in 0..9 for this run, got -1"):
+        SampleRequest(n=2, labels=[3, -1]).resolve(class_run)
     naive = ModelTraits("naive1", False, "none", 0, (1, 8, 8))
     with pytest.raises(UsageError, match="conditioning and guidance need a Gaussian run, this one is naive1"):
         SampleRequest(n=2, labels=1, classifier="clf").resolve(naive)

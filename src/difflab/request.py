@@ -145,8 +145,11 @@ class SampleRequest:
         """Condition settings that cannot work with ``model`` fail before any sampling starts."""
         kind, k = model.conditioning, model.num_classes
         guided = self.guidance is not None and self.guidance != 1.0
-        if self.labels is not None and kind != "none" and int(self.labels.max()) >= k:
-            raise UsageError(f"--class must be in 0..{k - 1} for this run, got {int(self.labels.max())}")
+        lo, hi = (int(self.labels.min()), int(self.labels.max())) if self.labels is not None else (0, 0)
+        if kind != "none" and (lo < 0 or hi >= k):
+            raise UsageError(f"--class must be in 0..{k - 1} for this run, got {lo if lo < 0 else hi}")
+        if lo < 0:
+            raise UsageError(f"--class must not be negative, got {lo}")
         if self.prompt is not None and kind != "text":
             raise UsageError("--prompt needs a run trained with --conditioning text")
         if guided and (kind == "none" or not model.guidable):
@@ -197,7 +200,7 @@ class SampleRequest:
 
 
 def _labels(labels, n: int) -> torch.Tensor:
-    """One class index (as a 1-element tensor) or n of them, long and not negative."""
+    """One class index (as a 1-element tensor) or n of them, long (their range is the model's: resolve)."""
     if isinstance(labels, (bool, str)) or not isinstance(labels, (int, np.integer, Sequence, torch.Tensor, np.ndarray)):
         raise UsageError(f"--class must be a class index or one per sample, got {labels!r}")
     try:
@@ -207,10 +210,7 @@ def _labels(labels, n: int) -> torch.Tensor:
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.ndim > 1 or t.numel() not in (1, n):
         raise UsageError(f"--class must be a class index or {n} of them (one per sample), got "
                          f"{t.dtype} {list(t.shape)}")
-    t = t.long().reshape(-1)
-    if bool((t < 0).any()):
-        raise UsageError(f"--class must not be negative, got {int(t.min())}")
-    return t
+    return t.long().reshape(-1)
 
 
 def _noise(noise, n: int) -> torch.Tensor:
