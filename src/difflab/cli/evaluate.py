@@ -94,21 +94,24 @@ def run(args: argparse.Namespace) -> int:
     if args.diffusers_model:
         result.update(diffusers_model=str(args.diffusers_model), sampler=args.sampler, steps=args.steps, seed=args.seed)
     if args.bpd:
-        if den is None and (run_ is None or run_.cfg.method != "gaussian"):
-            raise UsageError("--bpd needs --run of a Gaussian diffusion run or --diffusers-model")
-        from difflab.likelihood import bits_per_dim
-
-        den = den or run_.denoiser()
-        den.plan = None  # the likelihood ODE on difflab's grid, not the sampling loop's timesteps
-        bpd = bits_per_dim(den, reference.images[: args.bpd_n], device=device,
-                           batch_size=args.batch_size)
-        result["bpd"] = float(bpd.mean())
-        result["bpd_n"] = len(bpd)
+        result.update(_bpd(args, den, run_, reference, device))
     _print_table(result)
     if args.json:
         path = write_text(args.json, json.dumps(_finite_or_null(result), indent=2, default=float, allow_nan=False))
         print(f"json: {path}")
     return 0
+
+
+def _bpd(args: argparse.Namespace, den, run_, reference, device) -> dict:
+    """bits/dim of the first --bpd-n reference images (probability-flow ODE)."""
+    if den is None and (run_ is None or run_.cfg.method != "gaussian"):
+        raise UsageError("--bpd needs --run of a Gaussian diffusion run or --diffusers-model")
+    from difflab.likelihood import bits_per_dim
+
+    den = den or run_.denoiser()
+    den.plan = None  # the likelihood ODE on difflab's grid, not the sampling loop's timesteps
+    bpd = bits_per_dim(den, reference.images[: args.bpd_n], device=device, batch_size=args.batch_size)
+    return {"bpd": float(bpd.mean()), "bpd_n": len(bpd)}
 
 
 def _draw(args: argparse.Namespace, device):
