@@ -217,17 +217,28 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None,
                      defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """The config of ``difflab train`` flags: :func:`config_from_values` of the flags given (not None)."""
+    return config_from_values({f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}, base, defaults)
+
+
+def config_from_values(values: dict[str, Any], base: TrainConfig | None = None,
+                       defaults: dict[str, Any] | None = None) -> TrainConfig:
     """The defaults (or a saved run's config), then ``defaults`` (a ``--config`` file's values), overridden
-    by every flag that was given; the file's keys count as given (a method's defaults do not replace them)."""
+    by every value given (None: not given); the file's keys count as given (a method's defaults do not
+    replace them). The one way a config is made from what a user typed, flags or ``difflab.train(...)``."""
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UsageError(f"unknown training setting {unknown[0]!r}; the settings are the fields of TrainConfig "
+                         "(the flags of 'difflab train' with _ for -)")
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     given = set(defaults or ())
     for name, v in (defaults or {}).items():
         setattr(cfg, name, v)
-    for f in fields(cfg):
-        v = getattr(args, f.name, None)
+    for name, v in values.items():
         if v is not None:
-            setattr(cfg, f.name, v)
-            given.add(f.name)
+            setattr(cfg, name, v)
+            given.add(name)
     cfg._given = given  # which flags the user typed (a resumed run may change only some)
     if base is None:  # a new run: the method's reference settings fill the flags not given
         from difflab.recipe import apply_method_defaults

@@ -121,3 +121,30 @@ def reconstruction_error(original: torch.Tensor, reconstructed: torch.Tensor) ->
     mse = float((original.double() - reconstructed.double()).pow(2).mean())
     psnr = math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
     return mse, psnr
+
+
+def seed_latent(seed: int, shape, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The starting noise of sample 0 of seed ``seed`` ([1, C, H, W], standard normal): the latent
+    ``difflab sample --seed S`` decodes into its first image."""
+    from difflab.noise import SeededNoise, sample_seeds
+
+    return SeededNoise(sample_seeds(seed, 1)).initial(tuple(shape), device=device)
+
+
+@torch.no_grad()
+def invert_images(denoiser, x0: torch.Tensor, steps: int, cond_fn=None, *, spacing: str = "uniform",
+                  refine: int = 0, batch_size: int = 64, reconstruction: bool = True):
+    """:func:`invert` batch by batch: (latents float [N, C, H, W], and with ``reconstruction`` their DDIM
+    decoding as uint8 [N, C, H, W], else None), both on the CPU. ``cond_fn(slice)`` gives a batch's
+    condition."""
+    from difflab.figures import to_uint8
+
+    latents, recon = [], []
+    for lo in range(0, len(x0), batch_size):
+        sl = slice(lo, min(len(x0), lo + batch_size))
+        cond = cond_fn(sl) if cond_fn is not None else None
+        z = invert(denoiser, x0[sl], steps, cond, spacing=spacing, refine=refine)
+        latents.append(z.cpu())
+        if reconstruction:
+            recon.append(to_uint8(reconstruct(denoiser, z, steps, cond, spacing=spacing).cpu()))
+    return torch.cat(latents), (torch.cat(recon) if reconstruction else None)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from difflab.config import TrainConfig, load_run_config
 from difflab.denoiser import ClipX0
 from difflab.errors import CheckpointError, UsageError
 from difflab.figures import to_uint8
+from difflab.request import ModelTraits, SampleRequest
 from difflab.runs import RESUME_OVERRIDES, data_name, load_data, make_conditioner, prompt_cache
 from difflab.train.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
 from difflab.train.methods import Method, make_method
@@ -32,7 +33,8 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
                   classifier_scale: float = 0.0, classifier_sigma_max: float | None = None, progress=None,
                   callback=None, clip: str = "clip", data_range: tuple[float, float] = (-1.0, 1.0),
                   **options) -> torch.Tensor:
-    """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j).
+    """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j). The settings are
+    those of a :class:`~difflab.request.SampleRequest`, which checks them (:func:`sample_request`).
 
     Conditional runs: ``labels`` (class indices) or ``prompt``; with neither, class runs cycle
     through the classes and text runs use each class's first caption. ``guidance`` is the
@@ -42,52 +44,24 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
     ``clip`` limits every x0 estimate to ``data_range`` after guidance (:class:`~difflab.denoiser.ClipX0`:
     ``clip``, ``dynamic`` or ``none``)."""
     net.eval()
-    if not method.conditional and (guidance != 1.0 or labels is not None or prompt or classifier is not None):
-        raise UsageError(f"conditioning and guidance need a Gaussian run, this one is {method.name}")
+    conditional = conditioner is not None and conditioner.kind != "none"
+    if conditional and labels is None and prompt is None:
+        labels = torch.arange(start, start + n) % conditioner.num_classes
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n)
+    cond_fn = _cond_fn(conditioner, labels, prompt, device) if conditional else None
     wraps = []  # around the method's denoiser, innermost first
-    cond_fn = None
-    if conditioner is not None and conditioner.kind != "none":
-        if labels is None and prompt is None:
-            labels = torch.arange(start, start + n) % conditioner.num_classes
-        if labels is not None:
-            labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n) if torch.as_tensor(
-                labels).numel() == 1 else torch.as_tensor(labels, dtype=torch.long)
-            if bool((labels < 0).any() or (labels >= conditioner.num_classes).any()):
-                raise UsageError(f"--class must be in 0..{conditioner.num_classes - 1}")
+    if conditional and guidance != 1.0:
+        from difflab.guidance import ClassifierFreeGuidance
 
-        def cond_fn(sl: slice):
-            m = sl.stop - sl.start
-            if prompt is not None:
-                if conditioner.kind != "text":
-                    raise UsageError("--prompt needs a run trained with --conditioning text")
-                return conditioner.text([prompt] * m, device)
-            return conditioner.for_labels(labels[sl], device)
-
-        if guidance != 1.0:
-            from difflab.guidance import ClassifierFreeGuidance
-
-            null = conditioner.null(min(n, batch_size), device)
-            wraps.append(lambda d: ClassifierFreeGuidance(d, null, guidance))
-    elif guidance != 1.0 or labels is not None or prompt is not None:
-        if classifier is None:
-            raise UsageError("this run is unconditional: --class/--prompt/--guidance need a run trained with "
-                             "--conditioning class|text (or pass --classifier for classifier guidance)")
+        null = conditioner.null(min(n, batch_size), device)
+        wraps.append(lambda d: ClassifierFreeGuidance(d, null, guidance))
     if classifier is not None:
         from difflab.guidance import CLASSIFIER_SIGMA_MAX, ClassifierGuidance
 
-        if labels is None:
-            raise UsageError("classifier guidance needs --class")
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n).clone() if torch.as_tensor(
-            labels).numel() == 1 else torch.as_tensor(labels, dtype=torch.long)
         sigma_max = CLASSIFIER_SIGMA_MAX if classifier_sigma_max is None else classifier_sigma_max
         wraps.append(lambda d: ClassifierGuidance(d, classifier, classifier_scale, sigma_max))
-        base_fn = cond_fn
-
-        def cond_fn(sl: slice):  # noqa: F811 - the classifier's target rides along with the condition
-            c = dict(base_fn(sl) or {}) if base_fn is not None else {}
-            c["classifier_labels"] = labels[sl].to(device)
-            return c
-
+        cond_fn = _with_classifier_labels(cond_fn, labels, device)
     if clip != "none":
         wraps.append(lambda d: ClipX0(d, clip, data_range))
 
@@ -100,6 +74,56 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
                       start=start, callback=callback, wrap=wrap, cond_fn=cond_fn, init_noise=init_noise,
                       progress=progress, **options)
     return to_uint8(x)
+
+
+def _cond_fn(conditioner: Conditioner, labels: torch.Tensor | None, prompt: str | None, device):
+    """cond_fn(slice) of a conditional run: the prompt for every sample, or each sample's class."""
+    def cond_fn(sl: slice):
+        if prompt is not None:
+            return conditioner.text([prompt] * (sl.stop - sl.start), device)
+        return conditioner.for_labels(labels[sl], device)
+
+    return cond_fn
+
+
+def _with_classifier_labels(base_fn, labels: torch.Tensor, device):
+    """``base_fn``'s condition with the classifier's target classes riding along (classifier guidance)."""
+    def cond_fn(sl: slice):
+        c = dict(base_fn(sl) or {}) if base_fn is not None else {}
+        c["classifier_labels"] = labels[sl].to(device)
+        return c
+
+    return cond_fn
+
+
+@torch.no_grad()
+def sample_request(model, request: SampleRequest, *, progress=None, callback=None) -> torch.Tensor:
+    """The samples of ``request`` from ``model`` (a :class:`Run`, or a diffusers folder's
+    :class:`~difflab.interop.folder_model.FolderModel`) as uint8 [n, C, H, W]: checked against the model
+    and completed with its defaults first (``model.prepare``). ``progress(k)``: k more images' worth of
+    steps; ``callback(dict)`` after every sampler step."""
+    return model.draw(model.prepare(request), progress=progress, callback=callback)
+
+
+def sample_sharded_request(model, request: SampleRequest, ctx, *, progress=None, callback=None) -> torch.Tensor:
+    """:func:`sample_request` with the n samples split over the ranks of ``ctx`` (a
+    :class:`~difflab.train.distributed.DistContext`; every rank gets all n, on the CPU). Methods that seed
+    per batch are split on batch ends, so the images do not depend on the number of ranks. ``callback``
+    follows the first part only (the part holding sample 0)."""
+    from difflab.train.distributed import sample_sharded
+
+    req = model.prepare(request)
+
+    def draw(lo: int, count: int) -> torch.Tensor:
+        return model.draw(req.part(lo, count), progress=progress, callback=callback if lo == 0 else None)
+
+    return sample_sharded(draw, req.n, ctx, shard_block(model, req))
+
+
+def shard_block(model, request: SampleRequest) -> int:
+    """What the ranks' shares of a request are multiples of: one sample, or a batch for the methods
+    whose randomness is per batch."""
+    return 1 if model.per_sample_seeds else request.batch_size
 
 
 @dataclass
@@ -116,11 +140,41 @@ class Run:
     step: int
     device: torch.device
 
-    def sample(self, n: int, **kwargs) -> torch.Tensor:
-        """n samples as uint8 [n, C, H, W] (see :func:`sample_images`); the run's own sampler, step
+    def sample(self, n: int, *, progress=None, callback=None, **request) -> torch.Tensor:
+        """n samples as uint8 [n, C, H, W] of a :class:`~difflab.request.SampleRequest` with the settings
+        ``request`` (seed, start, sampler, steps, guidance, labels, prompt, ...); the run's own sampler, step
         count, x0 clipping and (conditional runs) guidance scale unless given."""
-        return sample_images(self.method, self.net, self.conditioner, n, self.shape,
-                             **{"device": self.device, **self.sampling_defaults(), **kwargs})
+        return sample_request(self, SampleRequest.of(run=self.path, n=n, **request), progress=progress,
+                              callback=callback)
+
+    @property
+    def per_sample_seeds(self) -> bool:
+        return self.method.per_sample_seeds
+
+    def traits(self) -> ModelTraits:
+        """What a request is checked against: the method, the conditioning and its classes."""
+        return ModelTraits(self.method.name, self.method.conditional, self.conditioner.kind,
+                           self.conditioner.num_classes, tuple(self.shape), self.sampling_defaults())
+
+    def prepare(self, request: SampleRequest) -> SampleRequest:
+        """``request`` checked against this run, with its defaults, its classifier loaded and its
+        precision applied (bf16: the weights are converted in place)."""
+        req = request.resolve(self.traits())
+        if isinstance(req.classifier, (str, Path)):
+            from difflab.classifier_guidance import load_classifier
+
+            req = replace(req, classifier=load_classifier(req.classifier, self.device))
+        if req.precision == "bf16":
+            self.speed_up(bf16=True)
+        return req
+
+    def draw(self, request: SampleRequest, progress=None, callback=None) -> torch.Tensor:
+        """The samples of a prepared request (:meth:`prepare`)."""
+        images = sample_images(self.method, self.net, self.conditioner, request.n, self.shape, device=self.device,
+                               progress=progress, callback=callback, **request.sample_kwargs())
+        if progress is not None and not self.per_sample_seeds:
+            progress(request.n)  # batch-seeded methods draw a batch at a time, with no progress of their own
+        return images
 
     def sampling_defaults(self) -> dict:
         """What the run samples with unless told: its sampler, step count, x0 clipping and, for class and

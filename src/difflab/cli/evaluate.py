@@ -49,26 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace a --json file that exists")
 
 
-def _reference(name: str, split: str, shape):
-    """The reference images: the requested split (train when a folder has no test split), padded to
-    32x32 when the samples are (MNIST-like sets are trained padded)."""
-    from difflab.data import load
-    from difflab.errors import DataError
-    from difflab.runs import padded_size
-
-    try:
-        data = load(name, split=split)
-    except DataError:
-        if split != "test":
-            raise
-        split = "train"
-        data = load(name, split=split)
-    pad = padded_size(data.height, data.width, shape[-1])
-    if pad:
-        data = load(name, split=split, pad_to=pad)
-    return data
-
-
 def run(args: argparse.Namespace) -> int:
     from difflab.evaluate import evaluate_images
     from difflab.runs import pick_device
@@ -94,34 +74,16 @@ def run(args: argparse.Namespace) -> int:
         if args.data is None:
             raise UsageError("with --samples, name the reference dataset with --data")
         data_name = args.data
-    elif args.diffusers_model:
-        images, labels, den = _sample_folder(args, device)
+    else:
+        model, images, labels = _draw(args, device)
         if images is None:
             return 0
-        data_name = args.data
-    else:
-        from difflab.sampling import load_run
-        from difflab.train.distributed import DistContext, sample_sharded
+        run_ = model if args.run else None
+        den = None if args.run else model.denoiser
+        data_name = args.data or (run_.cfg.data if run_ is not None else None)
+    from difflab.evaluate.reference import reference_data
 
-        run_ = load_run(args.run, device)
-        data_name = args.data or run_.cfg.data
-        if run_.conditioner.kind != "none":
-            labels = torch.arange(args.n) % run_.conditioner.num_classes
-        ctx = DistContext.from_env(device.type)
-        args.sampler, args.steps = args.sampler or run_.cfg.sampler, args.steps or run_.cfg.sample_steps
-        if args.guidance is None:
-            args.guidance = run_.cfg.guidance if run_.conditioner.kind != "none" else 1.0
-
-        def draw(start: int, count: int) -> torch.Tensor:
-            lab = labels[start:start + count] if labels is not None else None
-            return run_.sample(count, seed=args.seed, start=start, sampler=args.sampler, steps=args.steps,
-                               guidance=args.guidance, labels=lab, batch_size=args.batch_size)
-
-        images = sample_sharded(draw, args.n, ctx)
-        ctx.shutdown()  # every rank holds all samples; rank 0 alone computes the metrics
-        if not ctx.main:
-            return 0
-    reference = _reference(data_name, args.split, tuple(images.shape[1:]))
+    reference = reference_data(data_name, args.split, tuple(images.shape[1:]))
     if labels is None and "accuracy" in metrics:
         metrics.remove("accuracy")
     result = evaluate_images(images, labels, reference, metrics, args.features, device=device,
@@ -132,16 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.diffusers_model:
         result.update(diffusers_model=str(args.diffusers_model), sampler=args.sampler, steps=args.steps, seed=args.seed)
     if args.bpd:
-        if den is None and (run_ is None or run_.cfg.method != "gaussian"):
-            raise UsageError("--bpd needs --run of a Gaussian diffusion run or --diffusers-model")
-        from difflab.likelihood import bits_per_dim
-
-        den = den or run_.denoiser()
-        den.plan = None  # the likelihood ODE on difflab's grid, not the sampling loop's timesteps
-        bpd = bits_per_dim(den, reference.images[: args.bpd_n], device=device,
-                           batch_size=args.batch_size)
-        result["bpd"] = float(bpd.mean())
-        result["bpd_n"] = len(bpd)
+        result.update(_bpd(args, den, run_, reference, device))
     _print_table(result)
     if args.json:
         path = write_text(args.json, json.dumps(_finite_or_null(result), indent=2, default=float, allow_nan=False))
@@ -149,30 +102,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_folder(args: argparse.Namespace, device):
-    """(uint8 samples, labels, denoiser) of --diffusers-model on its scheduler's grid, sharded over ranks;
-    (None, None, None) on the ranks that do not compute the metrics. A class-conditional UNet2DModel
-    draws the classes in turn."""
-    from difflab.figures import to_uint8
-    from difflab.interop import load_diffusers_unet, sample_folder
-    from difflab.train.distributed import DistContext, sample_sharded
+def _bpd(args: argparse.Namespace, den, run_, reference, device) -> dict:
+    """bits/dim of the first --bpd-n reference images (probability-flow ODE)."""
+    if den is None and (run_ is None or run_.cfg.method != "gaussian"):
+        raise UsageError("--bpd needs --run of a Gaussian diffusion run or --diffusers-model")
+    from difflab.likelihood import bits_per_dim
 
-    if args.data is None:
-        raise UsageError("with --diffusers-model, name the reference dataset with --data")
-    den, shape = load_diffusers_unet(args.diffusers_model, device)
-    classes = den.net.num_classes
-    labels = torch.arange(args.n) % classes if classes else None
-    args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
-    ctx = DistContext.from_env(device.type)
+    den = den or run_.denoiser()
+    den.plan = None  # the likelihood ODE on difflab's grid, not the sampling loop's timesteps
+    bpd = bits_per_dim(den, reference.images[: args.bpd_n], device=device, batch_size=args.batch_size)
+    return {"bpd": float(bpd.mean()), "bpd_n": len(bpd)}
 
-    def draw(start: int, count: int) -> torch.Tensor:
-        lab = labels[start:start + count] if labels is not None else None
-        return to_uint8(sample_folder(den, count, shape, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                                      start=start, batch_size=args.batch_size, device=device, label=lab))
 
-    images = sample_sharded(draw, args.n, ctx)
-    ctx.shutdown()
-    return (images, labels, den) if ctx.main else (None, None, None)
+def _draw(args: argparse.Namespace, device):
+    """(model, uint8 samples, labels) of --run or --diffusers-model, sharded over ranks (None samples on the
+    ranks that do not compute the metrics); the sampler, steps and guidance used are set on ``args``."""
+    from difflab.model import samples_for_evaluation
+    from difflab.train.distributed import DistContext
+
+    if args.diffusers_model:
+        if args.data is None:
+            raise UsageError("with --diffusers-model, name the reference dataset with --data")
+        from difflab.interop.folder_model import FolderModel
+
+        model = FolderModel.load(args.diffusers_model, device)
+    else:
+        from difflab.sampling import load_run
+
+        model = load_run(args.run, device)
+    images, labels, req = samples_for_evaluation(model, args.n, DistContext.from_env(device.type), seed=args.seed,
+                                                 sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                                                 batch_size=args.batch_size)
+    args.sampler, args.steps, args.guidance = req.sampler, req.steps, 1.0 if req.guidance is None else req.guidance
+    return model, images, labels
 
 
 def _read_npz(path: str):

@@ -46,35 +46,16 @@ def _read_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
 def run(args: argparse.Namespace) -> int:
     from difflab.cli.rundata import gaussian_run
     from difflab.figures import save_rows
-    from difflab.latents import interpolate, invert
-    from difflab.noise import SeededNoise, sample_seeds
+    from difflab.model import Model
     from difflab.runs import pick_device
 
     check_values({"--n": (args.n, 2, 10_000), "--steps": (args.steps, 1, 100_000),
                   **{f"--seeds {ab}": (s, 0, MAX_SEED) for ab, s in zip("AB", args.seeds or ())}})
     out = check_output(args.out or Path(args.run) / "samples" / "interpolate.png", "--out", force=args.force,
                        own=args.out is None)
-    device = pick_device(args.device)
-    run_ = gaussian_run(args.run, device, "interpolate")
-    den, conditioner = run_.denoiser(), run_.conditioner
-    label = args.class_label
-    if label is not None:
-        if conditioner.kind == "none":
-            raise UsageError("--class needs a run trained with --conditioning class|text")
-        if not 0 <= label < conditioner.num_classes:
-            raise UsageError(f"--class must be in 0..{conditioner.num_classes - 1}")
-
-    def cond_of(m: int) -> dict | None:
-        if label is None:
-            return conditioner.null(m, device)
-        return conditioner.for_labels(torch.full((m,), label), device)
-
-    if args.seeds:
-        za, zb = (SeededNoise(sample_seeds(s, 1)).initial(run_.shape, device=device) for s in args.seeds)
-    else:
-        images = torch.stack([_read_image(p, run_.shape) for p in args.images]).to(device)
-        za, zb = invert(den, images.float() / 127.5 - 1, args.steps, cond_of(2), spacing=args.spacing)
-    x = interpolate(den, za, zb, args.n, args.steps, cond_of(args.n), spacing=args.spacing)
+    model = Model(gaussian_run(args.run, pick_device(args.device), "interpolate"))
+    ends = args.seeds or [_read_image(p, model.shape) for p in args.images]
+    x = model.interpolate(*ends, args.n, steps=args.steps, spacing=args.spacing, label=args.class_label)
     out = save_rows([x], out)
     print(f"strip: {out} ({args.n} images, slerp from {' to '.join(map(str, args.seeds or args.images))})")
     return 0

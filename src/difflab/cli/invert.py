@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from difflab.checks import MAX_SAMPLES, check_values
 from difflab.cli.rundata import (
     add_run_images_arguments,
@@ -39,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from difflab.figures import save_rows, to_uint8
-    from difflab.latents import invert, reconstruct, reconstruction_error
+    from difflab.figures import save_rows
+    from difflab.latents import invert_images, reconstruction_error
     from difflab.runs import pick_device
 
     check_values({"--n": (args.n, 1, MAX_SAMPLES), "--steps": (args.steps, 1, 100_000), "--refine": (args.refine, 0, 1000),
@@ -57,14 +55,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.data or run_.cfg.data
     data = run_images(name, args.split or default_split(name), shape, args.n)
     cond_fn = condition_fn(run_, data, device, den)
-    x, latents, recon = data.to_model(device), [], []
-    for lo in range(0, len(data), args.batch_size):
-        sl = slice(lo, min(len(data), lo + args.batch_size))
-        cond = cond_fn(sl) if cond_fn is not None else None
-        z = invert(den, x[sl], args.steps, cond, spacing=args.spacing, refine=args.refine)
-        latents.append(z.cpu())
-        recon.append(to_uint8(reconstruct(den, z, args.steps, cond, spacing=args.spacing).cpu()))
-    latents_t, recon_t = torch.cat(latents), torch.cat(recon)
+    latents_t, recon_t = invert_images(den, data.to_model(device), args.steps, cond_fn, spacing=args.spacing,
+                                       refine=args.refine, batch_size=args.batch_size)
     mse, psnr = reconstruction_error(data.images, recon_t)
     print(f"reconstruction of {len(data)} images ({args.steps} DDIM steps each way): "
           f"MSE {mse:.3f}, PSNR {psnr:.2f} dB ([0, 255] units)")

@@ -82,31 +82,12 @@ def condition_fn(run_, data, device, denoiser=None):
     """cond_fn(slice) for ``data`` under a conditional run: the images' own classes when the data
     carries the run's class names, else the null condition; None for unconditional runs. Without a run
     (``run_`` None), the same for the diffusers UNet ``denoiser``, which has no null class."""
+    from difflab.model import folder_condition, run_condition
+
     if run_ is None:
-        return _folder_condition_fn(denoiser, data, device)
-    conditioner = run_.conditioner
-    if conditioner.kind == "none":
-        return None
-    labels = data.labels if data.labels is not None and data.class_names == run_.class_names else None
-
-    def cond(sl: slice):
-        if labels is None:
-            return conditioner.null(sl.stop - sl.start, device)
-        return conditioner.for_labels(labels[sl], device)
-
-    return cond
-
-
-def _folder_condition_fn(denoiser, data, device):
-    """A class-conditional UNet2DModel has no null class: the images' own labels, which must fit it."""
-    classes = getattr(denoiser.net, "num_classes", 0)
-    if not classes:
-        return None
-    labels = data.labels
-    if labels is None or int(labels.min()) < 0 or int(labels.max()) >= classes:
-        raise UsageError(f"this UNet2DModel is class-conditional ({classes} classes, no null class): give --data "
-                         f"images labelled 0..{classes - 1}")
-    return lambda sl: {"class_labels": labels[sl].to(device)}
+        return folder_condition(getattr(denoiser.net, "num_classes", 0), data.labels, device)
+    same = data.labels is not None and data.class_names == run_.class_names
+    return run_condition(run_.conditioner, data.labels if same else None, device)
 
 
 def save_npy(array: np.ndarray, path: str | Path) -> Path:

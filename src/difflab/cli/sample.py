@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from difflab.checks import MAX_SAMPLES, MAX_SEED, check_array, check_values
+from difflab.checks import check_values
 from difflab.errors import UsageError
 from difflab.files import atomic_write, check_output
+from difflab.request import SampleRequest, read_noise
 
 GUIDANCE_HELP = ("classifier-free guidance scale g: f_hat = f(z, null) + g (f(z, c) - f(z, null)); "
                  "g = 1 + w with w the weight of Ho & Salimans; g = 1 is plain conditional sampling, "
@@ -66,117 +68,89 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trajectory", default=None, help="GIF of the denoising path (x_t above the predicted x0)")
 
 
-def _options(args) -> dict:
-    opts = {}
-    for name in ("eta", "order", "variance", "spacing", "churn"):
-        v = getattr(args, name)
-        if v is not None:
-            opts[name] = v
-    return opts
+def request_from_args(args: argparse.Namespace) -> SampleRequest:
+    """The flags as a :class:`~difflab.request.SampleRequest` (checked; --init-noise read once --n is)."""
+    same = ("seed", "sampler", "steps", "guidance", "prompt", "clip", "eta", "order", "variance", "spacing", "churn",
+            "cold_update", "classifier", "classifier_scale", "classifier_sigma_max", "batch_size")
+    req = SampleRequest(run=args.run or args.diffusers_model, n=args.n, labels=args.class_label,
+                        precision="bf16" if args.bf16 else "fp32", **{k: getattr(args, k) for k in same})
+    return replace(req, init_noise=read_noise(args.init_noise, req.n)) if args.init_noise else req
 
 
 def run(args: argparse.Namespace) -> int:
-    from difflab.figures import save_grid
     from difflab.runs import pick_device
-    from difflab.train.distributed import DistContext, sample_sharded, shard
+    from difflab.train.distributed import DistContext
 
     if (args.run is None) == (args.diffusers_model is None):
         raise UsageError("give exactly one of --run DIR or --diffusers-model DIR")
-    check_values({"--n": (args.n, 1, MAX_SAMPLES), "--batch-size": (args.batch_size, 1, 1 << 16),
-                  "--seed": (args.seed, 0, MAX_SEED), "--steps": (args.steps, 1, 100_000),
-                  "--eta": (args.eta, 0, 1), "--churn": (args.churn, 0, None), "--guidance": (args.guidance, None, None),
-                  "--classifier-scale": (args.classifier_scale, None, None), "--nrow": (args.nrow, 1, 100_000),
-                  "--classifier-sigma-max": (args.classifier_sigma_max, 0, None, {"open_lo": True, "allow_inf": True})})
-    if args.out is None and args.save_npz is None and args.out_dir is None and args.run is None:
-        raise UsageError("give --out GRID.png, --out-dir DIR and/or --save-npz FILE")
-    own = args.out is None  # the default grid name under RUN/samples is difflab's own, replaced on purpose
-    out_path = args.out or (str(Path(args.run) / "samples" / f"sample-seed{args.seed}.png") if args.run else None)
-    if out_path:
-        check_output(out_path, "--out", force=args.force, own=own)
-    if args.save_npz:
-        check_output(args.save_npz, "--save-npz", force=args.force)
-    if args.trajectory:
-        check_output(args.trajectory, "--trajectory", force=args.force)
+    check_values({"--nrow": (args.nrow, 1, 100_000)})
+    req = request_from_args(args)
+    out = _check_outputs(args)
     ctx = DistContext.from_env(pick_device(args.device).type)  # under torchrun: split the n samples
-    device = pick_device(args.device, ctx.local_rank)
-    init_noise = _read_noise(args.init_noise, args.n) if args.init_noise else None
-    from difflab.outputs import Trajectory, prepare_out_dir, save_sample_pngs
+    from difflab.outputs import Trajectory, prepare_out_dir
 
     out_dir = prepare_out_dir(args.out_dir, args.force) if args.out_dir and ctx.main else None
     path_cb = Trajectory() if args.trajectory else None  # keeps whole batches (one batch per frame row)
+    model = _load(args, pick_device(args.device, ctx.local_rank))
+    req = model.prepare(req)
+    if args.compile and args.run:
+        model.speed_up(compile=True)
+    images = _draw(model, req, ctx, path_cb)
+    ctx.shutdown()  # every rank holds all images now
+    if ctx.main:  # only rank 0 writes
+        _write(args, images, req.label_tensor(), out, out_dir, path_cb)
+    return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> str | None:
+    """The grid's path (default RUN/samples/sample-seedS.png), every output checked before any work."""
+    if args.out is None and args.save_npz is None and args.out_dir is None and args.run is None:
+        raise UsageError("give --out GRID.png, --out-dir DIR and/or --save-npz FILE")
+    own = args.out is None  # the default grid name under RUN/samples is difflab's own, replaced on purpose
+    out = args.out or (str(Path(args.run) / "samples" / f"sample-seed{args.seed}.png") if args.run else None)
+    for path, flag, mine in ((out, "--out", own), (args.save_npz, "--save-npz", False),
+                             (args.trajectory, "--trajectory", False)):
+        if path:
+            check_output(path, flag, force=args.force, own=mine)
+    return out
+
+
+def _load(args: argparse.Namespace, device):
+    if args.diffusers_model:
+        from difflab.interop.folder_model import FolderModel
+
+        return FolderModel.load(args.diffusers_model, device)
+    from difflab.sampling import load_run
+
+    return load_run(args.run, device, ema_length=args.ema_length)
+
+
+def _draw(model, req: SampleRequest, ctx, path_cb) -> torch.Tensor:
+    """The request's images on every rank, with rank 0's progress bar over its share."""
     from tqdm.auto import tqdm
 
-    bar = None  # rank 0's progress over its share, created once the inputs are known to be good
+    from difflab.sampling import sample_sharded_request, shard_block
+    from difflab.train.distributed import shard
+
+    bar = None
+    if ctx.main:
+        bar = tqdm(total=len(shard(req.n, ctx, shard_block(model, req))), unit="img", unit_scale=True,
+                   file=sys.stderr, mininterval=0.5, delay=0.5, dynamic_ncols=True)
 
     def tick(k: float) -> None:  # k images' worth of sampler steps (fractions: the bar moves every step)
         if bar is not None:
             bar.update(min(k, bar.total - bar.n))
 
-    labels = None
-    if args.diffusers_model:
-        from difflab.figures import to_uint8
-        from difflab.interop import load_diffusers_unet, sample_folder
-
-        den, shape = load_diffusers_unet(args.diffusers_model, device)
-        _check_noise_shape(init_noise, shape)
-        block = 1
-
-        def draw(start: int, count: int) -> torch.Tensor:
-            x = sample_folder(den, count, shape, seed=args.seed, sampler=args.sampler or "ddim",
-                              steps=args.steps or 50, batch_size=args.batch_size, device=device, start=start,
-                              init_noise=_rows(init_noise, start, count), label=args.class_label, progress=tick,
-                              callback=path_cb if start == 0 else None, **_options(args))
-            return to_uint8(x)
-
-        out = args.out
-    else:
-        from difflab.sampling import load_run
-
-        run_ = load_run(args.run, device, ema_length=args.ema_length)
-        _check_noise_shape(init_noise, run_.shape)
-        run_.speed_up(bf16=args.bf16, compile=args.compile)
-        classifier = None
-        if args.classifier:
-            from difflab.classifier_guidance import load_classifier
-
-            classifier = load_classifier(args.classifier, device)
-        _check_condition(args, run_)
-        if args.class_label is not None:
-            labels = torch.full((args.n,), args.class_label, dtype=torch.long)
-        elif run_.conditioner.kind == "class" and args.prompt is None:
-            labels = torch.arange(args.n) % run_.conditioner.num_classes
-        default_steps = run_.cfg.sample_steps  # the run's own (naive2: 64 denoise-renoise steps)
-        extra = {"cold_update": True} if args.cold_update else {}
-        if args.guidance is not None:  # else the run's own scale (conditional runs)
-            extra["guidance"] = args.guidance
-        per_sample = run_.method.per_sample_seeds  # part-1 methods seed per batch: shard on batch ends
-        block = 1 if per_sample else args.batch_size
-
-        def draw(start: int, count: int) -> torch.Tensor:
-            imgs = run_.sample(count, seed=args.seed, start=start, steps=args.steps or default_steps,
-                               sampler=args.sampler or run_.cfg.sampler,
-                               clip=args.clip or run_.cfg.clip,
-                               batch_size=args.batch_size,
-                               labels=_rows(labels, start, count), prompt=args.prompt,
-                               init_noise=_rows(init_noise, start, count), classifier=classifier,
-                               classifier_scale=args.classifier_scale,
-                               classifier_sigma_max=args.classifier_sigma_max, progress=tick,
-                               callback=path_cb if start == 0 else None, **_options(args), **extra)
-            if not per_sample:
-                tick(count)
-            return imgs
-
-        out = out_path
-    if ctx.main:
-        bar = tqdm(total=len(shard(args.n, ctx, block)), unit="img", unit_scale=True, file=sys.stderr,
-                   mininterval=0.5, delay=0.5,
-                   dynamic_ncols=True)
-    images = sample_sharded(draw, args.n, ctx, block)
+    images = sample_sharded_request(model, req, ctx, progress=tick, callback=path_cb)
     if bar is not None:
         bar.close()
-    ctx.shutdown()  # every rank holds all images now
-    if not ctx.main:  # only rank 0 writes
-        return 0
+    return images
+
+
+def _write(args: argparse.Namespace, images: torch.Tensor, labels, out, out_dir, path_cb) -> None:
+    from difflab.figures import save_grid
+    from difflab.outputs import save_sample_pngs
+
     if out:
         save_grid(images, out, nrow=args.nrow)
         print(f"grid: {out}")
@@ -192,50 +166,8 @@ def run(args: argparse.Namespace) -> int:
             arrays["labels"] = labels.numpy()
         path = atomic_write(args.save_npz, lambda tmp: _savez(tmp, arrays))
         print(f"samples: {path} ({len(images)} images, uint8 [N, H, W, C])")
-    return 0
 
 
 def _savez(tmp: Path, arrays: dict) -> None:
     with open(tmp, "wb") as f:  # a file object: numpy would add .npz to a temporary name
         np.savez_compressed(f, **arrays)
-
-
-def _rows(x: torch.Tensor | None, start: int, count: int) -> torch.Tensor | None:
-    """Rows start..start+count of a per-sample tensor (labels, starting noise), or None."""
-    return None if x is None else x[start : start + count]
-
-
-def _check_condition(args, run_) -> None:
-    """Condition flags that cannot work with this run fail before any sampling starts."""
-    kind, k = run_.conditioner.kind, run_.conditioner.num_classes
-    if args.class_label is not None and kind in ("class", "text") and not 0 <= args.class_label < k:
-        raise UsageError(f"--class must be in 0..{k - 1} for this run, got {args.class_label}")
-    if args.prompt is not None and kind != "text":
-        raise UsageError("--prompt needs a run trained with --conditioning text")
-    if args.guidance is not None and args.guidance != 1.0 and kind == "none":
-        raise UsageError("--guidance needs a run trained with --conditioning class|text (for an unconditional "
-                         "run use --classifier with --classifier-scale)")
-    if args.class_label is not None and kind == "none" and not args.classifier:
-        raise UsageError("this run is unconditional: --class needs --classifier (classifier guidance)")
-
-
-def _read_noise(path: str, n: int) -> torch.Tensor:
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"--init-noise file {path} does not exist")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except ValueError as e:
-        raise UsageError(f"--init-noise {path} is not a plain .npy array ({e})") from e
-    except (OSError, EOFError) as e:
-        raise UsageError(f"--init-noise {path} cannot be read ({e.__class__.__name__})") from e
-    if not isinstance(arr, np.ndarray) or arr.ndim != 4 or arr.shape[0] < n:
-        raise UsageError(f"--init-noise must be float32 [N, C, H, W] with N >= --n ({n}); got shape "
-                         f"{getattr(arr, 'shape', '?')}")
-    check_array(f"--init-noise {path}", arr[:n], kinds="f", ndim=4)
-    return torch.from_numpy(np.ascontiguousarray(arr[:n], dtype=np.float32))
-
-
-def _check_noise_shape(noise: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-    if noise is not None and tuple(noise.shape[1:]) != tuple(shape):
-        raise UsageError(f"--init-noise has images of shape {list(noise.shape[1:])}; this model draws {list(shape)}")

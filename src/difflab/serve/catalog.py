@@ -15,6 +15,7 @@ import torch
 
 from difflab.conditioning import Conditioner
 from difflab.errors import CheckpointError, UsageError
+from difflab.request import ModelTraits
 from difflab.train.checkpoint import list_checkpoints
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -36,6 +37,11 @@ class RunInfo:
     data: str | None
     max_steps: int  # the largest sampler step count (T of discrete processes)
     sample_steps: int
+
+    def traits(self) -> ModelTraits:
+        """What a sampling request is checked against (:meth:`difflab.request.SampleRequest.resolve`)."""
+        return ModelTraits(self.method, self.method == "gaussian", self.conditioning, len(self.class_names),
+                           self.shape, classifier_guidance=False)  # the page has no classifier to send
 
     def to_json(self) -> dict:
         from difflab.samplers import SAMPLERS

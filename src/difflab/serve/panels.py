@@ -16,9 +16,10 @@ from PIL import Image
 
 from difflab.errors import DataError
 from difflab.figures import to_uint8
+from difflab.request import SampleRequest
 from difflab.serve.catalog import Catalog
 from difflab.serve.jobs import Job
-from difflab.serve.requests import CompareRequest, ForwardRequest, InterpolateRequest, InvertRequest, SampleRequest
+from difflab.serve.requests import CompareRequest, ForwardRequest, InterpolateRequest, InvertRequest
 from difflab.streaming import WatchedNet, chunks, stream_samples
 
 
@@ -83,21 +84,19 @@ class Panels:
     def sample(self, req: SampleRequest):
         def work(job: Job) -> None:
             run = self.catalog.model(req.run, req.precision)
-            labels = None if req.label is None else torch.full((req.count,), req.label, dtype=torch.long)
             t0 = time.perf_counter()
-            job.emit({"type": "start", "count": req.count, "first": req.first, "steps": req.steps,
+            job.emit({"type": "start", "count": req.n, "first": req.start, "steps": req.steps,
                       "evaluations": req.evaluations(), "checkpoint": run.step})
 
             def on_step(d: dict) -> None:
-                job.emit({"type": "step", "index": req.first, "i": d["i"], "steps": req.steps, "sigma": d["sigma"],
+                job.emit({"type": "step", "index": req.start, "i": d["i"], "steps": req.steps, "sigma": d["sigma"],
                           "xt": png_url(d["xt"]) if d["xt"] is not None else None, "x0": png_url(d["x0"]),
                           "ms": 1000 * (time.perf_counter() - t0)})
 
-            for lo, images in stream_samples(run, req.count, start=req.first, on_step=on_step, stop=job.cancelled,
-                                             labels=labels, **req.sample_kwargs()):
+            for lo, images in stream_samples(run, req.n, on_step=on_step, stop=job.cancelled, **req.sample_kwargs()):
                 ms = 1000 * (time.perf_counter() - t0)
                 for k, im in enumerate(images):
-                    job.emit({"type": "image", "index": req.first + lo + k, "png": png_url(im), "ms": ms})
+                    job.emit({"type": "image", "index": req.start + lo + k, "png": png_url(im), "ms": ms})
 
         return work
 
@@ -115,13 +114,11 @@ class Panels:
         def work(job: Job) -> None:
             job.emit({"type": "start", "columns": [{"sampler": c.sampler, "steps": c.steps,
                                                     "evaluations": c.evaluations()} for c in req.columns],
-                      "count": req.columns[0].count})
+                      "count": req.columns[0].n})
             for ci, col in enumerate(req.columns):
                 run = self.catalog.model(col.run, col.precision)
-                labels = None if col.label is None else torch.full((col.count,), col.label, dtype=torch.long)
                 t0 = time.perf_counter()
-                for lo, images in stream_samples(run, col.count, start=col.first, stop=job.cancelled, labels=labels,
-                                                 **col.sample_kwargs()):
+                for lo, images in stream_samples(run, col.n, stop=job.cancelled, **col.sample_kwargs()):
                     for k, im in enumerate(images):
                         job.emit({"type": "image", "column": ci, "index": lo + k, "png": png_url(im)})
                 job.emit({"type": "column", "column": ci, "sampler": col.sampler, "steps": col.steps,

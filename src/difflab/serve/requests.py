@@ -2,8 +2,8 @@
 by ``from_json(body, info)`` from the JSON a client sent and the run it names. Anything wrong is a
 :class:`BadRequest` with one line for the page (HTTP 400), before any model work is queued.
 
-:class:`SampleRequest` is the one sampling request of the explorer (run, sampler, steps, guidance,
-class or prompt, seed, count, precision); the compare and interpolate panels are built from it.
+The sample panel's request is the library's :class:`~difflab.request.SampleRequest` (:func:`sample_request`
+adds the page's limits); the compare and interpolate panels are built from it.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from difflab.errors import UsageError
+from difflab.request import PRECISIONS, SampleRequest
 from difflab.serve.catalog import RunInfo
 
 MAX_COUNT = 64
 MAX_SEED = 2**31 - 1
-PRECISIONS = ("fp32", "bf16")
 
 
 class BadRequest(UsageError):
@@ -57,70 +57,36 @@ def run_name(body: dict) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class SampleRequest:
-    """One sampling request: samples ``first .. first + count - 1`` of ``seed`` from run ``run``."""
+def sample_request(body: dict, info: RunInfo) -> SampleRequest:
+    """The sample panel's request: the page's own limits checked here (JSON types, count, prompt length, the
+    run's step and class ranges), then the library's :class:`~difflab.request.SampleRequest` checks it
+    against the run. A guidance of 1 leaves the run's own scale (as ``difflab sample`` without --guidance)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    if info.method == "gaussian":
+        from difflab.samplers import SAMPLERS
 
-    run: str
-    sampler: str | None  # None: the method's own (part-1 runs)
-    steps: int
-    guidance: float = 1.0
-    label: int | None = None  # class index (class runs; text runs: the class's first caption)
-    prompt: str | None = None  # text runs
-    seed: int = 0
-    count: int = 16
-    precision: str = "fp32"
-    first: int = 0
-
-    @classmethod
-    def from_json(cls, body: dict, info: RunInfo) -> SampleRequest:
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        gaussian = info.method == "gaussian"
-        if gaussian:
-            from difflab.samplers import SAMPLERS
-
-            sampler = _choice(body, "sampler", "ddim", list(SAMPLERS))
-        else:
-            if body.get("sampler") not in (None, "", "default"):
-                raise BadRequest(f"this is a {info.method} run: it samples with its own algorithm, not "
-                                 f"{body.get('sampler')!r}")
-            sampler = None
-        steps = _int(body, "steps", info.sample_steps, 1, info.max_steps)
-        guidance = _float(body, "guidance", 1.0, -20.0, 20.0)
-        label = body.get("label")
-        prompt = body.get("prompt") or None
-        if label is not None:
-            if info.conditioning == "none":
-                raise BadRequest("this run is unconditional: it takes no class")
-            label = _int(body, "label", None, 0, len(info.class_names) - 1)
-        if prompt is not None:
-            if info.conditioning != "text":
-                raise BadRequest("a prompt needs a run trained with --conditioning text")
-            if not isinstance(prompt, str) or len(prompt) > 200:
-                raise BadRequest("the prompt must be text of at most 200 characters")
-        if guidance != 1.0 and info.conditioning == "none":
-            raise BadRequest("guidance needs a run trained with --conditioning class or text")
-        if not gaussian and (guidance != 1.0 or label is not None or prompt is not None):
-            raise BadRequest(f"conditioning and guidance need a Gaussian run, this one is {info.method}")
-        return cls(info.name, sampler, steps, guidance, label, prompt, _int(body, "seed", 0, 0, MAX_SEED),
-                   _int(body, "count", 16, 1, MAX_COUNT), _choice(body, "precision", "fp32", PRECISIONS),
-                   _int(body, "first", 0, 0, MAX_SEED))
-
-    def sample_kwargs(self) -> dict:
-        """The keyword arguments of :meth:`difflab.sampling.Run.sample` (and ``stream_samples``)."""
-        kw = {"seed": self.seed, "steps": self.steps, "sampler": self.sampler}
-        if self.guidance != 1.0:
-            kw["guidance"] = self.guidance
-        if self.prompt is not None:
-            kw["prompt"] = self.prompt
-        return kw
-
-    def evaluations(self) -> int:
-        """Network evaluations per sample (classifier-free guidance batches both passes into one)."""
-        from difflab.samplers import evaluations
-
-        return evaluations(self.sampler, self.steps) if self.sampler else self.steps
+        sampler = _choice(body, "sampler", "ddim", list(SAMPLERS))
+    else:
+        if body.get("sampler") not in (None, "", "default"):
+            raise BadRequest(f"this is a {info.method} run: it samples with its own algorithm, not "
+                             f"{body.get('sampler')!r}")
+        sampler = None
+    guidance = _float(body, "guidance", 1.0, -20.0, 20.0)
+    label = body.get("label")
+    if label is not None and info.class_names:
+        label = _int(body, "label", None, 0, len(info.class_names) - 1)
+    prompt = body.get("prompt") or None
+    if prompt is not None and (not isinstance(prompt, str) or len(prompt) > 200):
+        raise BadRequest("the prompt must be text of at most 200 characters")
+    values = dict(run=info.name, sampler=sampler, steps=_int(body, "steps", info.sample_steps, 1, info.max_steps),
+                  guidance=None if guidance == 1.0 else guidance, labels=label, prompt=prompt,
+                  seed=_int(body, "seed", 0, 0, MAX_SEED), n=_int(body, "count", 16, 1, MAX_COUNT),
+                  precision=_choice(body, "precision", "fp32", PRECISIONS), start=_int(body, "first", 0, 0, MAX_SEED))
+    try:
+        return SampleRequest(**values).resolve(info.traits())
+    except UsageError as e:
+        raise BadRequest(str(e)) from e
 
 
 @dataclass(frozen=True)
@@ -131,8 +97,8 @@ class CompareRequest:
 
     @classmethod
     def from_json(cls, body: dict, info: RunInfo) -> CompareRequest:
-        base = SampleRequest.from_json({**body, "count": body.get("count", 4)}, info)
-        if base.count > 16:
+        base = sample_request({**body, "count": body.get("count", 4)}, info)
+        if base.n > 16:
             raise BadRequest("compare at most 16 seeds at once")
         cols = body.get("columns")
         if not isinstance(cols, list) or not 2 <= len(cols) <= 6:
@@ -141,8 +107,8 @@ class CompareRequest:
         for col in cols:
             if not isinstance(col, dict):
                 raise BadRequest("each column must be an object {sampler, steps}")
-            one = SampleRequest.from_json({**body, "count": base.count, "sampler": col.get("sampler", base.sampler),
-                                           "steps": col.get("steps", base.steps)}, info)
+            one = sample_request({**body, "count": base.n, "sampler": col.get("sampler", base.sampler),
+                                  "steps": col.get("steps", base.steps)}, info)
             columns.append(replace(one, precision=base.precision))
         return cls(tuple(columns))
 
@@ -161,9 +127,10 @@ class InterpolateRequest:
     @classmethod
     def from_json(cls, body: dict, info: RunInfo) -> InterpolateRequest:
         _gaussian(info, "interpolation")
-        one = SampleRequest.from_json({k: body[k] for k in ("steps", "label") if k in body}, info)
+        one = sample_request({k: body[k] for k in ("steps", "label") if k in body}, info)
+        label = None if body.get("label") is None else int(one.labels[0])  # else the null condition
         return cls(info.name, _int(body, "seed_a", 0, 0, MAX_SEED), _int(body, "seed_b", 1, 0, MAX_SEED),
-                   _int(body, "n", 8, 2, 32), one.steps, one.label)
+                   _int(body, "n", 8, 2, 32), one.steps, label)
 
 
 @dataclass(frozen=True)

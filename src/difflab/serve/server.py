@@ -30,8 +30,8 @@ from difflab.serve.requests import (
     ForwardRequest,
     InterpolateRequest,
     InvertRequest,
-    SampleRequest,
     run_name,
+    sample_request,
 )
 
 MAX_BODY = 6 << 20  # a JSON body: a 4 MiB image in base64 and a little more
@@ -204,7 +204,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(panels.forward(ForwardRequest.from_json(body, info)))
             return
         if path == "/api/sample":
-            kind, work = "sample", panels.sample(SampleRequest.from_json(body, info))
+            kind, work = "sample", panels.sample(sample_request(body, info))
         elif path == "/api/compare":
             kind, work = "compare", panels.compare(CompareRequest.from_json(body, info))
         elif path == "/api/interpolate":
@@ -212,7 +212,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/api/invert":
             kind, work = "invert", panels.invert(InvertRequest.from_json(body, info, MAX_UPLOAD))
         elif path == "/api/load":
-            precision = SampleRequest.from_json({"precision": body.get("precision", "fp32")}, info).precision
+            precision = sample_request({"precision": body.get("precision", "fp32")}, info).precision
             kind, work = "load", panels.warm(info.name, precision)
         else:
             self._send_json({"error": f"no such endpoint {path}"}, HTTPStatus.NOT_FOUND)

@@ -1,0 +1,55 @@
+"""A diffusers ``UNet2DModel`` folder as a model that takes a :class:`~difflab.request.SampleRequest`, beside
+:class:`difflab.sampling.Run` (``difflab sample --diffusers-model``, ``difflab.load``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from difflab.figures import to_uint8
+from difflab.interop.folders import load_diffusers_unet
+from difflab.interop.schedulers import DiffusersDenoiser, sample_folder
+from difflab.request import ModelTraits, SampleRequest
+
+FOLDER_DEFAULTS = {"sampler": "ddim", "steps": 50}  # what a folder samples with unless told
+
+
+@dataclass
+class FolderModel:
+    """A diffusers folder's denoiser and image shape; samples follow its scheduler config (grid, timesteps,
+    clipping) unless a difflab ``spacing`` is asked for."""
+
+    path: Path
+    denoiser: DiffusersDenoiser
+    shape: tuple[int, int, int]
+    device: torch.device
+    per_sample_seeds: ClassVar[bool] = True
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> FolderModel:
+        den, shape = load_diffusers_unet(path, device)
+        return cls(Path(path), den, tuple(shape), torch.device(device))
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.denoiser.net, "num_classes", 0) or 0)
+
+    def traits(self) -> ModelTraits:
+        """A class-conditional UNet2DModel takes labels but has no null class (no guidance)."""
+        k = self.num_classes
+        return ModelTraits("gaussian", True, "class" if k else "none", k, self.shape, dict(FOLDER_DEFAULTS),
+                           guidable=False, classifier_guidance=False)
+
+    def prepare(self, request: SampleRequest) -> SampleRequest:
+        return request.resolve(self.traits())
+
+    def draw(self, request: SampleRequest, progress=None, callback=None) -> torch.Tensor:
+        """The samples of a prepared request as uint8 [n, C, H, W]."""
+        x = sample_folder(self.denoiser, request.n, self.shape, seed=request.seed, sampler=request.sampler,
+                          steps=request.steps, batch_size=request.batch_size, device=self.device,
+                          start=request.start, init_noise=request.init_noise, label=request.label_tensor(),
+                          progress=progress, callback=callback, **request.options())
+        return to_uint8(x)

@@ -1,0 +1,240 @@
+"""A trained model in Python: sample, invert, interpolate, measure likelihoods and evaluate, with the
+library functions the ``difflab`` commands call (``import difflab; model = difflab.load("runs/demo")``).
+
+A model is a difflab run folder (``difflab train``) or a diffusers ``UNet2DModel`` folder (bare or a saved
+pipeline, e.g. one written by ``difflab export``); both sample as ``difflab sample`` does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.errors import UsageError
+from difflab.interop.folder_model import FolderModel
+from difflab.request import SampleRequest
+from difflab.sampling import Run, load_run, sample_request
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", *, ema_length: float | None = None) -> Model:
+    """The model in ``path``: a run folder (its latest verified checkpoint, EMA weights; ``ema_length``:
+    a post-hoc EMA) or a diffusers UNet2DModel folder."""
+    p = Path(path)
+    if not _is_diffusers(p):
+        return Model(load_run(p, device, ema_length=ema_length))  # (its errors say what a run folder needs)
+    if ema_length is not None:
+        raise UsageError(f"ema_length needs a difflab run folder; {path} is a diffusers folder")
+    return Model(FolderModel.load(p, device))
+
+
+def _is_diffusers(p: Path) -> bool:
+    """A saved pipeline (unet/) or a bare UNet2DModel folder (its config.json names its class)."""
+    if (p / "unet" / "config.json").exists():
+        return True
+    try:
+        return "_class_name" in json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """uint8 [N, C, H, W] images as a list of PIL images (mode L or RGB)."""
+    from PIL import Image
+
+    arrays = images.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+
+
+class Model:
+    """A run or a diffusers folder, ready to sample (:meth:`sample`) and measure."""
+
+    def __init__(self, source: Run | FolderModel) -> None:
+        self.source = source
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) of its images."""
+        return tuple(self.source.shape)
+
+    @property
+    def run(self) -> Run | None:
+        """The difflab run (config, method, network), or None for a diffusers folder."""
+        return self.source if isinstance(self.source, Run) else None
+
+    def __repr__(self) -> str:
+        kind = "run" if self.run is not None else "diffusers folder"
+        return f"<difflab.Model {kind} {self.path} {list(self.shape)}>"
+
+    def sample(self, n: int = 16, *, seed: int = 0, sampler: str | None = None, steps: int | None = None,
+               guidance: float | None = None, labels: int | Sequence[int] | torch.Tensor | None = None,
+               prompt: str | None = None, pil: bool = False, **settings: Any) -> torch.Tensor | list:
+        """n samples as uint8 [n, C, H, W] (``pil``: a list of PIL images), the same images as ``difflab sample``
+        with the same settings; sample j depends only on (seed, j). ``settings``: the other fields of
+        :class:`~difflab.request.SampleRequest` (start, clip, eta, init_noise, classifier, precision, ...).
+        Unset settings take the run's own (its sampler, step count, clipping and guidance scale)."""
+        req = SampleRequest.of(run=self.path, n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
+                               labels=labels, prompt=prompt, **settings)
+        images = sample_request(self.source, req)
+        return to_pil(images) if pil else images
+
+    # --- the deterministic DDIM round trip (Gaussian models) ----------------------------------------
+    def invert(self, images: torch.Tensor, *, steps: int = 100, spacing: str = "uniform", refine: int = 0,
+               labels: torch.Tensor | Sequence[int] | None = None, batch_size: int = 64) -> torch.Tensor:
+        """DDIM-invert uint8 images [N, C, H, W] (this model's shape) to latents, float32 [N, C, H, W] in
+        standard-normal units: ``sample(init_noise=latents, sampler="ddim", steps=steps)`` decodes them.
+        ``labels``: the images' classes on conditional runs (default: the null condition)."""
+        from difflab.latents import invert_images
+
+        den = self._denoiser("invert")
+        x = self._images(images, "invert")
+        latents, _ = invert_images(den, x, steps, self._condition(labels, len(x)), spacing=spacing, refine=refine,
+                                   batch_size=_count(batch_size, "batch_size"), reconstruction=False)
+        return latents
+
+    def interpolate(self, a: int | torch.Tensor, b: int | torch.Tensor, n: int = 10, *, steps: int = 50,
+                    spacing: str = "uniform", label: int | None = None) -> torch.Tensor:
+        """n images (uint8 [n, C, H, W]) decoded by DDIM along the slerp between two latents: ``a`` and ``b``
+        are two seeds (the starting noise of sample 0 of ``sample(seed=a)``) or two uint8 images [C, H, W],
+        DDIM-inverted first. ``label``: the class on conditional runs (default: the null condition)."""
+        from difflab.figures import to_uint8
+        from difflab.latents import interpolate, invert, seed_latent
+
+        if _count(n, "n") < 2:
+            raise UsageError(f"n must be at least 2 (the two ends), got {n}")
+        den = self._denoiser("interpolate")
+        labels = None if label is None else torch.full((max(n, 2),), int(label), dtype=torch.long)
+        cond = self._condition(labels, len(labels) if labels is not None else max(n, 2))
+        if isinstance(a, int) and isinstance(b, int):
+            za, zb = (seed_latent(s, self.shape, self.source.device) for s in (a, b))
+        elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            za, zb = invert(den, self._images(torch.stack([a, b]), "interpolate"), steps, cond(slice(0, 2)),
+                            spacing=spacing)
+        else:
+            raise UsageError("interpolate between two seeds or two images")
+        return to_uint8(interpolate(den, za, zb, n, steps, cond(slice(0, n)), spacing=spacing).cpu())
+
+    def likelihood(self, images: torch.Tensor, *, steps: int = 32, seed: int = 0, hutchinson_samples: int = 1,
+                   probe: str = "rademacher", labels: torch.Tensor | Sequence[int] | None = None,
+                   batch_size: int = 64) -> torch.Tensor:
+        """Bits per dimension (float64 [N]) of uint8 images [N, C, H, W] by the probability-flow ODE, as
+        ``difflab likelihood`` computes them (RK4 in log sigma, Hutchinson's trace estimator)."""
+        from difflab.likelihood import bits_per_dim
+
+        images = self._images(images, "likelihood", to_model=False)
+        return bits_per_dim(self._denoiser("likelihood"), images, steps=steps, seed=seed,
+                            hutchinson_samples=hutchinson_samples, probe=probe,
+                            cond_fn=self._condition(labels, len(images)), batch_size=_count(batch_size, "batch_size"),
+                            device=self.source.device)
+
+    def evaluate(self, n: int = 1000, *, data: str | None = None, split: str = "test",
+                 metrics: Sequence[str] = ("fid", "kid", "precision", "recall", "accuracy"),
+                 features: str = "inception", **sampling: Any) -> dict:
+        """FID, KID, precision/recall and (conditional runs) accuracy of ``n`` samples against ``data``
+        (default: the run's dataset), as ``difflab evaluate`` reports them. ``sampling``: the settings of
+        :meth:`sample` (seed, sampler, steps, guidance, ...)."""
+        from difflab.evaluate import evaluate_images
+        from difflab.evaluate.reference import reference_data
+
+        name = data or (self.run.cfg.data if self.run is not None and self.run.cfg is not None else None)
+        if name is None:
+            raise UsageError("name the reference dataset with data=... (a diffusers folder has none of its own)")
+        images, labels, _ = samples_for_evaluation(self.source, n, **sampling)
+        metrics = [m for m in metrics if m != "accuracy" or labels is not None]
+        return evaluate_images(images, labels, reference_data(name, split, self.shape), metrics, features,
+                               device=self.source.device)
+
+    # --- helpers ------------------------------------------------------------------------------------
+    def _denoiser(self, what: str):
+        if self.run is None:
+            return self.source.denoiser
+        if getattr(self.run.method, "denoiser", None) is None:  # the part-1 methods have no D(x, sigma), no ODE
+            raise UsageError(f"{what} needs a Gaussian run (--method gaussian); {self.path} is a "
+                             f"{self.run.method.name} run")
+        return self.run.denoiser()
+
+    def _images(self, images, what: str, to_model: bool = True) -> torch.Tensor:
+        """uint8 images [N, C, H, W] of this model's shape, in model units ([-1, 1]) when ``to_model``."""
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or \
+                tuple(images.shape[1:]) != self.shape or len(images) == 0:
+            got = f"{images.dtype} {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise UsageError(f"{what} takes uint8 images [N, {', '.join(map(str, self.shape))}], got {got}")
+        return images.to(self.source.device).float() / 127.5 - 1 if to_model else images
+
+    def _condition(self, labels, n: int) -> Callable[[slice], dict | None]:
+        """cond_fn(slice) of n images: their classes (or the null condition) on conditional models."""
+        t = None if labels is None else torch.as_tensor(labels).long().reshape(-1)
+        if t is not None and len(t) != n:
+            raise UsageError(f"labels must hold one class per image ({n}), got {len(t)}")
+        traits = self.source.traits()
+        if t is not None and traits.conditioning == "none":
+            raise UsageError("--class needs a run trained with --conditioning class|text")
+        if t is not None and not (0 <= int(t.min()) and int(t.max()) < traits.num_classes):
+            raise UsageError(f"--class must be in 0..{traits.num_classes - 1}")
+        fn = model_condition(self.source, t, self.source.device)
+        return fn if fn is not None else (lambda sl: None)
+
+
+def samples_for_evaluation(source: Run | FolderModel, n: int, ctx=None, **sampling: Any):
+    """(uint8 samples, their labels, the prepared request) of ``source`` for the metrics: conditional models
+    draw the classes in turn (the labels the accuracy is judged by). With ``ctx`` (a ``DistContext``) the n
+    are split over its ranks, and the ranks other than 0 get (None, None, request)."""
+    from difflab.sampling import sample_sharded_request
+
+    traits = source.traits()
+    if traits.conditioning != "none":
+        sampling.setdefault("labels", torch.arange(n) % traits.num_classes)
+    req = source.prepare(SampleRequest.of(n=n, **sampling))
+    if ctx is None:
+        return source.draw(req), req.label_tensor(), req
+    images = sample_sharded_request(source, req, ctx)
+    ctx.shutdown()  # every rank holds all samples; rank 0 alone computes the metrics
+    return (images, req.label_tensor(), req) if ctx.main else (None, None, req)
+
+
+def model_condition(source: Run | FolderModel, labels: torch.Tensor | None, device) -> Callable | None:
+    """cond_fn(slice) of images of classes ``labels`` (None: the null condition) under ``source``; None for
+    an unconditional model."""
+    if isinstance(source, FolderModel):
+        return folder_condition(source.num_classes, labels, device)
+    return run_condition(source.conditioner, labels, device)
+
+
+def run_condition(conditioner, labels: torch.Tensor | None, device) -> Callable | None:
+    """cond_fn(slice) of a run: each image's class, or the null condition without labels."""
+    if conditioner.kind == "none":
+        return None
+
+    def cond(sl: slice):
+        if labels is None:
+            return conditioner.null(sl.stop - sl.start, device)
+        return conditioner.for_labels(labels[sl], device)
+
+    return cond
+
+
+def folder_condition(classes: int, labels: torch.Tensor | None, device) -> Callable | None:
+    """cond_fn(slice) of a diffusers UNet2DModel: a class-conditional one has no null class, so the images'
+    own labels, which must fit it."""
+    if not classes:
+        return None
+    if labels is None or int(labels.min()) < 0 or int(labels.max()) >= classes:
+        raise UsageError(f"this UNet2DModel is class-conditional ({classes} classes, no null class): give --data "
+                         f"images labelled 0..{classes - 1}")
+    return lambda sl: {"class_labels": labels[sl].to(device)}
+
+
+def _count(value: int, name: str) -> int:
+    from difflab.checks import check_range
+
+    check_range(name, value, 1, 1 << 16)
+    if value != int(value):
+        raise UsageError(f"{name} must be a whole number, got {value}")
+    return int(value)
