@@ -54,7 +54,7 @@ def _reference(name: str, split: str, shape):
     32x32 when the samples are (MNIST-like sets are trained padded)."""
     from difflab.data import load
     from difflab.errors import DataError
-    from difflab.runs import padded_size
+    from difflab.runs import pad_as_trained
 
     try:
         data = load(name, split=split)
@@ -63,10 +63,7 @@ def _reference(name: str, split: str, shape):
             raise
         split = "train"
         data = load(name, split=split)
-    pad = padded_size(data.height, data.width, shape[-1])
-    if pad:
-        data = load(name, split=split, pad_to=pad)
-    return data
+    return pad_as_trained(data, name, split, shape[-1])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ def _read_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> int:
     from difflab.cli.rundata import gaussian_run
+    from difflab.data import to_model
     from difflab.figures import save_rows
     from difflab.latents import interpolate, invert
     from difflab.noise import SeededNoise, sample_seeds
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         za, zb = (SeededNoise(sample_seeds(s, 1)).initial(run_.shape, device=device) for s in args.seeds)
     else:
         images = torch.stack([_read_image(p, run_.shape) for p in args.images]).to(device)
-        za, zb = invert(den, images.float() / 127.5 - 1, args.steps, cond_of(2), spacing=args.spacing)
+        za, zb = invert(den, to_model(images), args.steps, cond_of(2), spacing=args.spacing)
     x = interpolate(den, za, zb, args.n, args.steps, cond_of(args.n), spacing=args.spacing)
     out = save_rows([x], out)
     print(f"strip: {out} ({args.n} images, slerp from {' to '.join(map(str, args.seeds or args.images))})")

@@ -16,6 +16,7 @@ import torch
 
 from difflab import naive
 from difflab.config import TrainConfig
+from difflab.data.imagedata import to_model
 from difflab.denoiser import Denoiser
 from difflab.errors import UsageError
 from difflab.noise import seeded_normal, seeded_uniform
@@ -279,7 +280,7 @@ class ColdMethod(_BatchSeeded):
         self.reference: torch.Tensor | None = None  # dataset images for priors that need them
 
     def prepare(self, data: ImageData) -> None:
-        self.reference = data.images[:512].float().div(127.5).sub(1)  # the prior degrades dataset images
+        self.reference = to_model(data.images[:512])  # the prior degrades dataset images
 
     def describe(self, data: ImageData | None = None) -> str:
         return f"cold diffusion with degradation {self.degradation!r}"
