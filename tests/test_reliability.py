@@ -348,15 +348,15 @@ def test_evaluate_samples_file_is_checked(tmp_path):
 # --- no code from data -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_mnist_reader_refuses_object_arrays(protocol):
-    from difflab.data.mnist import _ArrayUnpickler
+    from difflab.data.mnist import ArrayUnpickler
 
     evil = np.array([1, "x"], dtype=object)
     good = np.zeros(3, np.float32)
     with pytest.raises(pickle.UnpicklingError):
-        _ArrayUnpickler(io.BytesIO(pickle.dumps(((evil, good),) * 3, protocol=protocol)), encoding="latin1").load()
+        ArrayUnpickler(io.BytesIO(pickle.dumps(((evil, good),) * 3, protocol=protocol)), encoding="latin1").load()
     if protocol < 3:  # Python 3 writes protocol-2 bytes through _codecs.encode: refused as well
         return
-    back = _ArrayUnpickler(io.BytesIO(pickle.dumps(((good, good),) * 3, protocol=protocol))).load()
+    back = ArrayUnpickler(io.BytesIO(pickle.dumps(((good, good),) * 3, protocol=protocol))).load()
     assert np.array_equal(back[0][0], good) and type(back[0][0]) is not np.ndarray  # the checked subclass
 
 

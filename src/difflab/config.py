@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from difflab.checks import MAX_SEED, check_range
+from difflab.ema_lengths import check_ema_length, parse_lengths
 from difflab.errors import CheckpointError, UsageError
 
 METHODS = ("gaussian", "naive1", "naive2", "cold")
@@ -109,8 +110,6 @@ class TrainConfig:
 
         if self.sampler not in SAMPLERS:
             raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
-        from difflab.train.ema import check_ema_length, parse_lengths  # (the power-EMA maths lives there)
-
         if self.ema_length != 0:
             check_ema_length(self.ema_length)
         parse_lengths(self.ema_track)

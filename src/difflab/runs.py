@@ -3,7 +3,7 @@
 
 - the device (:func:`pick_device`),
 - the data with the one shape rule (:func:`load_data`, :func:`load_fitted`; :func:`padded_size`,
-  :func:`pad_as_trained`),
+  :func:`pad_as_trained`, :func:`reference_data`),
 - the conditioner (:func:`make_conditioner`, :func:`prompt_cache`),
 - the one-line description of a run (:func:`describe_run`),
 - which settings a resumed run may change (:data:`RESUME_OVERRIDES`).
@@ -22,7 +22,7 @@ import torch
 from difflab.conditioning import Conditioner
 from difflab.config import DEVICE, TrainConfig
 from difflab.data import ImageData, load
-from difflab.errors import UsageError
+from difflab.errors import DataError, UsageError
 
 # flags that may change when a run is resumed; anything else must match the saved run
 RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "checkpoint_every", "keep",
@@ -71,6 +71,19 @@ def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
     if data.height != data.width:
         raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
     return data
+
+
+def reference_data(name: str, split: str, shape: tuple[int, ...]) -> ImageData:
+    """The reference images that samples of (C, H, W) ``shape`` are evaluated against: ``split`` of dataset
+    or folder ``name`` (train when a folder has no test split), padded as trained when the samples are."""
+    try:
+        data = load(name, split=split)
+    except DataError:
+        if split != "test":
+            raise
+        split = "train"
+        data = load(name, split=split)
+    return pad_as_trained(data, name, split, shape[-1])
 
 
 def load_fitted(name: str, split: str, shape: tuple[int, int, int]) -> ImageData:

@@ -49,26 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace a --json file that exists")
 
 
-def _reference(name: str, split: str, shape):
-    """The reference images: the requested split (train when a folder has no test split), padded to
-    32x32 when the samples are (MNIST-like sets are trained padded)."""
-    from difflab.data import load
-    from difflab.errors import DataError
-    from difflab.runs import pad_as_trained
-
-    try:
-        data = load(name, split=split)
-    except DataError:
-        if split != "test":
-            raise
-        split = "train"
-        data = load(name, split=split)
-    return pad_as_trained(data, name, split, shape[-1])
-
-
 def run(args: argparse.Namespace) -> int:
     from difflab.evaluate import evaluate_images
-    from difflab.runs import pick_device
+    from difflab.runs import pick_device, reference_data
 
     if sum(a is not None for a in (args.run, args.samples, args.diffusers_model)) != 1:
         raise UsageError("give exactly one of --run DIR, --diffusers-model DIR or --samples FILE.npz")
@@ -118,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         ctx.shutdown()  # every rank holds all samples; rank 0 alone computes the metrics
         if not ctx.main:
             return 0
-    reference = _reference(data_name, args.split, tuple(images.shape[1:]))
+    reference = reference_data(data_name, args.split, tuple(images.shape[1:]))
     if labels is None and "accuracy" in metrics:
         metrics.remove("accuracy")
     result = evaluate_images(images, labels, reference, metrics, args.features, device=device,

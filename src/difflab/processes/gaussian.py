@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from difflab.broadcast import broadcast_to_batch
 from difflab.errors import UsageError
 
 
@@ -60,7 +61,7 @@ class GaussianProcess:
 
     def marginal(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """z_t = gammabar_t x + sigmabar_t s (q(z_t | x) in one draw)."""
-        return _bc(self.alpha(t), x) * x + _bc(self.sigma(t), x) * noise
+        return broadcast_to_batch(self.alpha(t), x) * x + broadcast_to_batch(self.sigma(t), x) * noise
 
     def net_time(self, t: torch.Tensor) -> torch.Tensor:
         """The time the network sees: the step index for discrete processes, 1000 t otherwise."""
@@ -86,12 +87,6 @@ class GaussianProcess:
     def timesteps(self, steps: int) -> torch.Tensor:
         """A decreasing grid of ``steps`` times from t_max (uniform in t; integer for discrete)."""
         raise NotImplementedError
-
-
-def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a per-sample value [B] (or a scalar) against a batch [B, ...]."""
-    v = torch.as_tensor(v, device=like.device)
-    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype) if v.ndim else v.to(like.dtype)
 
 
 class DiscreteSchedule(GaussianProcess):
@@ -148,19 +143,19 @@ class DiscreteSchedule(GaussianProcess):
         gb_prev, sb2 = self.gammabar(t - 1), self.sigmabar(t) ** 2
         c_x = gb_prev * self.beta(t) / sb2
         c_z = self.gamma(t) * (1 - gb_prev**2) / sb2
-        return _bc(c_x, x) * x + _bc(c_z, z_t) * z_t
+        return broadcast_to_batch(c_x, x) * x + broadcast_to_batch(c_z, z_t) * z_t
 
     def posterior_mean_from_noise(self, z_t: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The same mean in terms of the noise s_t (the series' form):
         mu_tilde = (1 / gamma_t) (z_t - (1 - gamma_t^2) / sigmabar_t s_t).
         (The published slides divide by sqrt(1 - gammabar_t); the right divisor is sigmabar_t.)"""
         c = self.beta(t) / self.sigmabar(t)
-        return (z_t - _bc(c, s) * s) / _bc(self.gamma(t), z_t)
+        return (z_t - broadcast_to_batch(c, s) * s) / broadcast_to_batch(self.gamma(t), z_t)
 
     def step(self, z_prev: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """One noising step z_t = gamma_t z_{t-1} + sqrt(1 - gamma_t^2) s."""
         g = self.gamma(t)
-        return _bc(g, z_prev) * z_prev + _bc((1 - g**2).sqrt(), noise) * noise
+        return broadcast_to_batch(g, z_prev) * z_prev + broadcast_to_batch((1 - g**2).sqrt(), noise) * noise
 
     # --- the GaussianProcess contract (real-valued t) -------------------------------------------
     # alpha and sigma go through sigma_ve, which interpolates between steps; at integer t they equal

@@ -31,6 +31,7 @@ from difflab import nets, recipe, runlock, runtime, threads
 from difflab.conditioning import Conditioner
 from difflab.config import TrainConfig, channel_widths, save_json
 from difflab.data import ImageData, to_model
+from difflab.ema_lengths import parse_lengths
 from difflab.errors import CheckpointError, TrainingDiverged, UsageError
 from difflab.figures import grid, plot_loss, save_image
 from difflab.files import OutputError, check_run_folder, write_text
@@ -46,7 +47,7 @@ from difflab.train.checkpoint import (
     verify_checkpoint,
 )
 from difflab.train.distributed import DistContext
-from difflab.train.ema import build_emas, parse_lengths
+from difflab.train.ema import build_emas
 from difflab.train.loggers import RunLogger
 from difflab.train.methods import Method, make_method
 from difflab.train.posthoc_ema import drop_snapshots_after, save_snapshot
