@@ -105,7 +105,7 @@ class GuidanceClassifier(nn.Module):
                              f"these are {'x'.join(map(str, y.shape[1:]))}")
         sigma = torch.as_tensor(sigma, device=y.device).reshape(-1).expand(y.shape[0])
         t = self.process.t_of(sigma.double())
-        z = y * self.process.alpha(t).to(y.dtype).reshape(-1, *([1] * (y.ndim - 1)))
+        z = y * self.process.signal_scale(t).to(y.dtype).reshape(-1, *([1] * (y.ndim - 1)))
         param = next(self.net.parameters())
         return self.net(z.to(param.dtype), self.process.net_time(t).to(y.device))
 

@@ -54,7 +54,7 @@ class Denoiser(nn.Module):
         """What the network sees: z_t = gammabar y, or c_in y for EDM."""
         if self.prediction == "edm":
             return x * broadcast_to_batch(1 / torch.sqrt(sigma.double() ** 2 + SIGMA_DATA**2), x)
-        return x * broadcast_to_batch(self.process.alpha(t), x)
+        return x * broadcast_to_batch(self.process.signal_scale(t), x)
 
     def net_output(self, x, sigma, t, cond: Cond | None = None) -> torch.Tensor:
         # the network may run in another precision (pure bf16 weights for fast sampling)
@@ -71,7 +71,7 @@ class Denoiser(nn.Module):
             return out
         if p == "eps":
             return x - broadcast_to_batch(sigma, x) * out
-        a, s = self.process.alpha(t), self.process.sigma(t)
+        a, s = self.process.signal_scale(t), self.process.noise_scale(t)
         if p == "v":
             z = x * broadcast_to_batch(a, x)
             return (broadcast_to_batch(a, x) * z - broadcast_to_batch(s, x) * out) / broadcast_to_batch(a**2 + s**2, x)
@@ -102,7 +102,7 @@ class Denoiser(nn.Module):
             return noise
         if p == "x0":
             return x0
-        a, s = broadcast_to_batch(self.process.alpha(t), x0), broadcast_to_batch(self.process.sigma(t), x0)
+        a, s = broadcast_to_batch(self.process.signal_scale(t), x0), broadcast_to_batch(self.process.noise_scale(t), x0)
         if p == "v":
             return a * noise - s * x0
         if p == "zprev":
@@ -123,14 +123,14 @@ class Denoiser(nn.Module):
         """The score grad log p(z_t) ~ -f(z_t, t) / sigmabar_t in the process's own coordinates
         (noise prediction is a scaled score)."""
         t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
-        a, s = self.process.alpha(t), self.process.sigma(t)
+        a, s = self.process.signal_scale(t), self.process.noise_scale(t)
         y = z / broadcast_to_batch(a, z)
         return -self.eps(y, (s / a), cond) / broadcast_to_batch(s, z)
 
     def tweedie(self, z: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         """Tweedie's formula E[x | z_t] = (z_t + sigmabar_t^2 score) / gammabar_t (equals D)."""
         t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
-        a, s = self.process.alpha(t), self.process.sigma(t)
+        a, s = self.process.signal_scale(t), self.process.noise_scale(t)
         return (z + broadcast_to_batch(s**2, z) * self.score(z, t, cond)) / broadcast_to_batch(a, z)
 
 

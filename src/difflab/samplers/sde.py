@@ -25,7 +25,7 @@ def _reverse_step(process, x, x0, s: float, s_next: float, n):
         return x + du * (x0 - x) / s**2 + math.sqrt(du) * n
     t, t_next = process.t_of(torch.tensor([s, s_next], dtype=torch.float64)).tolist()
     f, g2 = (float(v) for v in sde_coefficients(process, torch.tensor(t, dtype=torch.float64)))
-    a, a_next = (float(v) for v in process.alpha(torch.tensor([t, t_next], dtype=torch.float64)))
+    a, a_next = (float(v) for v in process.signal_scale(torch.tensor([t, t_next], dtype=torch.float64)))
     z = a * x
     score = (a * x0 - z) / (a * s) ** 2  # grad log p(z_t) = -(z - gammabar x0) / sigmabar^2
     dt = t - t_next

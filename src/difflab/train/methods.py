@@ -132,7 +132,7 @@ class GaussianMethod:
             z_prev = p.marginal(x, t - 1, seeded_normal(seeds, step + (1 << 30), x.shape[1:], dev))
             z = p.step(z_prev, t.long(), noise)
             sigma = p.sigma_ve(t.double())
-            y = z / p.alpha(t).to(x.dtype).view(-1, 1, 1, 1)
+            y = z / p.signal_scale(t).to(x.dtype).view(-1, 1, 1, 1)
         else:
             sigma = p.sigma_ve(t.double())
             y = x + sigma.to(x.dtype).view(-1, 1, 1, 1) * noise
@@ -162,8 +162,8 @@ class GaussianMethod:
         out = []
         for t in ts:
             z = process.marginal(x, t.expand(len(x)), s)
-            # unit variance, so that VE processes (alpha = 1, sigma up to 50) stay visible
-            scale = torch.sqrt(process.alpha(t) ** 2 + process.sigma(t) ** 2).float()
+            # unit variance, so that VE processes (gammabar = 1, sigmabar up to 50) stay visible
+            scale = torch.sqrt(process.signal_scale(t) ** 2 + process.noise_scale(t) ** 2).float()
             out.append(z / scale)
         return torch.stack(out)
 
