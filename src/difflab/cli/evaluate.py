@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     device = pick_device(args.device)
     labels = None
-    run_ = den = None
+    loaded_run = den = None
     if args.samples:
         if Path(args.samples).is_dir():  # a folder of PNGs (difflab sample --out-dir)
             from difflab.outputs import read_sample_pngs
@@ -83,18 +83,18 @@ def run(args: argparse.Namespace) -> int:
         from difflab.sampling import load_run
         from difflab.train.distributed import DistContext, sample_sharded
 
-        run_ = load_run(args.run, device)
-        data_name = args.data or run_.cfg.data
-        if run_.conditioner.kind != "none":
-            labels = torch.arange(args.n) % run_.conditioner.num_classes
+        loaded_run = load_run(args.run, device)
+        data_name = args.data or loaded_run.cfg.data
+        if loaded_run.conditioner.kind != "none":
+            labels = torch.arange(args.n) % loaded_run.conditioner.num_classes
         ctx = DistContext.from_env(device.type)
-        args.sampler, args.steps = args.sampler or run_.cfg.sampler, args.steps or run_.cfg.sample_steps
+        args.sampler, args.steps = args.sampler or loaded_run.cfg.sampler, args.steps or loaded_run.cfg.sample_steps
         if args.guidance is None:
-            args.guidance = run_.cfg.guidance if run_.conditioner.kind != "none" else 1.0
+            args.guidance = loaded_run.cfg.guidance if loaded_run.conditioner.kind != "none" else 1.0
 
         def draw(start: int, count: int) -> torch.Tensor:
             lab = labels[start:start + count] if labels is not None else None
-            return run_.sample(count, seed=args.seed, start=start, sampler=args.sampler, steps=args.steps,
+            return loaded_run.sample(count, seed=args.seed, start=start, sampler=args.sampler, steps=args.steps,
                                guidance=args.guidance, labels=lab, batch_size=args.batch_size)
 
         images = sample_sharded(draw, args.n, ctx)
@@ -107,16 +107,16 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_images(images, labels, reference, metrics, args.features, device=device,
                              batch_size=64, progress=True)
     if args.run:
-        result.update(run=str(args.run), step=run_.step, sampler=args.sampler, steps=args.steps,
+        result.update(run=str(args.run), step=loaded_run.step, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, seed=args.seed)
     if args.diffusers_model:
         result.update(diffusers_model=str(args.diffusers_model), sampler=args.sampler, steps=args.steps, seed=args.seed)
     if args.bpd:
-        if den is None and (run_ is None or run_.cfg.method != "gaussian"):
+        if den is None and (loaded_run is None or loaded_run.cfg.method != "gaussian"):
             raise UsageError("--bpd needs --run of a Gaussian diffusion run or --diffusers-model")
         from difflab.likelihood import bits_per_dim
 
-        den = den or run_.denoiser()
+        den = den or loaded_run.denoiser()
         den.plan = None  # the likelihood ODE on difflab's grid, not the sampling loop's timesteps
         bpd = bits_per_dim(den, reference.images[: args.bpd_n], device=device,
                            batch_size=args.batch_size)

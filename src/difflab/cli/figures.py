@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                   "--steps": (args.steps, 1, 100_000), "--seed": (args.seed, 0, MAX_SEED)})
     if args.out and (run_folder_of(Path(args.out).resolve()) or Path(args.out).is_file()):
         raise UsageError(f"--out {args.out} must be a folder outside any run's own files (default RUN/figures)")
-    run_ = load_run(args.run, pick_device(args.device))
+    loaded_run = load_run(args.run, pick_device(args.device))
     out = Path(args.out) if args.out else Path(args.run) / "figures"
-    make_figures(run_, out, n=args.n, columns=args.columns, grid=args.grid, steps=args.steps, seed=args.seed)
+    make_figures(loaded_run, out, n=args.n, columns=args.columns, grid=args.grid, steps=args.steps, seed=args.seed)
     return 0

@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(args.out or Path(args.run) / "samples" / "interpolate.png", "--out", force=args.force,
                        own=args.out is None)
     device = pick_device(args.device)
-    run_ = gaussian_run(args.run, device, "interpolate")
-    den, conditioner = run_.denoiser(), run_.conditioner
+    loaded_run = gaussian_run(args.run, device, "interpolate")
+    den, conditioner = loaded_run.denoiser(), loaded_run.conditioner
     label = args.class_label
     if label is not None:
         if conditioner.kind == "none":
@@ -71,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
         return conditioner.for_labels(torch.full((m,), label), device)
 
     if args.seeds:
-        za, zb = (SeededNoise(sample_seeds(s, 1)).initial(run_.shape, device=device) for s in args.seeds)
+        za, zb = (SeededNoise(sample_seeds(s, 1)).initial(loaded_run.shape, device=device) for s in args.seeds)
     else:
-        images = torch.stack([_read_image(p, run_.shape) for p in args.images]).to(device)
+        images = torch.stack([_read_image(p, loaded_run.shape) for p in args.images]).to(device)
         za, zb = invert(den, to_model(images), args.steps, cond_of(2), spacing=args.spacing)
     x = interpolate(den, za, zb, args.n, args.steps, cond_of(args.n), spacing=args.spacing)
     out = save_rows([x], out)
