@@ -168,6 +168,19 @@ def test_atomic_write_fits_long_names_and_cleans_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [long.name]
 
 
+def test_atomic_write_syncs_unless_told_not_to(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    atomic_write(tmp_path / "a.bin", lambda tmp: tmp.write_bytes(b"a"))
+    assert len(synced) >= 1  # the file (and, where the file system allows, its folder)
+    synced.clear()
+    atomic_write(tmp_path / "b.bin", lambda tmp: tmp.write_bytes(b"b"), durable=False)
+    assert synced == [] and (tmp_path / "b.bin").read_bytes() == b"b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]  # no temporary file left
+
+
 def test_disk_full_while_saving_keeps_last_good_checkpoint(run_copy, monkeypatch):
     from difflab.train import checkpoint
 
