@@ -31,17 +31,16 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from difflab.cli.evaluate import _reference
     from difflab.evaluate import evaluate_images
+    from difflab.runs import pick_device, reference_data
     from difflab.samplers import evaluations
     from difflab.sampling import load_run
-    from difflab.train.trainer import pick_device
 
     device = pick_device(args.device)
     run = load_run(args.run, device)
     steps = [int(s) for s in args.steps.split(",")]
     samplers = args.samplers.split(",")
-    reference = _reference(run.cfg.data, args.split, run.shape)
+    reference = reference_data(run.cfg.data, args.split, run.shape)
     labels = (torch.arange(args.n) % run.conditioner.num_classes) if run.conditioner.kind != "none" else None
     results = {}
     for sampler in samplers:

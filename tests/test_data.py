@@ -103,9 +103,9 @@ def test_mnist_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 def test_mnist_unpickler_refuses_code() -> None:
     evil = pickle.dumps(os.system)  # a pickle that names a function, not an array
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        mnist_module._ArrayUnpickler(io.BytesIO(evil)).load()
+        mnist_module.ArrayUnpickler(io.BytesIO(evil)).load()
     ok = pickle.dumps((np.arange(3, dtype=np.float32), np.array([1, 2])), protocol=3)
-    x, y = mnist_module._ArrayUnpickler(io.BytesIO(ok)).load()
+    x, y = mnist_module.ArrayUnpickler(io.BytesIO(ok)).load()
     assert x.tolist() == [0, 1, 2] and y.tolist() == [1, 2]
 
 

@@ -15,20 +15,11 @@ from scipy.integrate import quad
 
 from difflab.cli import main
 from difflab.config import TrainConfig, load_run_config
+from difflab.ema_lengths import SIGMA_REL_MAX, gamma_of_sigma_rel, parse_lengths, sigma_rel_of_gamma
 from difflab.errors import UsageError
 from difflab.sampling import load_run
 from difflab.train.checkpoint import latest_checkpoint, list_checkpoints, split_prefix
-from difflab.train.ema import (
-    SIGMA_REL_MAX,
-    PowerEMA,
-    build_emas,
-    gamma_of_sigma_rel,
-    parse_lengths,
-    posthoc_coefficients,
-    power_profile,
-    profile_inner,
-    sigma_rel_of_gamma,
-)
+from difflab.train.ema import PowerEMA, build_emas, posthoc_coefficients, power_profile, profile_inner
 from difflab.train.posthoc_ema import load_posthoc_ema, reconstruct_ema, save_posthoc_ema, save_snapshot
 from difflab.train.trainer import Trainer
 

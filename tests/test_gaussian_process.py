@@ -119,7 +119,7 @@ def test_sigma_ve_inverse_and_snr(proc):
     assert torch.allclose(proc.t_of(sig), ts, atol=1e-6 * max(1.0, proc.t_max))
     assert torch.allclose(proc.snr(ts), 1 / sig**2, rtol=1e-6)
     if proc.variance_preserving:
-        assert torch.allclose(proc.alpha(ts) ** 2 + proc.sigma(ts) ** 2, torch.ones_like(ts), atol=1e-9)
+        assert torch.allclose(proc.signal_scale(ts) ** 2 + proc.noise_scale(ts) ** 2, torch.ones_like(ts), atol=1e-9)
 
 
 def test_fractional_discrete_time_interpolates_between_steps():
@@ -139,14 +139,14 @@ def test_vp_sde_coefficients():
     f, g2 = sde_coefficients(VE(), t)
     assert torch.allclose(f, torch.zeros_like(t), atol=1e-12)
     ve = VE()
-    assert torch.allclose(g2, 2 * ve.sigma(t) ** 2 * math.log(ve.s_max / ve.s_min), rtol=1e-8)
+    assert torch.allclose(g2, 2 * ve.noise_scale(t) ** 2 * math.log(ve.s_max / ve.s_min), rtol=1e-8)
 
 
 def test_vp_linear_is_limit_of_ddpm_linear():
     """DDPM's linear betas over T = 1000 approximate the VP SDE with beta 0.1..20."""
     d, c = linear_schedule(), VPLinear()
     t = torch.tensor([100, 500, 900])
-    assert torch.allclose(d.alpha(t).double(), c.alpha(t.double() / 1000), rtol=2e-2, atol=1e-3)
+    assert torch.allclose(d.signal_scale(t).double(), c.signal_scale(t.double() / 1000), rtol=2e-2, atol=1e-3)
 
 
 def test_config_round_trip_and_errors():

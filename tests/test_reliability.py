@@ -168,6 +168,19 @@ def test_atomic_write_fits_long_names_and_cleans_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [long.name]
 
 
+def test_atomic_write_syncs_unless_told_not_to(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    atomic_write(tmp_path / "a.bin", lambda tmp: tmp.write_bytes(b"a"))
+    assert len(synced) >= 1  # the file (and, where the file system allows, its folder)
+    synced.clear()
+    atomic_write(tmp_path / "b.bin", lambda tmp: tmp.write_bytes(b"b"), durable=False)
+    assert synced == [] and (tmp_path / "b.bin").read_bytes() == b"b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]  # no temporary file left
+
+
 def test_disk_full_while_saving_keeps_last_good_checkpoint(run_copy, monkeypatch):
     from difflab.train import checkpoint
 
@@ -348,15 +361,15 @@ def test_evaluate_samples_file_is_checked(tmp_path):
 # --- no code from data -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_mnist_reader_refuses_object_arrays(protocol):
-    from difflab.data.mnist import _ArrayUnpickler
+    from difflab.data.mnist import ArrayUnpickler
 
     evil = np.array([1, "x"], dtype=object)
     good = np.zeros(3, np.float32)
     with pytest.raises(pickle.UnpicklingError):
-        _ArrayUnpickler(io.BytesIO(pickle.dumps(((evil, good),) * 3, protocol=protocol)), encoding="latin1").load()
+        ArrayUnpickler(io.BytesIO(pickle.dumps(((evil, good),) * 3, protocol=protocol)), encoding="latin1").load()
     if protocol < 3:  # Python 3 writes protocol-2 bytes through _codecs.encode: refused as well
         return
-    back = _ArrayUnpickler(io.BytesIO(pickle.dumps(((good, good),) * 3, protocol=protocol))).load()
+    back = ArrayUnpickler(io.BytesIO(pickle.dumps(((good, good),) * 3, protocol=protocol))).load()
     assert np.array_equal(back[0][0], good) and type(back[0][0]) is not np.ndarray  # the checked subclass
 
 

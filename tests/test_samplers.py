@@ -40,15 +40,15 @@ def test_ddpm_step_matches_posterior_of_the_schedule():
     t = torch.tensor([50])
     sig = torch.cat([proc.sigma_ve(t.double()), proc.sigma_ve(t.double() - 1)])
     z = torch.randn(1, *SHAPE, dtype=torch.float64)
-    y = z / proc.alpha(t).double()
+    y = z / proc.signal_scale(t).double()
     x0 = den(y, sig[:1])
     zero = lambda i, like: torch.zeros_like(like)  # noqa: E731
     y1 = SAMPLERS["ddpm"](den, y, sig, noise=zero)
-    assert torch.allclose(y1 * proc.alpha(t - 1).double(), proc.posterior_mean(z, x0, t), atol=1e-9)
+    assert torch.allclose(y1 * proc.signal_scale(t - 1).double(), proc.posterior_mean(z, x0, t), atol=1e-9)
     # "large" variance in VE units is beta_t / gammabar_{t-1}^2
     s, s1 = sig[0], sig[1]
     large = (s**2 - s1**2) * (1 + s1**2) / (1 + s**2)
-    assert torch.allclose(large, proc.beta(t).double() / proc.alpha(t - 1).double() ** 2)
+    assert torch.allclose(large, proc.beta(t).double() / proc.signal_scale(t - 1).double() ** 2)
 
 
 @pytest.mark.parametrize("steps", [10, 37])

@@ -13,7 +13,8 @@ import math
 import torch
 from torch import nn
 
-from difflab.processes.gaussian import GaussianProcess, _bc
+from difflab.broadcast import broadcast_to_batch
+from difflab.processes.gaussian import GaussianProcess
 
 
 class GaussianDataNet(nn.Module):
@@ -39,10 +40,10 @@ class GaussianDataNet(nn.Module):
 
     def forward(self, z, t, class_labels=None, context=None, context_mask=None):
         tt = t.double() if self.process.discrete else t.double() / 1000.0
-        a, s = self.process.alpha(tt).double(), self.process.sigma(tt).double()
-        y = z.double() / _bc(a, z).double()
-        sig = _bc(s / a, y)
-        x0 = (self.std**2 * y + sig**2 * _bc(self._mean(z, class_labels), y)) / (self.std**2 + sig**2)
+        a, s = self.process.signal_scale(tt).double(), self.process.noise_scale(tt).double()
+        y = z.double() / broadcast_to_batch(a, z).double()
+        sig = broadcast_to_batch(s / a, y)
+        x0 = (self.std**2 * y + sig**2 * broadcast_to_batch(self._mean(z, class_labels), y)) / (self.std**2 + sig**2)
         return ((y - x0) / sig).to(z.dtype)
 
 

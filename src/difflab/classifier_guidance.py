@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.config import TrainConfig, load_run_config
+from difflab.data import to_model
 from difflab.errors import CheckpointError, DataError, UsageError
 from difflab.nets.layers import Downsample, ResBlock, group_norm, timestep_embedding
 from difflab.processes.continuous import make_process
@@ -104,7 +105,7 @@ class GuidanceClassifier(nn.Module):
                              f"these are {'x'.join(map(str, y.shape[1:]))}")
         sigma = torch.as_tensor(sigma, device=y.device).reshape(-1).expand(y.shape[0])
         t = self.process.t_of(sigma.double())
-        z = y * self.process.alpha(t).to(y.dtype).reshape(-1, *([1] * (y.ndim - 1)))
+        z = y * self.process.signal_scale(t).to(y.dtype).reshape(-1, *([1] * (y.ndim - 1)))
         param = next(self.net.parameters())
         return self.net(z.to(param.dtype), self.process.net_time(t).to(y.device))
 
@@ -192,7 +193,7 @@ def _splits(cfg: TrainConfig, seed: int):
 def noisy_images(process: GaussianProcess, images: torch.Tensor, t: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor:
     """z_t = gammabar_t x + sigmabar_t s of uint8 images, noise from ``generator`` (on the CPU)."""
-    x = images.float() / 127.5 - 1
+    x = to_model(images)
     noise = torch.randn(x.shape, generator=generator).to(x.device)
     return process.marginal(x, t.to(x.device), noise)
 
@@ -214,7 +215,7 @@ def noisy_accuracy(classifier: GuidanceClassifier, images: torch.Tensor, labels:
         correct = 0
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device)
-            y = x.float() / 127.5 - 1 + s * torch.randn(x.shape, generator=gen).to(device)
+            y = to_model(x) + s * torch.randn(x.shape, generator=gen).to(device)
             pred = classifier.logits(y, torch.full((len(x),), s, device=device)).argmax(1).cpu()
             correct += int((pred == labels[i:i + batch_size]).sum())
         out.append({"sigma": s, "t": float(t), "accuracy": correct / max(1, len(images))})

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from difflab.checks import MAX_SEED, check_range
+from difflab.ema_lengths import check_ema_length, parse_lengths
 from difflab.errors import CheckpointError, UsageError
 
 METHODS = ("gaussian", "naive1", "naive2", "cold")
@@ -19,7 +20,8 @@ PROCESSES = ("linear", "cosine", "sigmoid", "constant", "vp", "vp-cosine", "ve")
 CONDITIONING = ("none", "class", "text")
 
 
-def _f(default, help: str, choices=None, **kw):
+def _option(default, help: str, choices=None, **kw):
+    """A TrainConfig field that is also a ``difflab train`` flag: its default, help text and choices."""
     return field(default=default, metadata={"help": help, "choices": choices, **kw})
 
 
@@ -27,67 +29,67 @@ def _f(default, help: str, choices=None, **kw):
 class TrainConfig:
     """Everything that defines a training run."""
 
-    data: str = _f("mnist", "dataset: mnist, fashion-mnist, digits, emoji, or a folder of images")
-    out: str = _f("runs/demo", "run folder (checkpoints, samples, loss curve)")
-    method: str = _f("gaussian", "gaussian (DDPM and continuous time), naive1/naive2 (part 1), cold", METHODS)
-    degradation: str = _f("fade-colour", "cold diffusion: fade-colour, fade-black, mask, blur, pixelate")
-    process: str = _f("cosine", "Gaussian noise process: discrete schedules linear/cosine/sigmoid/constant, "
+    data: str = _option("mnist", "dataset: mnist, fashion-mnist, digits, emoji, or a folder of images")
+    out: str = _option("runs/demo", "run folder (checkpoints, samples, loss curve)")
+    method: str = _option("gaussian", "gaussian (DDPM and continuous time), naive1/naive2 (part 1), cold", METHODS)
+    degradation: str = _option("fade-colour", "cold diffusion: fade-colour, fade-black, mask, blur, pixelate")
+    process: str = _option("cosine", "Gaussian noise process: discrete schedules linear/cosine/sigmoid/constant, "
                       "continuous vp/vp-cosine/ve", PROCESSES)
-    T: int = _f(1000, "number of discrete steps (naive1: noising steps, default 60 there)")
-    gamma: float = _f(0.9, "per-step gamma of the constant schedule")
-    k: int = _f(32, "naive1: pixels noised per step")
-    replace: bool = _f(True, "naive1: pixels may be picked again in later steps (--no-replace walks a "
+    T: int = _option(1000, "number of discrete steps (naive1: noising steps, default 60 there)")
+    gamma: float = _option(0.9, "per-step gamma of the constant schedule")
+    k: int = _option(32, "naive1: pixels noised per step")
+    replace: bool = _option(True, "naive1: pixels may be picked again in later steps (--no-replace walks a "
                        "random order, so T*k must not exceed the pixel count)")
-    prediction: str = _f("v", "what the network predicts: eps, x0, v, zprev (series v1), edm",
+    prediction: str = _option("v", "what the network predicts: eps, x0, v, zprev (series v1), edm",
                          ("eps", "x0", "v", "zprev", "edm"))
-    model: str = _f("auto", "network preset (see difflab.nets.presets) or 'auto' for the method's default")
-    channels_mult: str = _f("", "override the UNet's channels, e.g. '32,64,64' (CoordConv: its widths)")
-    dropout: float = _f(-1.0, "dropout (-1: the preset's)")
-    conditioning: str = _f("none", "condition on nothing, class labels, or text captions", CONDITIONING)
-    cond_drop: float = _f(0.1, "probability of dropping the condition (classifier-free guidance)")
-    image_size: int = _f(0, "resize images to this size (0: native; MNIST is padded to 32)")
-    image_channels: int = _f(0, "1 or 3 image channels (0: the dataset's)")
-    steps: int = _f(10_000, "optimiser steps")
-    time_limit: float = _f(0.0, "stop by itself after this many minutes, save, and be ready to sample")
-    batch_size: int = _f(64, "global batch size (split over ranks; times --grad-accum micro-batches)")
-    grad_accum: int = _f(1, "micro-batches per optimiser step")
-    lr: float = _f(0.0, "AdamW learning rate (0: auto, by network size: 1e-3 below 5M parameters, 2e-4 above)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup: int = _f(100, "learning-rate warm-up steps")
-    lr_decay: str = _f("none", "after warm-up: none or cosine", ("none", "cosine"))
-    grad_clip: float = _f(1.0, "gradient-norm clipping (0: off)")
-    ema_decay: float = _f(0.999, "EMA decay of the weights (with warm-up (1+n)/(10+n)), used with --ema-length 0")
+    model: str = _option("auto", "network preset (see difflab.nets.presets) or 'auto' for the method's default")
+    channels_mult: str = _option("", "override the UNet's channels, e.g. '32,64,64' (CoordConv: its widths)")
+    dropout: float = _option(-1.0, "dropout (-1: the preset's)")
+    conditioning: str = _option("none", "condition on nothing, class labels, or text captions", CONDITIONING)
+    cond_drop: float = _option(0.1, "probability of dropping the condition (classifier-free guidance)")
+    image_size: int = _option(0, "resize images to this size (0: native; MNIST is padded to 32)")
+    image_channels: int = _option(0, "1 or 3 image channels (0: the dataset's)")
+    steps: int = _option(10_000, "optimiser steps")
+    time_limit: float = _option(0.0, "stop by itself after this many minutes, save, and be ready to sample")
+    batch_size: int = _option(64, "global batch size (split over ranks; times --grad-accum micro-batches)")
+    grad_accum: int = _option(1, "micro-batches per optimiser step")
+    lr: float = _option(0.0, "AdamW learning rate (0: auto, by network size: 1e-3 below 5M parameters, 2e-4 above)")
+    weight_decay: float = _option(0.0, "AdamW weight decay")
+    warmup: int = _option(100, "learning-rate warm-up steps")
+    lr_decay: str = _option("none", "after warm-up: none or cosine", ("none", "cosine"))
+    grad_clip: float = _option(1.0, "gradient-norm clipping (0: off)")
+    ema_decay: float = _option(0.999, "EMA decay of the weights (with warm-up (1+n)/(10+n)), used with --ema-length 0")
     # --- training recipes: EDM2's power EMA and post-hoc EMA, EDM's noise levels, loss weightings ---
-    ema_length: float = _f(0.05, "the main EMA: EDM2's power-function EMA whose length (relative std sigma_rel) is "
+    ema_length: float = _option(0.05, "the main EMA: EDM2's power-function EMA whose length (relative std sigma_rel) is "
                            "this fraction of the run; 0: the classic EMA of --ema-decay")
-    ema_track: str = _f("0.05,0.1", "power EMAs (comma-separated sigma_rel) tracked and snapshotted for "
+    ema_track: str = _option("0.05,0.1", "power EMAs (comma-separated sigma_rel) tracked and snapshotted for "
                         "post-hoc EMA ('difflab ema'); '' for none")
-    ema_snapshot_every: int = _f(200, "steps between snapshots of the --ema-track EMAs in RUN/ema-snapshots (0: none)")
-    noise_sampling: str = _f("uniform", "training noise levels: uniform in t, or lognormal (EDM: log sigma ~ "
+    ema_snapshot_every: int = _option(200, "steps between snapshots of the --ema-track EMAs in RUN/ema-snapshots (0: none)")
+    noise_sampling: str = _option("uniform", "training noise levels: uniform in t, or lognormal (EDM: log sigma ~ "
                              "N(-1.2, 1.2^2), mapped to t; discrete schedules round t to a step)", ("uniform", "lognormal"))
-    loss_weighting: str = _f("none", "per-sample loss weight: none (plain MSE of the network output), min-snr "
+    loss_weighting: str = _option("none", "per-sample loss weight: none (plain MSE of the network output), min-snr "
                              "(Hang et al.: min(SNR, gamma) on the x0 error) or edm ((sigma^2 + sigma_data^2) / "
                              "(sigma sigma_data)^2 on the x0 error)", ("none", "min-snr", "edm"))
-    min_snr_gamma: float = _f(5.0, "gamma of --loss-weighting min-snr")
-    precision: str = _f("auto", "auto (bf16 autocast where the GPU or CPU computes bf16 natively: AVX-512 BF16 "
+    min_snr_gamma: float = _option(5.0, "gamma of --loss-weighting min-snr")
+    precision: str = _option("auto", "auto (bf16 autocast where the GPU or CPU computes bf16 natively: AVX-512 BF16 "
                                 "or AMX; else fp32), fp32 or bf16", ("auto", "fp32", "bf16"))
-    compile: bool = _f(False, "torch.compile the network")
-    seed: int = _f(0, "seed of the whole run (data order, noise, initial weights)")
-    hflip: bool = _f(False, "random horizontal flips (off for digits)")
-    log_every: int = _f(50, "steps between loss logs (the only host-device syncs)")
-    logger: str = _f("csv", "where the logs go besides loss.csv: csv (nothing else) or tensorboard (loss, lr, "
+    compile: bool = _option(False, "torch.compile the network")
+    seed: int = _option(0, "seed of the whole run (data order, noise, initial weights)")
+    hflip: bool = _option(False, "random horizontal flips (off for digits)")
+    log_every: int = _option(50, "steps between loss logs (the only host-device syncs)")
+    logger: str = _option("csv", "where the logs go besides loss.csv: csv (nothing else) or tensorboard (loss, lr, "
                      "images/s and sample grids as events in RUN/tensorboard; pip install 'difflab[tensorboard]')",
                      ("csv", "tensorboard"))
-    sample_every: int = _f(1000, "steps between sample grids (0: only at the end)")
-    sampler: str = _f("dpmpp-2m", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
-    sample_steps: int = _f(10, "sampler steps of 'difflab sample' and the periodic grids")
-    guidance: float = _f(3.0, "classifier-free guidance scale g that class/text runs sample with unless told "
+    sample_every: int = _option(1000, "steps between sample grids (0: only at the end)")
+    sampler: str = _option("dpmpp-2m", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
+    sample_steps: int = _option(10, "sampler steps of 'difflab sample' and the periodic grids")
+    guidance: float = _option(3.0, "classifier-free guidance scale g that class/text runs sample with unless told "
                          "(g = 1 + w; 1: plain conditional sampling)")
-    clip: str = _f("clip", "x0 estimates while sampling: clip to the data range, dynamic (Imagen's thresholding) "
+    clip: str = _option("clip", "x0 estimates while sampling: clip to the data range, dynamic (Imagen's thresholding) "
                    "or none", ("none", "clip", "dynamic"))
-    checkpoint_every: int = _f(1000, "steps between checkpoints")
-    keep: int = _f(3, "checkpoints kept")
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    checkpoint_every: int = _option(1000, "steps between checkpoints")
+    keep: int = _option(3, "checkpoints kept")
+    device: str = _option("auto", "auto, cpu, cuda or cuda:N")
 
     # --- derived / validated --------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -109,8 +111,6 @@ class TrainConfig:
 
         if self.sampler not in SAMPLERS:
             raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
-        from difflab.train.ema import check_ema_length, parse_lengths  # (the power-EMA maths lives there)
-
         if self.ema_length != 0:
             check_ema_length(self.ema_length)
         parse_lengths(self.ema_track)

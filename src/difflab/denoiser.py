@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab.broadcast import broadcast_to_batch
 from difflab.errors import UsageError
-from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess, _bc
+from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
 
 PREDICTIONS = ("eps", "x0", "v", "zprev", "edm")
 CLIP_MODES = ("none", "clip", "dynamic")
@@ -52,8 +53,8 @@ class Denoiser(nn.Module):
     def net_input(self, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network sees: z_t = gammabar y, or c_in y for EDM."""
         if self.prediction == "edm":
-            return x * _bc(1 / torch.sqrt(sigma.double() ** 2 + SIGMA_DATA**2), x)
-        return x * _bc(self.process.alpha(t), x)
+            return x * broadcast_to_batch(1 / torch.sqrt(sigma.double() ** 2 + SIGMA_DATA**2), x)
+        return x * broadcast_to_batch(self.process.signal_scale(t), x)
 
     def net_output(self, x, sigma, t, cond: Cond | None = None) -> torch.Tensor:
         # the network may run in another precision (pure bf16 weights for fast sampling)
@@ -69,22 +70,22 @@ class Denoiser(nn.Module):
         if p == "x0":
             return out
         if p == "eps":
-            return x - _bc(sigma, x) * out
-        a, s = self.process.alpha(t), self.process.sigma(t)
+            return x - broadcast_to_batch(sigma, x) * out
+        a, s = self.process.signal_scale(t), self.process.noise_scale(t)
         if p == "v":
-            z = x * _bc(a, x)
-            return (_bc(a, x) * z - _bc(s, x) * out) / _bc(a**2 + s**2, x)
+            z = x * broadcast_to_batch(a, x)
+            return (broadcast_to_batch(a, x) * z - broadcast_to_batch(s, x) * out) / broadcast_to_batch(a**2 + s**2, x)
         if p == "zprev":
             proc: DiscreteSchedule = self.process  # type: ignore[assignment]
             ti = t.round().long().clamp(1, proc.T)
             gb_prev, sb2 = proc.gammabar(ti - 1), proc.sigmabar(ti) ** 2
             c_x, c_z = gb_prev * proc.beta(ti) / sb2, proc.gamma(ti) * (1 - gb_prev**2) / sb2
-            return (out - _bc(c_z * a, x) * x) / _bc(c_x, x)
+            return (out - broadcast_to_batch(c_z * a, x) * x) / broadcast_to_batch(c_x, x)
         # edm
         s2 = sigma.double() ** 2
         c_skip = SIGMA_DATA**2 / (s2 + SIGMA_DATA**2)
         c_out = sigma.double() * SIGMA_DATA / torch.sqrt(s2 + SIGMA_DATA**2)
-        return _bc(c_skip, x) * x + _bc(c_out, x) * out
+        return broadcast_to_batch(c_skip, x) * x + broadcast_to_batch(c_out, x) * out
 
     def x0_per_output(self, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """d x0_hat / d output per sample [B] (float64): every parameterisation is affine in the network's
@@ -101,7 +102,7 @@ class Denoiser(nn.Module):
             return noise
         if p == "x0":
             return x0
-        a, s = _bc(self.process.alpha(t), x0), _bc(self.process.sigma(t), x0)
+        a, s = broadcast_to_batch(self.process.signal_scale(t), x0), broadcast_to_batch(self.process.noise_scale(t), x0)
         if p == "v":
             return a * noise - s * x0
         if p == "zprev":
@@ -110,27 +111,27 @@ class Denoiser(nn.Module):
         s2 = sigma.double() ** 2
         c_skip = SIGMA_DATA**2 / (s2 + SIGMA_DATA**2)
         c_out = sigma.double() * SIGMA_DATA / torch.sqrt(s2 + SIGMA_DATA**2)
-        y = x0 + _bc(sigma, x0) * noise
-        return ((x0 - _bc(c_skip, x0) * y) / _bc(c_out, x0)).to(x0.dtype)
+        y = x0 + broadcast_to_batch(sigma, x0) * noise
+        return ((x0 - broadcast_to_batch(c_skip, x0) * y) / broadcast_to_batch(c_out, x0)).to(x0.dtype)
 
     # --- other views of the same model ----------------------------------------------------------
     def eps(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         """The noise estimate f(z_t, t) = (y - x0_hat) / sigma."""
-        return (x - self(x, sigma, cond)) / _bc(torch.as_tensor(sigma, device=x.device), x)
+        return (x - self(x, sigma, cond)) / broadcast_to_batch(torch.as_tensor(sigma, device=x.device), x)
 
     def score(self, z: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         """The score grad log p(z_t) ~ -f(z_t, t) / sigmabar_t in the process's own coordinates
         (noise prediction is a scaled score)."""
         t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
-        a, s = self.process.alpha(t), self.process.sigma(t)
-        y = z / _bc(a, z)
-        return -self.eps(y, (s / a), cond) / _bc(s, z)
+        a, s = self.process.signal_scale(t), self.process.noise_scale(t)
+        y = z / broadcast_to_batch(a, z)
+        return -self.eps(y, (s / a), cond) / broadcast_to_batch(s, z)
 
     def tweedie(self, z: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         """Tweedie's formula E[x | z_t] = (z_t + sigmabar_t^2 score) / gammabar_t (equals D)."""
         t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
-        a, s = self.process.alpha(t), self.process.sigma(t)
-        return (z + _bc(s**2, z) * self.score(z, t, cond)) / _bc(a, z)
+        a, s = self.process.signal_scale(t), self.process.noise_scale(t)
+        return (z + broadcast_to_batch(s**2, z) * self.score(z, t, cond)) / broadcast_to_batch(a, z)
 
 
 class ClipX0(nn.Module):
@@ -171,6 +172,6 @@ class ClipX0(nn.Module):
             u = u.clamp(-1, 1)
         else:
             s = torch.quantile(u.flatten(1).abs().float(), self.percentile, dim=1).clamp_min(1).to(u.dtype)
-            s = _bc(s, u)
+            s = broadcast_to_batch(s, u)
             u = torch.maximum(torch.minimum(u, s), -s) / s
         return u * self.half + self.centre

@@ -61,9 +61,12 @@ def _why(e: OSError) -> str:
     return e.strerror or e.__class__.__name__
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object], *, mkdir: bool = True) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object], *, mkdir: bool = True,
+                 durable: bool = True) -> Path:
     """Call ``write(tmp)`` to fill a temporary file, then rename it to ``path``. The temporary file is
-    removed on any failure (also on KeyboardInterrupt); an OSError becomes one-line :class:`OutputError`."""
+    removed on any failure (also on KeyboardInterrupt); an OSError becomes one-line :class:`OutputError`.
+    ``durable=False`` skips the fsyncs (a reader still never sees half a file, but a power cut may lose
+    it): for many small files that can be made again, where the syncs would cost more than the writes."""
     path = Path(path)
     tmp = None
     try:
@@ -71,11 +74,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *, mkdir: bo
             path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(path)
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-        _sync_folder(path.parent)
+        if durable:
+            _sync_folder(path.parent)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {_why(e)}") from e
     finally:

@@ -75,7 +75,7 @@ def gaussian_process(name: str) -> GaussianProcess:
 
 def unit_variance(process: GaussianProcess, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """z_t / sqrt(gammabar_t^2 + sigmabar_t^2): the marginal at unit variance (VP: z_t itself)."""
-    return z / torch.sqrt(process.alpha(t) ** 2 + process.sigma(t) ** 2).float()
+    return z / torch.sqrt(process.signal_scale(t) ** 2 + process.noise_scale(t) ** 2).float()
 
 
 def forward_view(name: str, x: torch.Tensor, levels: int = 41, seed: int = 0) -> ForwardView:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from difflab.broadcast import broadcast_to_batch
 from difflab.errors import UsageError
-from difflab.processes.gaussian import _bc
 
 
 def _cat_cond(a: dict | None, b: dict | None) -> dict | None:
@@ -81,7 +81,7 @@ class ClassifierGuidance(nn.Module):
         if self.scale == 0.0 or not bool(inside.any()):
             return x0
         weight = torch.where(inside, self.scale * sigma**2, torch.zeros_like(sigma))
-        return x0 + _bc(weight, x) * self.grad_log_prob(x, sigma, labels)
+        return x0 + broadcast_to_batch(weight, x) * self.grad_log_prob(x, sigma, labels)
 
     def grad_log_prob(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """grad_x log p(labels | x, sigma), per sample (the sum over the batch separates)."""

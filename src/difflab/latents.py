@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from difflab.processes.gaussian import _bc
+from difflab.broadcast import broadcast_to_batch
 from difflab.samplers import SAMPLERS, get_sigmas
 
 
@@ -98,8 +98,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Te
     safe = sin.clamp_min(1e-6)
     wa = torch.where(near, 1 - tt, torch.sin((1 - tt) * omega) / safe)
     wb = torch.where(near, tt, torch.sin(tt * omega) / safe)
-    out = _bc(wa, a) * a + _bc(wb, b) * b
-    tb = _bc(t, a) if t.ndim else t
+    out = broadcast_to_batch(wa, a) * a + broadcast_to_batch(wb, b) * b
+    tb = broadcast_to_batch(t, a) if t.ndim else t
     return torch.where(tb == 0, a, torch.where(tb == 1, b, out))
 
 

@@ -141,7 +141,7 @@ class Model:
         (default: the run's dataset), as ``difflab evaluate`` reports them. ``sampling``: the settings of
         :meth:`sample` (seed, sampler, steps, guidance, ...)."""
         from difflab.evaluate import evaluate_images
-        from difflab.evaluate.reference import reference_data
+        from difflab.runs import reference_data
 
         name = data or (self.run.cfg.data if self.run is not None and self.run.cfg is not None else None)
         if name is None:

@@ -2,7 +2,8 @@
 :func:`difflab.sampling.load_run`, the CLI and the web page.
 
 - the device (:func:`pick_device`),
-- the data with the one shape rule (:func:`load_data`, :func:`load_fitted`; :func:`padded_size`),
+- the data with the one shape rule (:func:`load_data`, :func:`load_fitted`; :func:`padded_size`,
+  :func:`pad_as_trained`, :func:`reference_data`),
 - the conditioner (:func:`make_conditioner`, :func:`prompt_cache`),
 - the one-line description of a run (:func:`describe_run`),
 - which settings a resumed run may change (:data:`RESUME_OVERRIDES`).
@@ -21,7 +22,7 @@ import torch
 from difflab.conditioning import Conditioner
 from difflab.config import DEVICE, TrainConfig
 from difflab.data import ImageData, load
-from difflab.errors import UsageError
+from difflab.errors import DataError, UsageError
 
 # flags that may change when a run is resumed; anything else must match the saved run
 RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "checkpoint_every", "keep",
@@ -49,6 +50,13 @@ def padded_size(height: int, width: int, target: int | None = None) -> int | Non
     return PADDED if (height, width) == (28, 28) and target in (None, PADDED) else None
 
 
+def pad_as_trained(data: ImageData, name: str, split: str, target: int | None = None, **kw: Any) -> ImageData:
+    """``data`` (``split`` of dataset or folder ``name``, loaded with ``kw``) padded by :func:`padded_size`
+    when the rule applies to it, else ``data`` itself."""
+    pad = padded_size(data.height, data.width, target)
+    return load(name, split=split, pad_to=pad, **kw) if pad else data
+
+
 def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
     """The run's dataset as uint8 tensors, as it trains: ``--image-size`` when given, else padded by
     :func:`padded_size`; square images only."""
@@ -58,12 +66,24 @@ def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
     if cfg.image_channels:
         kw["channels"] = cfg.image_channels
     data = load(cfg.data, split=split, **kw)
-    pad = None if cfg.image_size else padded_size(data.height, data.width)
-    if pad:
-        data = load(cfg.data, split=split, pad_to=pad, **kw)
+    if not cfg.image_size:
+        data = pad_as_trained(data, cfg.data, split, **kw)
     if data.height != data.width:
         raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
     return data
+
+
+def reference_data(name: str, split: str, shape: tuple[int, ...]) -> ImageData:
+    """The reference images that samples of (C, H, W) ``shape`` are evaluated against: ``split`` of dataset
+    or folder ``name`` (train when a folder has no test split), padded as trained when the samples are."""
+    try:
+        data = load(name, split=split)
+    except DataError:
+        if split != "test":
+            raise
+        split = "train"
+        data = load(name, split=split)
+    return pad_as_trained(data, name, split, shape[-1])
 
 
 def load_fitted(name: str, split: str, shape: tuple[int, int, int]) -> ImageData:
@@ -75,9 +95,8 @@ def load_fitted(name: str, split: str, shape: tuple[int, int, int]) -> ImageData
     if dataset_key(name) is None:
         return load(name, split=split, image_size=h, channels=c)
     found = load(name, split=split, channels=c)
-    pad = padded_size(found.height, found.width, h) if h == w else None
-    if pad:
-        return load(name, split=split, channels=c, pad_to=pad)
+    if h == w:
+        found = pad_as_trained(found, name, split, h, channels=c)
     if (found.height, found.width) != (h, w):
         return load(name, split=split, channels=c, image_size=h)
     return found

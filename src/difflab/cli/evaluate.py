@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from difflab.evaluate import evaluate_images
-    from difflab.runs import pick_device
+    from difflab.runs import pick_device, reference_data
 
     if sum(a is not None for a in (args.run, args.samples, args.diffusers_model)) != 1:
         raise UsageError("give exactly one of --run DIR, --diffusers-model DIR or --samples FILE.npz")
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     device = pick_device(args.device)
     labels = None
-    run_ = den = None
+    loaded_run = den = None
     if args.samples:
         if Path(args.samples).is_dir():  # a folder of PNGs (difflab sample --out-dir)
             from difflab.outputs import read_sample_pngs
@@ -78,23 +78,21 @@ def run(args: argparse.Namespace) -> int:
         model, images, labels = _draw(args, device)
         if images is None:
             return 0
-        run_ = model if args.run else None
+        loaded_run = model if args.run else None
         den = None if args.run else model.denoiser
-        data_name = args.data or (run_.cfg.data if run_ is not None else None)
-    from difflab.evaluate.reference import reference_data
-
+        data_name = args.data or (loaded_run.cfg.data if loaded_run is not None else None)
     reference = reference_data(data_name, args.split, tuple(images.shape[1:]))
     if labels is None and "accuracy" in metrics:
         metrics.remove("accuracy")
     result = evaluate_images(images, labels, reference, metrics, args.features, device=device,
                              batch_size=64, progress=True)
     if args.run:
-        result.update(run=str(args.run), step=run_.step, sampler=args.sampler, steps=args.steps,
+        result.update(run=str(args.run), step=loaded_run.step, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, seed=args.seed)
     if args.diffusers_model:
         result.update(diffusers_model=str(args.diffusers_model), sampler=args.sampler, steps=args.steps, seed=args.seed)
     if args.bpd:
-        result.update(_bpd(args, den, run_, reference, device))
+        result.update(_bpd(args, den, loaded_run, reference, device))
     _print_table(result)
     if args.json:
         path = write_text(args.json, json.dumps(_finite_or_null(result), indent=2, default=float, allow_nan=False))
@@ -102,13 +100,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bpd(args: argparse.Namespace, den, run_, reference, device) -> dict:
+def _bpd(args: argparse.Namespace, den, loaded_run, reference, device) -> dict:
     """bits/dim of the first --bpd-n reference images (probability-flow ODE)."""
-    if den is None and (run_ is None or run_.cfg.method != "gaussian"):
+    if den is None and (loaded_run is None or loaded_run.cfg.method != "gaussian"):
         raise UsageError("--bpd needs --run of a Gaussian diffusion run or --diffusers-model")
     from difflab.likelihood import bits_per_dim
 
-    den = den or run_.denoiser()
+    den = den or loaded_run.denoiser()
     den.plan = None  # the likelihood ODE on difflab's grid, not the sampling loop's timesteps
     bpd = bits_per_dim(den, reference.images[: args.bpd_n], device=device, batch_size=args.batch_size)
     return {"bpd": float(bpd.mean()), "bpd_n": len(bpd)}

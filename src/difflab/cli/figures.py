@@ -93,6 +93,7 @@ def check_counts(n: int, grid: int, columns: int) -> None:
 def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 64, steps: int | None = None,
                  seed: int = 0, log=print) -> list[Path]:
     """Write the figures of ``run`` (a :class:`difflab.sampling.Run`) into ``out``; returns the paths."""
+    from difflab.data import to_model
     from difflab.figures import save_grid, save_rows
     from difflab.runs import load_data
 
@@ -107,14 +108,14 @@ def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 6
         paths.append(path)
         log(str(path))
 
-    x = data.images[:n].float().div(127.5).sub(1)
+    x = to_model(data.images[:n])
     chain = noising_chain(run, x, columns, torch.Generator().manual_seed(seed))
     emit(save_rows(list(chain.transpose(0, 1)), out / "noising.png", scale=scale))
 
     if not method.predicts_previous_step:  # (a prediction of z_{t-1} is no image estimate)
         _, inputs, x0s = sampling_run(run, max(MEAN_SEEDS, n), seed=seed, steps=1, device=device, sampler="ddim")
         emit(save_rows([inputs[0, :n], x0s[0, :n]], out / "prediction-from-noise.png", scale=scale))
-        data_mean = data.images.sum(0, dtype=torch.float64).float() / len(data.images) / 127.5 - 1
+        data_mean = to_model(data.images.sum(0, dtype=torch.float64).float() / len(data.images))
         means = torch.stack([data_mean, x0s[0, :MEAN_SEEDS].mean(0)])
         emit(save_grid(means, out / "mean-image.png", nrow=2, scale=scale))
 
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                   "--steps": (args.steps, 1, 100_000), "--seed": (args.seed, 0, MAX_SEED)})
     if args.out and (run_folder_of(Path(args.out).resolve()) or Path(args.out).is_file()):
         raise UsageError(f"--out {args.out} must be a folder outside any run's own files (default RUN/figures)")
-    run_ = load_run(args.run, pick_device(args.device))
+    loaded_run = load_run(args.run, pick_device(args.device))
     out = Path(args.out) if args.out else Path(args.run) / "figures"
-    make_figures(run_, out, n=args.n, columns=args.columns, grid=args.grid, steps=args.steps, seed=args.seed)
+    make_figures(loaded_run, out, n=args.n, columns=args.columns, grid=args.grid, steps=args.steps, seed=args.seed)
     return 0

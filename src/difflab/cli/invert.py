@@ -51,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
     if args.save_latents:
         check_output(args.save_latents, "--save-latents", force=args.force)
     device = pick_device(args.device)
-    run_, den, shape = gaussian_model(args, device, "invert")
-    name = args.data or run_.cfg.data
+    loaded_run, den, shape = gaussian_model(args, device, "invert")
+    name = args.data or loaded_run.cfg.data
     data = run_images(name, args.split or default_split(name), shape, args.n)
-    cond_fn = condition_fn(run_, data, device, den)
+    cond_fn = condition_fn(loaded_run, data, device, den)
     latents_t, recon_t = invert_images(den, data.to_model(device), args.steps, cond_fn, spacing=args.spacing,
                                        refine=args.refine, batch_size=args.batch_size)
     mse, psnr = reconstruction_error(data.images, recon_t)
@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.save_latents:
         path = save_npy(latents_t.float().numpy(), args.save_latents)
         # a diffusers folder samples on its scheduler's grid unless --spacing names difflab's
-        model = f"--run {args.run}" if run_ is not None else f"--diffusers-model {args.diffusers_model}"
-        spacing = "" if args.spacing == "uniform" and run_ is not None else f" --spacing {args.spacing}"
+        model = f"--run {args.run}" if loaded_run is not None else f"--diffusers-model {args.diffusers_model}"
+        spacing = "" if args.spacing == "uniform" and loaded_run is not None else f" --spacing {args.spacing}"
         print(f"latents: {path} (float32 {list(latents_t.shape)}, standard normal units; decode with "
               f"difflab sample {model} --init-noise {path} --n {len(data)} --sampler ddim "
               f"--steps {args.steps}{spacing})")

@@ -40,11 +40,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_output(args.json, "--json", force=args.force)
     device = pick_device(args.device)
-    run_, den, shape = gaussian_model(args, device, "likelihood")
-    data_name = args.data or run_.cfg.data
+    loaded_run, den, shape = gaussian_model(args, device, "likelihood")
+    data_name = args.data or loaded_run.cfg.data
     split = args.split or default_split(data_name)
     data = run_images(data_name, split, shape, args.n)
-    cond_fn = condition_fn(run_, data, device, den)  # (a bad condition fails before the bar is drawn)
+    cond_fn = condition_fn(loaded_run, data, device, den)  # (a bad condition fails before the bar is drawn)
     bar = tqdm(total=len(data), unit="img", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
     bpd = bits_per_dim(den, data.images, steps=args.steps, seed=args.seed,
                        hutchinson_samples=args.hutchinson_samples, probe=args.probe,
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         save_json(args.json, {
             "bits_per_dim": mean, "standard_error": stderr, "n": len(bpd),
-            **({"run": str(args.run), "step": run_.step} if run_ is not None else
+            **({"run": str(args.run), "step": loaded_run.step} if loaded_run is not None else
                {"diffusers_model": str(args.diffusers_model)}), "data": data_name, "split": split, "ode_steps": args.steps,
             "solver": "rk4-log-sigma", "hutchinson_samples": args.hutchinson_samples, "probe": args.probe,
             "seed": args.seed, "per_image": [float(b) for b in bpd],

@@ -40,8 +40,8 @@ def gaussian_model(args: argparse.Namespace, device: torch.device, command: str)
     ``--diffusers-model`` (whose images must be named with ``--data``)."""
     check_one_model(args)
     if args.diffusers_model is None:
-        run_ = gaussian_run(args.run, device, command)
-        return run_, run_.denoiser(), run_.shape
+        loaded_run = gaussian_run(args.run, device, command)
+        return loaded_run, loaded_run.denoiser(), loaded_run.shape
     if args.data is None:
         raise UsageError("with --diffusers-model, name the images with --data")
     from difflab.interop import load_diffusers_unet
@@ -54,11 +54,11 @@ def gaussian_run(path: str, device: torch.device, command: str):
     """The run at ``path``, which must be a Gaussian-diffusion run (the others have no ODE)."""
     from difflab.sampling import load_run
 
-    run_ = load_run(path, device)
-    if run_.cfg.method != "gaussian":
+    loaded_run = load_run(path, device)
+    if loaded_run.cfg.method != "gaussian":
         raise UsageError(f"difflab {command} needs a Gaussian run (--method gaussian); {path} is a "
-                         f"{run_.cfg.method} run")
-    return run_
+                         f"{loaded_run.cfg.method} run")
+    return loaded_run
 
 
 def default_split(data: str) -> str:
@@ -78,16 +78,16 @@ def run_images(data: str, split: str, shape: tuple[int, int, int], n: int):
     return load_fitted(data, split, shape).subset(n)
 
 
-def condition_fn(run_, data, device, denoiser=None):
+def condition_fn(loaded_run, data, device, denoiser=None):
     """cond_fn(slice) for ``data`` under a conditional run: the images' own classes when the data
     carries the run's class names, else the null condition; None for unconditional runs. Without a run
-    (``run_`` None), the same for the diffusers UNet ``denoiser``, which has no null class."""
+    (``loaded_run`` None), the same for the diffusers UNet ``denoiser``, which has no null class."""
     from difflab.model import folder_condition, run_condition
 
-    if run_ is None:
+    if loaded_run is None:
         return folder_condition(getattr(denoiser.net, "num_classes", 0), data.labels, device)
-    same = data.labels is not None and data.class_names == run_.class_names
-    return run_condition(run_.conditioner, data.labels if same else None, device)
+    same = data.labels is not None and data.class_names == loaded_run.class_names
+    return run_condition(loaded_run.conditioner, data.labels if same else None, device)
 
 
 def save_npy(array: np.ndarray, path: str | Path) -> Path:

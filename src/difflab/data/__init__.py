@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from difflab.data import transforms
-from difflab.data.imagedata import ImageData, fingerprint
+from difflab.data.imagedata import ImageData, fingerprint, to_model
 from difflab.errors import DataError
 
-__all__ = ["DATASETS", "ImageData", "dataset_key", "fingerprint", "load"]
+__all__ = ["DATASETS", "ImageData", "dataset_key", "fingerprint", "load", "to_model"]
 
 DATASETS = ("mnist", "fashion-mnist", "digits", "emoji")
 SPLITS = ("train", "test")

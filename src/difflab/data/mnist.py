@@ -62,7 +62,10 @@ _ALLOWED = {
 }
 
 
-class _ArrayUnpickler(pickle.Unpickler):
+class ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds only numeric numpy arrays (and the tuples holding them): anything else in
+    the pickle is refused, so a tampered file cannot run code."""
+
     def find_class(self, module: str, name: str) -> object:
         found = _ALLOWED.get((module, name))
         if found is None:
@@ -91,7 +94,7 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
 def _decode(path: Path) -> dict[str, dict[str, np.ndarray]]:
     try:
         with gzip.open(path, "rb") as f:
-            train, valid, test = _ArrayUnpickler(f, encoding="latin1").load()
+            train, valid, test = ArrayUnpickler(f, encoding="latin1").load()
         for part in (train, valid, test):
             if not (isinstance(part, tuple) and len(part) == 2 and all(isinstance(a, np.ndarray) for a in part)):
                 raise ValueError("not the (images, labels) arrays of MNIST")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from difflab.data import to_model
 from difflab.errors import DataError, UsageError
 from difflab.evaluate.inception import check_images
 from difflab.files import OutputError, atomic_write, write_text
@@ -63,10 +64,6 @@ class SmallCNN(nn.Module):
         return self.head(self.penultimate(x))
 
 
-def _to_model(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device).float() / 127.5 - 1
-
-
 def _check_size(model: SmallCNN, images: torch.Tensor) -> None:
     c, h, w = images.shape[1:]
     cfg = model.config
@@ -83,7 +80,7 @@ def predict(model: SmallCNN, images: torch.Tensor, batch_size: int = 512) -> tor
     _check_size(model, images)
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([model(_to_model(images[i:i + batch_size], device)).argmax(1).cpu()
+    return torch.cat([model(to_model(images[i:i + batch_size], device)).argmax(1).cpu()
                       for i in range(0, len(images), batch_size)]) if len(images) else torch.zeros(0).long()
 
 
@@ -148,7 +145,7 @@ def train_classifier(
             idx = order[i:i + batch_size]
             if len(idx) < 2:  # batch norm needs two samples
                 continue
-            loss = F.cross_entropy(model(_to_model(images[idx], device)), labels[idx].to(device))
+            loss = F.cross_entropy(model(to_model(images[idx], device)), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -176,7 +173,7 @@ class ClassifierFeatures:
         device = next(self.model.parameters()).device
         out = np.empty((len(images), self.dim), dtype=np.float64)
         for i in range(0, len(images), self.batch_size):
-            x = _to_model(images[i:i + self.batch_size], device)
+            x = to_model(images[i:i + self.batch_size], device)
             out[i:i + len(x)] = self.model.penultimate(x).double().cpu().numpy()
         return out
 

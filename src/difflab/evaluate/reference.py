@@ -63,22 +63,3 @@ def reference_stats(
     cache.write(path, {"mu": mu, "sigma": sigma, "features": features})
     return {"mu": mu, "sigma": sigma, "features": features.astype(np.float64)}
 
-
-def reference_data(name: str, split: str, shape):
-    """The reference images: the requested split (train when a folder has no test split), padded to
-    32x32 when the samples of ``shape`` (C, H, W) are (MNIST-like sets are trained padded)."""
-    from difflab.data import load
-    from difflab.errors import DataError
-    from difflab.runs import padded_size
-
-    try:
-        data = load(name, split=split)
-    except DataError:
-        if split != "test":
-            raise
-        split = "train"
-        data = load(name, split=split)
-    pad = padded_size(data.height, data.width, shape[-1])
-    if pad:
-        data = load(name, split=split, pad_to=pad)
-    return data

@@ -7,8 +7,8 @@
 
 Each keeps the :class:`~difflab.processes.gaussian.GaussianProcess` contract, so
 every sampler, the probability-flow ODE and the likelihood work for each. The
-SDE coefficients of dz = f(t) z dt + g(t) dW follow from alpha and sigma alone:
-f = d log alpha / dt and g^2 = d sigma^2/dt - 2 f sigma^2 (see :func:`sde_coefficients`).
+SDE coefficients of dz = f(t) z dt + g(t) dW follow from gammabar and sigmabar alone:
+f = d log gammabar / dt and g^2 = d sigmabar^2/dt - 2 f sigmabar^2 (see :func:`sde_coefficients`).
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ class VPLinear(GaussianProcess):
         self.beta_min, self.beta_max = beta_min, beta_max
         self.t_min, self.t_max = t_min, 1.0
 
-    def _log_alpha(self, t):
+    def _log_signal_scale(self, t):
         return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
 
-    def alpha(self, t):
-        return torch.exp(self._log_alpha(torch.as_tensor(t)))
+    def signal_scale(self, t):
+        return torch.exp(self._log_signal_scale(torch.as_tensor(t)))
 
-    def sigma(self, t):
-        return (-torch.expm1(2 * self._log_alpha(torch.as_tensor(t)))).clamp_min(0).sqrt()
+    def noise_scale(self, t):
+        return (-torch.expm1(2 * self._log_signal_scale(torch.as_tensor(t)))).clamp_min(0).sqrt()
 
     def t_of(self, sigma_ve):
         s = torch.as_tensor(sigma_ve)
@@ -62,12 +62,12 @@ class VPCosine(GaussianProcess):
         self.offset, self.t_min, self.t_max = offset, t_min, t_max
         self._c0 = math.cos(offset / (1 + offset) * math.pi / 2)
 
-    def alpha(self, t):
+    def signal_scale(self, t):
         t = torch.as_tensor(t)
         return torch.cos((t + self.offset) / (1 + self.offset) * math.pi / 2) / self._c0
 
-    def sigma(self, t):
-        return (1 - self.alpha(t) ** 2).clamp_min(0).sqrt()
+    def noise_scale(self, t):
+        return (1 - self.signal_scale(t) ** 2).clamp_min(0).sqrt()
 
     def t_of(self, sigma_ve):
         s = torch.as_tensor(sigma_ve)
@@ -93,16 +93,16 @@ class VE(GaussianProcess):
         self.s_min, self.s_max = sigma_min, sigma_max
         self.t_min, self.t_max = t_min, 1.0
 
-    def alpha(self, t):
+    def signal_scale(self, t):
         t = torch.as_tensor(t)
         return torch.ones_like(t, dtype=t.dtype if t.is_floating_point() else torch.float32)
 
-    def sigma(self, t):
+    def noise_scale(self, t):
         t = torch.as_tensor(t)
         return self.s_min * (self.s_max / self.s_min) ** t
 
     def sigma_ve(self, t):
-        return self.sigma(t)
+        return self.noise_scale(t)
 
     def t_of(self, sigma_ve):
         s = torch.as_tensor(sigma_ve)
@@ -118,13 +118,13 @@ class VE(GaussianProcess):
 
 
 def sde_coefficients(process: GaussianProcess, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drift scale f(t) and squared diffusion g(t)^2 of dz = f(t) z dt + g(t) dW, from alpha and sigma
-    by automatic differentiation (float64): f = d log alpha/dt, g^2 = d sigma^2/dt - 2 f sigma^2.
+    """Drift scale f(t) and squared diffusion g(t)^2 of dz = f(t) z dt + g(t) dW, from gammabar and
+    sigmabar by automatic differentiation (float64): f = d log gammabar/dt, g^2 = d sigmabar^2/dt - 2 f sigmabar^2.
     For VP linear this gives f = -beta/2, g^2 = beta; for VE f = 0, g^2 = d sigma^2/dt."""
     with torch.enable_grad():  # samplers run under no_grad
         t = torch.as_tensor(t, dtype=torch.float64).detach().requires_grad_(True)
-        log_a = torch.log(process.alpha(t).double()) + 0 * t
-        s2 = process.sigma(t).double() ** 2
+        log_a = torch.log(process.signal_scale(t).double()) + 0 * t
+        s2 = process.noise_scale(t).double() ** 2
         f = torch.autograd.grad(log_a.sum(), t, retain_graph=True)[0]
         ds2 = torch.autograd.grad(s2.sum(), t)[0]
     return f.detach(), (ds2 - 2 * f * s2).detach()

@@ -10,10 +10,11 @@ Notation (series / DDPM paper):
 - SNR(t) = gammabar_t^2 / sigmabar_t^2
 
 Every Gaussian process (this one and the continuous ones of part 4) keeps the
-contract of :class:`GaussianProcess`: ``alpha(t)`` (gammabar) and ``sigma(t)``
-(sigmabar). Samplers work in the VE coordinates y = z / alpha with noise level
-``sigma_ve = sigma / alpha``, where every Gaussian process is the same up to a
-change of time; ``t_of`` maps a noise level back to the process's time.
+contract of :class:`GaussianProcess`: ``signal_scale(t)`` (gammabar(t)) and
+``noise_scale(t)`` (sigmabar(t)) at any real t. Samplers work in the VE coordinates
+y = z / gammabar with noise level ``sigma_ve = sigmabar / gammabar`` (the "sigma" of
+every sampler and denoiser), where every Gaussian process is the same up to a change
+of time; ``t_of`` maps a noise level back to the process's time.
 """
 
 from __future__ import annotations
@@ -23,27 +24,29 @@ from typing import Any
 
 import torch
 
+from difflab.broadcast import broadcast_to_batch
 from difflab.errors import UsageError
 
 
 class GaussianProcess:
-    """z_t = alpha(t) x + sigma(t) s. Subclasses define alpha, sigma and t_of."""
+    """z_t = gammabar(t) x + sigmabar(t) s. Subclasses define signal_scale (gammabar), noise_scale
+    (sigmabar) and t_of."""
 
     discrete: bool = False
     variance_preserving: bool = True
     t_min: float = 0.0
     t_max: float = 1.0
 
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+    def signal_scale(self, t: torch.Tensor) -> torch.Tensor:
         """gammabar(t) = sqrt(alphabar(t)), the signal scale of the marginal."""
         raise NotImplementedError
 
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+    def noise_scale(self, t: torch.Tensor) -> torch.Tensor:
         """sigmabar(t) = sqrt(1 - alphabar(t)) for VP processes, the noise std of the marginal."""
         raise NotImplementedError
 
     def t_of(self, sigma_ve: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``sigma_ve``: the time at which sigma / alpha equals ``sigma_ve``."""
+        """Inverse of ``sigma_ve``: the time at which sigmabar / gammabar equals ``sigma_ve``."""
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
@@ -52,15 +55,15 @@ class GaussianProcess:
     # Derived quantities: the same for every process.
     def sigma_ve(self, t: torch.Tensor) -> torch.Tensor:
         """Noise level in VE coordinates, sigmabar / gammabar = 1 / sqrt(SNR)."""
-        return self.sigma(t) / self.alpha(t)
+        return self.noise_scale(t) / self.signal_scale(t)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR(t) = gammabar_t^2 / sigmabar_t^2."""
-        return (self.alpha(t) / self.sigma(t)) ** 2
+        return (self.signal_scale(t) / self.noise_scale(t)) ** 2
 
     def marginal(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """z_t = gammabar_t x + sigmabar_t s (q(z_t | x) in one draw)."""
-        return _bc(self.alpha(t), x) * x + _bc(self.sigma(t), x) * noise
+        return broadcast_to_batch(self.signal_scale(t), x) * x + broadcast_to_batch(self.noise_scale(t), x) * noise
 
     def net_time(self, t: torch.Tensor) -> torch.Tensor:
         """The time the network sees: the step index for discrete processes, 1000 t otherwise."""
@@ -86,12 +89,6 @@ class GaussianProcess:
     def timesteps(self, steps: int) -> torch.Tensor:
         """A decreasing grid of ``steps`` times from t_max (uniform in t; integer for discrete)."""
         raise NotImplementedError
-
-
-def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a per-sample value [B] (or a scalar) against a batch [B, ...]."""
-    v = torch.as_tensor(v, device=like.device)
-    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype) if v.ndim else v.to(like.dtype)
 
 
 class DiscreteSchedule(GaussianProcess):
@@ -148,29 +145,29 @@ class DiscreteSchedule(GaussianProcess):
         gb_prev, sb2 = self.gammabar(t - 1), self.sigmabar(t) ** 2
         c_x = gb_prev * self.beta(t) / sb2
         c_z = self.gamma(t) * (1 - gb_prev**2) / sb2
-        return _bc(c_x, x) * x + _bc(c_z, z_t) * z_t
+        return broadcast_to_batch(c_x, x) * x + broadcast_to_batch(c_z, z_t) * z_t
 
     def posterior_mean_from_noise(self, z_t: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The same mean in terms of the noise s_t (the series' form):
         mu_tilde = (1 / gamma_t) (z_t - (1 - gamma_t^2) / sigmabar_t s_t).
         (The published slides divide by sqrt(1 - gammabar_t); the right divisor is sigmabar_t.)"""
         c = self.beta(t) / self.sigmabar(t)
-        return (z_t - _bc(c, s) * s) / _bc(self.gamma(t), z_t)
+        return (z_t - broadcast_to_batch(c, s) * s) / broadcast_to_batch(self.gamma(t), z_t)
 
     def step(self, z_prev: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """One noising step z_t = gamma_t z_{t-1} + sqrt(1 - gamma_t^2) s."""
         g = self.gamma(t)
-        return _bc(g, z_prev) * z_prev + _bc((1 - g**2).sqrt(), noise) * noise
+        return broadcast_to_batch(g, z_prev) * z_prev + broadcast_to_batch((1 - g**2).sqrt(), noise) * noise
 
     # --- the GaussianProcess contract (real-valued t) -------------------------------------------
-    # alpha and sigma go through sigma_ve, which interpolates between steps; at integer t they equal
-    # the tables gammabar_t and sigmabar_t to float64 rounding, with no data-dependent branch (no
+    # signal_scale and noise_scale go through sigma_ve, which interpolates between steps; at integer t
+    # they equal the tables gammabar(t) and sigmabar(t) to float64 rounding, with no data-dependent branch (no
     # host-device sync, so sampling loops can be captured in CUDA graphs).
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+    def signal_scale(self, t: torch.Tensor) -> torch.Tensor:
         sve = self.sigma_ve(torch.as_tensor(t)).double()
         return (1 / torch.sqrt(1 + sve**2)).to(_float(torch.as_tensor(t)))
 
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+    def noise_scale(self, t: torch.Tensor) -> torch.Tensor:
         sve = self.sigma_ve(torch.as_tensor(t)).double()
         return (sve / torch.sqrt(1 + sve**2)).to(_float(torch.as_tensor(t)))
 

@@ -14,20 +14,7 @@ import math
 import torch
 
 from difflab.errors import UsageError
-
-
-def _ones(x: torch.Tensor) -> torch.Tensor:
-    return x.new_ones(x.shape[0])
-
-
-def _randn(noise, i, x):
-    return noise(i, x) if noise is not None else torch.randn_like(x)
-
-
-def _levels(sigmas) -> list[float]:
-    """The noise levels as Python floats: one device read per sampling run, so the loop's control
-    flow and scalar arithmetic (float64) never wait for the device."""
-    return [float(s) for s in sigmas]
+from difflab.samplers.steps import levels, per_sample, step_noise
 
 
 @torch.no_grad()
@@ -38,16 +25,16 @@ def sample_ddim(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, et
     ``landing`` [(level, scale)] per step, for loops that are not a grid (diffusers' DDIM with linspace
     spacing): step i renoises to ``level`` and multiplies by ``scale``, and the next step reads the result
     as a sample of the next level of ``sigmas``."""
-    sig = _levels(sigmas)
+    sig = levels(sigmas)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         s_land, scale = landing[i] if landing is not None else (s_next, 1.0)
-        x0 = denoiser(x, s * _ones(x), cond)
+        x0 = denoiser(x, per_sample(s, x), cond)
         eps = (x - x0) / s
         c = eta * s_land * math.sqrt(max(s**2 - s_land**2, 0.0)) / s
         x = x0 + math.sqrt(max(s_land**2 - c**2, 0.0)) * eps
         if eta > 0 and s_land > 0:
-            x = x + c * _randn(noise, i, x)
+            x = x + c * step_noise(noise, i, x)
         x = x * scale if scale != 1.0 else x
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x0})
@@ -62,10 +49,10 @@ def sample_ddpm(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, va
         raise UsageError(f"variance must be 'small' or 'large', got '{variance}'")
     if variance == "large" and not denoiser.process.variance_preserving:
         raise UsageError("the 'large' DDPM variance (tau = beta) is defined for variance-preserving processes")
-    sig = _levels(sigmas)
+    sig = levels(sigmas)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
-        x0 = denoiser(x, s * _ones(x), cond)
+        x0 = denoiser(x, per_sample(s, x), cond)
         # posterior q(y' | y, x_hat): the same in every parameterisation of time
         x = x0 + (s_next**2 / s**2) * (x - x0)
         if s_next > 0:
@@ -73,7 +60,7 @@ def sample_ddpm(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, va
                 var = s_next**2 * (s**2 - s_next**2) / s**2
             else:  # beta of the (respaced) step, (1 - gammabar_t^2 / gammabar_t'^2), in VE units
                 var = (s**2 - s_next**2) * (1 + s_next**2) / (1 + s**2)
-            x = x + math.sqrt(var) * _randn(noise, i, x)
+            x = x + math.sqrt(var) * step_noise(noise, i, x)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x0})
     return x

@@ -19,7 +19,7 @@ import math
 import torch
 
 from difflab.errors import UsageError
-from difflab.samplers.ancestral import _levels, _ones, _randn
+from difflab.samplers.steps import levels, per_sample, step_noise
 
 
 def _phis(u: float, n: int) -> list[float]:
@@ -51,11 +51,11 @@ def _dpmpp(denoiser, x, sigmas, cond, noise, callback, order: int, eta: float):
         raise UsageError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
     if eta < 0:
         raise UsageError(f"eta must be at least 0, got {eta}")
-    sig = _levels(sigmas)
+    sig = levels(sigmas)
     hist = []  # (lambda, D) of the last `order` levels, newest last
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
-        x0 = denoiser(x, s * _ones(x), cond)
+        x0 = denoiser(x, per_sample(s, x), cond)
         hist = (hist + [(-math.log(s), x0)])[-order:]
         if s_next == 0:
             x = x0
@@ -71,7 +71,7 @@ def _dpmpp(denoiser, x, sigmas, cond, noise, callback, order: int, eta: float):
                 for k, d in enumerate(derivs):
                     x = x + h ** (k + 1) * u * phi[k + 1] * d
             if eta > 0:
-                x = x + s_next * math.sqrt(-math.expm1(-2 * eta * h)) * _randn(noise, i, x)
+                x = x + s_next * math.sqrt(-math.expm1(-2 * eta * h)) * step_noise(noise, i, x)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x0})
     return x
@@ -134,12 +134,12 @@ def sample_unipc(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, o
     last (whose output is the denoised image): one evaluation per level. order=1, corrector=False: DDIM."""
     if order not in (1, 2, 3):
         raise UsageError(f"UniPC order must be 1, 2 or 3, got {order}")
-    sig = _levels(sigmas)
+    sig = levels(sigmas)
     hist = []  # (lambda, D) of the last `order` levels, newest last; D taken at the predicted points
     x_prev = x
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
-        x0 = denoiser(x, s * _ones(x), cond)
+        x0 = denoiser(x, per_sample(s, x), cond)
         if corrector and hist and s_next > 0:  # redo the last step with the new evaluation among the points
             lam0, m0 = hist[-1]
             x = _uni_step(x_prev, sig[i - 1], s, lam0, m0, hist[:-1] + [(-math.log(s), x0)])

@@ -12,23 +12,23 @@ import math
 
 import torch
 
-from difflab.samplers.ancestral import _levels, _ones, _randn
+from difflab.samplers.steps import levels, per_sample, step_noise
 
 
 def _heun_family(denoiser, x, sigmas, cond, noise, callback, second_order, churn, s_tmin, s_tmax, s_noise):
-    sigmas = _levels(sigmas)
+    sigmas = levels(sigmas)
     n = len(sigmas) - 1
     for i in range(n):
         s = sigmas[i]
         gamma = min(churn / n, math.sqrt(2) - 1) if (churn > 0 and s_tmin <= s <= s_tmax) else 0.0
         s_hat = s * (1 + gamma)
         if gamma > 0:
-            x = x + math.sqrt(s_hat**2 - s**2) * s_noise * _randn(noise, i, x)
-        x0 = denoiser(x, s_hat * _ones(x), cond)
+            x = x + math.sqrt(s_hat**2 - s**2) * s_noise * step_noise(noise, i, x)
+        x0 = denoiser(x, per_sample(s_hat, x), cond)
         d = (x - x0) / s_hat
         x_next = x + (sigmas[i + 1] - s_hat) * d
         if second_order and sigmas[i + 1] > 0:
-            d2 = (x_next - denoiser(x_next, sigmas[i + 1] * _ones(x), cond)) / sigmas[i + 1]
+            d2 = (x_next - denoiser(x_next, per_sample(sigmas[i + 1], x), cond)) / sigmas[i + 1]
             x_next = x + (sigmas[i + 1] - s_hat) * (d + d2) / 2
         x = x_next
         if callback is not None:

@@ -15,7 +15,7 @@ import math
 import torch
 
 from difflab.processes.continuous import sde_coefficients
-from difflab.samplers.ancestral import _levels, _ones, _randn
+from difflab.samplers.steps import levels, per_sample, step_noise
 
 
 def _reverse_step(process, x, x0, s: float, s_next: float, n):
@@ -25,7 +25,7 @@ def _reverse_step(process, x, x0, s: float, s_next: float, n):
         return x + du * (x0 - x) / s**2 + math.sqrt(du) * n
     t, t_next = process.t_of(torch.tensor([s, s_next], dtype=torch.float64)).tolist()
     f, g2 = (float(v) for v in sde_coefficients(process, torch.tensor(t, dtype=torch.float64)))
-    a, a_next = (float(v) for v in process.alpha(torch.tensor([t, t_next], dtype=torch.float64)))
+    a, a_next = (float(v) for v in process.signal_scale(torch.tensor([t, t_next], dtype=torch.float64)))
     z = a * x
     score = (a * x0 - z) / (a * s) ** 2  # grad log p(z_t) = -(z - gammabar x0) / sigmabar^2
     dt = t - t_next
@@ -36,14 +36,14 @@ def _reverse_step(process, x, x0, s: float, s_next: float, n):
 @torch.no_grad()
 def sample_euler_maruyama(denoiser, x, sigmas, *, cond=None, noise=None, callback=None):
     """Euler-Maruyama on the reverse SDE (see the module docstring for the coordinates)."""
-    sig = _levels(sigmas)
+    sig = levels(sigmas)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
-        x0 = denoiser(x, s * _ones(x), cond)
+        x0 = denoiser(x, per_sample(s, x), cond)
         if s_next == 0:
             x = x0  # the last step lands on the denoised mean (Tweedie), as score-SDE does
         else:
-            x = _reverse_step(denoiser.process, x, x0, s, s_next, _randn(noise, 2 * i, x))
+            x = _reverse_step(denoiser.process, x, x0, s, s_next, step_noise(noise, 2 * i, x))
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x0})
     return x
@@ -64,8 +64,8 @@ def _langevin(denoiser, x, s, cond, n, snr, noise, key):
     """n Langevin corrector steps at noise level s (step size: :func:`langevin_step_size`)."""
     step = langevin_step_size(s, snr)
     for j in range(n):
-        score = (denoiser(x, s * _ones(x), cond) - x) / s**2
-        x = x + step * score + math.sqrt(2 * step) * _randn(noise, key + j, x)
+        score = (denoiser(x, per_sample(s, x), cond) - x) / s**2
+        x = x + step * score + math.sqrt(2 * step) * step_noise(noise, key + j, x)
     return x
 
 
@@ -75,14 +75,14 @@ def sample_pc(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
     """Predictor-corrector: a reverse-SDE (Euler-Maruyama) predictor followed by Langevin corrector
     steps at the new noise level (Song et al. 2021). Noise keys: predictor 2i, corrector 2i+1+..."""
     stride = 2 + corrector_steps
-    sig = _levels(sigmas)
+    sig = levels(sigmas)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
-        x0 = denoiser(x, s * _ones(x), cond)
+        x0 = denoiser(x, per_sample(s, x), cond)
         if s_next == 0:
             x = x0
         else:
-            x = _reverse_step(denoiser.process, x, x0, s, s_next, _randn(noise, stride * i, x))
+            x = _reverse_step(denoiser.process, x, x0, s, s_next, step_noise(noise, stride * i, x))
             x = _langevin(denoiser, x, s_next, cond, corrector_steps, snr, noise, stride * i + 1)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x0})
@@ -94,14 +94,14 @@ def sample_langevin(denoiser, x, sigmas, *, cond=None, noise=None, callback=None
                     steps_per_level: int = 10, step_scale: float = 2e-5):
     """Annealed Langevin dynamics (Song & Ermon 2019): uses only the score. At each level sigma_i,
     ``steps_per_level`` steps y <- y + a score + sqrt(2 a) s with a = step_scale sigma_i^2 / sigma_L^2."""
-    levels = [s for s in _levels(sigmas) if s > 0]
-    s_last = levels[-1]
-    for i, s in enumerate(levels):
+    positive = [s for s in levels(sigmas) if s > 0]
+    s_last = positive[-1]
+    for i, s in enumerate(positive):
         a = step_scale * s**2 / s_last**2
         for j in range(steps_per_level):
-            score = (denoiser(x, s * _ones(x), cond) - x) / s**2
-            x = x + a * score + math.sqrt(2 * a) * _randn(noise, i * steps_per_level + j, x)
+            score = (denoiser(x, per_sample(s, x), cond) - x) / s**2
+            x = x + a * score + math.sqrt(2 * a) * step_noise(noise, i * steps_per_level + j, x)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "x0": x + s**2 * score})
     # Tweedie's denoising of the last level: the noise of sigma_L is removed, as NCSN does
-    return denoiser(x, s_last * _ones(x), cond)
+    return denoiser(x, per_sample(s_last, x), cond)

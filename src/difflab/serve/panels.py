@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from difflab.data import to_model
 from difflab.errors import DataError
 from difflab.figures import to_uint8
 from difflab.request import SampleRequest
@@ -75,7 +76,7 @@ class Panels:
         from difflab.forward import FORWARD_PROCESSES, forward_view
 
         image, _ = self._image(req.run, req.index)
-        view = forward_view(req.process, image[None].float() / 127.5 - 1, seed=req.seed)
+        view = forward_view(req.process, to_model(image[None]), seed=req.seed)
         return {"process": req.process, "about": FORWARD_PROCESSES[req.process][1], "summary": view.summary,
                 "t": view.t, "frames": [png_url(f) for f in view.frames], "curve": view.curve,
                 "curve_label": view.curve_label, "log_scale": view.log_scale, "untouched": view.untouched}
@@ -163,7 +164,7 @@ class Panels:
             job.emit({"type": "start", "original": png_url(image)})
             den = run.method.denoiser(WatchedNet(run.net, job.cancelled))
             cond = self._condition(run, label, 1)
-            x = image[None].to(run.device).float() / 127.5 - 1
+            x = to_model(image[None], run.device)
             latent = invert(den, x, req.steps, cond)
             # the latent is standard normal: +-3 fills the grey range
             job.emit({"type": "latent", "png": png_url((latent[0] / 3).cpu()),

@@ -16,6 +16,7 @@ import torch
 
 from difflab import naive
 from difflab.config import TrainConfig
+from difflab.data.imagedata import to_model
 from difflab.denoiser import Denoiser
 from difflab.errors import UsageError
 from difflab.noise import seeded_normal, seeded_uniform
@@ -131,7 +132,7 @@ class GaussianMethod:
             z_prev = p.marginal(x, t - 1, seeded_normal(seeds, step + (1 << 30), x.shape[1:], dev))
             z = p.step(z_prev, t.long(), noise)
             sigma = p.sigma_ve(t.double())
-            y = z / p.alpha(t).to(x.dtype).view(-1, 1, 1, 1)
+            y = z / p.signal_scale(t).to(x.dtype).view(-1, 1, 1, 1)
         else:
             sigma = p.sigma_ve(t.double())
             y = x + sigma.to(x.dtype).view(-1, 1, 1, 1) * noise
@@ -161,8 +162,8 @@ class GaussianMethod:
         out = []
         for t in ts:
             z = process.marginal(x, t.expand(len(x)), s)
-            # unit variance, so that VE processes (alpha = 1, sigma up to 50) stay visible
-            scale = torch.sqrt(process.alpha(t) ** 2 + process.sigma(t) ** 2).float()
+            # unit variance, so that VE processes (gammabar = 1, sigmabar up to 50) stay visible
+            scale = torch.sqrt(process.signal_scale(t) ** 2 + process.noise_scale(t) ** 2).float()
             out.append(z / scale)
         return torch.stack(out)
 
@@ -279,7 +280,7 @@ class ColdMethod(_BatchSeeded):
         self.reference: torch.Tensor | None = None  # dataset images for priors that need them
 
     def prepare(self, data: ImageData) -> None:
-        self.reference = data.images[:512].float().div(127.5).sub(1)  # the prior degrades dataset images
+        self.reference = to_model(data.images[:512])  # the prior degrades dataset images
 
     def describe(self, data: ImageData | None = None) -> str:
         return f"cold diffusion with degradation {self.degradation!r}"

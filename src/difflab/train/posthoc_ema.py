@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.ema_lengths import check_ema_length, gamma_of_sigma_rel
 from difflab.errors import CheckpointError, UsageError
 from difflab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, split_prefix, write_tensor_file
-from difflab.train.ema import PowerEMA, check_ema_length, gamma_of_sigma_rel, posthoc_coefficients
+from difflab.train.ema import PowerEMA, posthoc_coefficients
 
 SNAPSHOTS = "ema-snapshots"
 POSTHOC = "ema"

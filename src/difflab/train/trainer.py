@@ -30,7 +30,8 @@ from torch import nn
 from difflab import nets, recipe, runlock, runtime, threads
 from difflab.conditioning import Conditioner
 from difflab.config import TrainConfig, channel_widths, save_json
-from difflab.data import ImageData
+from difflab.data import ImageData, to_model
+from difflab.ema_lengths import parse_lengths
 from difflab.errors import CheckpointError, TrainingDiverged, UsageError
 from difflab.figures import grid, plot_loss, save_image
 from difflab.files import OutputError, check_run_folder, write_text
@@ -46,7 +47,7 @@ from difflab.train.checkpoint import (
     verify_checkpoint,
 )
 from difflab.train.distributed import DistContext
-from difflab.train.ema import build_emas, parse_lengths
+from difflab.train.ema import build_emas
 from difflab.train.loggers import RunLogger
 from difflab.train.methods import Method, make_method
 from difflab.train.posthoc_ema import drop_snapshots_after, save_snapshot
@@ -283,7 +284,7 @@ class Trainer:
             parts.append(self._perm(e)[off:off + take])
             p += take
         idx = parts[0] if len(parts) == 1 else torch.cat(parts)
-        x = self.images[idx].float().div_(127.5).sub_(1)
+        x = to_model(self.images[idx])
         seeds = pos.to(torch.int64) + cfg.seed * (1 << 32)
         if cfg.hflip:
             from difflab.noise import seeded_uniform
