@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from difflab.data import to_model as data_to_model
 from difflab.errors import UsageError
 from difflab.interop.folder_model import FolderModel
 from difflab.request import SampleRequest
@@ -166,7 +167,7 @@ class Model:
                 tuple(images.shape[1:]) != self.shape or len(images) == 0:
             got = f"{images.dtype} {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
             raise UsageError(f"{what} takes uint8 images [N, {', '.join(map(str, self.shape))}], got {got}")
-        return images.to(self.source.device).float() / 127.5 - 1 if to_model else images
+        return data_to_model(images, self.source.device) if to_model else images
 
     def _condition(self, labels, n: int) -> Callable[[slice], dict | None]:
         """cond_fn(slice) of n images: their classes (or the null condition) on conditional models."""
