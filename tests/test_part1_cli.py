@@ -193,3 +193,18 @@ def test_figures_usage_errors_are_one_line_and_exit_2(runs, tmp_path):
     assert not (tmp_path / "f").exists()
     code, _, err = cli("figures", "--run", str(tmp_path / "missing"))
     assert code == 2 and err.count("\n") == 1 and "does not exist" in err
+
+
+def test_figures_never_replace_files_in_a_users_folder_without_force(runs, tmp_path):
+    folder, _ = runs["naive1"]
+    (tmp_path / "samples.png").write_bytes(b"someone else's picture")
+    (tmp_path / "notes.txt").write_text("keep")
+    args = ("figures", "--run", str(folder), "--out", str(tmp_path), "--n", "2", "--grid", "4", "--columns", "3",
+            "--steps", "4")
+    code, _, err = cli(*args)
+    assert code == 2 and err.count("\n") == 1 and "samples.png" in err and "--force" in err
+    assert (tmp_path / "samples.png").read_bytes() == b"someone else's picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "samples.png"]
+    code, _, err = cli(*args, "--force")
+    assert code == 0, err
+    assert (tmp_path / "samples.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "notes.txt").read_text() == "keep"

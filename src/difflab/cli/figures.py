@@ -25,6 +25,18 @@ from difflab.errors import UsageError
 from difflab.files import run_folder_of
 
 MEAN_SEEDS = 64  # seeds averaged for the mean prediction from pure noise
+FIGURES = ("noising.png", "prediction-from-noise.png", "mean-image.png", "samples.png", "trajectory*.png")
+
+
+def check_figures_folder(out: Path, force: bool) -> None:
+    """A user's ``--out`` folder: outside every run's own files, and no figure of an earlier call (or
+    anyone's file of such a name) replaced without ``--force``."""
+    if run_folder_of(out.resolve()) or out.is_file():
+        raise UsageError(f"--out {out} must be a folder outside any run's own files (default RUN/figures)")
+    found = sorted(p.name for pattern in FIGURES for p in out.glob(pattern)) if out.is_dir() else []
+    if found and not force:
+        raise UsageError(f"--out {out} already holds {', '.join(found)}; pass --force to replace them, "
+                         f"or choose another folder")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling steps (default: the run's --sample-steps; naive1 always walks its T steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise, the samples and the trajectories")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--force", action="store_true", help="replace figures already in --out")
 
 
 class _InputRecorder(nn.Module):
@@ -137,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
     check_counts(args.n, args.grid, args.columns)  # before the (slow) loading of the run
     check_values({"--n": (args.n, 1, 10_000), "--grid": (args.grid, 1, 10_000), "--columns": (args.columns, 1, 10_000),
                   "--steps": (args.steps, 1, 100_000), "--seed": (args.seed, 0, MAX_SEED)})
-    if args.out and (run_folder_of(Path(args.out).resolve()) or Path(args.out).is_file()):
-        raise UsageError(f"--out {args.out} must be a folder outside any run's own files (default RUN/figures)")
+    if args.out:  # the run's own figures folder is rewritten on purpose
+        check_figures_folder(Path(args.out), args.force)
     loaded_run = load_run(args.run, pick_device(args.device))
     out = Path(args.out) if args.out else Path(args.run) / "figures"
     make_figures(loaded_run, out, n=args.n, columns=args.columns, grid=args.grid, steps=args.steps, seed=args.seed)
