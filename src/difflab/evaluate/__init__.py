@@ -81,23 +81,13 @@ def evaluate_images(
     recall use a seeded subset of the reference the size of the sample set.
     """
     fake = check_images(fake, "samples")
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise UsageError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(METRICS)}")
-    if features not in FEATURES:
-        raise UsageError(f"unknown features '{features}': choose from {', '.join(FEATURES)}")
-    n = len(fake)
-    result: dict[str, Any] = {"n": n, "reference": reference.name, "reference_n": len(reference),
+    feature_metrics = _check_metrics(metrics, features, len(fake))
+    result: dict[str, Any] = {"n": len(fake), "reference": reference.name, "reference_n": len(reference),
                               "reference_fingerprint": reference.fingerprint}
     warnings: list[str] = []
     if tuple(fake.shape[1:]) != tuple(reference.images.shape[1:]):
         warnings.append(f"samples are {'x'.join(map(str, fake.shape[1:]))} but the reference images are "
                         f"{'x'.join(map(str, reference.images.shape[1:]))}")
-    feature_metrics = [m for m in metrics if m != "accuracy"]
-    if feature_metrics and n < 2:
-        raise UsageError(f"{', '.join(feature_metrics)} need at least 2 samples, got {n}")
-
-    model, classifier_name = classifier, None
     wants_accuracy = "accuracy" in metrics
     if wants_accuracy and fake_labels is None:
         warnings.append("accuracy needs the class labels the samples were drawn for; none were given")
@@ -105,41 +95,67 @@ def evaluate_images(
     if wants_accuracy and reference.labels is None:
         warnings.append(f"accuracy needs labelled reference data, and {reference.name} has no labels")
         result["accuracy"], wants_accuracy = None, False
-    if features == "classifier" and feature_metrics and reference.labels is None and model is None:
-        raise UsageError(f"classifier features need labelled reference data, and {reference.name} has none: "
-                         f"use features='inception'")
-    if model is None and (wants_accuracy or (features == "classifier" and feature_metrics)):
-        model, meta = load_or_train_classifier(reference, cache_dir, device=device)
-        classifier_name = meta["key"]
-        result["classifier_test_accuracy"] = meta["test_accuracy"]
-    elif model is not None:
-        classifier_name = _weights_key(model)
-        model = model.to(device).eval()
+    needs_classifier = wants_accuracy or (features == "classifier" and bool(feature_metrics))
+    model, classifier_name = _classifier(classifier, reference, needs_classifier, cache_dir, device, result)
     if wants_accuracy:
         result["accuracy"] = accuracy_of_samples(model, fake, torch.as_tensor(fake_labels))
+    result["features"] = None
+    if feature_metrics:
+        if features == "inception":
+            extractor = InceptionFeatures(device=device, batch_size=batch_size, progress=progress)
+        else:
+            extractor = ClassifierFeatures(model, name=classifier_name)
+        result["features"] = extractor.name
+        ref = reference_stats(reference, extractor=extractor, cache_dir=cache_dir)
+        # float32 like the cached reference features, so both sides are treated alike
+        fake_feats = extractor(fake).astype(np.float32).astype(np.float64)
+        result.update(_feature_metrics(ref, fake_feats, metrics, len(reference), warnings, kid_subsets,
+                                       kid_subset_size, k, seed))
+    result["warnings"] = warnings
+    return result
 
-    if not feature_metrics:
-        result["features"] = None
-        result["warnings"] = warnings
-        return result
-    if features == "inception":
-        extractor = InceptionFeatures(device=device, batch_size=batch_size, progress=progress)
-    else:
-        extractor = ClassifierFeatures(model, name=classifier_name)
-    result["features"] = extractor.name
-    ref = reference_stats(reference, extractor=extractor, cache_dir=cache_dir)
-    # float32 like the cached reference features, so both sides are treated alike
-    fake_feats = extractor(fake).astype(np.float32).astype(np.float64)
 
+def _check_metrics(metrics: Sequence[str], features: str, n: int) -> list[str]:
+    """The metrics computed from features, after checking the names and the sample count."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise UsageError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(METRICS)}")
+    if features not in FEATURES:
+        raise UsageError(f"unknown features '{features}': choose from {', '.join(FEATURES)}")
+    feature_metrics = [m for m in metrics if m != "accuracy"]
+    if feature_metrics and n < 2:
+        raise UsageError(f"{', '.join(feature_metrics)} need at least 2 samples, got {n}")
+    return feature_metrics
+
+
+def _classifier(given, reference, needed: bool, cache_dir, device, result: dict):
+    """(classifier, its weights' key): the given one, else the reference data's (trained once, cached)
+    when ``needed``; records the cached classifier's held-out accuracy in ``result``."""
+    if given is not None:
+        return given.to(device).eval(), _weights_key(given)
+    if not needed:
+        return None, None
+    if reference.labels is None:
+        raise UsageError(f"classifier features need labelled reference data, and {reference.name} has none: "
+                         f"use features='inception'")
+    model, meta = load_or_train_classifier(reference, cache_dir, device=device)
+    result["classifier_test_accuracy"] = meta["test_accuracy"]
+    return model, meta["key"]
+
+
+def _feature_metrics(ref: dict, fake_feats: np.ndarray, metrics: Sequence[str], reference_n: int,
+                     warnings: list[str], kid_subsets: int, kid_subset_size: int, k: int, seed: int) -> dict:
+    """FID, KID, precision and recall of sample features against the reference statistics ``ref``."""
+    n, out = len(fake_feats), {}
     if "fid" in metrics:
-        result["fid"] = frechet_distance(ref["mu"], ref["sigma"], *feature_stats(fake_feats))
+        out["fid"] = frechet_distance(ref["mu"], ref["sigma"], *feature_stats(fake_feats))
         if n < FID_MIN_SAMPLES:
             warnings.append(f"FID from {n} < {FID_MIN_SAMPLES} samples is biased upwards; compare it only with "
                             f"FIDs computed from the same number of samples (KID is unbiased)")
     if "kid" in metrics:
-        result["kid"], result["kid_std"] = kid(ref["features"], fake_feats, kid_subsets, kid_subset_size, seed)
-        if min(n, len(reference)) < kid_subset_size:
-            warnings.append(f"KID subsets hold {min(n, len(reference))} samples, fewer than {kid_subset_size}")
+        out["kid"], out["kid_std"] = kid(ref["features"], fake_feats, kid_subsets, kid_subset_size, seed)
+        if min(n, reference_n) < kid_subset_size:
+            warnings.append(f"KID subsets hold {min(n, reference_n)} samples, fewer than {kid_subset_size}")
     if "precision" in metrics or "recall" in metrics:
         real = ref["features"]
         if len(real) > n:
@@ -147,9 +163,5 @@ def evaluate_images(
         if min(len(real), n) <= k:
             raise UsageError(f"precision/recall with k={k} need more than {k} samples, got {n}")
         precision, recall = precision_recall(real, fake_feats, k)
-        if "precision" in metrics:
-            result["precision"] = precision
-        if "recall" in metrics:
-            result["recall"] = recall
-    result["warnings"] = warnings
-    return result
+        out.update({m: v for m, v in (("precision", precision), ("recall", recall)) if m in metrics})
+    return out
