@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflab import nets
 from difflab.config import TrainConfig, load_run_config, process_config, save_json
 from difflab.data import ImageData
 from difflab.errors import CheckpointError, DataError, UsageError
 from difflab.nets.noisy_classifier import NoisyClassifier
 from difflab.processes.continuous import make_process
 from difflab.processes.gaussian import GaussianProcess
-from difflab.train.checkpoint import latest_checkpoint, split_prefix
+from difflab.train.checkpoint import latest_checkpoint
+from difflab.train.classification import held_out_split, trained_network
 
 __all__ = ["REPORT_SIGMAS", "ClassifierResult", "GuidanceClassifier", "NoisyClassifier", "load_classifier",
            "noisy_accuracy", "train_classifier_run"]
@@ -91,13 +91,7 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     else:
         raise CheckpointError(f"'{run_dir}' is not a noisy classifier (a diffusion run?): pass the --out folder "
                               "of 'difflab train-classifier' to --classifier")
-    net = nets.build(meta["network"]).to(device)
-    try:
-        net.load_state_dict(split_prefix(tensors, "model"))
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint in {run_dir} does not match its network config "
-                              f"({str(e).splitlines()[0]})") from e
-    net.eval().requires_grad_(False)
+    net = trained_network(tensors, meta, str(run_dir), device)
     return GuidanceClassifier(net, make_process(process), meta.get("class_names"), meta["image_shape"])
 
 
@@ -127,18 +121,6 @@ def _data_config(run: str | Path | None, data: str | None, process: str, T: int,
         image_size, image_channels = cfg.image_size, cfg.image_channels
     return {"data": data, "process": process, "T": T, "gamma": gamma, "image_size": image_size,
             "image_channels": image_channels}
-
-
-def held_out_split(train: ImageData, test: ImageData | None, seed: int) -> tuple[ImageData, ImageData]:
-    """(train, test) of labelled data: the dataset's test split when it has its own, else a seeded 10% of
-    the training data held out (and not trained on)."""
-    if train.labels is None or not train.num_classes:
-        raise UsageError(f"a classifier needs labelled data (labels or class folders); {train.name} has none")
-    if test is not None and test.labels is not None and test.fingerprint != train.fingerprint:
-        return train, test
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    n_test = max(1, len(order) // 10)
-    return train.subset(order[n_test:]), train.subset(order[:n_test])
 
 
 def _splits(cfg: TrainConfig) -> tuple[ImageData, ImageData]:

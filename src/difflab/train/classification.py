@@ -14,20 +14,21 @@ samples: the trainer writes checkpoints, the log and the loss curve, never a sam
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from difflab import nets
 from difflab.config import TrainConfig, channel_widths, process_config
-from difflab.errors import UsageError
+from difflab.data import ImageData
+from difflab.errors import CheckpointError, UsageError
 from difflab.noise import seeded_normal, seeded_uniform
 from difflab.processes.continuous import make_process
 from difflab.processes.gaussian import GaussianProcess
+from difflab.train.checkpoint import split_prefix
 from difflab.train.noise_levels import training_times
-
-if TYPE_CHECKING:
-    from difflab.data import ImageData
 
 NOISY_WIDTHS = "32,64,64"  # the noisy classifier's default level widths (``--channels 32``)
 
@@ -130,3 +131,28 @@ def classifier_config(**settings) -> TrainConfig:
     base = dict(conditioning="class", cond_drop=0.0, sample_every=0, ema_track="", ema_snapshot_every=0,
                 precision="fp32", grad_clip=0.0, hflip=False, weight_decay=0.05, warmup=100, lr=1e-3)
     return TrainConfig(**{**base, **settings}).validate()
+
+
+def held_out_split(train: ImageData, test: ImageData | None, seed: int) -> tuple[ImageData, ImageData]:
+    """(train, test) of labelled data: ``test`` when it is a labelled set of its own, else a seeded 10% of
+    the training data held out (and not trained on)."""
+    if train.labels is None or not train.num_classes:
+        raise UsageError(f"a classifier needs labelled data (labels or class folders); {train.name} has none")
+    if test is not None and test.labels is not None and test.fingerprint != train.fingerprint:
+        return train, test
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, len(order) // 10)
+    return train.subset(order[n_test:]), train.subset(order[:n_test])
+
+
+def trained_network(tensors: dict[str, torch.Tensor], meta: dict, where: str,
+                    device: str | torch.device = "cpu") -> nn.Module:
+    """The trained network of a checkpoint (its ``network`` config and ``model.*`` weights), frozen,
+    in eval mode, on ``device``."""
+    try:
+        net = nets.build(meta["network"])
+        net.load_state_dict(split_prefix(tensors, "model"))
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint in {where} does not match its network config "
+                              f"({str(e).splitlines()[0]})") from e
+    return net.to(device).eval().requires_grad_(False)
