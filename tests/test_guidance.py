@@ -406,25 +406,25 @@ def test_cli_bad_condition_is_one_line_exit_2(class_run, capsys, tmp_path, args,
 
 def test_cli_train_classifier_and_classifier_guided_sampling(class_run, capsys, tmp_path):
     clf = tmp_path / "clf"
-    rc, out, err = cli(capsys, "train-classifier", "--run", class_run, "--out", clf, "--steps", "150",
-                       "--batch-size", "64", "--channels", "16", "--eval-n", "200", "--quiet")
+    rc, out, err = cli(capsys, "train-classifier", "--run", class_run, "--out", clf, "--steps", "80",
+                       "--batch-size", "32", "--channels", "16", "--eval-n", "100", "--quiet")
     assert rc == 0, err
     assert "test accuracy on noisy images" in out and "checkpoint:" in out
-    assert load_classifier(clf).process.config() == cosine_schedule().config()  # the run's own process
-    # the classifier's own verdict on nearly clean samples: guidance raises the share of class 3
     judge = load_classifier(clf)
-    shares = []
+    assert judge.process.config() == cosine_schedule().config()  # the run's own process
+    # the classifier's own verdict on nearly clean samples: guidance raises the share of class 3
+    n, shares = 24, []
     for scale in ("0", "8"):
-        rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "40", "--steps", "10", "--class", "3",
+        rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", n, "--steps", "4", "--class", "3",
                          "--guidance", "0", "--classifier", clf, "--classifier-scale", scale,
                          "--save-npz", tmp_path / f"s{scale}.npz", "--out", tmp_path / f"s{scale}.png")
         assert rc == 0, err
         img = torch.from_numpy(np.load(tmp_path / f"s{scale}.npz")["images"]).permute(0, 3, 1, 2)
-        pred = judge.logits(img.float() / 127.5 - 1, torch.full((40,), 0.1)).argmax(1)
+        pred = judge.logits(img.float() / 127.5 - 1, torch.full((n,), 0.1)).argmax(1)
         shares.append(float((pred == 3).float().mean()))
     assert shares[1] > shares[0] + 0.2, shares
     # a guidance interval below every noise level of the grid: exactly the unguided samples
-    rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "40", "--steps", "10", "--class", "3",
+    rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", n, "--steps", "4", "--class", "3",
                      "--guidance", "0", "--classifier", clf, "--classifier-scale", "8", "--classifier-sigma-max",
                      "1e-9", "--save-npz", tmp_path / "cap.npz", "--out", tmp_path / "cap.png")
     assert rc == 0, err
@@ -435,10 +435,58 @@ def test_cli_train_classifier_and_classifier_guided_sampling(class_run, capsys, 
     rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "2", "--steps", "2", "--class", "3",
                      "--classifier", class_run, "--out", tmp_path / "x.png")
     assert rc == 2 and "not a noisy classifier" in err
+    rc, _, err = cli(capsys, "sample", "--run", clf, "--n", "2", "--steps", "2", "--out", tmp_path / "x.png")
+    assert rc == 2 and "draws no samples" in err and len(err.splitlines()) == 1, err
     rc, _, err = cli(capsys, "train-classifier", "--run", class_run, "--data", "digits", "--out", tmp_path / "c")
     assert rc == 2 and "exactly one" in err
     with pytest.raises(CheckpointError):
         load_classifier(tmp_path / "nothing")
+
+
+def files(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+CLF = ("train-classifier", "--data", "digits", "--steps", "2", "--batch-size", "8", "--channels", "8",
+       "--eval-n", "10", "--quiet")
+
+
+def test_cli_train_classifier_refuses_a_folder_in_use_and_leaves_it_untouched(capsys, tmp_path):
+    import socket
+    import subprocess
+
+    from difflab import runlock
+
+    out = tmp_path / "clf"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / runlock.NAME).write_text(json.dumps({
+            "host": socket.gethostname(), "pid": holder.pid, "started": runlock._start_time(holder.pid),
+            "token": "live", "since": "now"}))
+        before = files(out)
+        rc, stdout, err = cli(capsys, *CLF, "--out", out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc == 2 and len(err.splitlines()) == 1 and "in use by" in err and str(holder.pid) in err, err
+    assert files(out) == before and sorted(p.name for p in out.iterdir()) == [runlock.NAME]
+
+
+@pytest.mark.parametrize("what", ["notes", "file", "config"])
+def test_cli_train_classifier_never_writes_over_someone_elses_files(capsys, tmp_path, what):
+    out = tmp_path / "out"
+    if what == "file":
+        out.write_bytes(b"not a folder")
+    else:
+        out.mkdir()
+        (out / ("notes.txt" if what == "notes" else "config.json")).write_bytes(b'{"mine": 1}\n')
+    root = tmp_path
+    before = files(root)
+    rc, _, err = cli(capsys, *CLF, "--out", out)
+    assert rc == 2 and len(err.splitlines()) == 1 and str(out) in err, err
+    assert files(root) == before and sorted(p.name for p in root.rglob("*")) == sorted(
+        p.name for p in [out, *([] if what == "file" else out.iterdir())])
 
 
 class HashEncoder:
