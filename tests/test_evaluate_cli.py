@@ -41,7 +41,6 @@ def test_evaluate_run_writes_every_metric(tiny_run, tmp_path):
 
 def test_evaluate_samples_file_and_errors(tmp_path, capsys):
     from difflab.cli import main
-
     from difflab.data import load
 
     real = load("digits", split="test").images[:30]

@@ -126,10 +126,12 @@ CLASSIFIER_METHODS = {m.name: m for m in (NoisyClassifierMethod, ImageClassifier
 
 def classifier_config(**settings) -> TrainConfig:
     """The TrainConfig of a classifier run: ``settings`` (method, data, out, steps, ...) over the
-    classifier defaults (class labels without dropping, no sample grids, no post-hoc EMA tracking,
-    fp32, no gradient clipping), validated."""
-    base = dict(conditioning="class", cond_drop=0.0, sample_every=0, ema_track="", ema_snapshot_every=0,
-                precision="fp32", grad_clip=0.0, hflip=False, weight_decay=0.05, warmup=100, lr=1e-3)
+    classifier methods' defaults (``recipe.METHOD_DEFAULTS``: class labels never dropped, no sample grids,
+    no post-hoc EMA tracking) and fp32 without gradient clipping, validated."""
+    from difflab.recipe import METHOD_DEFAULTS
+
+    base = dict(METHOD_DEFAULTS[settings["method"]], precision="fp32", grad_clip=0.0, hflip=False,
+                weight_decay=0.05, warmup=100, lr=1e-3)
     return TrainConfig(**{**base, **settings}).validate()
 
 
