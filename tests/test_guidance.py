@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import math
 import re
 
@@ -18,9 +19,11 @@ from difflab.classifier_guidance import (
     GuidanceClassifier,
     NoisyClassifier,
     load_classifier,
+    noisy_accuracy,
     train_classifier_run,
 )
 from difflab.cli import main
+from difflab.data import load
 from difflab.denoiser import Denoiser
 from difflab.errors import CheckpointError, UsageError
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance
@@ -28,6 +31,8 @@ from difflab.processes.continuous import VPCosine
 from difflab.processes.gaussian import cosine_schedule, linear_schedule
 from difflab.samplers import evaluations, generate
 from difflab.train.methods import GaussianMethod
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 SHAPE = (1, 4, 4)
 K, MEAN, STD, SHIFT = 4, -0.6, 0.3, 0.4  # four Gaussian classes: x | c ~ N(MEAN + SHIFT c, STD^2 I)
@@ -268,14 +273,46 @@ def test_classifier_guidance_keeps_the_condition_and_wraps_cfg():
         ClassifierGuidance(den, post, 1.0)(x, sigma, {"class_labels": cls})
 
 
+class ConstantClassifier:
+    """A stand-in noisy classifier that always answers class ``c`` (and records the noise levels it saw)."""
+
+    def __init__(self, c, process):
+        self.c, self.process, self.net, self.seen = c, process, nn.Linear(1, 1), []
+
+    def logits(self, y, sigma):
+        self.seen.append(float(sigma[0]))
+        return nn.functional.one_hot(torch.full((len(y),), self.c), 10).float()
+
+
+def test_noisy_accuracy_reports_each_level_inside_the_process_range():
+    labels = torch.tensor([3, 3, 1, 0, 3, 2, 3, 9])
+    images = torch.zeros(8, 1, 4, 4, dtype=torch.uint8)
+    proc = cosine_schedule()
+    clf = ConstantClassifier(3, proc)
+    rows = noisy_accuracy(clf, images, labels, sigmas=(0.5, 1e9, 2.0), batch_size=3)
+    assert [r["sigma"] for r in rows] == [0.5, 2.0]  # 1e9 is beyond the schedule's sigma_max: left out
+    assert all(r["accuracy"] == 0.5 for r in rows)  # 4 of the 8 labels are 3
+    assert [r["t"] for r in rows] == [float(proc.t_of(torch.tensor(s, dtype=torch.float64))) for s in (0.5, 2.0)]
+    assert clf.seen == [0.5] * 3 + [2.0] * 3  # three batches per level
+
+
 def test_noisy_classifier_trains_round_trips_and_reports_accuracy(tmp_path):
-    res = train_classifier_run(tmp_path / "clf", data="digits", process="cosine", steps=100, batch_size=32,
-                               model_channels=16, eval_n=200, log=lambda *_: None)
+    out = tmp_path / "clf"
+    res = train_classifier_run(out, data="digits", process="cosine", steps=60, batch_size=32, model_channels=8,
+                               eval_n=150, warmup=10, log=lambda *_: None)
     acc = {row["sigma"]: row["accuracy"] for row in res.accuracy}
-    assert set(acc) == {0.1, 0.5, 1.0, 2.0, 5.0}
-    assert acc[0.1] > 0.5 and acc[0.1] > acc[5.0]  # chance is 0.1; noise makes it harder
-    clf = load_classifier(tmp_path / "clf")
+    assert set(acc) == {0.1, 0.5, 1.0, 2.0, 5.0} and res.step == 60 and res.stopped_by == "steps"
+    assert acc[0.1] > 0.3 and acc[0.1] > acc[5.0]  # chance is 0.1; noise makes it harder
+    # a run folder of the one Trainer: its config, log, checksummed checkpoint and the accuracy report
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.json", "checkpoints", "config.json", "loss.csv",
+                                                    "loss.png"]
+    assert json.loads((out / "config.json").read_text())["method"] == "noisy-classifier"
+    assert json.loads((out / "accuracy.json").read_text())["accuracy"] == res.accuracy
+    clf = load_classifier(out)
     assert clf.process.config() == cosine_schedule().config() and clf.image_shape == (1, 8, 8)
+    # the loaded weights are the trained ones: the same predictions, so the same accuracy to the last image
+    test = load("digits", split="test")
+    assert noisy_accuracy(clf, test.images[:150], test.labels[:150]) == res.accuracy
     y, sigma, labels = torch.randn(5, 1, 8, 8), torch.full((5,), 0.7), torch.arange(5)
     lp = clf.log_prob(y, sigma, labels)
     assert lp.shape == (5,) and bool((lp <= 0).all())
@@ -286,9 +323,27 @@ def test_noisy_classifier_trains_round_trips_and_reports_accuracy(tmp_path):
     with pytest.raises(UsageError, match="8x8"):
         clf.log_prob(torch.randn(2, 1, 16, 16), torch.ones(2), torch.zeros(2, dtype=torch.long))
     with pytest.raises(UsageError, match="already holds"):
-        train_classifier_run(tmp_path / "clf", data="digits", steps=1, log=lambda *_: None)
+        train_classifier_run(out, data="digits", steps=1, log=lambda *_: None)
     with pytest.raises(UsageError, match="exactly one"):
         train_classifier_run(tmp_path / "c2", steps=1, log=lambda *_: None)
+    # resumed to more steps by the Trainer, from the checkpoint
+    more = train_classifier_run(out, data="digits", process="cosine", steps=64, batch_size=32, model_channels=8,
+                                eval_n=150, warmup=10, resume=True, log=lambda *_: None)
+    assert more.step == 64 and more.checkpoint.name == "step-0000064.json"
+
+
+def test_older_classifier_folders_still_load(tmp_path):
+    """The checkpoint format before the Trainer trained classifiers: ``"kind": "noisy-classifier"``."""
+    from difflab.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    net = NoisyClassifier(1, 10, 8, (1, 2), norm_groups=8)
+    meta = {"kind": "noisy-classifier", "network": net.config, "process": cosine_schedule().config(),
+            "image_shape": [1, 8, 8], "class_names": [str(i) for i in range(10)]}
+    save_checkpoint(tmp_path / "old" / "checkpoints", 5, {f"model.{k}": v for k, v in net.state_dict().items()}, meta)
+    clf = load_classifier(tmp_path / "old")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), clf.net.state_dict().values()))
+    assert clf.process.config() == cosine_schedule().config() and clf.class_names == meta["class_names"]
 
 
 # --- the command line: class- and text-conditional runs -----------------------------------------
@@ -351,25 +406,25 @@ def test_cli_bad_condition_is_one_line_exit_2(class_run, capsys, tmp_path, args,
 
 def test_cli_train_classifier_and_classifier_guided_sampling(class_run, capsys, tmp_path):
     clf = tmp_path / "clf"
-    rc, out, err = cli(capsys, "train-classifier", "--run", class_run, "--out", clf, "--steps", "150",
-                       "--batch-size", "64", "--channels", "16", "--eval-n", "200", "--quiet")
+    rc, out, err = cli(capsys, "train-classifier", "--run", class_run, "--out", clf, "--steps", "80",
+                       "--batch-size", "32", "--channels", "16", "--eval-n", "100", "--quiet")
     assert rc == 0, err
     assert "test accuracy on noisy images" in out and "checkpoint:" in out
-    assert load_classifier(clf).process.config() == cosine_schedule().config()  # the run's own process
-    # the classifier's own verdict on nearly clean samples: guidance raises the share of class 3
     judge = load_classifier(clf)
-    shares = []
+    assert judge.process.config() == cosine_schedule().config()  # the run's own process
+    # the classifier's own verdict on nearly clean samples: guidance raises the share of class 3
+    n, shares = 24, []
     for scale in ("0", "8"):
-        rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "40", "--steps", "10", "--class", "3",
+        rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", n, "--steps", "4", "--class", "3",
                          "--guidance", "0", "--classifier", clf, "--classifier-scale", scale,
                          "--save-npz", tmp_path / f"s{scale}.npz", "--out", tmp_path / f"s{scale}.png")
         assert rc == 0, err
         img = torch.from_numpy(np.load(tmp_path / f"s{scale}.npz")["images"]).permute(0, 3, 1, 2)
-        pred = judge.logits(img.float() / 127.5 - 1, torch.full((40,), 0.1)).argmax(1)
+        pred = judge.logits(img.float() / 127.5 - 1, torch.full((n,), 0.1)).argmax(1)
         shares.append(float((pred == 3).float().mean()))
     assert shares[1] > shares[0] + 0.2, shares
     # a guidance interval below every noise level of the grid: exactly the unguided samples
-    rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "40", "--steps", "10", "--class", "3",
+    rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", n, "--steps", "4", "--class", "3",
                      "--guidance", "0", "--classifier", clf, "--classifier-scale", "8", "--classifier-sigma-max",
                      "1e-9", "--save-npz", tmp_path / "cap.npz", "--out", tmp_path / "cap.png")
     assert rc == 0, err
@@ -380,10 +435,58 @@ def test_cli_train_classifier_and_classifier_guided_sampling(class_run, capsys, 
     rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "2", "--steps", "2", "--class", "3",
                      "--classifier", class_run, "--out", tmp_path / "x.png")
     assert rc == 2 and "not a noisy classifier" in err
+    rc, _, err = cli(capsys, "sample", "--run", clf, "--n", "2", "--steps", "2", "--out", tmp_path / "x.png")
+    assert rc == 2 and "draws no samples" in err and len(err.splitlines()) == 1, err
     rc, _, err = cli(capsys, "train-classifier", "--run", class_run, "--data", "digits", "--out", tmp_path / "c")
     assert rc == 2 and "exactly one" in err
     with pytest.raises(CheckpointError):
         load_classifier(tmp_path / "nothing")
+
+
+def files(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+CLF = ("train-classifier", "--data", "digits", "--steps", "2", "--batch-size", "8", "--channels", "8",
+       "--eval-n", "10", "--quiet")
+
+
+def test_cli_train_classifier_refuses_a_folder_in_use_and_leaves_it_untouched(capsys, tmp_path):
+    import socket
+    import subprocess
+
+    from difflab import runlock
+
+    out = tmp_path / "clf"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / runlock.NAME).write_text(json.dumps({
+            "host": socket.gethostname(), "pid": holder.pid, "started": runlock._start_time(holder.pid),
+            "token": "live", "since": "now"}))
+        before = files(out)
+        rc, stdout, err = cli(capsys, *CLF, "--out", out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc == 2 and len(err.splitlines()) == 1 and "in use by" in err and str(holder.pid) in err, err
+    assert files(out) == before and sorted(p.name for p in out.iterdir()) == [runlock.NAME]
+
+
+@pytest.mark.parametrize("what", ["notes", "file", "config"])
+def test_cli_train_classifier_never_writes_over_someone_elses_files(capsys, tmp_path, what):
+    out = tmp_path / "out"
+    if what == "file":
+        out.write_bytes(b"not a folder")
+    else:
+        out.mkdir()
+        (out / ("notes.txt" if what == "notes" else "config.json")).write_bytes(b'{"mine": 1}\n')
+    root = tmp_path
+    before = files(root)
+    rc, _, err = cli(capsys, *CLF, "--out", out)
+    assert rc == 2 and len(err.splitlines()) == 1 and str(out) in err, err
+    assert files(root) == before and sorted(p.name for p in root.rglob("*")) == sorted(
+        p.name for p in [out, *([] if what == "file" else out.iterdir())])
 
 
 class HashEncoder:

@@ -22,7 +22,38 @@ CALLERS = ["train/trainer.py", "sampling.py", "cli/figures.py", "cli/sample.py",
 def test_every_method_keeps_the_protocol(name):
     method = make_method(TrainConfig(method=name))
     assert isinstance(method, Method) and method.name == name
-    assert method.trajectories() and all(isinstance(v, dict) for v in method.trajectories().values())
+    assert all(isinstance(v, dict) for v in method.trajectories().values())
+    assert bool(method.trajectories()) == method.draws_samples  # a classifier draws no samples, so no figures
+
+
+@pytest.mark.parametrize("name", ["noisy-classifier", "classifier"])
+def test_a_classifier_method_learns_labels_and_draws_no_samples(name):
+    from difflab.errors import UsageError
+
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    data = ImageData(images, torch.tensor([0, 1, 2, 1]), None, "tiny", "f")
+    with pytest.raises(UsageError, match="--conditioning class"):
+        make_method(TrainConfig(method=name)).prepare(data)
+    method = make_method(TrainConfig(method=name, conditioning="class", cond_drop=0.0))
+    method.prepare(data)
+    with pytest.raises(UsageError, match="labelled"):
+        method.prepare(ImageData(images, None, None, "tiny", "f"))
+    conf = method.network(data)
+    assert conf["num_classes"] == 3 and conf["in_channels"] == 1
+    from difflab import nets
+
+    torch.manual_seed(0)
+    net = nets.build(conf)
+    x = images.float() / 127.5 - 1
+    seeds = torch.arange(4, dtype=torch.int64)
+    labels = torch.tensor([0, 1, 2, 1])
+    loss = method.loss(net, x, {"class_labels": labels}, 3, seeds)
+    assert loss.ndim == 0 and float(loss) > 0
+    # the loss is the cross-entropy of the method's logits (the same per-sample noise for the same seeds)
+    expected = torch.nn.functional.cross_entropy(method.logits(net, x, 3, seeds), labels)
+    assert torch.allclose(loss, expected)
+    with pytest.raises(UsageError, match="draws no samples"):
+        method.sample(net, 2, (1, 8, 8))
 
 
 def test_prepare_checks_settings_and_keeps_what_sampling_needs():

@@ -239,15 +239,20 @@ def test_classifier_learns_sklearn_digits_quickly():
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values()))
 
 
-def test_classifier_is_cached_as_safetensors_and_json(tmp_path, monkeypatch):
+def test_classifier_is_cached_as_a_checksummed_run_folder(tmp_path, monkeypatch):
     from difflab.data.imagedata import ImageData
+    from difflab.train.checkpoint import list_checkpoints, verify_checkpoint
 
     images, labels = digits_data()
     data = ImageData(images, labels, [str(i) for i in range(10)], "digits")
     model, meta = load_or_train_classifier(data, tmp_path, epochs=3)
-    files = sorted(p.suffix for p in tmp_path.iterdir())
-    assert files == [".json", ".safetensors"]
-    stored = json.loads(next(tmp_path.glob("*.json")).read_text())
+    (entry,) = tmp_path.iterdir()  # one run folder of the Trainer, nothing left of its temporary name
+    assert entry.name == meta["key"]
+    assert sorted(p.name for p in entry.iterdir()) == ["accuracy.json", "checkpoints", "config.json", "loss.csv",
+                                                      "loss.png"]
+    (ckpt,) = list_checkpoints(entry / "checkpoints")
+    assert verify_checkpoint(ckpt) and json.loads(ckpt.read_text())["config"]["method"] == "classifier"
+    stored = json.loads((entry / "accuracy.json").read_text())
     assert stored["fingerprint"] == data.fingerprint and stored["test_accuracy"] == meta["test_accuracy"]
     from difflab.evaluate import classifier as classifier_module
 
@@ -259,9 +264,10 @@ def test_classifier_is_cached_as_safetensors_and_json(tmp_path, monkeypatch):
         cached, meta2 = load_or_train_classifier(data, tmp_path, epochs=3)
     assert meta2["key"] == meta["key"]
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), cached.state_dict().values()))
-    next(tmp_path.glob("*.safetensors")).write_bytes(b"garbage")  # a corrupt file is retrained
-    _, meta3 = load_or_train_classifier(data, tmp_path, epochs=3)
-    assert meta3["test_accuracy"] == meta["test_accuracy"]
+    ckpt.with_suffix(".safetensors").write_bytes(b"garbage")  # a corrupt file is retrained
+    again, meta3 = load_or_train_classifier(data, tmp_path, epochs=3)
+    assert meta3["test_accuracy"] == meta["test_accuracy"] and [p.name for p in tmp_path.iterdir()] == [entry.name]
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values()))
 
 
 def test_reference_stats_are_cached_by_fingerprint_and_extractor(tmp_path):

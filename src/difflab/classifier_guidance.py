@@ -7,82 +7,38 @@ grad log p(c | y, sigma) in the samplers' VE coordinates y = z / gammabar, sigma
 :class:`GuidanceClassifier` takes y and sigma, maps them to the process's own z_t and network time,
 and autograd supplies the chain rule (grad_y = gammabar grad_z).
 
-A classifier folder holds ``checkpoints/step-N.safetensors`` + ``.json`` written by
-``difflab.train.checkpoint.save_checkpoint`` (atomic, checksummed); the JSON names the network, the
-process, the image shape, the class names and the noisy test accuracy.
+A classifier folder is a run folder of ``--method noisy-classifier``, trained by the one Trainer
+(``difflab.train.classification``): ``config.json``, ``loss.csv``, the run lock and the checkpoints
+(atomic, checksummed safetensors + JSON), plus ``accuracy.json``, the noisy test accuracy.
+Folders of the older format (checkpoint JSON ``"kind": "noisy-classifier"`` naming its process) still load.
 """
 
 from __future__ import annotations
 
-import math
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from difflab.config import TrainConfig, load_run_config
-from difflab.data import to_model
+from difflab.config import TrainConfig, load_run_config, process_config, save_json
+from difflab.data import ImageData, to_model
 from difflab.errors import CheckpointError, DataError, UsageError
-from difflab.nets.layers import Downsample, ResBlock, group_norm, timestep_embedding
+from difflab.nets.noisy_classifier import NoisyClassifier
 from difflab.processes.continuous import make_process
 from difflab.processes.gaussian import GaussianProcess
-from difflab.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint, split_prefix
+from difflab.train.checkpoint import latest_checkpoint
+from difflab.train.classification import held_out_split, trained_network
 
-KIND = "noisy-classifier"
+__all__ = ["REPORT_SIGMAS", "ClassifierResult", "GuidanceClassifier", "NoisyClassifier", "load_classifier",
+           "noisy_accuracy", "train_classifier_run"]
+
+KIND = "noisy-classifier"  # the method of a classifier run (and the "kind" of the older checkpoint format)
+ACCURACY = "accuracy.json"
 # noise levels (VE sigma = sigmabar / gammabar = 1 / sqrt(SNR)) at which the test accuracy is reported
 REPORT_SIGMAS = (0.1, 0.5, 1.0, 2.0, 5.0)
-
-
-class NoisyClassifier(nn.Module):
-    """A small time-conditioned ResNet, ``net(z_t, t) -> logits [B, num_classes]``.
-
-    The UNet's encoder without attention: a 3x3 stem, ``len(channel_mult)`` levels of
-    ``num_res_blocks`` residual blocks (ADM scale-shift time conditioning) separated by stride-2
-    convolutions, then GroupNorm, SiLU, global average pooling and a linear head. ``t`` is the
-    network time (discrete: the step index; continuous: 1000 t), as for the diffusion networks.
-    """
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, model_channels: int = 32,
-                 channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1, dropout: float = 0.0,
-                 norm_groups: int = 32) -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise UsageError(f"a classifier needs at least 2 classes, got {num_classes}")
-        self.config: dict[str, Any] = {
-            "kind": "noisy_classifier", "in_channels": in_channels, "num_classes": num_classes,
-            "model_channels": model_channels, "channel_mult": list(channel_mult),
-            "num_res_blocks": num_res_blocks, "dropout": dropout, "norm_groups": norm_groups,
-        }  # fmt: skip
-        emb_dim = 4 * model_channels
-        self.model_channels = model_channels
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.stem = nn.Conv2d(in_channels, model_channels, 3, padding=1)
-        self.blocks = nn.ModuleList()
-        ch = model_channels
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                self.blocks.append(ResBlock(ch, model_channels * mult, emb_dim, dropout, True, norm_groups))
-                ch = model_channels * mult
-            if level < len(channel_mult) - 1:
-                self.blocks.append(Downsample(ch))
-        self.head = nn.Sequential(group_norm(ch, norm_groups), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(ch, num_classes))
-
-    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, num_classes] of noisy images ``z`` [B, C, H, W] at network time ``t`` [B]."""
-        t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
-        param = self.time_embed[0].weight
-        emb_act = F.silu(self.time_embed(timestep_embedding(t, self.model_channels).to(param.dtype)))
-        h = self.stem(z)
-        for block in self.blocks:
-            h = block(h, emb_act) if isinstance(block, ResBlock) else block(h)
-        return self.head(h)
 
 
 class GuidanceClassifier(nn.Module):
@@ -128,18 +84,15 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> 
         raise CheckpointError(f"'{run_dir}' has no classifier checkpoint: train one with "
                               f"difflab train-classifier --out {run_dir}")
     tensors, meta = found
-    if meta.get("kind") != KIND:
+    if meta.get("kind") == KIND:  # the older format: the checkpoint names its process
+        process = meta["process"]
+    elif (meta.get("config") or {}).get("method") == KIND:
+        process = process_config(TrainConfig.from_json(meta["config"]))
+    else:
         raise CheckpointError(f"'{run_dir}' is not a noisy classifier (a diffusion run?): pass the --out folder "
                               "of 'difflab train-classifier' to --classifier")
-    config = {k: v for k, v in meta["network"].items() if k != "kind"}
-    net = NoisyClassifier(**config).to(device)
-    try:
-        net.load_state_dict(split_prefix(tensors, "model"))
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint in {run_dir} does not match its network config "
-                              f"({str(e).splitlines()[0]})") from e
-    net.eval().requires_grad_(False)
-    return GuidanceClassifier(net, make_process(meta["process"]), meta.get("class_names"), meta["image_shape"])
+    net = trained_network(tensors, meta, str(run_dir), device)
+    return GuidanceClassifier(net, make_process(process), meta.get("class_names"), meta["image_shape"])
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -149,13 +102,14 @@ class ClassifierResult:
 
     step: int
     seconds: float
-    checkpoint: Path
+    checkpoint: Path | None
     accuracy: list[dict[str, float]]  # [{"sigma": VE noise level, "t": process time, "accuracy": ...}]
-    stopped_by: str  # "steps" or "time-limit"
+    stopped_by: str  # "steps", "time-limit" or "signal" (then no accuracy is measured)
+    signal: int = 0
 
 
 def _data_config(run: str | Path | None, data: str | None, process: str, T: int, gamma: float,
-                 image_size: int, image_channels: int) -> TrainConfig:
+                 image_size: int, image_channels: int) -> dict[str, Any]:
     """The data and process settings: a diffusion run's own, or the given ones."""
     if (run is None) == (data is None):
         raise UsageError("give exactly one of --run DIFFUSION_RUN_DIR or --data NAME")
@@ -163,39 +117,21 @@ def _data_config(run: str | Path | None, data: str | None, process: str, T: int,
         cfg = load_run_config(run)
         if cfg.method != "gaussian":
             raise UsageError(f"classifier guidance needs a Gaussian diffusion run; {run} is {cfg.method}")
-        return cfg
-    return TrainConfig(data=data, process=process, T=T, gamma=gamma, image_size=image_size,
-                       image_channels=image_channels).validate()
+        data, process, T, gamma = cfg.data, cfg.process, cfg.T, cfg.gamma
+        image_size, image_channels = cfg.image_size, cfg.image_channels
+    return {"data": data, "process": process, "T": T, "gamma": gamma, "image_size": image_size,
+            "image_channels": image_channels}
 
 
-def _splits(cfg: TrainConfig, seed: int):
-    """(train images, train labels, test images, test labels, class names) as the diffusion run saw them;
-    without a test split a seeded 10% of the training data is held out."""
+def _splits(cfg: TrainConfig) -> tuple[ImageData, ImageData]:
     from difflab.runs import load_data
 
     train = load_data(cfg)
-    if train.labels is None or not train.num_classes:
-        raise UsageError(f"a classifier needs labelled data (labels or class folders); {cfg.data} has none")
     try:
         test = load_data(cfg, split="test")
-        if test.labels is None or test.fingerprint == train.fingerprint:
-            test = None
     except DataError:
         test = None
-    if test is not None:
-        return train.images, train.labels, test.images, test.labels, train.class_names
-    order = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(seed))
-    n_test = max(1, len(order) // 10)
-    held, kept = order[:n_test], order[n_test:]
-    return train.images[kept], train.labels[kept], train.images[held], train.labels[held], train.class_names
-
-
-def noisy_images(process: GaussianProcess, images: torch.Tensor, t: torch.Tensor,
-                 generator: torch.Generator) -> torch.Tensor:
-    """z_t = gammabar_t x + sigmabar_t s of uint8 images, noise from ``generator`` (on the CPU)."""
-    x = to_model(images)
-    noise = torch.randn(x.shape, generator=generator).to(x.device)
-    return process.marginal(x, t.to(x.device), noise)
+    return held_out_split(train, test, cfg.seed)
 
 
 @torch.no_grad()
@@ -244,90 +180,39 @@ def train_classifier_run(
     device: str = "auto",
     eval_n: int = 2000,
     checkpoint_every: int = 1000,
+    resume: bool = False,
     progress: bool = False,
     log: Callable[[str], Any] = print,
 ) -> ClassifierResult:
-    """Train a noisy classifier into ``out`` on the data and Gaussian process of diffusion run ``run``
-    (or on ``data`` with ``process``), with cross-entropy on z_t, t drawn like diffusion training.
+    """Train a noisy classifier into run folder ``out`` on the data and Gaussian process of diffusion run
+    ``run`` (or on ``data`` with ``process``): the Trainer with ``--method noisy-classifier``
+    (cross-entropy on z_t, t drawn like diffusion training; the run lock, checks of ``out``, checkpoints,
+    signals, the time limit and ``resume`` are the Trainer's).
 
-    Stops after ``steps`` or ``time_limit`` minutes, saves, and measures the accuracy on ``eval_n``
-    noisy test images at each of ``REPORT_SIGMAS``."""
-    from difflab.runs import pick_device
-    from difflab.train.methods import process_config
+    Stops after ``steps`` or ``time_limit`` minutes, saves, measures the accuracy on ``eval_n`` noisy
+    test images at each of ``REPORT_SIGMAS`` and writes it to ``out/accuracy.json``."""
+    from difflab.train.classification import classifier_config
+    from difflab.train.trainer import Trainer
 
-    out = Path(out)
-    if list_checkpoints(out / "checkpoints"):
-        raise UsageError(f"'{out}' already holds a trained classifier; choose another --out")
-    for name, v in {"steps": steps, "batch_size": batch_size, "eval_n": eval_n,
-                    "checkpoint_every": checkpoint_every, "model_channels": model_channels}.items():
+    for name, v in {"eval_n": eval_n, "model_channels": model_channels}.items():
         if v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if not 0 < lr < 1:
         raise UsageError(f"--lr must be in (0, 1), got {lr}")
-    if time_limit < 0:
-        raise UsageError("--time-limit must be positive (minutes)")
-    cfg = _data_config(run, data, process, T, gamma, image_size, image_channels)
-    proc = make_process(process_config(cfg))
-    dev = pick_device(device)
-    images, labels, test_images, test_labels, class_names = _splits(cfg, seed)
-    num_classes = len(class_names) if class_names else int(labels.max()) + 1
-    shape = list(images.shape[1:])
-    groups = math.gcd(32, model_channels)
-    torch.manual_seed(seed)
-    net = NoisyClassifier(shape[0], num_classes, model_channels, channel_mult, norm_groups=groups).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    meta = {"kind": KIND, "network": net.config, "process": proc.config(), "image_shape": shape,
-            "class_names": class_names, "data": cfg.data, "diffusion_run": str(run) if run else None,
-            "train": {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed}}
-    log(f"difflab: noisy classifier on {cfg.data} ({len(images)} images {'x'.join(map(str, shape))}, "
-        f"{num_classes} classes) | {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters | "
-        f"process {proc.config()} | device {dev} | batch {batch_size}")
+    widths = ",".join(str(model_channels * m) for m in channel_mult)
+    cfg = classifier_config(method=KIND, out=str(out), **_data_config(run, data, process, T, gamma, image_size,
+                            image_channels), steps=steps, time_limit=time_limit, batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, warmup=warmup, channels_mult=widths, seed=seed,
+                            device=device, checkpoint_every=checkpoint_every, keep=2)
+    train, test = _splits(cfg)
+    trainer = Trainer(cfg, resume=resume, progress=progress, log=log, data=train)
+    result = trainer.run()
+    accuracy: list[dict[str, float]] = []
+    if result.stopped_by != "signal":  # a signal asks for a quick exit
+        classifier = load_classifier(trainer.out, trainer.device)
+        accuracy = noisy_accuracy(classifier, test.images[:eval_n], test.labels[:eval_n], seed=seed)
+        save_json(trainer.out / ACCURACY, {"step": result.step, "test_images": min(eval_n, len(test)),
+                                           "accuracy": accuracy})
+    return ClassifierResult(result.step, result.seconds, result.checkpoint, accuracy, result.stopped_by,
+                            result.signal)
 
-    gen = torch.Generator().manual_seed(seed)
-    images_dev, labels_dev = images.to(dev), labels.to(dev)
-    t0 = time.monotonic()
-    deadline = t0 + 60 * time_limit if time_limit else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-    net.train()
-    step, stopped_by, path = 0, "steps", None
-    try:
-        while step < steps:
-            for group in opt.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / warmup)
-            idx = torch.randint(0, len(images), (batch_size,), generator=gen).to(dev)
-            t = proc.sample_t(batch_size, gen)
-            z = noisy_images(proc, images_dev[idx], t, gen)
-            loss = F.cross_entropy(net(z, proc.net_time(t).to(dev)), labels_dev[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                if step % 50 == 0:
-                    bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)
-            if step % checkpoint_every == 0:
-                path = _save(out, step, net, meta)
-            if deadline is not None and time.monotonic() >= deadline:
-                stopped_by = "time-limit"
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    net.eval().requires_grad_(False)
-    seconds = time.monotonic() - t0
-    classifier = GuidanceClassifier(net, proc, class_names, shape)
-    accuracy = noisy_accuracy(classifier, test_images[:eval_n], test_labels[:eval_n], seed=seed)
-    meta["accuracy"] = accuracy
-    meta["train"]["seconds"] = round(seconds, 1)
-    path = _save(out, step, net, meta)
-    return ClassifierResult(step, seconds, path, accuracy, stopped_by)
-
-
-def _save(out: Path, step: int, net: nn.Module, meta: dict) -> Path:
-    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
-    return save_checkpoint(out / "checkpoints", step, tensors, meta, keep=2)

@@ -15,7 +15,8 @@ from difflab.checks import MAX_SEED, check_range
 from difflab.ema_lengths import check_ema_length, parse_lengths
 from difflab.errors import CheckpointError, UsageError
 
-METHODS = ("gaussian", "naive1", "naive2", "cold")
+METHODS = ("gaussian", "naive1", "naive2", "cold", "noisy-classifier", "classifier")
+CLASS_LEARNERS = ("gaussian", "noisy-classifier", "classifier")  # the methods that take class labels
 PROCESSES = ("linear", "cosine", "sigmoid", "constant", "vp", "vp-cosine", "ve")
 CONDITIONING = ("none", "class", "text")
 
@@ -31,7 +32,8 @@ class TrainConfig:
 
     data: str = _option("mnist", "dataset: mnist, fashion-mnist, digits, emoji, or a folder of images")
     out: str = _option("runs/demo", "run folder (checkpoints, samples, loss curve)")
-    method: str = _option("gaussian", "gaussian (DDPM and continuous time), naive1/naive2 (part 1), cold", METHODS)
+    method: str = _option("gaussian", "gaussian (DDPM and continuous time), naive1/naive2 (part 1), cold; noisy-classifier "
+                   "(for classifier guidance), classifier (clean images, for evaluation)", METHODS)
     degradation: str = _option("fade-colour", "cold diffusion: fade-colour, fade-black, mask, blur, pixelate")
     process: str = _option("cosine", "Gaussian noise process: discrete schedules linear/cosine/sigmoid/constant, "
                       "continuous vp/vp-cosine/ve", PROCESSES)
@@ -120,7 +122,7 @@ class TrainConfig:
             raise UsageError("--noise-sampling and --loss-weighting apply to --method gaussian")
         if self.image_channels not in (0, 1, 3):
             raise UsageError(f"--image-channels must be 1 or 3, got {self.image_channels}")
-        if self.conditioning != "none" and self.method != "gaussian":
+        if self.conditioning != "none" and self.method not in CLASS_LEARNERS:
             raise UsageError("conditioning (class/text) is available for --method gaussian")
         if self.batch_size % self.grad_accum:
             raise UsageError("--batch-size must be divisible by --grad-accum")
@@ -161,6 +163,16 @@ _RANGES: dict[str, tuple] = {
     "min_snr_gamma": (0, 1e6, {"open_lo": True}),
 }
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+
+
+def process_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The Gaussian process a run trains with, as a config dict."""
+    if cfg.process in ("vp", "vp-cosine", "ve"):
+        return {"kind": cfg.process}
+    params: dict[str, Any] = {"T": cfg.T}
+    if cfg.process == "constant":
+        params["gamma"] = cfg.gamma
+    return {"kind": "discrete", "schedule": cfg.process, **params}
 
 
 def channel_widths(text: str) -> list[int]:

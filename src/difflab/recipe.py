@@ -32,6 +32,10 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "naive2": {**_SERIES, "sample_steps": 64},
     "cold": dict(_SERIES),
 }
+# classifiers learn the class labels (never dropped) and draw no samples (difflab.train.classification)
+CLASSIFIERS = ("noisy-classifier", "classifier")
+_CLASSIFIER = {"conditioning": "class", "cond_drop": 0.0, "sample_every": 0, "ema_track": "", "ema_snapshot_every": 0}
+METHOD_DEFAULTS.update({name: dict(_CLASSIFIER) for name in CLASSIFIERS})
 
 # --lr 0 (auto): small networks train fastest at 1e-3 in a CPU budget (measured, RESULTS.md); above
 # LARGE_NETWORK parameters the DDPM paper's 2e-4 (Ho et al., 35.7M CIFAR-10 net; not measured here)
@@ -85,8 +89,9 @@ def resolve(cfg: TrainConfig, device: torch.device, n_params: int) -> TrainConfi
 def describe(cfg: TrainConfig) -> str:
     """The recipe in one line, as a run starts."""
     if cfg.method != "gaussian":
+        samples = "" if cfg.method in CLASSIFIERS else f", sampling {cfg.sample_steps} steps"
         return (f"recipe: {cfg.method}, lr {cfg.lr:g}, batch {cfg.batch_size}, warm-up {cfg.warmup}, "
-                f"{cfg.precision}, sampling {cfg.sample_steps} steps")
+                f"{cfg.precision}{samples}")
     ema = (f"power EMA of {cfg.ema_length:g} of the run" if getattr(cfg, "ema_length", 0) > 0
            else f"EMA decay {cfg.ema_decay:g}")
     return (f"recipe: {cfg.process} process, predict {cfg.prediction}, lr {cfg.lr:g} (warm-up {cfg.warmup}), "

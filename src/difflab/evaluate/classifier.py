@@ -1,9 +1,12 @@
 """A small CNN classifier on clean images: the accuracy of class-conditional samples, and the
 features of the fast "classifier FID" (its 128-d penultimate layer instead of Inception's 2048-d).
 
-This is not the noisy, time-conditioned classifier of classifier guidance (``difflab.nets``): it
-sees clean uint8 images only. Trained weights are cached as safetensors + JSON (never pickle),
-keyed by the fingerprint of the training data, so each dataset is trained once.
+This is not the noisy, time-conditioned classifier of classifier guidance
+(``difflab.classifier_guidance``): it sees clean uint8 images only. It is trained by the one Trainer
+(``--method classifier``, ``difflab.train.classification``), and a trained one is cached as that
+run folder (checksummed safetensors + JSON checkpoints, never pickle) under
+``<cache>/classifier-<name>-<fingerprint>-<settings>/``, keyed by the fingerprint of the training
+data, so each dataset is trained once.
 """
 
 from __future__ import annotations
@@ -11,57 +14,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as F
 
-from difflab.data import to_model
-from difflab.errors import DataError, UsageError
+from difflab.config import save_json
+from difflab.data import ImageData, to_model
+from difflab.errors import CheckpointError, DataError, UsageError
 from difflab.evaluate.inception import check_images
-from difflab.files import OutputError, atomic_write, write_text
-from difflab.train.checkpoint import sha256_file
+from difflab.files import OutputError
+from difflab.nets.small_cnn import FEATURE_DIM, SmallCNN
+from difflab.train.checkpoint import latest_checkpoint
+from difflab.train.classification import classifier_config, held_out_split, trained_network
 
 log = logging.getLogger(__name__)
 
 FORMAT = "difflab-image-classifier"
-VERSION = 1
-FEATURE_DIM = 128
-
-
-class SmallCNN(nn.Module):
-    """Three stride-2 conv blocks (5x5 conv to 32 channels, 3x3 to 64, 3x3 to 128; batch norm,
-    ReLU), a 4x4 adaptive average pool, then 2048 -> 128 (the penultimate features) -> classes.
-
-    Strided convolutions instead of max pooling keep it cheap on a CPU (about 2.5 M multiply-adds
-    per 28x28 image). Works on any image size; inputs are floats in [-1, 1]
-    (``images / 127.5 - 1``). ``config`` holds the JSON-serialisable constructor arguments.
-    """
-
-    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int] = (28, 28)):
-        super().__init__()
-        self.config = {"kind": "small_cnn", "in_channels": int(in_channels),
-                       "num_classes": int(num_classes), "image_size": [int(s) for s in image_size]}
-
-        def block(c_in: int, c_out: int, kernel: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, kernel, stride=2, padding=kernel // 2, bias=False),
-                    nn.BatchNorm2d(c_out), nn.ReLU()]
-
-        self.body = nn.Sequential(*block(in_channels, 32, 5), *block(32, 64, 3), *block(64, 128, 3),
-                                  nn.AdaptiveAvgPool2d(4), nn.Flatten())
-        self.penultimate_layer = nn.Sequential(nn.Linear(128 * 16, FEATURE_DIM), nn.ReLU())
-        self.head = nn.Linear(FEATURE_DIM, num_classes)
-
-    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features [B, 128] of float images [B, C, H, W] in [-1, 1]."""
-        return self.penultimate_layer(self.body(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, num_classes]."""
-        return self.head(self.penultimate(x))
+VERSION = 2  # 2: trained by the Trainer, cached as a run folder
+INFO = "accuracy.json"  # beside the run's checkpoints: the key, the data and the test accuracy
 
 
 def _check_size(model: SmallCNN, images: torch.Tensor) -> None:
@@ -106,14 +81,16 @@ def train_classifier(
     test_labels: torch.Tensor | None = None,
     batch_size: int = 128,
     lr: float = 3e-3,
+    out: str | Path | None = None,
 ) -> tuple[SmallCNN, float]:
     """Train a SmallCNN on uint8 images [N, C, H, W] with int64 labels; return (model, test accuracy).
 
-    Adam with a one-cycle learning-rate schedule, no augmentation. ``epochs=None`` takes enough
-    epochs for about 900 steps (2 at least, 30 at most): 2 for MNIST, 30 for small sets. Without
-    a test set, a seeded 10% of the data is held out for the accuracy. Deterministic for a given
-    seed and device. MNIST (60k, 2 epochs) takes about a minute on 2 CPU cores and reaches ~99%
-    test accuracy.
+    The Trainer with ``--method classifier`` into run folder ``out`` (None: a temporary one): AdamW
+    without weight decay, a linear warm-up over 30% of the steps then a cosine decay (a one-cycle
+    schedule), no augmentation. ``epochs=None`` takes enough epochs for about 900 steps (2 at least,
+    30 at most): 2 for MNIST, 30 for small sets. Without a test set, a seeded 10% of the data is held
+    out for the accuracy. Deterministic for a given seed and device. MNIST (60k, 2 epochs) takes about
+    a minute on 2 CPU cores and reaches ~99% test accuracy.
     """
     images = check_images(images)
     labels = torch.as_tensor(labels).long()
@@ -121,37 +98,40 @@ def train_classifier(
         raise UsageError(f"{len(images)} images but {len(labels)} labels")
     if len(images) < 10:
         raise UsageError(f"training a classifier needs at least 10 labelled images, got {len(images)}")
-    gen = torch.Generator().manual_seed(seed)
-    if test_images is None:
-        order = torch.randperm(len(images), generator=gen)
-        n_test = max(1, len(images) // 10)
-        test_images, test_labels = images[order[:n_test]], labels[order[:n_test]]
-        images, labels = images[order[n_test:]], labels[order[n_test:]]
-    elif test_labels is None:
+    if test_images is not None and test_labels is None:
         raise UsageError("test_images given without test_labels")
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SmallCNN(images.shape[1], num_classes, tuple(images.shape[2:])).to(device)
-    steps_per_epoch = (len(images) + batch_size - 1) // batch_size
+    names = [str(c) for c in range(num_classes)]
+    train = ImageData(images, labels, names, "images")
+    test = None if test_images is None else ImageData(check_images(test_images), torch.as_tensor(test_labels).long(),
+                                                      names, "test images")
+    train, test = held_out_split(train, test, seed)
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="difflab-classifier-") as tmp:
+            return train_classifier(train.images, train.labels, num_classes, epochs, seed, device,
+                                    test_images=test.images, test_labels=test.labels, batch_size=batch_size,
+                                    lr=lr, out=Path(tmp) / "run")
+    steps_per_epoch = math.ceil(len(train) / batch_size)
     if epochs is None:
         epochs = min(30, max(2, -(-900 // steps_per_epoch)))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch))
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=gen)
-        for i in range(0, len(images), batch_size):
-            idx = order[i:i + batch_size]
-            if len(idx) < 2:  # batch norm needs two samples
-                continue
-            loss = F.cross_entropy(model(to_model(images[idx], device)), labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    return model, accuracy_of_samples(model, test_images, torch.as_tensor(test_labels))
+    steps = max(1, epochs * steps_per_epoch)
+    cfg = classifier_config(method="classifier", data=train.name, out=str(out), steps=steps, batch_size=batch_size,
+                            lr=lr, weight_decay=0.0, warmup=max(1, round(0.3 * steps)), lr_decay="cosine",
+                            seed=seed, device=str(device), checkpoint_every=steps, keep=1,
+                            log_every=min(50, steps))
+    from difflab.train.trainer import Trainer
+
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
+        Trainer(cfg, progress=False, log=lambda *_: None, data=train).run()
+    model = load_image_classifier(out, device)
+    return model, accuracy_of_samples(model, test.images, test.labels)
+
+
+def load_image_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> SmallCNN:
+    """The SmallCNN of a ``--method classifier`` run folder (its latest verified checkpoint)."""
+    found = latest_checkpoint(Path(run_dir) / "checkpoints", device)
+    if found is None or (found[1].get("config") or {}).get("method") != "classifier":
+        raise CheckpointError(f"'{run_dir}' holds no trained image classifier")
+    return trained_network(*found, str(run_dir), device)
 
 
 class ClassifierFeatures:
@@ -178,22 +158,23 @@ class ClassifierFeatures:
         return out
 
 
-def _load_cached(stem: Path, device: torch.device) -> tuple[SmallCNN, dict] | None:
-    from safetensors.torch import load_file
-
-    meta_path, weights_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+def _load_cached(entry: Path, device: torch.device) -> tuple[SmallCNN, dict] | None:
+    """The cached classifier run ``entry`` and its metadata, or None (missing, partial, damaged, older)."""
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads((entry / INFO).read_text())
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             return None
-        if sha256_file(weights_path) != meta["sha256"]:
-            return None
-        cfg = meta["config"]
-        model = SmallCNN(cfg["in_channels"], cfg["num_classes"], tuple(cfg["image_size"]))
-        model.load_state_dict(load_file(str(weights_path)))
-    except (OSError, ValueError, KeyError, RuntimeError):  # missing, partial or foreign: train again
+        return load_image_classifier(entry, device), meta
+    except (OSError, ValueError, CheckpointError):  # train again
         return None
-    return model.to(device).eval(), meta
+
+
+def _publish(run: Path, entry: Path) -> None:
+    """Move a trained classifier run into the cache as ``entry``, replacing a damaged or partial one
+    (the cache's own folder: nothing else is ever there)."""
+    if entry.exists():
+        shutil.rmtree(entry)
+    run.rename(entry)
 
 
 def load_or_train_classifier(
@@ -210,10 +191,11 @@ def load_or_train_classifier(
 
     ``data`` is a dataset name for ``difflab.data.load`` (trained on split "train", accuracy on
     split "test" when the dataset has one) or an ``ImageData`` (a seeded 10% held out for the
-    accuracy). Files: ``<cache>/classifier-<name>-<fingerprint>-<settings>.safetensors`` and
-    ``.json`` (config, test accuracy, the weights' SHA-256; written last). ``metadata["key"]``
-    names the weights, ``metadata["test_accuracy"]`` is the held-out accuracy. ``load_options``
-    (image_size, channels, pad_to) go to ``difflab.data.load``.
+    accuracy). The cache entry ``<cache>/classifier-<name>-<fingerprint>-<settings>/`` is the run
+    folder the Trainer wrote (trained under a temporary name, then renamed into place), with
+    ``accuracy.json`` (written last). ``metadata["key"]`` names the weights,
+    ``metadata["test_accuracy"]`` is the held-out accuracy. ``load_options`` (image_size, channels,
+    pad_to) go to ``difflab.data.load``.
     """
     from difflab.data.cache import cache_root
 
@@ -236,30 +218,34 @@ def load_or_train_classifier(
     safe_name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in Path(name).name)[:40]
     key = f"classifier-{safe_name}-{train.fingerprint}-{settings.hexdigest()[:8]}"
     root = cache_root(cache_dir)
-    stem = root / key
+    entry = root / key
     device = torch.device(device)
-    hit = _load_cached(stem, device)
+    hit = _load_cached(entry, device)
     if hit is not None:
         return hit
-    num_classes = train.num_classes
-    start = time.perf_counter()
-    model, accuracy = train_classifier(
-        train.images, train.labels, num_classes, epochs, seed, device,
-        test_images=None if test is None else test.images, test_labels=None if test is None else test.labels)
-    meta = {"format": FORMAT, "version": VERSION, "key": key, "config": model.config, "data": name,
-            "fingerprint": train.fingerprint, "test_fingerprint": test.fingerprint if test else None,
-            "test_accuracy": accuracy, "held_out": "test split" if test else "10% of the data",
-            "epochs": epochs, "seed": seed, "train_seconds": round(time.perf_counter() - start, 1)}
-    if verbose:
-        print(f"classifier for {name}: test accuracy {accuracy:.4f} in {meta['train_seconds']} s")
     try:
-        from safetensors.torch import save_file
-
         root.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(weights, str(p)))
-        meta["sha256"] = sha256_file(stem.with_suffix(".safetensors"))
-        write_text(stem.with_suffix(".json"), json.dumps(meta, indent=1))
-    except (OSError, OutputError) as e:  # a read-only cache is not an error: train again next time
+        work = Path(tempfile.mkdtemp(prefix=f".{key[:40]}-", dir=root))
+    except OSError as e:  # a read-only cache is not an error: train again next time
         log.warning("could not cache the classifier in %s (%s); it will be trained again", root, e)
+        work = Path(tempfile.mkdtemp(prefix="difflab-classifier-"))
+    try:
+        start = time.perf_counter()
+        model, accuracy = train_classifier(
+            train.images, train.labels, train.num_classes, epochs, seed, device, out=work / "run",
+            test_images=None if test is None else test.images, test_labels=None if test is None else test.labels)
+        meta = {"format": FORMAT, "version": VERSION, "key": key, "config": model.config, "data": name,
+                "fingerprint": train.fingerprint, "test_fingerprint": test.fingerprint if test else None,
+                "test_accuracy": accuracy, "held_out": "test split" if test else "10% of the data",
+                "epochs": epochs, "seed": seed, "train_seconds": round(time.perf_counter() - start, 1)}
+        if verbose:
+            print(f"classifier for {name}: test accuracy {accuracy:.4f} in {meta['train_seconds']} s")
+        if work.parent == root:
+            try:
+                save_json(work / "run" / INFO, meta)
+                _publish(work / "run", entry)
+            except (OSError, OutputError) as e:  # another process published it first, or the disk is full
+                log.warning("could not cache the classifier in %s (%s)", entry, e)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return model, meta

@@ -10,12 +10,12 @@ resumed run and a run on any number of ranks see the same noise.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from difflab import naive
-from difflab.config import TrainConfig
+from difflab.config import TrainConfig, process_config  # (process_config: imported from here too)
 from difflab.data.imagedata import to_model
 from difflab.denoiser import Denoiser
 from difflab.errors import UsageError
@@ -24,6 +24,7 @@ from difflab.processes.binomial import BinomialNoise, PixelNoise
 from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
+from difflab.train.classification import CLASSIFIER_METHODS
 from difflab.train.noise_levels import training_times
 from difflab.train.weighting import loss_weight, weighted_mse
 
@@ -42,6 +43,7 @@ class Method(Protocol):
     conditional: ClassVar[bool]  # takes class labels, prompts and guidance
     predicts_previous_step: ClassVar[bool]  # the network predicts z_{t-1} (not an estimate of x0)
     samples_from_data: ClassVar[bool]  # sampling starts from dataset images (given by :meth:`prepare`)
+    draws_samples: ClassVar[bool]  # the trained network draws images (False: a classifier, no sample grids)
 
     def prepare(self, data: ImageData) -> None:
         """Check the settings against the run's data (before anything is written) and keep what
@@ -49,6 +51,9 @@ class Method(Protocol):
 
     def describe(self, data: ImageData) -> str:
         """The method's part of the run's description line."""
+
+    def network(self, data: ImageData) -> dict | None:
+        """The network config this method trains (None: the diffusion network of ``--model``)."""
 
     def batch_index(self, step: int) -> int:
         """Which global batch of the data order ``step`` trains on."""
@@ -69,16 +74,6 @@ class Method(Protocol):
         """The sampling trajectories the figures draw: file-name suffix -> sampling options."""
 
 
-def process_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The Gaussian process a run trains with, as a config dict."""
-    if cfg.process in ("vp", "vp-cosine", "ve"):
-        return {"kind": cfg.process}
-    params: dict[str, Any] = {"T": cfg.T}
-    if cfg.process == "constant":
-        params["gamma"] = cfg.gamma
-    return {"kind": "discrete", "schedule": cfg.process, **params}
-
-
 def _generator(seed: int, step: int, device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
@@ -95,6 +90,7 @@ class GaussianMethod:
     conditional = True
     predicts_previous_step = False
     samples_from_data = False
+    draws_samples = True
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -110,6 +106,9 @@ class GaussianMethod:
 
     def prepare(self, data: ImageData) -> None:
         pass
+
+    def network(self, data: ImageData) -> None:
+        return None
 
     def describe(self, data: ImageData | None = None) -> str:
         p = self.process
@@ -180,9 +179,13 @@ class _BatchSeeded:
     conditional = False
     predicts_previous_step = False
     samples_from_data = False
+    draws_samples = True
 
     def prepare(self, data: ImageData) -> None:
         pass
+
+    def network(self, data: ImageData) -> None:
+        return None
 
     @torch.no_grad()
     def sample(self, net, n: int, shape, *, seed: int = 0, start: int = 0, steps: int = 50, batch_size: int = 256,
@@ -308,7 +311,8 @@ class ColdMethod(_BatchSeeded):
         return naive.cold_sample(net, x_T, self.degradation, steps, state, improved=improved, callback=callback)
 
 
-METHOD_CLASSES = {"gaussian": GaussianMethod, "naive1": Naive1Method, "naive2": Naive2Method, "cold": ColdMethod}
+METHOD_CLASSES = {"gaussian": GaussianMethod, "naive1": Naive1Method, "naive2": Naive2Method, "cold": ColdMethod,
+                  **CLASSIFIER_METHODS}
 
 
 def make_method(cfg: TrainConfig) -> Method:

@@ -111,9 +111,11 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains one run folder. ``resume=True`` continues the latest checkpoint in ``cfg.out``."""
+    """Trains one run folder. ``resume=True`` continues the latest checkpoint in ``cfg.out``; ``data``
+    (default: ``cfg.data`` as the run layer loads it) is the same on every resume."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print,
+                 data: ImageData | None = None):
         cfg.validate()
         self.log = log
         self.out = Path(cfg.out)
@@ -141,7 +143,7 @@ class Trainer:
         self.progress = progress and self.dist.main
         self.logger = RunLogger(self.out, cfg.logger)  # loss.csv (+ TensorBoard events); checks its package now
 
-        data = load_data(cfg)
+        data = load_data(cfg) if data is None else data
         self.data = data
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device) if data.labels is not None else None
@@ -152,7 +154,8 @@ class Trainer:
         context_dim = self.conditioner.prompts.dim if cfg.conditioning == "text" else None
 
         torch.manual_seed(cfg.seed)
-        self.net_config = network_config(cfg, data, self.device, context_dim, self.method.preset)
+        self.net_config = (self.method.network(data)
+                           or network_config(cfg, data, self.device, context_dim, self.method.preset))
         # channels-last convolutions are faster on GPUs and CPUs alike (see nets/layout.py)
         self.net = nets.build(self.net_config).to(self.device).to(memory_format=torch.channels_last)
         recipe.resolve(cfg, self.device, nets.count_parameters(self.net))  # lr 0 and precision auto
@@ -374,7 +377,8 @@ class Trainer:
         cfg, main = self.cfg, self.dist.main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "samples").mkdir(exist_ok=True)
+            if self.method.draws_samples:
+                (self.out / "samples").mkdir(exist_ok=True)
             self._truncate_log(self.step)  # first: a damaged log stops the run before anything is written
             self.logger.open(self.step)
             save_json(self.out / "config.json", cfg.to_json())
@@ -525,10 +529,13 @@ class Trainer:
         return path
 
     @torch.no_grad()
-    def sample_grid(self, path: Path, n: int = 64) -> Path:
-        """A grid of EMA samples with fixed seeds (rows of classes for class-conditional runs)."""
+    def sample_grid(self, path: Path, n: int = 64) -> Path | None:
+        """A grid of EMA samples with fixed seeds (rows of classes for class-conditional runs); None
+        for a method that draws no samples (a classifier)."""
         from difflab.sampling import sample_images
 
+        if not self.method.draws_samples:
+            return None
         imgs = sample_images(self.method, self.ema.model, self.conditioner, n, self.shape, seed=0,
                              steps=self.cfg.sample_steps, sampler=self.cfg.sampler, clip=self.cfg.clip,
                              device=self.device)
