@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         precision_recall,
         reference_stats,
     )
-    from difflab.train.trainer import pick_device
+    from difflab.training.trainer import pick_device
 
     device = pick_device(args.device)
     test = load(args.data, split="test")

@@ -27,7 +27,7 @@ from common import forward_flops, interleaved, matrix_peak, process_setup, quiet
 
 
 def difflab_step(preset: str, batch: int, device, precision: str, compile_: bool):
-    import difflab.train.trainer as trainer_mod
+    import difflab.training.trainer as trainer_mod
     from difflab.config import TrainConfig
 
     data = synthetic_images(max(8 * batch, 1024), 3 if preset == "ddpm-cifar10" else 1, 32)

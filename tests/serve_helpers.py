@@ -21,7 +21,7 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") i
 def runs_dir(tmp_path_factory):
     """A runs folder holding 'tiny' (class-conditional, digits 8x8, a few steps) and a non-run folder."""
     from difflab.config import TrainConfig
-    from difflab.train.trainer import Trainer
+    from difflab.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("runs")
     cfg = TrainConfig(data="digits", out=str(root / "tiny"), model="tiny", steps=6, batch_size=16, log_every=2,

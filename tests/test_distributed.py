@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from difflab.config import TrainConfig
-from difflab.train.checkpoint import latest_checkpoint
-from difflab.train.distributed import DistContext, sample_sharded, shard
-from difflab.train.trainer import Trainer
+from difflab.training.checkpoint import latest_checkpoint
+from difflab.training.distributed import DistContext, sample_sharded, shard
+from difflab.training.trainer import Trainer
 
 RUN = {"data": "digits", "model": "tiny", "dropout": 0.0, "batch_size": 16, "log_every": 3, "checkpoint_every": 3,
        "sample_every": 0, "sample_steps": 2, "warmup": 2, "lr": 1e-3}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from difflab.config import TrainConfig
-from difflab.train.trainer import Trainer
+from difflab.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("make_figures", ROOT / "docs" / "make_figures.py")

@@ -18,10 +18,10 @@ from difflab.config import TrainConfig, load_run_config
 from difflab.ema_lengths import SIGMA_REL_MAX, gamma_of_sigma_rel, parse_lengths, sigma_rel_of_gamma
 from difflab.errors import UsageError
 from difflab.sampling import load_run
-from difflab.train.checkpoint import latest_checkpoint, list_checkpoints, split_prefix
-from difflab.train.ema import PowerEMA, build_emas, posthoc_coefficients, power_profile, profile_inner
-from difflab.train.posthoc_ema import load_posthoc_ema, reconstruct_ema, save_posthoc_ema, save_snapshot
-from difflab.train.trainer import Trainer
+from difflab.training.checkpoint import latest_checkpoint, list_checkpoints, split_prefix
+from difflab.training.ema import PowerEMA, build_emas, posthoc_coefficients, power_profile, profile_inner
+from difflab.training.posthoc_ema import load_posthoc_ema, reconstruct_ema, save_posthoc_ema, save_snapshot
+from difflab.training.trainer import Trainer
 
 quiet = dict(progress=False, log=lambda *a: None)
 

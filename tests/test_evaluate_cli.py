@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from difflab.config import TrainConfig
-from difflab.train.trainer import Trainer
+from difflab.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 
 from difflab.cli import main
 from difflab.config import TrainConfig
-from difflab.train.trainer import Trainer
+from difflab.training.trainer import Trainer
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -20,8 +20,8 @@ import torch
 
 from difflab.config import TrainConfig
 from difflab.errors import CheckpointError
-from difflab.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint
-from difflab.train.trainer import Trainer
+from difflab.training.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint
+from difflab.training.trainer import Trainer
 
 RUN = {"data": "digits", "model": "tiny", "batch_size": 16, "log_every": 5, "checkpoint_every": 5,
        "sample_every": 0, "sample_steps": 2, "warmup": 2, "lr": 1e-3, "keep": 3}

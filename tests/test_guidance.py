@@ -20,8 +20,8 @@ from difflab.classifier_guidance import (
     NoisyClassifier,
     load_classifier,
     noisy_accuracy,
-    train_classifier_run,
 )
+from difflab.classifier_training import train_classifier_run
 from difflab.cli import main
 from difflab.data import load
 from difflab.denoiser import Denoiser
@@ -30,7 +30,7 @@ from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from difflab.processes.continuous import VPCosine
 from difflab.processes.gaussian import cosine_schedule, linear_schedule
 from difflab.samplers import evaluations, generate
-from difflab.train.methods import GaussianMethod
+from difflab.training.methods import GaussianMethod
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
@@ -334,7 +334,7 @@ def test_noisy_classifier_trains_round_trips_and_reports_accuracy(tmp_path):
 
 def test_older_classifier_folders_still_load(tmp_path):
     """The checkpoint format before the Trainer trained classifiers: ``"kind": "noisy-classifier"``."""
-    from difflab.train.checkpoint import save_checkpoint
+    from difflab.training.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     net = NoisyClassifier(1, 10, 8, (1, 2), norm_groups=8)

@@ -111,14 +111,14 @@ def test_imports_are_read_at_every_level(tmp_path):
 
 def test_difflab_imports_are_acyclic():
     graph = import_graph()
-    assert len(graph) > 50 and graph["difflab.train.trainer"]  # the source was found and read
+    assert len(graph) > 50 and graph["difflab.training.trainer"]  # the source was found and read
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def package_graph(graph: dict[str, set[str]], skip: frozenset[tuple[str, str]] = frozenset()) -> dict[str, set[str]]:
-    """``graph`` with every module folded into its top-level part of difflab (``difflab.train.ema`` ->
-    ``difflab.train``; a single-file module stays itself), leaving out the root package (the public API
+    """``graph`` with every module folded into its top-level part of difflab (``difflab.training.ema`` ->
+    ``difflab.training``; a single-file module stays itself), leaving out the root package (the public API
     imports everything) and the module edges in ``skip``."""
     def part(name: str) -> str:
         return ".".join(name.split(".")[:2])
@@ -142,7 +142,7 @@ def test_package_graph_folds_modules_into_their_parts():
 
 # The one package-level circle left: the trainer's sample grids call the sampling layer, which loads the
 # trainer's checkpoints and methods (issue 15's run layer removes it; then this set is empty).
-KNOWN_PACKAGE_EDGES = frozenset({("difflab.train.trainer", "difflab.sampling")})
+KNOWN_PACKAGE_EDGES = frozenset({("difflab.training.trainer", "difflab.sampling")})
 
 
 def test_difflab_packages_import_acyclically():

@@ -12,7 +12,7 @@ from PIL import Image
 
 from difflab.cli import main
 from difflab.config import TrainConfig
-from difflab.train.trainer import Trainer
+from difflab.training.trainer import Trainer
 
 
 def _cfg(out, **kw):

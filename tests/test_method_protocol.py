@@ -12,7 +12,7 @@ import torch
 from difflab.config import TrainConfig
 from difflab.data import ImageData
 from difflab.processes.binomial import NoiseSettingsError
-from difflab.train.methods import METHOD_CLASSES, Method, make_method
+from difflab.training.methods import METHOD_CLASSES, Method, make_method
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "difflab"
 CALLERS = ["train/trainer.py", "sampling.py", "cli/figures.py", "cli/sample.py", "serve/panels.py"]
@@ -95,7 +95,7 @@ def test_the_name_check_finds_comparisons(tmp_path):
 def test_a_method_of_a_foreign_network_samples_like_the_trained_one():
     from difflab import nets
     from difflab.sampling import sample_images
-    from difflab.train.methods import GaussianMethod
+    from difflab.training.methods import GaussianMethod
 
     trained = make_method(TrainConfig(process="linear", T=50, prediction="eps"))
     conf = dict(nets.PRESETS["tiny"], in_channels=1, out_channels=1, image_size=8)

@@ -12,7 +12,7 @@ from PIL import Image
 from difflab.cli import main
 from difflab.config import TrainConfig
 from difflab.outputs import read_sample_pngs
-from difflab.train.trainer import Trainer
+from difflab.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from difflab.processes.continuous import VE, VPLinear
 from difflab.processes.gaussian import linear_schedule
 from difflab.samplers import generate
 from difflab.sampling import load_run
-from difflab.train.trainer import Trainer
+from difflab.training.trainer import Trainer
 
 MEAN, STD = 0.3, 0.5
 SHAPE = (1, 4, 4)

@@ -29,7 +29,7 @@ from difflab import runlock
 from difflab.cli import main
 from difflab.errors import CheckpointError, UsageError
 from difflab.files import atomic_write, check_output, temp_path
-from difflab.train.checkpoint import list_checkpoints, sha256_file, verify_checkpoint
+from difflab.training.checkpoint import list_checkpoints, sha256_file, verify_checkpoint
 
 TINY = ["--data", "digits", "--model", "tiny", "--batch-size", "8", "--log-every", "1", "--checkpoint-every", "2",
         "--sample-every", "0", "--sample-steps", "1", "--warmup", "1", "--quiet"]
@@ -182,7 +182,7 @@ def test_atomic_write_syncs_unless_told_not_to(tmp_path, monkeypatch):
 
 
 def test_disk_full_while_saving_keeps_last_good_checkpoint(run_copy, monkeypatch):
-    from difflab.train import checkpoint
+    from difflab.training import checkpoint
 
     def full(tmp, tensors):
         raise OSError(28, "No space left on device")
@@ -414,7 +414,7 @@ def test_check_output_rules(tmp_path, tiny_run):
 
 
 def test_checkpoint_meta_paths_are_confined(tmp_path):
-    from difflab.train.checkpoint import load_checkpoint, save_checkpoint
+    from difflab.training.checkpoint import load_checkpoint, save_checkpoint
 
     js = save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
     for tensors in ("..", "/etc/passwd", "step-0000002.safetensors"):
@@ -424,6 +424,6 @@ def test_checkpoint_meta_paths_are_confined(tmp_path):
 
 
 def test_non_finite_checkpoint_is_never_written(tmp_path):
-    from difflab.train.checkpoint import non_finite
+    from difflab.training.checkpoint import non_finite
 
     assert non_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("inf")]), "c": torch.arange(3)}) == ["b"]

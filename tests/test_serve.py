@@ -297,7 +297,7 @@ def test_monitor_streams_the_loss_and_newest_grid(server, runs_dir):  # noqa: F8
 
 
 def test_a_run_still_training_is_sampled_from_its_newest_checkpoint(server, runs_dir, tiny):  # noqa: F811
-    from difflab.train.checkpoint import latest_checkpoint, save_checkpoint
+    from difflab.training.checkpoint import latest_checkpoint, save_checkpoint
 
     tensors, meta = latest_checkpoint(runs_dir / "tiny" / "checkpoints")
     g = torch.Generator().manual_seed(0)

@@ -11,9 +11,9 @@ from difflab.errors import UsageError
 from difflab.noise import seeded_normal, seeded_uniform
 from difflab.processes.continuous import make_process
 from difflab.processes.gaussian import make_schedule
-from difflab.train.noise_levels import P_MEAN, P_STD, lognormal_sigma, training_times
-from difflab.train.trainer import Trainer
-from difflab.train.weighting import loss_weight, weighted_mse
+from difflab.training.noise_levels import P_MEAN, P_STD, lognormal_sigma, training_times
+from difflab.training.trainer import Trainer
+from difflab.training.weighting import loss_weight, weighted_mse
 
 PROCESSES = {"linear": lambda: make_schedule("linear", T=1000), "vp": lambda: make_process({"kind": "vp"}),
              "ve": lambda: make_process({"kind": "ve"})}

@@ -10,8 +10,6 @@ In Python: ``difflab.train(data="digits", steps=200)`` and ``difflab.load("runs/
 :mod:`difflab.api`).
 """
 
-import sys
-
 __version__ = "0.1.0"
 
 __all__ = ["Model", "SampleRequest", "load", "to_pil", "train"]
@@ -24,11 +22,7 @@ def __getattr__(name: str):
         from difflab.request import SampleRequest
 
         return SampleRequest
-    if name == "train":  # the subpackage, which trains when called (difflab/train/__init__.py)
-        import difflab.train  # noqa: F401 - binds the subpackage on the package
-
-        return sys.modules["difflab.train"]
-    if name in ("Model", "load", "to_pil"):
+    if name in ("Model", "load", "to_pil", "train"):
         from difflab import api
 
         return getattr(api, name)

@@ -23,7 +23,7 @@ def train(*, resume: bool = False, progress: bool = False, device: str | None = 
     given get the method's reference settings exactly as on the command line
     (:func:`~difflab.config.config_from_values`). ``resume``: continue the latest checkpoint in ``out``."""
     from difflab.config import config_from_values
-    from difflab.train.trainer import Trainer
+    from difflab.training.trainer import Trainer
 
     cfg = config_from_values({**settings, "device": device})
     trainer = Trainer(cfg, resume=resume, progress=progress, log=print if progress else _quiet)

@@ -8,7 +8,7 @@
 - the one-line description of a run (:func:`describe_run`),
 - which settings a resumed run may change (:data:`RESUME_OVERRIDES`).
 
-It sits beneath ``train/`` and ``sampling.py`` (they import it, it imports neither).
+It sits beneath ``training/`` and ``sampling.py`` (they import it, it imports neither).
 """
 
 from __future__ import annotations

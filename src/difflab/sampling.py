@@ -21,8 +21,8 @@ from difflab.errors import CheckpointError, UsageError
 from difflab.figures import to_uint8
 from difflab.request import ModelTraits, SampleRequest
 from difflab.runs import RESUME_OVERRIDES, data_name, load_data, make_conditioner, prompt_cache
-from difflab.train.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
-from difflab.train.methods import Method, make_method
+from difflab.training.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
+from difflab.training.methods import Method, make_method
 
 
 @torch.no_grad()
@@ -107,10 +107,10 @@ def sample_request(model, request: SampleRequest, *, progress=None, callback=Non
 
 def sample_sharded_request(model, request: SampleRequest, ctx, *, progress=None, callback=None) -> torch.Tensor:
     """:func:`sample_request` with the n samples split over the ranks of ``ctx`` (a
-    :class:`~difflab.train.distributed.DistContext`; every rank gets all n, on the CPU). Methods that seed
+    :class:`~difflab.training.distributed.DistContext`; every rank gets all n, on the CPU). Methods that seed
     per batch are split on batch ends, so the images do not depend on the number of ranks. ``callback``
     follows the first part only (the part holding sample 0)."""
-    from difflab.train.distributed import sample_sharded
+    from difflab.training.distributed import sample_sharded
 
     req = model.prepare(request)
 
@@ -258,7 +258,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
              ema: bool = True, ema_length: float | None = None) -> Run:
     """Load a run folder written by ``difflab train`` (the latest verified checkpoint, EMA weights).
     ``ema_length``: the post-hoc power EMA of that relative length instead (``difflab ema`` saved it,
-    or it is built now from the run's EMA snapshots; see :mod:`difflab.train.posthoc_ema`)."""
+    or it is built now from the run's EMA snapshots; see :mod:`difflab.training.posthoc_ema`)."""
     path = Path(path)
     if ema_length is not None and not ema:
         raise UsageError("ema=False (the raw weights) and an ema_length exclude each other")
@@ -275,7 +275,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
         net = nets.build(meta["network"]).to(device)
         weights, step = split_prefix(tensors, "ema" if ema else "model"), int(meta["step"])
         if ema_length is not None:
-            from difflab.train.posthoc_ema import load_posthoc_ema
+            from difflab.training.posthoc_ema import load_posthoc_ema
 
             weights, info = load_posthoc_ema(path, ema_length, device)
             step = int(info["step"])

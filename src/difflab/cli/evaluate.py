@@ -116,7 +116,7 @@ def _draw(args: argparse.Namespace, device):
     """(model, uint8 samples, labels) of --run or --diffusers-model, sharded over ranks (None samples on the
     ranks that do not compute the metrics); the sampler, steps and guidance used are set on ``args``."""
     from difflab.model import samples_for_evaluation
-    from difflab.train.distributed import DistContext
+    from difflab.training.distributed import DistContext
 
     if args.diffusers_model:
         if args.data is None:

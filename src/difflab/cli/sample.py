@@ -79,7 +79,7 @@ def request_from_args(args: argparse.Namespace) -> SampleRequest:
 
 def run(args: argparse.Namespace) -> int:
     from difflab.runs import pick_device
-    from difflab.train.distributed import DistContext
+    from difflab.training.distributed import DistContext
 
     if (args.run is None) == (args.diffusers_model is None):
         raise UsageError("give exactly one of --run DIR or --diffusers-model DIR")
@@ -130,7 +130,7 @@ def _draw(model, req: SampleRequest, ctx, path_cb) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     from difflab.sampling import sample_sharded_request, shard_block
-    from difflab.train.distributed import shard
+    from difflab.training.distributed import shard
 
     bar = None
     if ctx.main:

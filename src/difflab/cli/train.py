@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nproc and "WORLD_SIZE" not in os.environ:
         return _launch(args.nproc)
-    from difflab.train.trainer import Trainer
+    from difflab.training.trainer import Trainer
 
     cfg = config_from_args(args, defaults=read_config_file(args.config) if args.config else None)
     trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _launch(n: int) -> int:
     """Re-run this command under torchrun's launcher with n processes (without --nproc)."""
-    from difflab.train.distributed import launch
+    from difflab.training.distributed import launch
 
     argv, skip = [], False
     for a in sys.argv[1:]:

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from difflab.classifier_guidance import train_classifier_run
+    from difflab.classifier_training import train_classifier_run
 
     if args.run is not None and args.data is not None:
         raise UsageError("give exactly one of --run DIFFUSION_RUN_DIR or --data NAME")

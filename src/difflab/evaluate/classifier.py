@@ -3,7 +3,7 @@ features of the fast "classifier FID" (its 128-d penultimate layer instead of In
 
 This is not the noisy, time-conditioned classifier of classifier guidance
 (``difflab.classifier_guidance``): it sees clean uint8 images only. It is trained by the one Trainer
-(``--method classifier``, ``difflab.train.classification``), and a trained one is cached as that
+(``--method classifier``, ``difflab.training.classification``), and a trained one is cached as that
 run folder (checksummed safetensors + JSON checkpoints, never pickle) under
 ``<cache>/classifier-<name>-<fingerprint>-<settings>/``, keyed by the fingerprint of the training
 data, so each dataset is trained once.
@@ -29,8 +29,8 @@ from difflab.errors import CheckpointError, DataError, UsageError
 from difflab.evaluate.inception import check_images
 from difflab.files import OutputError
 from difflab.nets.small_cnn import FEATURE_DIM, SmallCNN
-from difflab.train.checkpoint import latest_checkpoint
-from difflab.train.classification import classifier_config, held_out_split, trained_network
+from difflab.training.checkpoint import latest_checkpoint
+from difflab.training.classification import classifier_config, held_out_split, trained_network
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def train_classifier(
                             lr=lr, weight_decay=0.0, warmup=max(1, round(0.3 * steps)), lr_decay="cosine",
                             seed=seed, device=str(device), checkpoint_every=steps, keep=1,
                             log_every=min(50, steps))
-    from difflab.train.trainer import Trainer
+    from difflab.training.trainer import Trainer
 
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
         Trainer(cfg, progress=False, log=lambda *_: None, data=train).run()

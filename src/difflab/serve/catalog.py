@@ -16,7 +16,7 @@ import torch
 from difflab.conditioning import Conditioner
 from difflab.errors import CheckpointError, UsageError
 from difflab.request import ModelTraits
-from difflab.train.checkpoint import list_checkpoints
+from difflab.training.checkpoint import list_checkpoints
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 TRAINING_WINDOW_S = 120.0  # a run whose loss log changed this recently counts as training
@@ -159,7 +159,7 @@ class Catalog:
         from difflab.interop import load_diffusers_unet
 
         den, shape = load_diffusers_unet(path, self.device)
-        from difflab.train.methods import GaussianMethod
+        from difflab.training.methods import GaussianMethod
 
         return Run(path, None, GaussianMethod.of(den.process, den.prediction), den.net, Conditioner("none"),
                    shape, None, 0, self.device)

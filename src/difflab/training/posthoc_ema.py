@@ -4,7 +4,7 @@ Models", sec. 3.2): the EMA of any relative length, built after training.
 During training the power EMAs of a few lengths (``--ema-track``) are saved every
 ``--ema-snapshot-every`` steps into ``RUN/ema-snapshots/step-NNNNNNN.safetensors`` (+ JSON, written
 and verified like checkpoints). A snapshot of exponent gamma_k after t_k updates is the average of
-the weights under the power profile p_k (see :mod:`difflab.train.ema`); sums of snapshots are
+the weights under the power profile p_k (see :mod:`difflab.training.ema`); sums of snapshots are
 averages under sums of profiles, so the EMA of a target profile is sum_k x_k snapshot_k with x the
 least-squares fit of the target profile by the snapshots' profiles (their inner products have a
 closed form). The target ends at the latest snapshot. ``difflab ema`` writes the result to
@@ -22,8 +22,8 @@ import torch
 
 from difflab.ema_lengths import check_ema_length, gamma_of_sigma_rel
 from difflab.errors import CheckpointError, UsageError
-from difflab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, split_prefix, write_tensor_file
-from difflab.train.ema import PowerEMA, posthoc_coefficients
+from difflab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, split_prefix, write_tensor_file
+from difflab.training.ema import PowerEMA, posthoc_coefficients
 
 SNAPSHOTS = "ema-snapshots"
 POSTHOC = "ema"

@@ -7,7 +7,7 @@
   ``difflab.evaluate.classifier``.
 
 Both take the labels from the class condition (``conditioning="class"`` with ``cond_drop=0``: no null
-labels), draw their noise per sample like :class:`~difflab.train.methods.GaussianMethod`, and draw no
+labels), draw their noise per sample like :class:`~difflab.training.methods.GaussianMethod`, and draw no
 samples: the trainer writes checkpoints, the log and the loss curve, never a sample grid.
 """
 
@@ -27,8 +27,8 @@ from difflab.errors import CheckpointError, UsageError
 from difflab.noise import seeded_normal, seeded_uniform
 from difflab.processes.continuous import make_process
 from difflab.processes.gaussian import GaussianProcess
-from difflab.train.checkpoint import split_prefix
-from difflab.train.noise_levels import training_times
+from difflab.training.checkpoint import split_prefix
+from difflab.training.noise_levels import training_times
 
 NOISY_WIDTHS = "32,64,64"  # the noisy classifier's default level widths (``--channels 32``)
 

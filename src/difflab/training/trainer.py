@@ -36,7 +36,7 @@ from difflab.errors import CheckpointError, TrainingDiverged, UsageError
 from difflab.figures import grid, plot_loss, save_image
 from difflab.files import OutputError, check_run_folder, write_text
 from difflab.runs import RESUME_OVERRIDES, describe_run, load_data, make_conditioner, pick_device, prompt_cache
-from difflab.train.checkpoint import (
+from difflab.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     non_finite,
@@ -46,11 +46,11 @@ from difflab.train.checkpoint import (
     split_prefix,
     verify_checkpoint,
 )
-from difflab.train.distributed import DistContext
-from difflab.train.ema import build_emas
-from difflab.train.loggers import RunLogger
-from difflab.train.methods import Method, make_method
-from difflab.train.posthoc_ema import drop_snapshots_after, save_snapshot
+from difflab.training.distributed import DistContext
+from difflab.training.ema import build_emas
+from difflab.training.loggers import RunLogger
+from difflab.training.methods import Method, make_method
+from difflab.training.posthoc_ema import drop_snapshots_after, save_snapshot
 
 
 def network_config(cfg: TrainConfig, data: ImageData, device: torch.device, context_dim: int | None,

@@ -24,9 +24,9 @@ from difflab.processes.binomial import BinomialNoise, PixelNoise
 from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
-from difflab.train.classification import CLASSIFIER_METHODS
-from difflab.train.noise_levels import training_times
-from difflab.train.weighting import loss_weight, weighted_mse
+from difflab.training.classification import CLASSIFIER_METHODS
+from difflab.training.noise_levels import training_times
+from difflab.training.weighting import loss_weight, weighted_mse
 
 if TYPE_CHECKING:
     from difflab.data import ImageData
