@@ -4,6 +4,7 @@ test (page loads, one sample appears, no request leaves the machine)."""
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 
@@ -343,3 +344,13 @@ def test_browser_page_loads_and_one_sample_appears(server):  # noqa: F811
             assert page.foreign == [] and page.errors == []
         finally:
             browser.close()
+
+
+def test_classifier_runs_are_not_listed(tmp_path):
+    """A noisy classifier's run folder draws no images: the catalog leaves it out."""
+    from difflab.serve.catalog import Catalog
+
+    for name, method in (("clf", "noisy-classifier"), ("diff", "gaussian")):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text(json.dumps({"method": method}))
+    assert Catalog(tmp_path).names() == ["diff"]

@@ -15,6 +15,7 @@ import torch
 
 from difflab.conditioning import Conditioner
 from difflab.errors import CheckpointError, UsageError
+from difflab.recipe import CLASSIFIERS
 from difflab.request import ModelTraits
 from difflab.training.checkpoint import list_checkpoints
 
@@ -87,9 +88,13 @@ def _diffusers_info(name: str, path: Path) -> RunInfo:
 
 
 def _kind(path: Path) -> str | None:
-    """"run", "diffusers" or None for a folder that is neither."""
+    """"run", "diffusers" or None for a folder that is neither (a classifier's run draws no images)."""
     if (path / "config.json").exists() and (path / "checkpoints").is_dir():
-        return "run"
+        try:
+            method = json.loads((path / "config.json").read_text()).get("method")
+        except (OSError, ValueError, AttributeError):
+            method = None  # a damaged run is listed, and its entry says what is wrong
+        return None if method in CLASSIFIERS else "run"
     for unet in (path, path / "unet"):
         if (unet / "config.json").exists() and (unet / "diffusion_pytorch_model.safetensors").exists():
             return "diffusers"
