@@ -202,6 +202,9 @@ class Run:
 def compile_for_sampling(net: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """``net`` compiled for inference on ``device``: on GPUs with CUDA graphs (``mode="reduce-overhead"``),
     on CPUs with inductor's weight freezing and C++ wrapper (:class:`CpuCompiled`)."""
+    from difflab.nets import cpu_kernels
+
+    cpu_kernels.prepare_compile()
     if torch.device(device).type == "cuda":
         return torch.compile(net, mode="reduce-overhead")
     return CpuCompiled(net)

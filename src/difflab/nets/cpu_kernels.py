@@ -140,10 +140,19 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
-@torch._dynamo.assume_constant_result
 def available() -> bool:
-    """Whether the CPU kernels can be used (a constant for torch.compile)."""
+    """Whether the CPU kernels can be used (a constant for torch.compile after :func:`prepare_compile`)."""
     return library() is not None
+
+
+def prepare_compile() -> None:
+    """Make :func:`available` a constant for torch.compile, before compiling a network that calls it.
+    Not done at import: importing torch._dynamo costs a second or more, which every command (and the
+    explorer's first image) would pay without compiling anything."""
+    global available
+    if not getattr(available, "_difflab_constant", False):
+        available = torch._dynamo.assume_constant_result(available)
+        available._difflab_constant = True
 
 
 def unavailable_reason() -> str | None:

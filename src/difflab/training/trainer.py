@@ -203,7 +203,12 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return torch.compile(net) if self.cfg.compile else net
+        if not self.cfg.compile:
+            return net
+        from difflab.nets import cpu_kernels
+
+        cpu_kernels.prepare_compile()
+        return torch.compile(net)
 
     def release_process_group(self) -> None:
         """Drop the DDP wrapper, whose C++ reducer holds the process group, so that the group dies with
