@@ -319,7 +319,9 @@ def main(argv=None) -> int:
     peers = [results[k]["confident"] for k in ("diffusers", "lucidrains") if "confident" in results.get(k, {})]
     write_json(args.json, results)
     if "difflab" in results and peers:
-        print(f"ratio={results['difflab']['confident'] / max(max(peers), 1e-9):.2f}")
+        best = max(peers)  # no sample of the best peer confident: the ratio is unbounded, said as such
+        print(f"ratio={results['difflab']['confident'] / best:.2f}" if best > 0 else
+              f"ratio=inf (difflab {results['difflab']['confident']:.3f}, no peer sample confident)")
     return 0
 
 
