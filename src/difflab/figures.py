@@ -35,9 +35,14 @@ def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value:
     return out
 
 
+def pil_image(array: np.ndarray) -> Image.Image:
+    """An H x W x C uint8 array as a PIL image (mode L for one channel, RGB for three)."""
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
 def save_image(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     """Save an H x W x C uint8 array as PNG (nearest-neighbour upscaled by ``scale``)."""
-    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    img = pil_image(array)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

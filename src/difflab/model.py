@@ -44,10 +44,9 @@ def _is_diffusers(p: Path) -> bool:
 
 def to_pil(images: torch.Tensor) -> list:
     """uint8 [N, C, H, W] images as a list of PIL images (mode L or RGB)."""
-    from PIL import Image
+    from difflab.figures import pil_image
 
-    arrays = images.permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+    return [pil_image(a) for a in images.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 class Model:

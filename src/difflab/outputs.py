@@ -13,7 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from difflab.errors import UsageError
-from difflab.figures import grid, to_uint8
+from difflab.figures import grid, pil_image, to_uint8
 from difflab.files import atomic_write
 
 SAMPLE_NAME = re.compile(r"^\d{6}\.png$")
@@ -41,7 +41,7 @@ def save_sample_pngs(images: torch.Tensor, folder: str | Path, settings: dict, s
     for i, a in enumerate(arr):
         info = PngImagePlugin.PngInfo()
         info.add_text("difflab", json.dumps({**settings, "index": start + i}, sort_keys=True, default=str))
-        image = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+        image = pil_image(a)
         # one fsync per sample would cost more than encoding it (about 1 ms a PNG here)
         paths.append(atomic_write(folder / f"{start + i:06d}.png", partial(image.save, format="PNG", pnginfo=info),
                                   durable=False))
@@ -78,7 +78,7 @@ class Trajectory:
     def save(self, path: str | Path, scale: int = 2, ms_per_frame: int = 120) -> Path:
         if not self.frames:
             raise UsageError("no sampler steps were recorded for --trajectory")
-        imgs = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in self.frames]
+        imgs = [pil_image(f) for f in self.frames]
         imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in imgs]
         return atomic_write(path, lambda tmp: imgs[0].save(tmp, format="GIF", save_all=True,
                                                            append_images=imgs[1:] + [imgs[-1]] * 5,

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from difflab.data import to_model
 from difflab.errors import DataError
-from difflab.figures import to_uint8
+from difflab.figures import pil_image, to_uint8
 from difflab.request import SampleRequest
 from difflab.serve.catalog import Catalog
 from difflab.serve.jobs import Job
@@ -28,7 +27,7 @@ def png_url(image: torch.Tensor) -> str:
     """A uint8 [C, H, W] image (or model units) as a ``data:image/png;base64,...`` URL."""
     a = to_uint8(image.detach().cpu()).permute(1, 2, 0).numpy()
     buf = io.BytesIO()
-    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format="PNG", compress_level=1)
+    pil_image(a).save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
