@@ -16,7 +16,7 @@ Contestants (``--only`` picks some; default ``difflab,diffusers,lucidrains``):
 - ``lucidrains``: ``denoising_diffusion_pytorch.GaussianDiffusion`` (v-prediction, sigmoid schedule),
   Adam 3.2e-4, EMA 0.995, when installed (``pip install --no-deps denoising-diffusion-pytorch einops ema-pytorch
   accelerate``; its torchvision import is satisfied by a stand-in, see ``_import_lucidrains``); else reported
-  as not installable. Judged on ``--n`` samples only (its sampler takes 250 steps).
+  as not installable.
 - ``class``: ``difflab train --data mnist --conditioning class --time-limit M``, sampled with ``--guidance 3``
   and each digit asked for in turn: the fraction the classifier gives the asked-for digit.
 - ``naive2``: ``difflab train --data mnist --method naive2 --time-limit M`` and its own sampler.
@@ -26,7 +26,9 @@ Contestants (``--only`` picks some; default ``difflab,diffusers,lucidrains``):
 The judge is difflab's own small MNIST classifier (``difflab.evaluate.classifier``, trained once and cached;
 about 99% test accuracy): the fraction of samples it labels with softmax confidence above 0.9 ("confident"),
 the count of the rarest digit among the confident ones, and the Frechet distance of its 128-d features to the
-MNIST test split over ``--fid-n`` samples ("classifier FID", comparable only within difflab). The last line is
+MNIST test split over ``--fid-n`` samples ("classifier FID", comparable only within difflab). The peers are
+judged on ``--peer-n`` samples (FID over the same): their samplers take 100 and 250 steps of networks that run
+slower than difflab's on a CPU, and 2,000 of them take hours. The last line is
 ``ratio=X``: difflab's confident fraction over the best peer's. Every number goes to ``--json``.
 """
 
@@ -232,24 +234,33 @@ def race_lucidrains(minutes: float, n: int, seed: int = 0) -> tuple[torch.Tensor
 
 # --- the phases -----------------------------------------------------------------------------------------
 def quality_vs_steps(run_dir: Path, judge: Judge, n: int, samplers, nfes, default_1000: bool = True) -> dict:
-    """Confident fraction and classifier FID (n samples) for each sampler at each NFE."""
+    """Confident fraction and classifier FID (n samples) for each sampler at each NFE (network evaluations per
+    sample: autoguidance, the default of unconditional runs, calls the network twice a step; Heun twice a step
+    but once at the end). The run's default sampler also without autoguidance, when it has it."""
     from difflab.samplers import SAMPLERS
     from difflab.sampling import load_run
 
     run = load_run(run_dir)
     default = run.cfg.sampler
+    guided = "autoguidance" in run.sampling_defaults()
+    rows = [(s, None) for s in dict.fromkeys([default, *samplers]) if s in SAMPLERS]
+    if guided:
+        rows.insert(1, (default, 1.0))
     table = {}
-    for sampler in dict.fromkeys([default, *samplers]):
-        if sampler not in SAMPLERS:
-            continue
+    for sampler, autoguidance in rows:
+        calls = 1 if autoguidance == 1.0 or not guided else 2
+        name = sampler + (", no autoguidance" if autoguidance == 1.0 else "")
         for nfe in [*nfes, *([1000] if default_1000 and sampler == default else [])]:
-            steps = (nfe + 1) // 2 if sampler == "heun" else nfe  # Heun: 2 steps - 1 evaluations
+            steps = nfe // calls
+            steps = (steps + 1) // 2 if sampler == "heun" else steps  # Heun: 2 steps - 1 evaluations
+            if steps < 1:
+                continue
             t0 = time.monotonic()
-            images = run.sample(n, seed=0, sampler=sampler, steps=steps)
+            images = run.sample(n, seed=0, sampler=sampler, steps=steps, autoguidance=autoguidance)
             r = judge.judge(images, fid_n=n) | {"seconds": time.monotonic() - t0, "steps": steps}
-            table[f"{sampler}/{nfe}"] = r
-            print(f"  {sampler:12s} NFE {nfe:4d}: confident {r['confident']:.3f} rarest {r['rarest']:3d} "
-                  f"classifier FID {r['classifier_fid']:.2f} ({r['seconds']:.0f} s)", flush=True)
+            table[f"{name}/{nfe}"] = r
+            print(f"  {name:28s} NFE {nfe:4d} ({steps:3d} steps): confident {r['confident']:.3f} rarest "
+                  f"{r['rarest']:3d} classifier FID {r['classifier_fid']:.2f} ({r['seconds']:.0f} s)", flush=True)
     return table
 
 
@@ -262,6 +273,8 @@ def main(argv=None) -> int:
                    help="comma-separated: difflab, diffusers, lucidrains, class, naive2, steps")
     p.add_argument("--n", type=int, default=256, help="samples judged per contestant")
     p.add_argument("--fid-n", type=int, default=2000, help="samples for the classifier FID (>= --n)")
+    p.add_argument("--peer-n", type=int, default=256, help="samples judged (and for the FID) of each peer: their "
+                   "samplers take 100 and 250 steps of a slower network")
     p.add_argument("--steps-n", type=int, default=256, help="samples per cell of the quality-vs-steps table")
     p.add_argument("--out", default="runs/race", help="folder for the runs")
     p.add_argument("--run", default=None, help="steps: the run to measure (default OUT/difflab)")
@@ -292,17 +305,15 @@ def main(argv=None) -> int:
         judged["classifier_fid"], judged["fid_n"] = judge.judge(images, fid_n=args.fid_n)["classifier_fid"], args.fid_n
         report("difflab", judged | info | {"sample_seconds": secs})
     if "diffusers" in only:
-        images, info = race_diffusers(args.minutes, n_all)
-        judged = judge.judge(images[:args.n])
-        judged["classifier_fid"], judged["fid_n"] = judge.judge(images, fid_n=args.fid_n)["classifier_fid"], args.fid_n
-        report("diffusers", judged | info)
+        images, info = race_diffusers(args.minutes, args.peer_n)
+        report("diffusers", judge.judge(images, fid_n=args.peer_n) | info)
     if "lucidrains" in only:
-        images, info = race_lucidrains(args.minutes, args.n)  # 250 steps a sample: no FID set
+        images, info = race_lucidrains(args.minutes, args.peer_n)
         if images is None:
             results["lucidrains"] = info
             print(f"lucidrains: {info['skipped']}", flush=True)
         else:
-            report("lucidrains", judge.judge(images) | info)
+            report("lucidrains", judge.judge(images, fid_n=args.peer_n) | info)
     if "class" in only:
         info = train_difflab(out / "class", args.class_minutes, "--conditioning", "class")
         labels = torch.arange(200) % 10

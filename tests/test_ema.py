@@ -20,7 +20,14 @@ from difflab.errors import UsageError
 from difflab.sampling import load_run
 from difflab.training.checkpoint import latest_checkpoint, list_checkpoints, split_prefix
 from difflab.training.ema import PowerEMA, build_emas, posthoc_coefficients, power_profile, profile_inner
-from difflab.training.posthoc_ema import load_posthoc_ema, reconstruct_ema, save_posthoc_ema, save_snapshot
+from difflab.training.posthoc_ema import (
+    guide_snapshot,
+    load_guide,
+    load_posthoc_ema,
+    reconstruct_ema,
+    save_posthoc_ema,
+    save_snapshot,
+)
 from difflab.training.trainer import Trainer
 
 quiet = dict(progress=False, log=lambda *a: None)
@@ -242,7 +249,11 @@ def test_old_run_folders_keep_the_classic_ema(tmp_path):
         del old[name]  # a config.json written before these fields existed
     path.write_text(json.dumps(old))
     c = load_run_config(tmp_path / "run")
-    assert (c.ema_length, c.ema_track, c.ema_snapshot_every) == (0.0, "", 0)
+    assert (c.ema_length, c.ema_track, c.ema_snapshot_every, c.autoguidance) == (0.0, "", 0, 3.0)
+    del old["autoguidance"]
+    path.write_text(json.dumps(old))
+    c = load_run_config(tmp_path / "run")
+    assert (c.ema_length, c.ema_track, c.ema_snapshot_every, c.autoguidance) == (0.0, "", 0, 1.0)
     assert (c.noise_sampling, c.loss_weighting) == ("uniform", "none")
     assert load_run(tmp_path / "run").sample(2, steps=2).shape == (2, 1, 8, 8)
     resumed = cfg(tmp_path, steps=6, checkpoint_every=4)
@@ -251,3 +262,55 @@ def test_old_run_folders_keep_the_classic_ema(tmp_path):
     assert not isinstance(tr.ema, PowerEMA) and tr.tracked == [] and tr.step == 4
     tr.run()
     assert not (Path(tmp_path) / "run" / "ema-snapshots").exists()
+
+
+# --- the early EMA as the autoguidance guide (Karras et al. 2024) ------------------------------------------
+def test_guide_snapshot_is_the_one_nearest_the_fraction_in_the_first_half(tmp_path):
+    folder = tmp_path / "ema-snapshots"
+    folder.mkdir()
+    assert guide_snapshot(tmp_path, 0.25) is None
+    for step in (200, 400, 600, 800, 1000, 1200, 3000, 3076):
+        (folder / f"step-{step:07d}.json").write_text("{}")
+    assert guide_snapshot(tmp_path, 0.25).name == "step-0000800.json"  # 0.25 * 3076 = 769
+    assert guide_snapshot(tmp_path, 0.5).name == "step-0001200.json"  # nothing between 1200 and 1538
+    assert guide_snapshot(tmp_path, 0.01).name == "step-0000200.json"
+    for p in folder.iterdir():
+        if p.name != "step-0003076.json":
+            p.unlink()
+    assert guide_snapshot(tmp_path, 0.25) is None  # only the end of the run: no weaker version of it
+
+
+def test_autoguidance_zero_samples_the_guide_and_one_the_run(trained):
+    run = load_run(trained)
+    assert run.autoguidable and run.sampling_defaults()["autoguidance"] == 3.0  # TrainConfig's default
+    weights, info = load_guide(trained, 0.25, 0.1)
+    assert info == {"step": 4, "ema_length": 0.1}  # 0.25 * 12 = 3: the snapshot of step 4, the main length
+    guide = run.guide_net(3.0)
+    assert all(torch.equal(v, weights[k]) for k, v in guide.state_dict().items())
+    assert run.guide_net(1.0) is None and run.guide_net(None) is None
+    plain = run.sample(4, steps=3, autoguidance=1.0)
+    guided = run.sample(4, steps=3)  # the run's default, 3
+    assert not torch.equal(plain, guided)
+    only_guide = load_run(trained)
+    only_guide.net.load_state_dict(weights)
+    # D_guide + 0 (D - D_guide) is the guide alone
+    assert torch.equal(run.sample(4, steps=3, autoguidance=0.0), only_guide.sample(4, steps=3, autoguidance=1.0))
+
+
+def test_cli_autoguidance_is_checked(trained, tmp_path):
+    r = _cli("sample", "--run", str(trained), "--autoguidance", "2", "--n", "2", "--steps", "2",
+             "--out", str(tmp_path / "g.png"))
+    assert r.returncode == 0, r.stderr
+    r = _cli("sample", "--run", str(trained), "--autoguidance", "-1", "--n", "2", "--out", str(tmp_path / "h.png"))
+    assert r.returncode == 2 and "--autoguidance" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_runs_without_early_snapshots_sample_unguided(tmp_path):
+    Trainer(cfg(tmp_path, steps=4, checkpoint_every=4, ema_snapshot_every=0), **quiet).run()
+    run = load_run(tmp_path / "run")
+    assert not run.autoguidable and "autoguidance" not in run.sampling_defaults()
+    assert run.sample(2, steps=2).shape == (2, 1, 8, 8)
+    r = _cli("sample", "--run", str(tmp_path / "run"), "--autoguidance", "2", "--n", "2",
+             "--out", str(tmp_path / "g.png"))
+    assert r.returncode == 2 and "early in training" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -26,7 +26,7 @@ from difflab.cli import main
 from difflab.data import load
 from difflab.denoiser import Denoiser
 from difflab.errors import CheckpointError, UsageError
-from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance
+from difflab.guidance import Autoguidance, ClassifierFreeGuidance, ClassifierGuidance
 from difflab.processes.continuous import VPCosine
 from difflab.processes.gaussian import cosine_schedule, linear_schedule
 from difflab.samplers import evaluations, generate
@@ -534,3 +534,25 @@ def test_guidance_scale_convention_is_documented(capsys):
         main(["sample", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "g = 1 + w" in text and "g = 1 is plain conditional sampling" in text
+
+
+class _Scaled(nn.Module):
+    """x0_hat = a x (a stand-in denoiser with a process attribute)."""
+
+    def __init__(self, a: float, process=None):
+        super().__init__()
+        self.a, self.process, self.calls = a, process, 0
+
+    def forward(self, x, sigma, cond=None):
+        self.calls += 1
+        return self.a * x
+
+
+def test_autoguidance_extrapolates_from_the_guide():
+    x, sigma = torch.randn(3, 1, 4, 4), torch.full((3,), 2.0)
+    good, bad = _Scaled(0.5, "p"), _Scaled(0.2)
+    for w in (0.0, 2.0, 3.5):
+        torch.testing.assert_close(Autoguidance(good, bad, w)(x, sigma), (0.2 + w * (0.5 - 0.2)) * x)
+    calls = bad.calls
+    torch.testing.assert_close(Autoguidance(good, bad, 1.0)(x, sigma), 0.5 * x)  # w = 1: the network alone
+    assert bad.calls == calls and Autoguidance(good, bad, 2.0).process == "p"

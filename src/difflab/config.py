@@ -84,9 +84,14 @@ class TrainConfig:
                      ("csv", "tensorboard"))
     sample_every: int = _option(1000, "steps between sample grids (0: only at the end)")
     sampler: str = _option("dpmpp-2m", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
-    sample_steps: int = _option(10, "sampler steps of 'difflab sample' and the periodic grids")
+    sample_steps: int = _option(20, "sampler steps of 'difflab sample' and the periodic grids")
     guidance: float = _option(3.0, "classifier-free guidance scale g that class/text runs sample with unless told "
                          "(g = 1 + w; 1: plain conditional sampling)")
+    autoguidance: float = _option(3.0, "autoguidance scale w that unconditional runs sample with unless told: "
+                                  "D_guide + w (D - D_guide), the guide being this run's EMA from --guide-at of "
+                                  "training (Karras et al. 2024); 1: off")
+    guide_at: float = _option(0.25, "where the autoguidance guide is taken from: the EMA snapshot nearest this "
+                              "fraction of the run (at most 0.5)")
     clip: str = _option("clip", "x0 estimates while sampling: clip to the data range, dynamic (Imagen's thresholding) "
                    "or none", ("none", "clip", "dynamic"))
     checkpoint_every: int = _option(1000, "steps between checkpoints")
@@ -156,7 +161,8 @@ _RANGES: dict[str, tuple] = {
     "T": (1, 1_000_000), "gamma": (0, 1, {"open_lo": True, "open_hi": True}), "k": (1, 1 << 24),
     "cond_drop": (0, 1, {"open_hi": True}), "image_size": (0, 4096), "steps": (1, 10**10),
     "time_limit": (0, 10**7), "batch_size": (1, 1 << 16), "grad_accum": (1, 1 << 12),
-    "lr": (0, 1, {"open_hi": True}), "guidance": (-100, 100), "weight_decay": (0, None), "warmup": (0, 10**10),
+    "lr": (0, 1, {"open_hi": True}), "guidance": (-100, 100), "autoguidance": (0, 100),
+    "guide_at": (0, 0.5, {"open_lo": True}), "weight_decay": (0, None), "warmup": (0, 10**10),
     "grad_clip": (0, None), "ema_decay": (0, 1, {"open_hi": True}), "seed": (0, MAX_SEED),
     "log_every": (1, 10**6), "sample_every": (0, 10**10), "sample_steps": (1, 100_000),
     "checkpoint_every": (1, 10**10), "keep": (1, 10_000), "ema_snapshot_every": (0, 10**10),
@@ -187,7 +193,7 @@ def channel_widths(text: str) -> list[int]:
 
 
 # What a field missing from a saved run's config.json means: the behaviour from before it existed
-LEGACY_DEFAULTS: dict[str, Any] = {"ema_length": 0.0, "ema_track": "", "ema_snapshot_every": 0}
+LEGACY_DEFAULTS: dict[str, Any] = {"ema_length": 0.0, "ema_track": "", "ema_snapshot_every": 0, "autoguidance": 1.0}
 
 
 def _flag(name: str) -> str:

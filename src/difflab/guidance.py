@@ -15,6 +15,11 @@ It is applied only up to a noise level ``sigma_max`` (a guidance interval, Kynka
 2024): an ideal classifier's sigma^2 grad_y log p stays of the order of the data's range, but a
 learned one sees pure noise at the top of a VP schedule (the cosine schedule's t = T has
 sigma = 1 / gammabar_T ~ 2e4), and any gradient it has there is amplified by sigma^2.
+
+Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself") needs
+no condition: D_hat = D_guide + w (D - D_guide), with the guide a weaker model of the same data (here
+the run's own EMA from early in training). Where both agree nothing changes; where the better model
+has moved away from the weaker one's blur, the step goes further that way. w = 1 is plain sampling.
 """
 
 from __future__ import annotations
@@ -47,6 +52,23 @@ class ClassifierFreeGuidance(nn.Module):
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), _cat_cond(cond, null))
         x0_c, x0_u = both.chunk(2)
         return x0_u + self.scale * (x0_c - x0_u)
+
+
+class Autoguidance(nn.Module):
+    """D_hat = D_guide + w (D - D_guide) (Karras et al. 2024): ``guide`` is a weaker denoiser of the same
+    data with the same call (the run's EMA from early in training, wrapped like ``denoiser``)."""
+
+    def __init__(self, denoiser, guide, scale: float):
+        super().__init__()
+        self.denoiser, self.guide, self.scale = denoiser, guide, float(scale)
+        self.process = denoiser.process
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        x0 = self.denoiser(x, sigma, cond)
+        if self.scale == 1.0:
+            return x0
+        x0_guide = self.guide(x, sigma, cond)
+        return x0_guide + self.scale * (x0 - x0_guide)
 
 
 CLASSIFIER_SIGMA_MAX = 80.0  # the top of EDM's sampling range (SNR 1.6e-4)

@@ -96,4 +96,12 @@ def describe(cfg: TrainConfig) -> str:
            else f"EMA decay {cfg.ema_decay:g}")
     return (f"recipe: {cfg.process} process, predict {cfg.prediction}, lr {cfg.lr:g} (warm-up {cfg.warmup}), "
             f"batch {cfg.batch_size}, {ema}, {cfg.precision}; sampling {cfg.sampler} {cfg.sample_steps} steps, "
-            f"x0 {cfg.clip}")
+            f"x0 {cfg.clip}{_guided(cfg)}")
+
+
+def _guided(cfg: TrainConfig) -> str:
+    if cfg.conditioning != "none":
+        return f", guidance {cfg.guidance:g}"
+    if cfg.autoguidance != 1.0 and cfg.ema_snapshot_every > 0:
+        return f", autoguidance {cfg.autoguidance:g} (guide: the EMA at {cfg.guide_at:g} of the run)"
+    return ""

@@ -35,7 +35,7 @@ CHOICES = {"clip": CLIPS, "precision": PRECISIONS, "variance": ("small", "large"
            "spacing": ("uniform", "karras", "geometric")}
 SAMPLER_OPTIONS = ("eta", "order", "variance", "spacing", "churn")  # passed on to the sampler when given
 FLAGS = {"n": "--n", "seed": "--seed", "start": "--start", "steps": "--steps", "eta": "--eta", "churn": "--churn",
-         "order": "--order", "guidance": "--guidance", "classifier_scale": "--classifier-scale",
+         "order": "--order", "guidance": "--guidance", "autoguidance": "--autoguidance", "classifier_scale": "--classifier-scale",
          "batch_size": "--batch-size", "labels": "--class", "clip": "--clip", "precision": "--precision",
          "variance": "--variance", "spacing": "--spacing", "sampler": "--sampler", "prompt": "--prompt"}
 
@@ -52,6 +52,7 @@ class ModelTraits:
     defaults: dict = field(default_factory=dict)  # sampler, steps, clip, guidance it samples with unless told
     guidable: bool = True  # has a null condition (classifier-free guidance); a diffusers UNet has none
     classifier_guidance: bool = True  # can be steered by a noisy classifier (difflab runs)
+    autoguidable: bool = False  # has a weaker version of itself to guide with (difflab runs' early EMA snapshots)
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +62,8 @@ class SampleRequest:
     ``labels``: one class index for every sample, or one per sample; with neither labels nor a
     ``prompt``, class runs cycle through their classes. ``init_noise``: float [>= n, C, H, W] starting
     noise in standard-normal units, row j for sample ``start + j``. ``classifier``: a noisy classifier
-    (its run folder, or a loaded one) for classifier guidance with ``classifier_scale``.
+    (its run folder, or a loaded one) for classifier guidance with ``classifier_scale``. ``autoguidance``:
+    the scale w of D_guide + w (D - D_guide), the guide being the run's EMA from early in training.
     ``precision`` bf16 runs the network with bf16 weights (converted in place)."""
 
     run: str | Path | None = None
@@ -71,6 +73,7 @@ class SampleRequest:
     sampler: str | None = None
     steps: int | None = None
     guidance: float | None = None
+    autoguidance: float | None = None
     labels: int | Sequence[int] | torch.Tensor | None = None
     prompt: str | None = None
     init_noise: torch.Tensor | None = None
@@ -110,7 +113,7 @@ class SampleRequest:
         check_values({"--n": (self.n, 1, MAX_SAMPLES), "--seed": (self.seed, 0, MAX_SEED),
                       "--start": (self.start, 0, MAX_SEED), "--steps": (self.steps, 1, MAX_STEPS),
                       "--eta": (self.eta, 0, 1), "--churn": (self.churn, 0, None), "--order": (self.order, 1, 3),
-                      "--guidance": (self.guidance, None, None),
+                      "--guidance": (self.guidance, None, None), "--autoguidance": (self.autoguidance, 0, 100),
                       "--classifier-scale": (self.classifier_scale, None, None),
                       "--batch-size": (self.batch_size, 1, MAX_BATCH),
                       "--classifier-sigma-max": (self.classifier_sigma_max, 0, None,
@@ -155,6 +158,9 @@ class SampleRequest:
         if guided and (kind == "none" or not model.guidable):
             raise UsageError("--guidance needs a run trained with --conditioning class|text (for an unconditional "
                              "run use --classifier with --classifier-scale)")
+        if self.autoguidance is not None and self.autoguidance != 1.0 and not model.autoguidable:
+            raise UsageError("--autoguidance needs a difflab run with EMA snapshots from early in training (train "
+                             "with --ema-snapshot-every below half the steps); this model has none")
         if self.classifier is not None and not model.classifier_guidance:
             raise UsageError("--classifier (classifier guidance) needs a difflab run (--run)")
         if self.labels is not None and kind == "none" and self.classifier is None:
@@ -183,7 +189,8 @@ class SampleRequest:
         """The keyword arguments of :func:`difflab.sampling.sample_images` (and ``Run.sample``,
         ``stream_samples``) for this request; settings still None are left out (the run's own apply)."""
         kw = {"seed": self.seed, "start": self.start, "sampler": self.sampler, "steps": self.steps,
-              "guidance": self.guidance, "clip": self.clip, "labels": self.label_tensor(), "prompt": self.prompt,
+              "guidance": self.guidance, "autoguidance": self.autoguidance, "clip": self.clip,
+              "labels": self.label_tensor(), "prompt": self.prompt,
               "init_noise": self.init_noise, "batch_size": self.batch_size, **self.options()}
         if self.cold_update:
             kw["cold_update"] = True  # naive2's cold-diffusion update
@@ -193,10 +200,12 @@ class SampleRequest:
         return {k: v for k, v in kw.items() if v is not None}
 
     def evaluations(self) -> int:
-        """Network evaluations per sample (classifier-free guidance batches both passes into one)."""
+        """Network evaluations per sample (classifier-free guidance batches both passes into one; autoguidance
+        calls the guide network as well)."""
         from difflab.samplers import evaluations
 
-        return evaluations(self.sampler, self.steps, **self.options()) if self.sampler else (self.steps or 0)
+        calls = evaluations(self.sampler, self.steps, **self.options()) if self.sampler else (self.steps or 0)
+        return calls * 2 if self.autoguidance not in (None, 1.0) else calls
 
 
 def _labels(labels, n: int) -> torch.Tensor:

@@ -25,8 +25,8 @@ from difflab.data import ImageData, load
 from difflab.errors import DataError, UsageError
 
 # flags that may change when a run is resumed; anything else must match the saved run
-RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "checkpoint_every", "keep",
-                    "log_every", "logger", "device", "out", "compile", "precision"}
+RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "autoguidance", "guide_at",
+                    "checkpoint_every", "keep", "log_every", "logger", "device", "out", "compile", "precision"}
 
 PADDED = 32  # the size MNIST-like 28x28 images are trained at: every UNet preset halves it three times
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
                   start: int = 0, init_noise: torch.Tensor | None = None, classifier=None,
                   classifier_scale: float = 0.0, classifier_sigma_max: float | None = None, progress=None,
                   callback=None, clip: str = "clip", data_range: tuple[float, float] = (-1.0, 1.0),
-                  **options) -> torch.Tensor:
+                  autoguidance: float = 1.0, guide=None, **options) -> torch.Tensor:
     """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j). The settings are
     those of a :class:`~difflab.request.SampleRequest`, which checks them (:func:`sample_request`).
 
@@ -41,6 +41,8 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
     classifier-free scale g (g = 1: no guidance). ``classifier`` + ``classifier_scale`` steer with
     a noisy classifier's gradient (classifier guidance; needs ``labels``), at noise levels up to
     ``classifier_sigma_max`` (default ``guidance.CLASSIFIER_SIGMA_MAX``; ``math.inf``: every level).
+    ``autoguidance`` w != 1 mixes in ``guide``, a weaker network of the same run (:meth:`Run.guide_net`):
+    D_guide + w (D - D_guide), each under the same classifier-free guidance.
     ``clip`` limits every x0 estimate to ``data_range`` after guidance (:class:`~difflab.denoiser.ClipX0`:
     ``clip``, ``dynamic`` or ``none``)."""
     net.eval()
@@ -56,6 +58,13 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
 
         null = conditioner.null(min(n, batch_size), device)
         wraps.append(lambda d: ClassifierFreeGuidance(d, null, guidance))
+    if autoguidance != 1.0:
+        from difflab.guidance import Autoguidance
+
+        if guide is None:
+            raise UsageError("autoguidance needs the guide network (Run.guide_net)")
+        under = list(wraps)  # the guide gets the same classifier-free guidance as the network
+        wraps.append(lambda d: Autoguidance(d, _wrapped(method.denoiser(guide), under), autoguidance))
     if classifier is not None:
         from difflab.guidance import CLASSIFIER_SIGMA_MAX, ClassifierGuidance
 
@@ -65,15 +74,16 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
     if clip != "none":
         wraps.append(lambda d: ClipX0(d, clip, data_range))
 
-    def wrap(den):
-        for w in wraps:
-            den = w(den)
-        return den
-
     x = method.sample(net, n, shape, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
-                      start=start, callback=callback, wrap=wrap, cond_fn=cond_fn, init_noise=init_noise,
+                      start=start, callback=callback, wrap=lambda den: _wrapped(den, wraps), cond_fn=cond_fn, init_noise=init_noise,
                       progress=progress, **options)
     return to_uint8(x)
+
+
+def _wrapped(den, wraps: list):
+    for w in wraps:  # innermost first
+        den = w(den)
+    return den
 
 
 def _cond_fn(conditioner: Conditioner, labels: torch.Tensor | None, prompt: str | None, device):
@@ -139,6 +149,8 @@ class Run:
     class_names: list[str] | None
     step: int
     device: torch.device
+    network: dict = field(default_factory=dict, repr=False)  # the network's config (nets.build)
+    _guide: torch.nn.Module | None = field(default=None, repr=False)
 
     def sample(self, n: int, *, progress=None, callback=None, **request) -> torch.Tensor:
         """n samples as uint8 [n, C, H, W] of a :class:`~difflab.request.SampleRequest` with the settings
@@ -154,7 +166,31 @@ class Run:
     def traits(self) -> ModelTraits:
         """What a request is checked against: the method, the conditioning and its classes."""
         return ModelTraits(self.method.name, self.method.conditional, self.conditioner.kind,
-                           self.conditioner.num_classes, tuple(self.shape), self.sampling_defaults())
+                           self.conditioner.num_classes, tuple(self.shape), self.sampling_defaults(),
+                           autoguidable=self.autoguidable)
+
+    @property
+    def autoguidable(self) -> bool:
+        """Whether the run has a weaker version of itself to guide with: an EMA snapshot from its first half."""
+        from difflab.training.posthoc_ema import guide_snapshot
+
+        return self.method.conditional and self.cfg is not None and guide_snapshot(self.path, self.cfg.guide_at) is not None
+
+    def guide_net(self, autoguidance: float | None) -> torch.nn.Module | None:
+        """The autoguidance guide when ``autoguidance`` is on (not None or 1): the run's EMA snapshot nearest
+        ``guide_at`` of training (its tracked length nearest the main EMA's), loaded once, in the network's
+        dtype; None when off."""
+        if autoguidance is None or autoguidance == 1.0:
+            return None
+        if self._guide is None:
+            from difflab.training.posthoc_ema import load_guide
+
+            weights, _ = load_guide(self.path, self.cfg.guide_at, self.cfg.ema_length or 0.05, self.device)
+            guide = nets.build(self.network).to(self.device)
+            guide.load_state_dict(weights)
+            dtype = next(self.net.parameters()).dtype
+            self._guide = guide.eval().requires_grad_(False).to(dtype=dtype, memory_format=torch.channels_last)
+        return self._guide
 
     def prepare(self, request: SampleRequest) -> SampleRequest:
         """``request`` checked against this run, with its defaults, its classifier loaded and its
@@ -171,7 +207,8 @@ class Run:
     def draw(self, request: SampleRequest, progress=None, callback=None) -> torch.Tensor:
         """The samples of a prepared request (:meth:`prepare`)."""
         images = sample_images(self.method, self.net, self.conditioner, request.n, self.shape, device=self.device,
-                               progress=progress, callback=callback, **request.sample_kwargs())
+                               progress=progress, callback=callback, guide=self.guide_net(request.autoguidance),
+                               **request.sample_kwargs())
         if progress is not None and not self.per_sample_seeds:
             progress(request.n)  # batch-seeded methods draw a batch at a time, with no progress of their own
         return images
@@ -184,6 +221,8 @@ class Run:
         d = {"sampler": self.cfg.sampler, "steps": self.cfg.sample_steps, "clip": self.cfg.clip}
         if self.conditioner.kind != "none":
             d["guidance"] = self.cfg.guidance
+        elif self.cfg.autoguidance != 1.0 and self.autoguidable:
+            d["autoguidance"] = self.cfg.autoguidance
         return d
 
     def denoiser(self):
@@ -194,6 +233,7 @@ class Run:
         ``torch.compile`` (see :func:`compile_for_sampling`). Returns ``self``."""
         if bf16:
             self.net = self.net.to(torch.bfloat16)
+            self._guide = None if self._guide is None else self._guide.to(torch.bfloat16)
         if compile:
             self.net = compile_for_sampling(self.net, self.device)
         return self
@@ -293,7 +333,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
                                    lambda: prompt_cache(path, device, need_encoder=False))
     if method.samples_from_data:
         method.prepare(load_data(cfg))
-    return Run(path, cfg, method, net, conditioner, tuple(meta["image_shape"]), class_names, step, device)
+    return Run(path, cfg, method, net, conditioner, tuple(meta["image_shape"]), class_names, step, device,
+               network=meta["network"])
 
 
 def _check_config_matches(path: Path, cfg: TrainConfig, meta: dict) -> None:

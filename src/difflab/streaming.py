@@ -85,6 +85,7 @@ def stream_samples(run, n: int, *, start: int = 0, chunk: int = 4, on_step: Call
         return
     watched = WatchedNet(run.net, stop)
     kwargs = {**run.sampling_defaults(), **kwargs}  # the same images as run.sample
+    kwargs["guide"] = run.guide_net(kwargs.get("autoguidance"))
     steps = kwargs.get("steps")
 
     def callback(d: dict) -> None:

@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="default: the run's --sample-steps (a diffusers folder: 50)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale g (1: none; default: the run's for class/text runs)")
+    p.add_argument("--autoguidance", type=float, default=None,
+                   help="autoguidance scale w (1: none; default: the run's for unconditional runs)")
     p.add_argument("--metrics", default="fid,kid,precision,recall,accuracy",
                    help="comma-separated: fid, kid, precision, recall, accuracy")
     p.add_argument("--features", choices=["inception", "classifier"], default="inception",
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                              batch_size=64, progress=True)
     if args.run:
         result.update(run=str(args.run), step=loaded_run.step, sampler=args.sampler, steps=args.steps,
-                      guidance=args.guidance, seed=args.seed)
+                      guidance=args.guidance, autoguidance=args.autoguidance, seed=args.seed)
     if args.diffusers_model:
         result.update(diffusers_model=str(args.diffusers_model), sampler=args.sampler, steps=args.steps, seed=args.seed)
     if args.bpd:
@@ -130,8 +132,9 @@ def _draw(args: argparse.Namespace, device):
         model = load_run(args.run, device)
     images, labels, req = samples_for_evaluation(model, args.n, DistContext.from_env(device.type), seed=args.seed,
                                                  sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                                                 batch_size=args.batch_size)
+                                                 autoguidance=args.autoguidance, batch_size=args.batch_size)
     args.sampler, args.steps, args.guidance = req.sampler, req.steps, 1.0 if req.guidance is None else req.guidance
+    args.autoguidance = 1.0 if req.autoguidance is None else req.autoguidance
     return model, images, labels
 
 

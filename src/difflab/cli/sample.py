@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, help="text prompt (runs trained with --conditioning text)")
     p.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP + " (default: the run's --guidance "
                    "for class/text runs, 1 otherwise)")
+    p.add_argument("--autoguidance", type=float, default=None, help="autoguidance scale w: D_guide + w (D - D_guide), "
+                   "the guide being the run's EMA from early in training (default: the run's --autoguidance for "
+                   "unconditional runs; 1: off)")
     p.add_argument("--classifier", default=None, help="classifier run folder (difflab train-classifier) "
                    "for classifier guidance")
     p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance weight w")
@@ -70,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def request_from_args(args: argparse.Namespace) -> SampleRequest:
     """The flags as a :class:`~difflab.request.SampleRequest` (checked; --init-noise read once --n is)."""
-    same = ("seed", "sampler", "steps", "guidance", "prompt", "clip", "eta", "order", "variance", "spacing", "churn",
+    same = ("seed", "sampler", "steps", "guidance", "autoguidance", "prompt", "clip", "eta", "order", "variance", "spacing", "churn",
             "cold_update", "classifier", "classifier_scale", "classifier_sigma_max", "batch_size")
     req = SampleRequest(run=args.run or args.diffusers_model, n=args.n, labels=args.class_label,
                         precision="bf16" if args.bf16 else "fp32", **{k: getattr(args, k) for k in same})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import io
 import threading
 import time
@@ -85,8 +86,10 @@ class Panels:
         def work(job: Job) -> None:
             run = self.catalog.model(req.run, req.precision)
             t0 = time.perf_counter()
+            guided = req if req.autoguidance is not None else \
+                dataclasses.replace(req, autoguidance=run.sampling_defaults().get("autoguidance"))
             job.emit({"type": "start", "count": req.n, "first": req.start, "steps": req.steps,
-                      "evaluations": req.evaluations(), "checkpoint": run.step})
+                      "evaluations": guided.evaluations(), "checkpoint": run.step})
 
             def on_step(d: dict) -> None:
                 job.emit({"type": "step", "index": req.start, "i": d["i"], "steps": req.steps, "sigma": d["sigma"],
