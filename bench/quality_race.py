@@ -250,7 +250,7 @@ def quality_vs_steps(run_dir: Path, judge: Judge, n: int, samplers, nfes, defaul
     for sampler, autoguidance in rows:
         calls = 1 if autoguidance == 1.0 or not guided else 2
         name = sampler + (", no autoguidance" if autoguidance == 1.0 else "")
-        for nfe in [*nfes, *([1000] if default_1000 and sampler == default else [])]:
+        for nfe in [*nfes, *([1000] if default_1000 and sampler == default and autoguidance is None else [])]:
             steps = nfe // calls
             steps = (steps + 1) // 2 if sampler == "heun" else steps  # Heun: 2 steps - 1 evaluations
             if steps < 1:

@@ -274,6 +274,9 @@ def test_guide_snapshot_is_the_one_nearest_the_fraction_in_the_first_half(tmp_pa
     assert guide_snapshot(tmp_path, 0.25).name == "step-0000800.json"  # 0.25 * 3076 = 769
     assert guide_snapshot(tmp_path, 0.5).name == "step-0001200.json"  # nothing between 1200 and 1538
     assert guide_snapshot(tmp_path, 0.01).name == "step-0000200.json"
+    # an older checkpoint of the run (step 1000) is guided by a snapshot before it, not by a later one
+    assert guide_snapshot(tmp_path, 0.25, step=1000).name == "step-0000200.json"
+    assert guide_snapshot(tmp_path, 0.25, step=300) is None
     for p in folder.iterdir():
         if p.name != "step-0003076.json":
             p.unlink()

@@ -174,18 +174,18 @@ class Run:
         """Whether the run has a weaker version of itself to guide with: an EMA snapshot from its first half."""
         from difflab.training.posthoc_ema import guide_snapshot
 
-        return self.method.conditional and self.cfg is not None and guide_snapshot(self.path, self.cfg.guide_at) is not None
+        return self.method.conditional and self.cfg is not None and guide_snapshot(self.path, self.cfg.guide_at, self.step) is not None
 
     def guide_net(self, autoguidance: float | None) -> torch.nn.Module | None:
         """The autoguidance guide when ``autoguidance`` is on (not None or 1): the run's EMA snapshot nearest
-        ``guide_at`` of training (its tracked length nearest the main EMA's), loaded once, in the network's
-        dtype; None when off."""
+        ``guide_at`` of the loaded step (its tracked length nearest the main EMA's), loaded once, in the
+        network's dtype; None when off."""
         if autoguidance is None or autoguidance == 1.0:
             return None
         if self._guide is None:
             from difflab.training.posthoc_ema import load_guide
 
-            weights, _ = load_guide(self.path, self.cfg.guide_at, self.cfg.ema_length or 0.05, self.device)
+            weights, _ = load_guide(self.path, self.cfg.guide_at, self.cfg.ema_length or 0.05, self.device, self.step)
             guide = nets.build(self.network).to(self.device)
             guide.load_state_dict(weights)
             dtype = next(self.net.parameters()).dtype

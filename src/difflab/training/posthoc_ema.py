@@ -122,21 +122,22 @@ def load_posthoc_ema(run: str | Path, ema_length: float, device="cpu") -> tuple[
     return {k: v.to(device) for k, v in weights.items()}, info
 
 
-def guide_snapshot(run: str | Path, fraction: float) -> Path | None:
-    """The EMA snapshot nearest ``fraction`` of the run's latest snapshot step, among those at most half of
-    it (a weaker model for autoguidance); None when the run has none so early. Reads file names only."""
+def guide_snapshot(run: str | Path, fraction: float, step: int | None = None) -> Path | None:
+    """The EMA snapshot nearest ``fraction`` of ``step`` (default: the latest snapshot's), among those at most
+    half of it (a weaker model for autoguidance); None when the run has none so early. Reads file names only."""
     steps = {int(js.stem.split("-")[1]): js for js in list_checkpoints(Path(run) / SNAPSHOTS)}
     if not steps:
         return None
-    last = max(steps)
+    last = max(steps) if step is None else step
     early = [s for s in steps if s <= last / 2]
     return steps[min(early, key=lambda s: abs(s - fraction * last))] if early else None
 
 
-def load_guide(run: str | Path, fraction: float, ema_length: float, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
+def load_guide(run: str | Path, fraction: float, ema_length: float, device="cpu",
+               step: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The weights of :func:`guide_snapshot` (verified), of its tracked EMA nearest ``ema_length`` in length,
     and a description (step, ema_length). CheckpointError when the run has no snapshot early enough."""
-    js = guide_snapshot(run, fraction)
+    js = guide_snapshot(run, fraction, step)
     if js is None:
         raise CheckpointError(f"'{run}' has no EMA snapshot from its first half (train with --ema-snapshot-every "
                               "smaller than half the steps); autoguidance needs one")
