@@ -42,8 +42,10 @@ def test_exact_resume_is_bit_identical(tmp_path):
 
 
 def test_resume_with_grad_accum_matches_plain_batch(tmp_path):
-    Trainer(cfg(tmp_path, "plain", steps=4, checkpoint_every=4), **quiet).run()
-    Trainer(cfg(tmp_path, "accum", steps=4, checkpoint_every=4, grad_accum=2), **quiet).run()
+    # float32 on every CPU: under bf16 autocast (auto on CPUs with AVX-512 BF16 or AMX) a split batch rounds
+    # differently from the whole one, and Adam amplifies that past any useful tolerance
+    Trainer(cfg(tmp_path, "plain", steps=4, checkpoint_every=4, precision="fp32"), **quiet).run()
+    Trainer(cfg(tmp_path, "accum", steps=4, checkpoint_every=4, grad_accum=2, precision="fp32"), **quiet).run()
     a, _ = weights(tmp_path / "plain")
     b, _ = weights(tmp_path / "accum")
     for k in a:
