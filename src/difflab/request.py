@@ -159,7 +159,7 @@ class SampleRequest:
             raise UsageError("--guidance needs a run trained with --conditioning class|text (for an unconditional "
                              "run use --classifier with --classifier-scale)")
         if self.autoguidance is not None and self.autoguidance != 1.0 and not model.autoguidable:
-            raise UsageError("--autoguidance needs a difflab run with EMA snapshots from early in training (train "
+            raise UsageError("--autoguidance needs a Gaussian difflab run with EMA snapshots from early in training (train "
                              "with --ema-snapshot-every below half the steps); this model has none")
         if self.classifier is not None and not model.classifier_guidance:
             raise UsageError("--classifier (classifier guidance) needs a difflab run (--run)")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -169,9 +170,10 @@ class Run:
                            self.conditioner.num_classes, tuple(self.shape), self.sampling_defaults(),
                            autoguidable=self.autoguidable)
 
-    @property
+    @functools.cached_property
     def autoguidable(self) -> bool:
-        """Whether the run has a weaker version of itself to guide with: an EMA snapshot from its first half."""
+        """Whether the run has a weaker version of itself to guide with: an EMA snapshot from the first half of
+        its loaded step (fixed for a loaded run, so looked up once)."""
         from difflab.training.posthoc_ema import guide_snapshot
 
         return self.method.conditional and self.cfg is not None and guide_snapshot(self.path, self.cfg.guide_at, self.step) is not None
