@@ -235,10 +235,12 @@ def race_lucidrains(minutes: float, n: int, seed: int = 0) -> tuple[torch.Tensor
 # --- the phases -----------------------------------------------------------------------------------------
 def quality_vs_steps(run_dir: Path, judge: Judge, n: int, samplers, nfes, default_1000: bool = True) -> dict:
     """Confident fraction and classifier FID (n samples) for each sampler at each NFE (network evaluations per
-    sample: autoguidance, the default of unconditional runs, calls the network twice a step; Heun twice a step
-    but once at the end). The run's default sampler also without autoguidance, when it has it."""
+    sample, as ``request_evaluations`` counts them: autoguidance, the default of unconditional runs, calls the guide
+    too at the steps inside its noise interval; Heun twice a step but once at the end): the most steps within
+    each NFE. The run's default sampler also without autoguidance, when it has it."""
+    from difflab.request import SampleRequest
     from difflab.samplers import SAMPLERS
-    from difflab.sampling import load_run
+    from difflab.sampling import load_run, request_evaluations
 
     run = load_run(run_dir)
     default = run.cfg.sampler
@@ -248,18 +250,20 @@ def quality_vs_steps(run_dir: Path, judge: Judge, n: int, samplers, nfes, defaul
         rows.insert(1, (default, 1.0))
     table = {}
     for sampler, autoguidance in rows:
-        calls = 1 if autoguidance == 1.0 or not guided else 2
         name = sampler + (", no autoguidance" if autoguidance == 1.0 else "")
+
+        def cost(steps: int, sampler=sampler, autoguidance=autoguidance) -> int:
+            return request_evaluations(run, SampleRequest(sampler=sampler, steps=steps, autoguidance=autoguidance))
+
         for nfe in [*nfes, *([1000] if default_1000 and sampler == default and autoguidance is None else [])]:
-            steps = nfe // calls
-            steps = (steps + 1) // 2 if sampler == "heun" else steps  # Heun: 2 steps - 1 evaluations
+            steps = max((k for k in range(1, nfe + 1) if cost(k) <= nfe), default=0)  # the most steps within nfe
             if steps < 1:
                 continue
             t0 = time.monotonic()
             images = run.sample(n, seed=0, sampler=sampler, steps=steps, autoguidance=autoguidance)
-            r = judge.judge(images, fid_n=n) | {"seconds": time.monotonic() - t0, "steps": steps}
+            r = judge.judge(images, fid_n=n) | {"seconds": time.monotonic() - t0, "steps": steps, "nfe": cost(steps)}
             table[f"{name}/{nfe}"] = r
-            print(f"  {name:28s} NFE {nfe:4d} ({steps:3d} steps): confident {r['confident']:.3f} rarest "
+            print(f"  {name:28s} NFE {nfe:4d} ({steps:3d} steps, {cost(steps)} NFE): confident {r['confident']:.3f} rarest "
                   f"{r['rarest']:3d} classifier FID {r['classifier_fid']:.2f} ({r['seconds']:.0f} s)", flush=True)
     return table
 

@@ -296,8 +296,9 @@ def test_autoguidance_zero_samples_the_guide_and_one_the_run(trained):
     assert not torch.equal(plain, guided)
     only_guide = load_run(trained)
     only_guide.net.load_state_dict(weights)
-    # D_guide + 0 (D - D_guide) is the guide alone
-    assert torch.equal(run.sample(4, steps=3, autoguidance=0.0), only_guide.sample(4, steps=3, autoguidance=1.0))
+    # D_guide + 0 (D - D_guide) is the guide alone (guiding at every level)
+    assert torch.equal(run.sample(4, steps=3, autoguidance=0.0, guide_sigmas=(0, math.inf)),
+                       only_guide.sample(4, steps=3, autoguidance=1.0))
 
 
 def test_cli_autoguidance_is_checked(trained, tmp_path):
@@ -317,3 +318,44 @@ def test_runs_without_early_snapshots_sample_unguided(tmp_path):
     r = _cli("sample", "--run", str(tmp_path / "run"), "--autoguidance", "2", "--n", "2",
              "--out", str(tmp_path / "g.png"))
     assert r.returncode == 2 and "early in training" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_runs_sample_down_to_their_sigma_min_and_guide_in_their_interval(trained):
+    from difflab.request import SampleRequest
+    from difflab.sampling import request_evaluations
+
+    run = load_run(trained)
+    d = run.sampling_defaults()
+    assert d["sigma_min"] == 0.5 and d["guide_sigmas"] == (1.0, 20.0)  # TrainConfig's defaults
+    req = SampleRequest(n=2).resolve(run.traits())
+    levels = run.levels(req)
+    assert len(levels) == req.steps and min(levels) == pytest.approx(0.5) and max(levels) == pytest.approx(80.0)
+    inside = sum(1.0 <= s <= 20.0 for s in levels)
+    assert 0 < inside < len(levels) and request_evaluations(run, SampleRequest(n=2)) == req.steps + inside
+    # the same samples as an explicit request with those settings; other settings change them
+    default = run.sample(2, steps=4)
+    assert torch.equal(default, run.sample(2, steps=4, sigma_min=0.5, guide_sigmas=(1.0, 20.0), autoguidance=3.0))
+    assert not torch.equal(default, run.sample(2, steps=4, sigma_min=0.0))
+    assert not torch.equal(default, run.sample(2, steps=4, guide_sigmas=(0.0, math.inf)))
+
+
+def test_runs_from_before_the_interval_guide_everywhere_down_to_the_process(tmp_path):
+    Trainer(cfg(tmp_path, steps=4, checkpoint_every=4), **quiet).run()
+    path = tmp_path / "run" / "config.json"
+    old = json.loads(path.read_text())
+    for k in ("guide_sigma_min", "guide_sigma_max", "sample_sigma_min"):
+        del old[k]
+    path.write_text(json.dumps(old))
+    c = load_run_config(tmp_path / "run")
+    assert (c.guide_sigma_min, c.guide_sigma_max, c.sample_sigma_min) == (0.0, 1e9, 0.0)
+
+
+def test_cli_sigma_settings_are_checked(trained, tmp_path):
+    r = _cli("sample", "--run", str(trained), "--n", "2", "--steps", "3", "--sigma-min", "0.2",
+             "--guide-sigmas", "0", "inf", "--out", str(tmp_path / "a.png"))
+    assert r.returncode == 0, r.stderr
+    for args, msg in ((("--sigma-min", "-1"), "--sigma-min"), (("--sigma-min", "100"), "--sigma-min"),
+                      (("--guide-sigmas", "5", "1"), "--guide-sigmas")):
+        r = _cli("sample", "--run", str(trained), "--n", "2", *args, "--out", str(tmp_path / "b.png"))
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "b.png").exists()

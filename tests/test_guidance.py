@@ -556,3 +556,31 @@ def test_autoguidance_extrapolates_from_the_guide():
     calls = bad.calls
     torch.testing.assert_close(Autoguidance(good, bad, 1.0)(x, sigma), 0.5 * x)  # w = 1: the network alone
     assert bad.calls == calls and Autoguidance(good, bad, 2.0).process == "p"
+
+
+def test_autoguidance_only_inside_its_noise_interval():
+    x = torch.randn(3, 1, 4, 4)
+    good, bad = _Scaled(0.5, "p"), _Scaled(0.2)
+    ag = Autoguidance(good, bad, 3.0, sigmas=(1.0, 20.0))
+    for s, inside in ((0.5, False), (1.0, True), (7.0, True), (20.0, True), (80.0, False)):
+        calls = bad.calls
+        expected = (0.2 + 3.0 * 0.3) * x if inside else 0.5 * x
+        torch.testing.assert_close(ag(x, torch.full((3,), s)), expected)
+        assert bad.calls == calls + inside  # outside: the network alone, the guide not called
+    mixed = ag(x, torch.tensor([0.5, 7.0, 80.0]))  # per sample
+    torch.testing.assert_close(mixed, torch.stack([0.5 * x[0], 1.1 * x[1], 0.5 * x[2]]))
+    with pytest.raises(UsageError, match="--guide-sigmas"):
+        Autoguidance(good, bad, 3.0, sigmas=(5.0, 1.0))
+
+
+def test_request_counts_the_guide_only_inside_its_interval():
+    from difflab.request import SampleRequest
+
+    levels = [80.0, 30.0, 10.0, 2.0, 0.5]
+    req = SampleRequest(sampler="dpmpp-2m", steps=5, autoguidance=3.0, guide_sigmas=(1, 20))
+    assert req.evaluations(levels) == 5 + 2 and req.evaluations() == 10  # without the grid: every step
+    assert SampleRequest(sampler="dpmpp-2m", steps=5, autoguidance=1.0, guide_sigmas=(1, 20)).evaluations(levels) == 5
+    assert SampleRequest(sampler="dpmpp-2m", steps=5, autoguidance=3.0, guide_sigmas=(0, math.inf)).evaluations(levels) == 10
+    for bad_pair in ((3, 1), (-1, 2), ("a", 2), (1,)):
+        with pytest.raises(UsageError, match="--guide-sigmas"):
+            SampleRequest(guide_sigmas=bad_pair)

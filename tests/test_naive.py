@@ -281,6 +281,16 @@ def test_naive2_cold_update_locks_in_revealed_pixels():
     assert set(calls[0].unique().tolist()) == {-1.0, 1.0}
 
 
+def test_naive2_told_noise_tells_the_network_a_fraction_of_the_noise():
+    net = Recorder()
+    out = naive2_sample(net, (2, 3, 8, 8), 4, gen(24), told_noise=0.5)
+    assert [float(t[0]) for t in net.times] == pytest.approx([500.0, 375.0, 250.0, 125.0])  # 0.5 * 1000 t / T
+    assert not torch.equal(out, naive2_sample(Recorder(), (2, 3, 8, 8), 4, gen(24)))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="told_noise"):
+            naive2_sample(Recorder(), (2, 3, 8, 8), 4, gen(24), told_noise=bad)
+
+
 # Degradations and cold diffusion
 
 

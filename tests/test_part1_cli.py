@@ -170,7 +170,9 @@ def test_method_defaults_fill_only_the_flags_not_given():
     assert (cfg.T, cfg.k, cfg.batch_size, cfg.warmup, cfg.grad_clip, cfg.lr) == (60, 32, 16, 63, 1.0, 1e-3)
     assert apply_method_defaults(parsed("--method", "naive1", "--T", "8")).T == 8
     n2 = apply_method_defaults(parsed("--method", "naive2"))
-    assert (n2.lr, n2.batch_size, n2.sample_steps) == (3e-4, 16, 64)
+    assert (n2.lr, n2.batch_size, n2.sample_steps, n2.cold_update, n2.told_noise) == (1e-3, 64, 64, True, 0.6)
+    series = apply_method_defaults(parsed("--method", "naive2", "--no-cold-update", "--told-noise", "1"))
+    assert (series.cold_update, series.told_noise) == (False, 1.0)
     cold = apply_method_defaults(parsed("--method", "cold"))
     assert (cold.lr, cold.batch_size, cold.degradation) == (3e-4, 16, "fade-colour")
     gaussian = apply_method_defaults(parsed("--process", "cosine"))
@@ -208,3 +210,18 @@ def test_figures_never_replace_files_in_a_users_folder_without_force(runs, tmp_p
     code, _, err = cli(*args, "--force")
     assert code == 0, err
     assert (tmp_path / "samples.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "notes.txt").read_text() == "keep"
+
+
+def test_naive2_runs_sample_with_their_update_and_told_noise(runs, tmp_path):
+    run = load_run(runs["naive2"][0])
+    d = run.sampling_defaults()
+    assert (d["cold_update"], d["told_noise"]) == (True, 0.6)  # the naive2 recipe's
+    default = run.sample(4, steps=4)
+    assert torch.equal(default, run.sample(4, steps=4, cold_update=True, told_noise=0.6))
+    assert not torch.equal(default, run.sample(4, steps=4, cold_update=False, told_noise=1.0))
+    code, _, err = cli("sample", "--run", str(runs["naive2"][0]), "--n", "2", "--told-noise", "0",
+                       "--out", str(tmp_path / "x.png"))
+    assert code == 2 and "--told-noise" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+    code, _, err = cli("sample", "--run", str(runs["naive2"][0]), "--n", "2", "--steps", "4", "--no-cold-update",
+                       "--told-noise", "1", "--out", str(tmp_path / "y.png"))
+    assert code == 0, err

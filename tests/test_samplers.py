@@ -5,6 +5,7 @@ import torch
 
 from difflab.analytic import GaussianDataNet
 from difflab.denoiser import Denoiser
+from difflab.errors import UsageError
 from difflab.noise import SeededNoise, seeded_normal
 from difflab.processes.continuous import VE, VPCosine, VPLinear
 from difflab.processes.gaussian import cosine_schedule, linear_schedule
@@ -128,3 +129,17 @@ def test_stochastic_samplers_stay_bounded_with_few_steps(name):
     den = exact(cosine_schedule(T=1000), 0.3, 0.5)
     x = generate(den, 500, SHAPE, seed=2, sampler=name, steps=10, dtype=torch.float64, batch_size=500)
     assert abs(float(x.mean()) - 0.3) < 0.1 and 0.3 < float(x.std()) < 1.0
+
+
+def test_sigma_min_raises_the_bottom_of_the_karras_and_geometric_grids():
+    proc = cosine_schedule(T=1000)
+    for spacing in ("karras", "geometric"):
+        plain, raised = get_sigmas(proc, 6, spacing), get_sigmas(proc, 6, spacing, sigma_min=0.5)
+        assert float(raised[-2]) == pytest.approx(0.5) and float(raised[0]) == float(plain[0]) == pytest.approx(80.0)
+        assert float(plain[-2]) < 0.02 and float(raised[-1]) == 0.0 and len(raised) == len(plain) == 7
+        assert (raised[:-1].diff() < 0).all()
+        assert torch.equal(get_sigmas(proc, 6, spacing, sigma_min=0.0), plain)  # 0: the process's own bottom
+    assert torch.equal(get_sigmas(proc, 6, "uniform", sigma_min=0.5), get_sigmas(proc, 6, "uniform"))
+    for bad in (-0.1, 80.0):
+        with pytest.raises(UsageError, match="--sigma-min"):
+            get_sigmas(proc, 6, "karras", sigma_min=bad)

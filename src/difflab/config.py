@@ -92,6 +92,15 @@ class TrainConfig:
                                   "training (Karras et al. 2024); 1: off")
     guide_at: float = _option(0.25, "where the autoguidance guide is taken from: the EMA snapshot nearest this "
                               "fraction of the run (at most 0.5)")
+    guide_sigma_min: float = _option(1.0, "autoguidance only at noise levels sigma >= this (VE units; 0: from the bottom)")
+    guide_sigma_max: float = _option(20.0, "autoguidance only at noise levels sigma <= this (VE units; above, the "
+                                     "network alone: one evaluation a step)")
+    cold_update: bool = _option(False, "naive2: sample with the cold-diffusion update (pixels revealed keep their "
+                                "value; --no-cold-update: fresh random pixels every step, as in the series)")
+    told_noise: float = _option(1.0, "naive2: the fraction of the noised pixels the network is told of while sampling "
+                                "(1: the truth; below 1 its samples differ more)")
+    sample_sigma_min: float = _option(0.5, "the lowest noise level of the karras and geometric sampling grids (VE "
+                                      "units): the last step denoises from there; 0: the process's own")
     clip: str = _option("clip", "x0 estimates while sampling: clip to the data range, dynamic (Imagen's thresholding) "
                    "or none", ("none", "clip", "dynamic"))
     checkpoint_every: int = _option(1000, "steps between checkpoints")
@@ -166,7 +175,8 @@ _RANGES: dict[str, tuple] = {
     "grad_clip": (0, None), "ema_decay": (0, 1, {"open_hi": True}), "seed": (0, MAX_SEED),
     "log_every": (1, 10**6), "sample_every": (0, 10**10), "sample_steps": (1, 100_000),
     "checkpoint_every": (1, 10**10), "keep": (1, 10_000), "ema_snapshot_every": (0, 10**10),
-    "min_snr_gamma": (0, 1e6, {"open_lo": True}),
+    "min_snr_gamma": (0, 1e6, {"open_lo": True}), "guide_sigma_min": (0, 1e9), "guide_sigma_max": (0, 1e9),
+    "sample_sigma_min": (0, 80, {"open_hi": True}), "told_noise": (0, 1, {"open_lo": True}),
 }
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
 
@@ -193,7 +203,8 @@ def channel_widths(text: str) -> list[int]:
 
 
 # What a field missing from a saved run's config.json means: the behaviour from before it existed
-LEGACY_DEFAULTS: dict[str, Any] = {"ema_length": 0.0, "ema_track": "", "ema_snapshot_every": 0, "autoguidance": 1.0}
+LEGACY_DEFAULTS: dict[str, Any] = {"ema_length": 0.0, "ema_track": "", "ema_snapshot_every": 0, "autoguidance": 1.0,
+                                   "guide_sigma_min": 0.0, "guide_sigma_max": 1e9, "sample_sigma_min": 0.0}
 
 
 def _flag(name: str) -> str:

@@ -24,6 +24,8 @@ has moved away from the weaker one's blur, the step goes further that way. w = 1
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -56,19 +58,31 @@ class ClassifierFreeGuidance(nn.Module):
 
 class Autoguidance(nn.Module):
     """D_hat = D_guide + w (D - D_guide) (Karras et al. 2024): ``guide`` is a weaker denoiser of the same
-    data with the same call (the run's EMA from early in training, wrapped like ``denoiser``)."""
+    data with the same call (the run's EMA from early in training, wrapped like ``denoiser``). Only at
+    noise levels in ``sigmas`` = (lo, hi), inclusive (a guidance interval, Kynkaanniemi et al. 2024);
+    elsewhere D alone, at half the cost."""
 
-    def __init__(self, denoiser, guide, scale: float):
+    def __init__(self, denoiser, guide, scale: float, sigmas: tuple[float, float] = (0.0, math.inf)):
         super().__init__()
-        self.denoiser, self.guide, self.scale = denoiser, guide, float(scale)
+        lo, hi = (float(s) for s in sigmas)
+        if not 0 <= lo <= hi:
+            raise UsageError(f"--guide-sigmas must be 0 <= LO <= HI, got {lo:g} {hi:g}")
+        self.denoiser, self.guide, self.scale, self.sigmas = denoiser, guide, float(scale), (lo, hi)
         self.process = denoiser.process
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         x0 = self.denoiser(x, sigma, cond)
-        if self.scale == 1.0:
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        inside = guided(sigma, self.sigmas)
+        if self.scale == 1.0 or not bool(inside.any()):
             return x0
         x0_guide = self.guide(x, sigma, cond)
-        return x0_guide + self.scale * (x0 - x0_guide)
+        return torch.where(inside.reshape(-1, *[1] * (x.ndim - 1)), x0_guide + self.scale * (x0 - x0_guide), x0)
+
+
+def guided(sigma, sigmas: tuple[float, float]):
+    """Whether noise level(s) ``sigma`` lie in the guidance interval ``sigmas`` = (lo, hi), inclusive."""
+    return (sigma >= sigmas[0]) & (sigma <= sigmas[1])
 
 
 CLASSIFIER_SIGMA_MAX = 80.0  # the top of EDM's sampling range (SNR 1.6e-4)

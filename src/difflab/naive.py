@@ -134,6 +134,7 @@ def naive2_sample(
     generator: torch.Generator,
     *,
     cold_update: bool = False,
+    told_noise: float = 1.0,
     callback: Callback | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
@@ -143,7 +144,10 @@ def naive2_sample(
     evenly spaced integers T..0 (k = T/S pixels fewer). Renoising draws fresh random pixels,
     z = add_noise(x_hat, t'), as in the series. ``cold_update`` uses z = z - D(x_hat, t) + D(x_hat, t')
     instead, with D the pixel noise of ONE pixel order and bit pattern drawn for the whole run (z_T is
-    its bits); then pixels revealed at a step keep the value predicted then. Returns the last x_hat.
+    its bits); then pixels revealed at a step keep the value predicted then. ``told_noise`` < 1 tells the
+    network that fewer pixels are noise than there are (time told_noise * t / T): it takes more of the
+    random pixels for strokes, so samples differ more instead of all following the mean image (with the
+    cold update and 0.6, all ten MNIST digits appear; bench/RESULTS.md). Returns the last x_hat.
     ``callback(dict(i, t, x, x0))`` after each step with x = z at level t = t' and x0 = x_hat.
     """
     b, _, h, w = shape
@@ -151,6 +155,8 @@ def naive2_sample(
     T = noise.T
     if not 1 <= steps <= T:
         raise ValueError(f"naive2_sample: steps={steps} outside 1..T={T} (T = h*w)")
+    if not 0 < told_noise <= 1:
+        raise ValueError(f"naive2_sample: told_noise={told_noise} outside (0, 1]")
     device = _device(net, device)
     blank = torch.zeros(shape, device=device)
     state = noise.prepare(blank, generator)
@@ -159,7 +165,7 @@ def naive2_sample(
     x0 = z
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
-        x0 = net(z, network_time(t / T, b, device)).clamp(-1, 1)
+        x0 = net(z, network_time(told_noise * t / T, b, device)).clamp(-1, 1)
         if cold_update:
             z = z + (noise.apply(x0, t_next, state) - noise.apply(x0, t, state))
         else:

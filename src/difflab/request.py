@@ -33,11 +33,12 @@ CLIPS = ("none", "clip", "dynamic")
 PRECISIONS = ("fp32", "bf16")
 CHOICES = {"clip": CLIPS, "precision": PRECISIONS, "variance": ("small", "large"),
            "spacing": ("uniform", "karras", "geometric")}
-SAMPLER_OPTIONS = ("eta", "order", "variance", "spacing", "churn")  # passed on to the sampler when given
+SAMPLER_OPTIONS = ("eta", "order", "variance", "spacing", "sigma_min", "churn")  # passed on to the sampler when given
 FLAGS = {"n": "--n", "seed": "--seed", "start": "--start", "steps": "--steps", "eta": "--eta", "churn": "--churn",
          "order": "--order", "guidance": "--guidance", "autoguidance": "--autoguidance", "classifier_scale": "--classifier-scale",
          "batch_size": "--batch-size", "labels": "--class", "clip": "--clip", "precision": "--precision",
-         "variance": "--variance", "spacing": "--spacing", "sampler": "--sampler", "prompt": "--prompt"}
+         "variance": "--variance", "spacing": "--spacing", "sampler": "--sampler", "prompt": "--prompt",
+         "sigma_min": "--sigma-min", "guide_sigmas": "--guide-sigmas", "told_noise": "--told-noise"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class SampleRequest:
     ``prompt``, class runs cycle through their classes. ``init_noise``: float [>= n, C, H, W] starting
     noise in standard-normal units, row j for sample ``start + j``. ``classifier``: a noisy classifier
     (its run folder, or a loaded one) for classifier guidance with ``classifier_scale``. ``autoguidance``:
-    the scale w of D_guide + w (D - D_guide), the guide being the run's EMA from early in training.
+    the scale w of D_guide + w (D - D_guide), the guide being the run's EMA from early in training, at the
+    noise levels in ``guide_sigmas`` (lo, hi). ``sigma_min``: the bottom of the karras and geometric grids.
     ``precision`` bf16 runs the network with bf16 weights (converted in place)."""
 
     run: str | Path | None = None
@@ -74,6 +76,7 @@ class SampleRequest:
     steps: int | None = None
     guidance: float | None = None
     autoguidance: float | None = None
+    guide_sigmas: tuple[float, float] | None = None
     labels: int | Sequence[int] | torch.Tensor | None = None
     prompt: str | None = None
     init_noise: torch.Tensor | None = None
@@ -82,8 +85,10 @@ class SampleRequest:
     order: int | None = None
     variance: str | None = None
     spacing: str | None = None
+    sigma_min: float | None = None
     churn: float | None = None
-    cold_update: bool = False
+    cold_update: bool | None = None
+    told_noise: float | None = None
     classifier: Any = None
     classifier_scale: float = 1.0
     classifier_sigma_max: float | None = None
@@ -116,8 +121,13 @@ class SampleRequest:
                       "--guidance": (self.guidance, None, None), "--autoguidance": (self.autoguidance, 0, 100),
                       "--classifier-scale": (self.classifier_scale, None, None),
                       "--batch-size": (self.batch_size, 1, MAX_BATCH),
+                      "--sigma-min": (self.sigma_min, 0, 80, {"open_hi": True}),
+                      "--told-noise": (self.told_noise, 0, 1, {"open_lo": True}),
                       "--classifier-sigma-max": (self.classifier_sigma_max, 0, None,
                                                  {"open_lo": True, "allow_inf": True})})
+        if self.guide_sigmas is not None:
+            lo, hi = _pair(self.guide_sigmas)
+            object.__setattr__(self, "guide_sigmas", (lo, hi))
         for name in ("n", "seed", "start", "steps", "order", "batch_size"):
             value = getattr(self, name)
             if value is not None and value != int(value):
@@ -189,23 +199,43 @@ class SampleRequest:
         """The keyword arguments of :func:`difflab.sampling.sample_images` (and ``Run.sample``,
         ``stream_samples``) for this request; settings still None are left out (the run's own apply)."""
         kw = {"seed": self.seed, "start": self.start, "sampler": self.sampler, "steps": self.steps,
-              "guidance": self.guidance, "autoguidance": self.autoguidance, "clip": self.clip,
+              "guidance": self.guidance, "autoguidance": self.autoguidance, "guide_sigmas": self.guide_sigmas,
+              "clip": self.clip,
               "labels": self.label_tensor(), "prompt": self.prompt,
               "init_noise": self.init_noise, "batch_size": self.batch_size, **self.options()}
-        if self.cold_update:
-            kw["cold_update"] = True  # naive2's cold-diffusion update
+        if self.cold_update is not None:
+            kw["cold_update"] = bool(self.cold_update)  # naive2's cold-diffusion update
+        if self.told_noise is not None:
+            kw["told_noise"] = self.told_noise  # naive2: the noise level the network is told
         if self.classifier is not None:
             kw.update(classifier=self.classifier, classifier_scale=self.classifier_scale,
                       classifier_sigma_max=self.classifier_sigma_max)
         return {k: v for k, v in kw.items() if v is not None}
 
-    def evaluations(self) -> int:
+    def evaluations(self, levels: Sequence[float] | None = None) -> int:
         """Network evaluations per sample (classifier-free guidance batches both passes into one; autoguidance
-        calls the guide network as well)."""
+        calls the guide network as well, at the sampler's noise ``levels`` inside ``guide_sigmas``; without
+        the levels, at every step)."""
+        from difflab.guidance import guided
         from difflab.samplers import evaluations
 
         calls = evaluations(self.sampler, self.steps, **self.options()) if self.sampler else (self.steps or 0)
-        return calls * 2 if self.autoguidance not in (None, 1.0) else calls
+        if self.autoguidance in (None, 1.0):
+            return calls
+        if levels is None or self.guide_sigmas is None or self.sampler in ("heun", "pc", "langevin"):
+            return calls * 2
+        return calls + sum(bool(guided(float(s), self.guide_sigmas)) for s in levels if s > 0)
+
+
+def _pair(sigmas) -> tuple[float, float]:
+    """--guide-sigmas: two noise levels 0 <= LO <= HI (HI may be inf: no upper limit)."""
+    try:
+        lo, hi = (float(v) for v in sigmas)
+    except (TypeError, ValueError):
+        raise UsageError(f"--guide-sigmas takes two noise levels LO HI, got {sigmas!r}") from None
+    if not (0 <= lo <= hi) or lo != lo or hi != hi:
+        raise UsageError(f"--guide-sigmas must be 0 <= LO <= HI (HI may be inf), got {lo:g} {hi:g}")
+    return lo, hi
 
 
 def _labels(labels, n: int) -> torch.Tensor:

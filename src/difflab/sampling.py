@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +34,8 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
                   start: int = 0, init_noise: torch.Tensor | None = None, classifier=None,
                   classifier_scale: float = 0.0, classifier_sigma_max: float | None = None, progress=None,
                   callback=None, clip: str = "clip", data_range: tuple[float, float] = (-1.0, 1.0),
-                  autoguidance: float = 1.0, guide=None, **options) -> torch.Tensor:
+                  autoguidance: float = 1.0, guide=None, guide_sigmas: tuple[float, float] | None = None,
+                  **options) -> torch.Tensor:
     """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j). The settings are
     those of a :class:`~difflab.request.SampleRequest`, which checks them (:func:`sample_request`).
 
@@ -43,7 +45,8 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
     a noisy classifier's gradient (classifier guidance; needs ``labels``), at noise levels up to
     ``classifier_sigma_max`` (default ``guidance.CLASSIFIER_SIGMA_MAX``; ``math.inf``: every level).
     ``autoguidance`` w != 1 mixes in ``guide``, a weaker network of the same run (:meth:`Run.guide_net`):
-    D_guide + w (D - D_guide), each under the same classifier-free guidance.
+    D_guide + w (D - D_guide), each under the same classifier-free guidance, at the noise levels in
+    ``guide_sigmas`` (lo, hi) (every level when None).
     ``clip`` limits every x0 estimate to ``data_range`` after guidance (:class:`~difflab.denoiser.ClipX0`:
     ``clip``, ``dynamic`` or ``none``)."""
     net.eval()
@@ -65,7 +68,8 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
         if guide is None:
             raise UsageError("autoguidance needs the guide network (Run.guide_net)")
         under = list(wraps)  # the guide gets the same classifier-free guidance as the network
-        wraps.append(lambda d: Autoguidance(d, _wrapped(method.denoiser(guide), under), autoguidance))
+        interval = guide_sigmas if guide_sigmas is not None else (0.0, math.inf)
+        wraps.append(lambda d: Autoguidance(d, _wrapped(method.denoiser(guide), under), autoguidance, interval))
     if classifier is not None:
         from difflab.guidance import CLASSIFIER_SIGMA_MAX, ClassifierGuidance
 
@@ -114,6 +118,13 @@ def sample_request(model, request: SampleRequest, *, progress=None, callback=Non
     and completed with its defaults first (``model.prepare``). ``progress(k)``: k more images' worth of
     steps; ``callback(dict)`` after every sampler step."""
     return model.draw(model.prepare(request), progress=progress, callback=callback)
+
+
+def request_evaluations(model, request: SampleRequest) -> int:
+    """Network evaluations per sample that ``request`` makes on ``model`` (a :class:`Run` or a folder model),
+    its defaults filled in: the guide's calls counted at the levels of the run's grid."""
+    req = request.resolve(model.traits())
+    return req.evaluations(model.levels(req) if isinstance(model, Run) else None)
 
 
 def sample_sharded_request(model, request: SampleRequest, ctx, *, progress=None, callback=None) -> torch.Tensor:
@@ -221,11 +232,24 @@ class Run:
         if self.cfg is None:
             return {}
         d = {"sampler": self.cfg.sampler, "steps": self.cfg.sample_steps, "clip": self.cfg.clip}
+        d.update(getattr(self.method, "sample_defaults", dict)())  # a method's own settings (naive2's)
+        if self.method.conditional:
+            d["sigma_min"] = self.cfg.sample_sigma_min
+            d["guide_sigmas"] = (self.cfg.guide_sigma_min, self.cfg.guide_sigma_max)
         if self.conditioner.kind != "none":
             d["guidance"] = self.cfg.guidance
         elif self.cfg.autoguidance != 1.0 and self.autoguidable:
             d["autoguidance"] = self.cfg.autoguidance
         return d
+
+    def levels(self, request: SampleRequest) -> list[float]:
+        """The noise levels a resolved request's sampler steps through (its grid, without the final 0)."""
+        from difflab.samplers import DEFAULT_SPACING, get_sigmas
+
+        if not self.method.conditional or request.sampler is None or request.steps is None:
+            return []
+        spacing = request.spacing or DEFAULT_SPACING.get(request.sampler, "uniform")
+        return [float(s) for s in get_sigmas(self.denoiser().process, request.steps, spacing, request.sigma_min)[:-1]]
 
     def denoiser(self):
         return self.method.denoiser(self.net)

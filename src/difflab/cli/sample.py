@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variance", choices=["small", "large"], default=None, help="DDPM variance")
     p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default=None,
                    help="noise-level grid (default: the sampler's own)")
+    p.add_argument("--sigma-min", type=float, default=None, help="bottom of the karras/geometric grids: the last "
+                   "step denoises from this noise level (default: the run's --sample-sigma-min; 0: the process's own)")
     p.add_argument("--churn", type=float, default=None, help="EDM churn for euler/heun")
     p.add_argument("--class", dest="class_label", type=int, default=None, help="class index to sample")
     p.add_argument("--prompt", default=None, help="text prompt (runs trained with --conditioning text)")
@@ -49,12 +51,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoguidance", type=float, default=None, help="autoguidance scale w: D_guide + w (D - D_guide), "
                    "the guide being the run's EMA from early in training (default: the run's --autoguidance for "
                    "unconditional runs; 1: off)")
+    p.add_argument("--guide-sigmas", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="autoguide only at noise levels LO <= sigma <= HI (default: the run's; 0 inf: every level)")
     p.add_argument("--classifier", default=None, help="classifier run folder (difflab train-classifier) "
                    "for classifier guidance")
     p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance weight w")
     p.add_argument("--classifier-sigma-max", type=float, default=None,
                    help="guide only at noise levels sigma <= this (default 80; inf: every level)")
-    p.add_argument("--cold-update", action="store_true", help="naive2: the cold-diffusion update")
+    p.add_argument("--cold-update", action=argparse.BooleanOptionalAction, default=None,
+                   help="naive2: the cold-diffusion update (default: the run's)")
+    p.add_argument("--told-noise", type=float, default=None, help="naive2: the fraction of the noise the network is "
+                   "told of (default: the run's; 1: the truth)")
     p.add_argument("--init-noise", default=None, help=".npy float32 [N, C, H, W] starting noise")
     p.add_argument("--batch-size", type=int, default=256, help="samples per forward batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -74,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def request_from_args(args: argparse.Namespace) -> SampleRequest:
     """The flags as a :class:`~difflab.request.SampleRequest` (checked; --init-noise read once --n is)."""
     same = ("seed", "sampler", "steps", "guidance", "autoguidance", "prompt", "clip", "eta", "order", "variance", "spacing", "churn",
-            "cold_update", "classifier", "classifier_scale", "classifier_sigma_max", "batch_size")
+            "sigma_min", "guide_sigmas", "cold_update", "told_noise",
+            "classifier", "classifier_scale", "classifier_sigma_max", "batch_size")
     req = SampleRequest(run=args.run or args.diffusers_model, n=args.n, labels=args.class_label,
                         precision="bf16" if args.bf16 else "fp32", **{k: getattr(args, k) for k in same})
     return replace(req, init_noise=read_noise(args.init_noise, req.n)) if args.init_noise else req

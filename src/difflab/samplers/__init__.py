@@ -61,13 +61,18 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 SIGMA_TOP = 80.0
 
 
-def get_sigmas(process: GaussianProcess, steps: int, spacing: str = "uniform") -> torch.Tensor:
+def get_sigmas(process: GaussianProcess, steps: int, spacing: str = "uniform",
+               sigma_min: float | None = None) -> torch.Tensor:
     """A grid of ``steps`` noise levels (float64) followed by 0. ``uniform`` spaces the process's own
     time evenly (integer steps for discrete models, respaced); ``karras`` uses EDM's levels between
     the process's smallest and largest noise level, at most ``SIGMA_TOP``; ``geometric`` is NCSN's
-    log-uniform grid (the same top)."""
+    log-uniform grid (the same top). ``sigma_min`` raises the bottom of the karras and geometric grids
+    (the last step denoises from there; the uniform grid keeps the process's own times)."""
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
+    if sigma_min is not None and not 0 <= sigma_min < SIGMA_TOP:
+        raise UsageError(f"--sigma-min must be in [0, {SIGMA_TOP:g}), got {sigma_min}")
+    floor = sigma_min or 0.0
     if spacing == "uniform":
         ts = process.timesteps(steps)
         return torch.cat([process.sigma_ve(ts).double(), torch.zeros(1, dtype=torch.float64)])
@@ -75,9 +80,9 @@ def get_sigmas(process: GaussianProcess, steps: int, spacing: str = "uniform") -
         top = min(process.sigma_max(), SIGMA_TOP)
         if steps == 1:
             return torch.tensor([top, 0.0], dtype=torch.float64)
-        return karras_sigmas(steps, max(process.sigma_min(), 1e-3), top)
+        return karras_sigmas(steps, max(process.sigma_min(), 1e-3, floor), top)
     if spacing == "geometric":  # NCSN's levels, down to 0.01 at the smallest
-        lo, hi = max(process.sigma_min(), 0.01), min(process.sigma_max(), SIGMA_TOP)
+        lo, hi = max(process.sigma_min(), 0.01, floor), min(process.sigma_max(), SIGMA_TOP)
         return torch.cat([torch.logspace(math.log10(hi), math.log10(lo), steps, dtype=torch.float64),
                           torch.zeros(1, dtype=torch.float64)])
     raise UsageError(f"unknown --spacing '{spacing}'; choose uniform, karras or geometric")
@@ -114,13 +119,15 @@ def generate(
     progress: Callable[[float], None] | None = None,
     sigmas: torch.Tensor | None = None,
     prior: float | None = None,
+    sigma_min: float | None = None,
     **options,
 ) -> torch.Tensor:
     """Draw ``n`` samples of ``shape`` (C, H, W) with per-sample seeds (sample j of ``--seed s`` is the
     same for any batch size or rank). ``cond_fn(slice)`` gives the conditioning of a batch.
     ``init_noise`` ([n, C, H, W] standard normal) replaces the seeded starting noise.
     ``sigmas`` and ``prior`` (the starting std in VE units) replace the grid of ``steps``/``spacing``
-    (a diffusers scheduler's grid, :mod:`difflab.interop.schedulers`). ``progress(k)`` is told after
+    (a diffusers scheduler's grid, :mod:`difflab.interop.schedulers`); ``sigma_min`` raises the grid's
+    bottom (:func:`get_sigmas`). ``progress(k)`` is told after
     every sampler step, k = the images of that step / the steps (so a whole run adds up to n).
     Returns float samples in model units (about [-1, 1]) on the CPU."""
     if sampler not in SAMPLERS:
@@ -129,7 +136,7 @@ def generate(
     if unknown:
         raise UsageError(f"sampler '{sampler}' takes no option {', '.join(unknown)}")
     if sigmas is None:
-        sigmas = get_sigmas(denoiser.process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"))
+        sigmas = get_sigmas(denoiser.process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"), sigma_min)
     if prior is None:  # start from the prior when the grid starts at the top, else at its first level
         prior = denoiser.process.prior_std() if float(sigmas[0]) >= denoiser.process.sigma_max() * 0.999 \
             else float(sigmas[0])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import dataclasses
 import io
 import threading
 import time
@@ -18,6 +17,7 @@ from difflab.data import to_model
 from difflab.errors import DataError
 from difflab.figures import pil_image, to_uint8
 from difflab.request import SampleRequest
+from difflab.sampling import request_evaluations
 from difflab.serve.catalog import Catalog
 from difflab.serve.jobs import Job
 from difflab.serve.requests import CompareRequest, ForwardRequest, InterpolateRequest, InvertRequest
@@ -86,10 +86,8 @@ class Panels:
         def work(job: Job) -> None:
             run = self.catalog.model(req.run, req.precision)
             t0 = time.perf_counter()
-            guided = req if req.autoguidance is not None else \
-                dataclasses.replace(req, autoguidance=run.sampling_defaults().get("autoguidance"))
             job.emit({"type": "start", "count": req.n, "first": req.start, "steps": req.steps,
-                      "evaluations": guided.evaluations(), "checkpoint": run.step})
+                      "evaluations": request_evaluations(run, req), "checkpoint": run.step})
 
             def on_step(d: dict) -> None:
                 job.emit({"type": "step", "index": req.start, "i": d["i"], "steps": req.steps, "sigma": d["sigma"],
@@ -125,7 +123,7 @@ class Panels:
                     for k, im in enumerate(images):
                         job.emit({"type": "image", "column": ci, "index": lo + k, "png": png_url(im)})
                 job.emit({"type": "column", "column": ci, "sampler": col.sampler, "steps": col.steps,
-                          "evaluations": col.evaluations(), "seconds": time.perf_counter() - t0})
+                          "evaluations": request_evaluations(run, col), "seconds": time.perf_counter() - t0})
 
         return work
 

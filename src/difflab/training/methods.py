@@ -259,16 +259,22 @@ class Naive2Method(_BatchSeeded):
         ts = [round(noise.T * i / (columns - 1)) for i in range(columns)]
         return torch.stack([noise.apply(x, t, state) for t in ts])
 
-    def trajectories(self) -> dict[str, dict]:
-        return {"": {}, "-cold-update": {"cold_update": True}}
+    def sample_defaults(self) -> dict:
+        """The run's own naive2 sampling settings (config.json), filled into requests that do not give them."""
+        return {"cold_update": self.cfg.cold_update, "told_noise": self.cfg.told_noise}
 
-    def sample_batch(self, net, n, shape, *, seed=0, steps=64, device="cpu", callback=None, cold_update=False, **_):
+    def trajectories(self) -> dict[str, dict]:
+        told = {"told_noise": self.cfg.told_noise}  # both updates, with the noise level the run samples with
+        return {"": {"cold_update": False, **told}, "-cold-update": {"cold_update": True, **told}}
+
+    def sample_batch(self, net, n, shape, *, seed=0, steps=64, device="cpu", callback=None, cold_update=False,
+                     told_noise=1.0, **_):
         T = shape[-2] * shape[-1]
         if not 1 <= steps <= T:
             raise UsageError(f"naive2 samples in 1 to T = h*w = {T} steps on {shape[-2]}x{shape[-1]} images, "
                              f"got --steps {steps}")
         return naive.naive2_sample(net, (n, *shape), steps, _generator(seed, 0, "cpu"),
-                                   cold_update=cold_update, callback=callback, device=device)
+                                   cold_update=cold_update, told_noise=told_noise, callback=callback, device=device)
 
 
 class ColdMethod(_BatchSeeded):
