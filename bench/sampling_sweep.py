@@ -1,8 +1,8 @@
 """Sampling settings of one trained MNIST run, judged by the race's classifier: how the sampling defaults
 were chosen (bench/RESULTS.md). Each SETTINGS is comma-separated ``name=value`` of ``Run.sample`` (the
-run's defaults for the rest; ``guide_sigmas=LO:HI``, ``cold_update=0|1``); an empty string is the defaults.
+run's defaults for the rest; ``guide_sigmas=LO:HI``, ``cold_update=0|1``); ``defaults`` is the run's own.
 
-    python bench/sampling_sweep.py RUN --n 512 "" "steps=7" "steps=7,sigma_min=0" "steps=5,guide_sigmas=0:inf"
+    python bench/sampling_sweep.py RUN --n 512 defaults "steps=7" "steps=7,sigma_min=0" "steps=5,guide_sigmas=0:inf"
 
 Prints, per setting: network evaluations per sample (NFE, as ``request_evaluations`` counts them),
 confident fraction, rarest digit, accuracy (class runs: each digit asked for in turn) and classifier FID
@@ -24,7 +24,7 @@ INTS, TEXT = ("steps", "order"), ("sampler", "clip", "spacing")
 def parse(settings: str) -> dict:
     """'steps=7,guide_sigmas=1:20' as Run.sample keywords."""
     out: dict = {}
-    for item in filter(None, settings.split(",")):
+    for item in filter(None, settings.replace("defaults", "").split(",")):
         name, value = item.split("=", 1)
         if name == "guide_sigmas":
             out[name] = tuple(float(v) for v in value.split(":"))
@@ -41,24 +41,24 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
-    p.add_argument("settings", nargs="*", default=[""])
+    p.add_argument("settings", nargs="*", default=["defaults"])
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     print(cpu_description(), flush=True)
     run, judge = load_run(args.run), Judge(torch.device("cpu"))
     labels = torch.arange(args.n) % run.conditioner.num_classes if run.conditioner.kind == "class" else None
     rows = {}
-    for settings in args.settings or [""]:
+    for settings in args.settings:
         kw = parse(settings)
         t0 = time.monotonic()
         images = run.sample(args.n, seed=args.seed, **kw)
         r = judge.judge(images, labels=labels, fid_n=args.n) | {"seconds": time.monotonic() - t0}
         r["nfe"] = request_evaluations(run, SampleRequest(n=args.n, **kw)) if run.method.conditional else None
-        rows[settings or "defaults"] = r
+        rows[settings] = r
         acc = f" accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
-        print(f"{settings or 'defaults':50s} NFE {r['nfe']} confident {r['confident']:.3f} rarest {r['rarest']}"
+        print(f"{settings:50s} NFE {r['nfe']} confident {r['confident']:.3f} rarest {r['rarest']}"
               f"{acc} classifier FID {r['classifier_fid']:.1f} per digit {r['histogram']} ({r['seconds']:.0f} s)",
               flush=True)
     if args.json:
