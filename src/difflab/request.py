@@ -233,7 +233,7 @@ def _pair(sigmas) -> tuple[float, float]:
         lo, hi = (float(v) for v in sigmas)
     except (TypeError, ValueError):
         raise UsageError(f"--guide-sigmas takes two noise levels LO HI, got {sigmas!r}") from None
-    if not (0 <= lo <= hi) or lo != lo or hi != hi:
+    if not 0 <= lo <= hi:  # (False for NaN too)
         raise UsageError(f"--guide-sigmas must be 0 <= LO <= HI (HI may be inf), got {lo:g} {hi:g}")
     return lo, hi
 

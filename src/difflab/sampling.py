@@ -244,12 +244,12 @@ class Run:
 
     def levels(self, request: SampleRequest) -> list[float]:
         """The noise levels a resolved request's sampler steps through (its grid, without the final 0)."""
-        from difflab.samplers import DEFAULT_SPACING, get_sigmas
+        from difflab.samplers import sampler_sigmas
 
         if not self.method.conditional or request.sampler is None or request.steps is None:
             return []
-        spacing = request.spacing or DEFAULT_SPACING.get(request.sampler, "uniform")
-        return [float(s) for s in get_sigmas(self.denoiser().process, request.steps, spacing, request.sigma_min)[:-1]]
+        grid = sampler_sigmas(self.denoiser().process, request.sampler, request.steps, request.spacing, request.sigma_min)
+        return [float(s) for s in grid[:-1]]
 
     def denoiser(self):
         return self.method.denoiser(self.net)

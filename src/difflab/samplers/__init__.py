@@ -88,6 +88,12 @@ def get_sigmas(process: GaussianProcess, steps: int, spacing: str = "uniform",
     raise UsageError(f"unknown --spacing '{spacing}'; choose uniform, karras or geometric")
 
 
+def sampler_sigmas(process: GaussianProcess, sampler: str, steps: int, spacing: str | None = None,
+                   sigma_min: float | None = None) -> torch.Tensor:
+    """The grid ``sampler`` steps through: ``spacing`` or the sampler's own (:data:`DEFAULT_SPACING`)."""
+    return get_sigmas(process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"), sigma_min)
+
+
 def evaluations(sampler: str, steps: int, **options) -> int:
     """Number of network evaluations a sampler makes for a grid of ``steps`` levels."""
     if sampler == "heun":
@@ -136,7 +142,7 @@ def generate(
     if unknown:
         raise UsageError(f"sampler '{sampler}' takes no option {', '.join(unknown)}")
     if sigmas is None:
-        sigmas = get_sigmas(denoiser.process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"), sigma_min)
+        sigmas = sampler_sigmas(denoiser.process, sampler, steps, spacing, sigma_min)
     if prior is None:  # start from the prior when the grid starts at the top, else at its first level
         prior = denoiser.process.prior_std() if float(sigmas[0]) >= denoiser.process.sigma_max() * 0.999 \
             else float(sigmas[0])
