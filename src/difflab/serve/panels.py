@@ -9,7 +9,6 @@ import csv
 import io
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -18,7 +17,7 @@ from difflab.errors import DataError
 from difflab.figures import pil_image, to_uint8
 from difflab.request import SampleRequest
 from difflab.sampling import request_evaluations
-from difflab.serve.catalog import Catalog
+from difflab.serve.catalog import MAX_GRID, MAX_LOG, Catalog
 from difflab.serve.jobs import Job
 from difflab.serve.requests import CompareRequest, ForwardRequest, InterpolateRequest, InvertRequest
 from difflab.streaming import WatchedNet, chunks, stream_samples
@@ -42,16 +41,14 @@ class Panels:
 
     # --- data --------------------------------------------------------------------------------------
     def dataset(self, name: str):
-        """The training data of run ``name`` (as trained: MNIST padded to 32), cached in memory."""
-        from difflab.config import load_run_config
-        from difflab.runs import load_data
-
+        """The training data of run ``name`` (as trained: MNIST padded to 32), cached in memory; only the
+        run's own data (:meth:`Catalog.training_data` checks its fingerprint)."""
         info = self.catalog.info(name)
         if info.data is None:
             raise DataError("this model has no training data to show (a diffusers folder)")
         with self._data_lock:
             if name not in self._data:
-                self._data[name] = load_data(load_run_config(self.catalog.path(name)))
+                self._data[name] = self.catalog.training_data(name)
             return self._data[name]
 
     def thumbnails(self, name: str, start: int, n: int) -> dict:
@@ -180,27 +177,20 @@ class Panels:
     def monitor_state(self, name: str, rows_seen: int, grid_seen: str) -> dict:
         """New loss rows since ``rows_seen`` and the newest sample grid if it is not ``grid_seen``."""
         info = self.catalog.info(name)
-        path = self.catalog.path(name)
         rows = []
-        log = path / "loss.csv"
-        if log.exists():
-            with open(log, newline="") as f:
-                for i, row in enumerate(csv.DictReader(f)):
-                    if i >= rows_seen:
-                        try:
-                            rows.append([int(row["step"]), float(row["loss"])])
-                        except (KeyError, TypeError, ValueError):
-                            break  # a row being written right now: read it next time
+        log = self.catalog.read_file(name, "loss.csv", MAX_LOG)  # only a regular file inside the run
+        if log is not None:
+            for i, row in enumerate(csv.DictReader(io.StringIO(log.decode(errors="replace"), newline=""))):
+                if i >= rows_seen:
+                    try:
+                        rows.append([int(row["step"]), float(row["loss"])])
+                    except (KeyError, TypeError, ValueError):
+                        break  # a row being written right now: read it next time
         out = {"type": "monitor", "rows": rows, "step": info.step, "training": info.training}
-        grid = _newest_grid(path / "samples")
-        if grid is not None:
-            key = f"{grid.name}:{grid.stat().st_mtime_ns}"
-            if key != grid_seen and grid.stat().st_size < 8 << 20:
-                out["grid"] = {"key": key, "name": grid.name,
-                               "png": "data:image/png;base64," + base64.b64encode(grid.read_bytes()).decode()}
+        grid = self.catalog.newest_grid(name)
+        if grid is not None and grid[1] != grid_seen:
+            png = self.catalog.read_file(name, f"samples/{grid[0]}", MAX_GRID)
+            if png is not None:
+                out["grid"] = {"key": grid[1], "name": grid[0],
+                               "png": "data:image/png;base64," + base64.b64encode(png).decode()}
         return out
-
-
-def _newest_grid(folder: Path) -> Path | None:
-    found = [p for p in folder.glob("*.png") if not p.name.startswith(".")] if folder.is_dir() else []
-    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)

@@ -75,7 +75,7 @@ async function loadRuns() {
   state.processes = data.processes;
   const sel = $("run");
   sel.innerHTML = "";
-  for (const r of state.runs) sel.append(new Option(r.name, r.name));
+  for (const r of state.runs) sel.append(new Option(r.damaged ? `${r.name} (damaged)` : r.name, r.name));
   const procSel = $("forward-process");
   procSel.innerHTML = "";
   for (const p of state.processes) procSel.append(new Option(p.name, p.name));
@@ -85,14 +85,14 @@ async function loadRuns() {
     $("no-runs").hidden = false;
     return;
   }
-  selectRun(state.runs[0].name);
+  selectRun((state.runs.find((r) => !r.damaged) || state.runs[0]).name);
 }
 
 function selectRun(name) {
   const run = state.runs.find((r) => r.name === name);
   state.run = run;
   $("run").value = name;
-  if (run.error) { $("run-info").textContent = run.error; return; }
+  if (run.damaged) { $("run-info").textContent = `damaged: ${run.error}`; return; }
   const cond = run.conditioning === "none" ? "unconditional" : `${run.conditioning}-conditional`;
   $("run-info").textContent = `${run.method} · ${cond} · ${run.shape.join("x")} · checkpoint step ${run.step}` +
     (run.training ? " · training now" : "");

@@ -1,0 +1,366 @@
+"""The explorer against a hostile runs folder and hostile clients: links out of the runs folder or a run,
+FIFOs, damaged JSON, foreign data folders, thousands of runs; bad JSON bodies, event ids and floods of
+jobs. Every case ends in a listed damaged run or a 4xx answer of one line, no file is read outside the
+runs folder, and every file that was in the runs folder is byte-identical afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from serve_helpers import guarded_page, launch_browser, request, runs_dir  # noqa: F401 - fixtures
+
+from difflab.errors import CheckpointError, DataError, UsageError
+
+SECRET = b"root:$6$not-for-the-page:19000:0:99999:7:::\n"
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every regular file under ``root`` (links and FIFOs are not followed or opened) and its bytes."""
+    out = {}
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            p = Path(folder, name)
+            if p.is_file() and not p.is_symlink():
+                out[p.relative_to(root).as_posix()] = p.read_bytes()
+    return out
+
+
+def serve(root: Path):
+    from difflab.serve import ExplorerServer
+
+    srv = ExplorerServer(root, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return srv
+
+
+@pytest.fixture
+def served():
+    """serve(root) for this test; every server started is shut down at the end."""
+    started = []
+
+    def start(root: Path):
+        started.append(serve(root))
+        return started[-1]
+
+    yield start
+    for srv in started:
+        srv.shutdown()
+        srv.server_close()
+
+
+def in_time(fn, seconds: float = 20.0):
+    """fn()'s result, failing the test (instead of hanging it) when it takes longer than ``seconds``."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{fn} hung for over {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def one_line(answer) -> str:
+    assert isinstance(answer, dict) and isinstance(answer.get("error"), str), answer
+    assert "\n" not in answer["error"] and "Traceback" not in answer["error"], answer
+    return answer["error"]
+
+
+def newest_json(run: Path) -> Path:
+    from difflab.training.checkpoint import list_checkpoints
+
+    return list_checkpoints(run / "checkpoints")[-1]
+
+
+@pytest.fixture
+def hostile(runs_dir, tmp_path):  # noqa: F811
+    """A runs folder: 'good' (the tiny run), a secret file and a run outside it, and a helper to add runs."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    shutil.copytree(runs_dir / "tiny", root / "good")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shadow").write_bytes(SECRET)
+    shutil.copytree(runs_dir / "tiny", outside / "elsewhere")
+    return root, outside
+
+
+# --- the runs folder is untrusted --------------------------------------------------------------------------
+def test_a_run_folder_that_links_elsewhere_is_not_listed(hostile, served):
+    root, outside = hostile
+    (root / "linked").symlink_to(outside / "elsewhere", target_is_directory=True)
+    (root / "inside-link").symlink_to(root / "good", target_is_directory=True)
+    srv = served(root)
+    status, answer = request(srv, "/api/runs")
+    assert status == 200 and [r["name"] for r in answer["runs"]] == ["good"]
+    for path, body in (("/api/sample", {"run": "linked", "steps": 1, "count": 1}),
+                       ("/api/forward", {"run": "inside-link", "process": "mask"})):
+        status, answer = request(srv, path, body)
+        assert status == 400 and "unknown run" in one_line(answer)
+    assert request(srv, "/api/dataset?run=linked")[0] == 400
+
+
+def test_a_link_out_of_a_run_is_never_served(hostile, served):
+    root, outside = hostile
+    run = root / "good"
+    zzz = run / "samples" / "zzz.png"
+    zzz.symlink_to(outside / "shadow")
+    os.utime(zzz, follow_symlinks=False)  # the newest entry of samples/
+    os.utime(outside / "shadow")
+    (run / "samples" / "up.png").symlink_to(Path("..") / ".." / ".." / "outside" / "shadow")
+    before = snapshot(root.parent)
+    srv = served(root)
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/api/monitor?run=good", timeout=30) as r:
+        line = next(ln for ln in r if ln.startswith(b"data: "))
+    state = json.loads(line[6:])
+    assert state["grid"]["name"] == "final.png" and state["rows"]  # the run's own grid and loss
+    assert b"not-for-the-page" not in line and "shadow" not in line.decode()
+    catalog = srv.catalog
+    with pytest.raises(CheckpointError, match="links outside"):
+        catalog.read_file("good", "samples/zzz.png", 1 << 20)
+    assert catalog.newest_grid("good")[0] == "final.png"
+    assert snapshot(root.parent) == before
+
+
+def test_a_run_whose_checkpoints_or_log_link_out_is_damaged_not_followed(hostile, served):
+    root, outside = hostile
+    shutil.copytree(root / "good", root / "ckpt-out", symlinks=True)
+    shutil.rmtree(root / "ckpt-out" / "checkpoints")
+    (root / "ckpt-out" / "checkpoints").symlink_to(outside / "elsewhere" / "checkpoints", target_is_directory=True)
+    shutil.copytree(root / "good", root / "log-out")
+    (root / "log-out" / "loss.csv").unlink()
+    (root / "log-out" / "loss.csv").symlink_to(outside / "shadow")
+    srv = served(root)
+    runs = {r["name"]: r for r in request(srv, "/api/runs")[1]["runs"]}
+    assert runs["ckpt-out"]["damaged"] and "links outside" in runs["ckpt-out"]["error"]
+    assert runs["good"]["step"] == 6 and runs["log-out"]["step"] == 6
+    status, answer = request(srv, "/api/sample", {"run": "ckpt-out", "steps": 1, "count": 1})
+    assert status == 400 and "damaged" in one_line(answer)
+    status, answer = request(srv, "/api/monitor?run=log-out")
+    assert status == 400 and "links outside" in one_line(answer) and "not-for-the-page" not in answer["error"]
+
+
+@pytest.mark.parametrize("where", ["config", "checkpoint", "grid", "log"])
+def test_a_fifo_never_hangs_the_listing_or_a_request(hostile, served, where):
+    root, _ = hostile
+    run = root / "fifo"
+    shutil.copytree(root / "good", run)
+    target = {"config": run / "config.json", "checkpoint": run / "checkpoints" / "step-0000009.json",
+              "grid": run / "samples" / "zzz.png", "log": run / "loss.csv"}[where]
+    target.unlink(missing_ok=True)
+    os.mkfifo(target)
+    if where == "checkpoint":
+        (run / "checkpoints" / "step-0000009.safetensors").write_bytes(b"")
+    srv = served(root)
+    runs = {r["name"]: r for r in in_time(lambda: request(srv, "/api/runs"))[1]["runs"]}
+    assert runs["good"]["step"] == 6 and "error" not in runs["good"]
+    if where in ("config", "checkpoint"):
+        assert runs["fifo"]["damaged"] and "not a regular file" in runs["fifo"]["error"]
+        status, answer = in_time(lambda: request(srv, "/api/sample", {"run": "fifo", "steps": 1, "count": 1}))
+        assert status == 400 and "not a regular file" in one_line(answer)
+    elif where == "grid":
+        assert srv.catalog.newest_grid("fifo")[0] == "final.png"
+    else:
+        status, answer = in_time(lambda: request(srv, "/api/monitor?run=fifo"))
+        assert status == 400 and "not a regular file" in one_line(answer)
+    assert in_time(lambda: request(srv, "/api/runs"))[0] == 200  # and the server still answers
+
+
+def _damage(root: Path, name: str, how: str) -> None:
+    run = root / name
+    if how.startswith("diffusers"):
+        run.mkdir()
+        (run / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+        cfg = {"diffusers [1]": [1], "diffusers sample_size abc": {"sample_size": "abc", "in_channels": 1},
+               "diffusers sample_size huge": {"sample_size": 100000}, "diffusers binary": None}[how]
+        (run / "config.json").write_bytes(b"\xff\xfe\x00binary" if cfg is None else json.dumps(cfg).encode())
+        return
+    shutil.copytree(root / "good", run)
+    js = newest_json(run)
+    meta = json.loads(js.read_text())
+    if how == "checkpoint [1]":
+        js.write_text("[1]")
+    elif how == "checkpoint binary":
+        js.write_bytes(bytes(range(256)) * 4)
+    elif how == "checkpoint step x":
+        js.write_text(json.dumps({**meta, "step": "x"}))
+    elif how == "checkpoint shape":
+        js.write_text(json.dumps({**meta, "image_shape": [1, 50000, 50000]}))
+    elif how == "checkpoint deep":
+        js.write_text("[" * 100_000 + "]" * 100_000)
+    elif how == "config [1]":
+        (run / "config.json").write_text("[1]")
+    elif how == "config T x":
+        (run / "config.json").write_text(json.dumps({**json.loads((run / "config.json").read_text()), "T": "x"}))
+    elif how == "config huge":
+        (run / "config.json").write_bytes(b" " * (5 << 20) + b"{}")
+
+
+DAMAGES = {"checkpoint [1]": "not a JSON object", "checkpoint binary": "not valid JSON",
+           "checkpoint step x": "'step' has the wrong type", "checkpoint shape": "image_shape",
+           "checkpoint deep": "not valid JSON", "config [1]": "not a JSON object", "config T x": "config.json",
+           "config huge": "at most 4 MiB", "diffusers [1]": "not a JSON object",
+           "diffusers sample_size abc": "sample_size", "diffusers sample_size huge": "sample_size",
+           "diffusers binary": "not valid JSON"}
+
+
+@pytest.mark.parametrize("how", list(DAMAGES))
+def test_a_damaged_run_is_listed_with_its_reason_beside_the_others(hostile, served, how):
+    root, _ = hostile
+    _damage(root, "bad", how)
+    before = snapshot(root)
+    srv = served(root)
+    status, answer = request(srv, "/api/runs")
+    assert status == 200, answer
+    runs = {r["name"]: r for r in answer["runs"]}
+    assert runs["good"]["step"] == 6 and runs["good"]["shape"] == [1, 8, 8]
+    assert runs["bad"]["damaged"] is True and DAMAGES[how] in runs["bad"]["error"]
+    assert "\n" not in runs["bad"]["error"]
+    for path, body in (("/api/sample", {"run": "bad", "steps": 1, "count": 1}), ("/api/load", {"run": "bad"})):
+        status, answer = request(srv, path, body)
+        assert status == 400 and "damaged" in one_line(answer)
+    assert request(srv, "/api/sample", {"run": "good", "steps": 1, "count": 1})[0] == 202
+    assert snapshot(root) == before
+
+
+def test_data_is_shown_only_when_it_is_the_runs_own(hostile, served, tmp_path):
+    root, _ = hostile
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(photos / f"private-{i}.png")
+    for name, change in (("foreign", {"data": str(photos)}), ("no-print", None)):
+        shutil.copytree(root / "good", root / name)
+        if change:
+            cfg = json.loads((root / name / "config.json").read_text())
+            (root / name / "config.json").write_text(json.dumps({**cfg, **change}))
+        else:
+            js = newest_json(root / name)
+            js.write_text(json.dumps({k: v for k, v in json.loads(js.read_text()).items() if k != "data_fingerprint"}))
+    srv = served(root)
+    status, data = request(srv, "/api/dataset?run=good&n=2")
+    assert status == 200 and len(data["images"]) == 2
+    status, answer = request(srv, "/api/dataset?run=foreign&n=2")
+    assert status == 400 and "not the data it was trained on" in one_line(answer)
+    status, answer = request(srv, "/api/forward", {"run": "foreign", "process": "mask"})
+    assert status == 400 and "not the data it was trained on" in one_line(answer)
+    status, answer = request(srv, "/api/dataset?run=no-print")
+    assert status == 400 and "no fingerprint" in one_line(answer)
+    with pytest.raises(DataError, match="trained on"):
+        srv.catalog.training_data("foreign")
+
+
+def test_a_cold_runs_foreign_data_is_never_sampled_from(runs_dir, tmp_path):  # noqa: F811
+    from difflab.serve.catalog import Catalog
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(photos / f"private-{i}.png")
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "tiny", root / "cold")
+    cfg = json.loads((root / "cold" / "config.json").read_text())
+    (root / "cold" / "config.json").write_text(json.dumps({**cfg, "method": "cold", "conditioning": "none",
+                                                           "data": str(photos)}))
+    with pytest.raises(DataError, match="trained on"):
+        Catalog(root).model("cold")
+
+
+def test_the_listing_is_cached_until_a_file_it_read_changes(hostile):
+    from difflab.serve.catalog import Catalog
+
+    root, _ = hostile
+    catalog = Catalog(root)
+    assert catalog.info("good").step == 6
+    js = newest_json(root / "good")
+    meta = json.loads(js.read_text())
+    shutil.copy(js.with_suffix(".safetensors"), js.with_name("step-0000008.safetensors"))
+    js.with_name("step-0000008.json").write_text(json.dumps({**meta, "step": 8,
+                                                             "tensors": "step-0000008.safetensors"}))
+    assert catalog.info("good").step == 8  # a new checkpoint
+    js.with_name("step-0000008.json").write_text(json.dumps({**meta, "step": 9, "tensors": "step-0000008.safetensors"}))
+    assert catalog.info("good").step == 9  # a JSON rewritten in place
+    cfg = root / "good" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"conditioning": "class"', '"conditioning": "none"'))
+    assert catalog.info("good").conditioning == "none"
+    shutil.rmtree(root / "good")
+    assert catalog.names() == []
+
+
+def _many_runs(root: Path, src: Path, n: int) -> None:
+    cfg = (src / "config.json").read_bytes()
+    js = newest_json(src)
+    meta = js.read_bytes()
+    for i in range(n):
+        run = root / f"run-{i:04d}"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.json").write_bytes(cfg)
+        (run / "checkpoints" / js.name).write_bytes(meta)
+        (run / "checkpoints" / js.with_suffix(".safetensors").name).write_bytes(b"")  # never read by the listing
+
+
+def test_two_thousand_runs_list_in_well_under_a_second(runs_dir, tmp_path, served, capsys):  # noqa: F811
+    root = tmp_path / "runs"
+    _many_runs(root, runs_dir / "tiny", 2000)
+    srv = served(root)
+    t0 = time.perf_counter()
+    status, answer = request(srv, "/api/runs")
+    first = time.perf_counter() - t0
+    assert status == 200 and len(answer["runs"]) == 2000 and answer["runs"][1999]["step"] == 6
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        status, again = request(srv, "/api/runs")
+        times.append(time.perf_counter() - t0)
+    assert again == answer
+    with capsys.disabled():
+        print(f"\n/api/runs over 2,000 runs: first {first:.2f} s, cached {min(times):.3f}-{max(times):.3f} s")
+    assert max(times) < 5.0  # generous for a shared machine; measured well under a second
+
+
+def test_the_page_marks_a_damaged_run_and_opens_a_good_one(hostile, served):
+    root, _ = hostile
+    _damage(root, "aaa-bad", "checkpoint [1]")
+    srv = served(root)
+    runs = request(srv, "/api/runs")[1]["runs"]
+    assert [r["name"] for r in runs] == ["aaa-bad", "good"] and runs[0]["damaged"]
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    with playwright.sync_playwright() as p:
+        browser = launch_browser(p)
+        try:
+            page = guarded_page(browser, srv)
+            page.goto(f"http://127.0.0.1:{srv.port}/")
+            page.wait_for_selector("#run option[value=good]", state="attached")
+            assert page.inner_text("#run option[value=aaa-bad]") == "aaa-bad (damaged)"
+            assert page.input_value("#run") == "good"
+            page.select_option("#run", "aaa-bad")
+            page.wait_for_selector("#run-info:has-text('damaged: ')")
+            assert "not a JSON object" in page.inner_text("#run-info")
+            assert page.foreign == [] and page.errors == []
+        finally:
+            browser.close()
+
+
+def test_usage_errors_are_raised_for_unknown_runs(hostile):
+    from difflab.serve.catalog import Catalog
+
+    root, _ = hostile
+    with pytest.raises(UsageError, match="unknown run"):
+        Catalog(root).info("../good")
