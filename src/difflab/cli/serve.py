@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UsageError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from e
     names = server.catalog.names()
-    print(f"difflab serve: {len(names)} run(s) in {args.runs}: {', '.join(names) or '(none yet)'}")
+    shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+    print(f"difflab serve: {len(names)} run(s) in {args.runs}: {shown or '(none yet)'}")
     print(f"open {server.url}   (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever(poll_interval=0.5)

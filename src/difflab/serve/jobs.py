@@ -1,6 +1,8 @@
 """One queue of model work, run by one worker thread off the request threads. A job's events (dicts)
 are kept in order, so any number of listeners (two tabs, a reconnect) can read them from any point;
-a job is cancelled by a flag its work checks at every network call."""
+a job is cancelled by a flag its work checks at every network call. The queue is bounded: at most
+:data:`MAX_WAITING` jobs wait or run in all, :data:`MAX_PER_CLIENT` of them for one client; a job
+beyond that is refused (:class:`QueueFull`) instead of queued behind hours of work."""
 
 from __future__ import annotations
 
@@ -17,13 +19,19 @@ from difflab.errors import UsageError
 from difflab.streaming import Cancelled
 
 KEEP_FINISHED = 64  # finished jobs whose events stay readable
+MAX_WAITING = 32  # jobs queued or running, in all
+MAX_PER_CLIENT = 8  # ... for one client address
+
+
+class QueueFull(UsageError):
+    """Too many jobs waiting: answered with HTTP 429 and this line."""
 
 
 class Job:
     """A unit of model work: ``work(job)`` calls ``job.emit(event)`` as results are ready."""
 
-    def __init__(self, jid: str, kind: str, work: Callable[[Job], None]) -> None:
-        self.id, self.kind, self.work = jid, kind, work
+    def __init__(self, jid: str, kind: str, work: Callable[[Job], None], client: str = "") -> None:
+        self.id, self.kind, self.work, self.client = jid, kind, work, client
         self.events: list[dict] = []
         self.state = "queued"  # queued, running, done, error, cancelled
         self.created = time.monotonic()
@@ -44,6 +52,11 @@ class Job:
     @property
     def finished(self) -> bool:
         return self.state in ("done", "error", "cancelled")
+
+    @property
+    def waiting(self) -> bool:
+        """Queued or running and not cancelled: what counts against the queue's limits."""
+        return not self.finished and not self.cancelled()
 
     def wait(self, after: int, timeout: float) -> list[dict]:
         """Events from index ``after`` on, waiting up to ``timeout`` s for one when there are none yet."""
@@ -70,9 +83,18 @@ class JobQueue:
         self._worker = threading.Thread(target=self._run, name="difflab-serve-worker", daemon=True)
         self._worker.start()
 
-    def submit(self, kind: str, work: Callable[[Job], None]) -> Job:
+    def submit(self, kind: str, work: Callable[[Job], None], client: str = "") -> Job:
+        """Queue ``work`` for ``client`` (its address); QueueFull when the queue is at a limit."""
         with self._lock:
-            job = Job(f"{next(self._ids)}", kind, work)
+            waiting = [j for j in self._jobs.values() if j.waiting]
+            if len(waiting) >= MAX_WAITING:
+                raise QueueFull(f"the explorer has {len(waiting)} jobs waiting or running (the limit is {MAX_WAITING}); "
+                                "wait for one to finish or cancel one")
+            mine = sum(j.client == client for j in waiting)
+            if mine >= MAX_PER_CLIENT:
+                raise QueueFull(f"you have {mine} jobs waiting or running (the limit is {MAX_PER_CLIENT} per client); "
+                                "wait for one to finish or cancel one")
+            job = Job(f"{next(self._ids)}", kind, work, client)
             self._jobs[job.id] = job
             self._prune()
             ahead = sum(1 for j in self._jobs.values() if not j.finished and j is not job)

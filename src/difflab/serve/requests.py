@@ -8,6 +8,7 @@ adds the page's limits); the compare and interpolate panels are built from it.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 
@@ -19,10 +20,52 @@ from difflab.serve.catalog import RunInfo
 
 MAX_COUNT = 64
 MAX_SEED = 2**31 - 1
+MAX_DEPTH = 16  # nesting of a JSON body (the page sends 3)
+MAX_NUMBER = 40  # characters of one number in a JSON body
 
 
 class BadRequest(UsageError):
     """A request the page should not have sent: answered with HTTP 400 and this message."""
+
+
+class _NotFinite(str):
+    """NaN, Infinity or a number beyond float range where the body had a number: refused by its key."""
+
+
+def _number(text: str, kind: type) -> int | float | _NotFinite:
+    if len(text) > MAX_NUMBER:
+        raise BadRequest(f"the body holds a number of {len(text)} characters (the limit is {MAX_NUMBER})")
+    value = kind(text)
+    return value if math.isfinite(value) else _NotFinite(text)
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body as strict JSON: a UTF-8 object, numbers finite (no NaN, Infinity or 1e400) and of at
+    most :data:`MAX_NUMBER` characters, nesting at most :data:`MAX_DEPTH` deep; else BadRequest."""
+    too_deep = BadRequest(f"the body is nested too deeply (the limit is {MAX_DEPTH} levels)")
+    try:
+        body = json.loads(raw or b"{}", parse_constant=_NotFinite, parse_int=lambda t: _number(t, int),
+                          parse_float=lambda t: _number(t, float))
+    except RecursionError:
+        raise too_deep from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON ({e.msg if hasattr(e, 'msg') else e.reason})") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    level, todo = 0, [("body", body)]
+    while todo:  # one level at a time: (the key a value is under, the value)
+        level += 1
+        if level > MAX_DEPTH:
+            raise too_deep
+        below = []
+        for key, value in todo:
+            for k, v in (value.items() if isinstance(value, dict) else ((key, v) for v in value)):
+                if isinstance(v, _NotFinite):
+                    raise BadRequest(f"{k} must be a number, got {v} (JSON numbers are finite)")
+                if isinstance(v, (dict, list)):
+                    below.append((k, v))
+        todo = below
+    return body
 
 
 def _int(body: dict, key: str, default: int | None, lo: int, hi: int) -> int:

@@ -4,8 +4,13 @@ request thread only validates, queues and streams.
 
 Safe by default: it binds 127.0.0.1 and then answers only requests whose Host names the loopback
 (no DNS rebinding); any other address needs a token that every request carries (header
-``X-Difflab-Token`` or ``?token=``). POSTs must be JSON (a cross-site form cannot send it), bodies
-are limited in size, and the Content-Security-Policy lets the page load nothing from elsewhere.
+``X-Difflab-Token`` or ``?token=``). POSTs must be strict JSON (a cross-site form cannot send it),
+bodies are limited in size, and the Content-Security-Policy lets the page load nothing from elsewhere.
+
+Bounded: connections at once (:data:`MAX_CONNECTIONS`, then 503), event streams at once
+(:data:`MAX_STREAMS`, then 429) and in length (:data:`MAX_STREAM_S`; the page's EventSource
+reconnects with ``Last-Event-ID`` and goes on where it was), every socket read and write
+(:data:`SOCKET_TIMEOUT_S`), and the job queue (:mod:`~difflab.serve.jobs`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 import sys
+import threading
+import time
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from difflab.errors import UsageError
 from difflab.serve.catalog import Catalog
-from difflab.serve.jobs import JobQueue
+from difflab.serve.jobs import JobQueue, QueueFull
 from difflab.serve.panels import Panels
 from difflab.serve.requests import (
     BadRequest,
@@ -30,6 +38,7 @@ from difflab.serve.requests import (
     ForwardRequest,
     InterpolateRequest,
     InvertRequest,
+    parse_body,
     run_name,
     sample_request,
 )
@@ -43,6 +52,13 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
        "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
 KEEPALIVE_S = 10.0
 MONITOR_S = 1.0
+SOCKET_TIMEOUT_S = 30.0  # a client that sends or reads nothing for this long is dropped
+MAX_CONNECTIONS = 64  # requests being answered at once
+MAX_STREAMS = 16  # event and monitor streams open at once (each holds a connection)
+MAX_STREAM_S = 300.0  # one stream's length; the page reconnects and goes on
+EVENT_ID = re.compile(r"-?\d{1,12}")
+BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+        b'{"error": "the explorer is answering too many requests at once; try again in a moment"}')
 
 
 def is_loopback(host: str) -> bool:
@@ -67,8 +83,10 @@ class ExplorerServer(ThreadingHTTPServer):
         self.catalog = Catalog(runs, device)
         self.panels = Panels(self.catalog)
         self.token = token or None
+        self.jobs = JobQueue()  # before binding: a port in use calls server_close, which stops it
+        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.streams = threading.BoundedSemaphore(MAX_STREAMS)
         super().__init__((host, port), Handler)
-        self.jobs = JobQueue()
         self.port = self.server_address[1]
         self.loopback = is_loopback(host)
         self.host_names = {f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]")}
@@ -83,11 +101,33 @@ class ExplorerServer(ThreadingHTTPServer):
         self.jobs.stop()
         super().server_close()
 
+    def process_request(self, request, client_address) -> None:
+        if not self.connections.acquire(blocking=False):  # answered here: no thread for it
+            try:
+                request.settimeout(1.0)
+                request.sendall(BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
 
 class Handler(BaseHTTPRequestHandler):
     server: ExplorerServer
     server_version = "difflab-serve"
     sys_version = ""
+    timeout = SOCKET_TIMEOUT_S  # every read and write of the socket
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         pass  # quiet: the console shows the URL and any traceback, not every request
@@ -128,37 +168,40 @@ class Handler(BaseHTTPRequestHandler):
     def _body(self) -> dict:
         if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
             raise BadRequest("send JSON (Content-Type: application/json)")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise BadRequest("the request needs a Content-Length") from None
+        text = self.headers.get("Content-Length", "").strip()
+        if not text.isdigit() or len(text) > 12:
+            raise BadRequest("the request needs a Content-Length (a whole number of bytes)")
+        length = int(text)
         if length > MAX_BODY:
             raise _TooLarge(f"the request is {length / 2**20:.1f} MiB; the limit is {MAX_BODY >> 20} MiB")
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            raise BadRequest(f"the body ended after {len(raw)} of the {length} bytes its Content-Length announced")
+        return parse_body(raw)
+
+    def _fail(self, status: int, message: str) -> None:
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the body is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        return body
+            self._send_json({"error": message}, status)
+        except OSError:
+            pass  # the client has gone
 
     def _guarded(self, fn) -> None:
         try:
             if self._allowed():
                 fn()
         except _TooLarge as e:
-            self._send_json({"error": str(e)}, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            self._fail(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(e))
+        except QueueFull as e:
+            self._fail(HTTPStatus.TOO_MANY_REQUESTS, str(e))
         except UsageError as e:
-            self._send_json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+            self._fail(HTTPStatus.BAD_REQUEST, str(e))
+        except TimeoutError:
+            self._fail(HTTPStatus.REQUEST_TIMEOUT, f"nothing came for {SOCKET_TIMEOUT_S:g} s; send the whole request")
+        except OSError:
+            pass  # the client has gone (a broken pipe, a reset)
         except Exception as e:  # noqa: BLE001 - one line for the page, the traceback for the console
             traceback.print_exc(file=sys.stderr)
-            try:
-                self._send_json({"error": f"internal error ({type(e).__name__}); see the server's console"},
-                                HTTPStatus.INTERNAL_SERVER_ERROR)
-            except OSError:
-                pass
+            self._fail(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error ({type(e).__name__}); see the server's console")
 
     # --- routes -----------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 - the base class's name
@@ -182,9 +225,9 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/api/dataset":
             self._send_json(self.server.panels.thumbnails(run_name(q), _qint(q, "start", 0), _qint(q, "n", 16)))
         elif path.startswith("/api/jobs/") and path.endswith("/events"):
-            self._stream_job(path[len("/api/jobs/"):-len("/events")])
+            self._streaming(self._stream_job, path[len("/api/jobs/"):-len("/events")])
         elif path == "/api/monitor":
-            self._stream_monitor(run_name(q))
+            self._streaming(self._stream_monitor, run_name(q))
         else:
             self._send_json({"error": f"no such page {path}"}, HTTPStatus.NOT_FOUND)
 
@@ -217,7 +260,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._send_json({"error": f"no such endpoint {path}"}, HTTPStatus.NOT_FOUND)
             return
-        job = self.server.jobs.submit(kind, work)
+        job = self.server.jobs.submit(kind, work, self.client_address[0])
         self._send_json({"job": job.id, "events": f"/api/jobs/{job.id}/events"}, HTTPStatus.ACCEPTED)
 
     # --- server-sent events -----------------------------------------------------------------------
@@ -231,17 +274,33 @@ class Handler(BaseHTTPRequestHandler):
     def _event(self, n: int, obj: dict) -> None:
         self.wfile.write(f"id: {n}\ndata: {json.dumps(obj)}\n\n".encode())
 
+    def _last_event_id(self) -> int | None:
+        """The id of the last event a reconnecting client saw, None on a first connection."""
+        raw = self.headers.get("Last-Event-ID")
+        if raw is None or not raw.strip():
+            return None
+        if not EVENT_ID.fullmatch(raw.strip()):
+            raise BadRequest("Last-Event-ID must be the whole-number id of an event this server sent")
+        return int(raw)
+
+    def _streaming(self, stream, arg: str) -> None:
+        if not self.server.streams.acquire(blocking=False):
+            raise QueueFull(f"{MAX_STREAMS} event streams are open already; close a tab or wait")
+        try:
+            stream(arg)
+        finally:
+            self.server.streams.release()
+
     def _stream_job(self, jid: str) -> None:
         job = self.server.jobs.get(jid)
         if job is None:
             self._send_json({"error": "no such job"}, HTTPStatus.NOT_FOUND)
             return
-        try:
-            after = int(self.headers.get("Last-Event-ID", "-1")) + 1
-        except ValueError:
-            after = 0
+        last = self._last_event_id()
+        after = 0 if last is None else min(max(0, last + 1), len(job.events))  # never before the first event
         self._start_stream()
-        while True:
+        deadline = time.monotonic() + MAX_STREAM_S
+        while time.monotonic() < deadline:
             finished = job.finished
             events = job.wait(after, KEEPALIVE_S)
             for event in events:
@@ -254,19 +313,23 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
     def _stream_monitor(self, name: str) -> None:
-        import time
-
-        rows, grid, n = 0, "", 0
+        """The monitor's events; an event's id is the count of loss rows sent so far, so a reconnect goes on."""
+        rows, grid = max(0, self._last_event_id() or 0), ""
         state = self.server.panels.monitor_state(name, rows, grid)  # a bad name fails before the stream
         self._start_stream()
+        deadline = time.monotonic() + MAX_STREAM_S
         while True:
             rows += len(state["rows"])
             grid = state.get("grid", {}).get("key", grid)
-            self._event(n, state)
+            self._event(rows, state)
             self.wfile.flush()
-            n += 1
+            if time.monotonic() + MONITOR_S > deadline:
+                return
             time.sleep(MONITOR_S)
-            state = self.server.panels.monitor_state(name, rows, grid)
+            try:
+                state = self.server.panels.monitor_state(name, rows, grid)
+            except UsageError:
+                return  # the run went away or was damaged: the reconnect gets the one-line answer
 
 
 class _TooLarge(UsageError):
