@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import threading
 import urllib.request
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+SECRET = b"root:$6$not-for-the-page:19000:0:99999:7:::\n"  # a private file the explorer must never send
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
 
 
@@ -113,3 +115,14 @@ def guarded_page(browser, server):
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every regular file under ``root`` (links and FIFOs are neither followed nor opened) and its bytes."""
+    out = {}
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            p = Path(folder, name)
+            if p.is_file() and not p.is_symlink():
+                out[p.relative_to(root).as_posix()] = p.read_bytes()
+    return out

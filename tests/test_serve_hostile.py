@@ -15,22 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import guarded_page, launch_browser, request, runs_dir  # noqa: F401 - fixtures
+from serve_helpers import SECRET, guarded_page, launch_browser, request, runs_dir, snapshot  # noqa: F401 - fixtures
 
 from difflab.errors import CheckpointError, DataError, UsageError
-
-SECRET = b"root:$6$not-for-the-page:19000:0:99999:7:::\n"
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every regular file under ``root`` (links and FIFOs are not followed or opened) and its bytes."""
-    out = {}
-    for folder, _dirs, names in os.walk(root):
-        for name in names:
-            p = Path(folder, name)
-            if p.is_file() and not p.is_symlink():
-                out[p.relative_to(root).as_posix()] = p.read_bytes()
-    return out
 
 
 def serve(root: Path):
