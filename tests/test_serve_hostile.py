@@ -134,9 +134,17 @@ def test_a_run_whose_checkpoints_or_log_link_out_is_damaged_not_followed(hostile
     shutil.copytree(root / "good", root / "log-out")
     (root / "log-out" / "loss.csv").unlink()
     (root / "log-out" / "loss.csv").symlink_to(outside / "shadow")
+    shutil.copytree(root / "good", root / "config-out")
+    (root / "config-out" / "config.json").unlink()
+    (root / "config-out" / "config.json").symlink_to(outside / "elsewhere" / "config.json")
+    shutil.copytree(root / "good", root / "tensors-out")
+    tensors = newest_json(root / "tensors-out").with_suffix(".safetensors")
+    tensors.unlink()
+    tensors.symlink_to(outside / "elsewhere" / "checkpoints" / tensors.name)
     srv = served(root)
     runs = {r["name"]: r for r in request(srv, "/api/runs")[1]["runs"]}
-    assert runs["ckpt-out"]["damaged"] and "links outside" in runs["ckpt-out"]["error"]
+    for name in ("ckpt-out", "config-out", "tensors-out"):
+        assert runs[name]["damaged"] and "links outside" in runs[name]["error"], name
     assert runs["good"]["step"] == 6 and runs["log-out"]["step"] == 6
     status, answer = request(srv, "/api/sample", {"run": "ckpt-out", "steps": 1, "count": 1})
     assert status == 400 and "damaged" in one_line(answer)
@@ -144,13 +152,14 @@ def test_a_run_whose_checkpoints_or_log_link_out_is_damaged_not_followed(hostile
     assert status == 400 and "links outside" in one_line(answer) and "not-for-the-page" not in answer["error"]
 
 
-@pytest.mark.parametrize("where", ["config", "checkpoint", "grid", "log"])
+@pytest.mark.parametrize("where", ["config", "checkpoint", "tensors", "grid", "log"])
 def test_a_fifo_never_hangs_the_listing_or_a_request(hostile, served, where):
     root, _ = hostile
     run = root / "fifo"
     shutil.copytree(root / "good", run)
     target = {"config": run / "config.json", "checkpoint": run / "checkpoints" / "step-0000009.json",
-              "grid": run / "samples" / "zzz.png", "log": run / "loss.csv"}[where]
+              "tensors": newest_json(run).with_suffix(".safetensors"), "grid": run / "samples" / "zzz.png",
+              "log": run / "loss.csv"}[where]
     target.unlink(missing_ok=True)
     os.mkfifo(target)
     if where == "checkpoint":
@@ -158,7 +167,7 @@ def test_a_fifo_never_hangs_the_listing_or_a_request(hostile, served, where):
     srv = served(root)
     runs = {r["name"]: r for r in in_time(lambda: request(srv, "/api/runs"))[1]["runs"]}
     assert runs["good"]["step"] == 6 and "error" not in runs["good"]
-    if where in ("config", "checkpoint"):
+    if where in ("config", "checkpoint", "tensors"):
         assert runs["fifo"]["damaged"] and "not a regular file" in runs["fifo"]["error"]
         status, answer = in_time(lambda: request(srv, "/api/sample", {"run": "fifo", "steps": 1, "count": 1}))
         assert status == 400 and "not a regular file" in one_line(answer)
