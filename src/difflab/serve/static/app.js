@@ -92,7 +92,7 @@ function selectRun(name) {
   const run = state.runs.find((r) => r.name === name);
   state.run = run;
   $("run").value = name;
-  if (run.damaged) { $("run-info").textContent = `damaged: ${run.error}`; return; }
+  if (run.damaged) { stopMonitor(); $("run-info").textContent = `damaged: ${run.error}`; return; }
   const cond = run.conditioning === "none" ? "unconditional" : `${run.conditioning}-conditional`;
   $("run-info").textContent = `${run.method} · ${cond} · ${run.shape.join("x")} · checkpoint step ${run.step}` +
     (run.training ? " · training now" : "");
