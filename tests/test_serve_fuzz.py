@@ -4,7 +4,9 @@ elsewhere, a damaged run, a FIFO config, a grid linked to a private file). Every
 4xx (503 when busy) with one line, never a traceback or a hang; no answer holds a byte of the private file;
 every file that was in the runs folder is byte-identical afterwards.
 
-The module prints how many requests it made and how each ended (``pytest -s``)."""
+A second property test writes random values into a run's config.json and checkpoint JSON: the listing always
+answers, the good run unchanged beside it. The module prints how many cases it tried and how each ended
+(``pytest -s``)."""
 
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def fuzzed(runs_dir, tmp_path_factory):  # noqa: F811
         srv.shutdown()
         srv.server_close()
     assert snapshot(root) == before, "a file in the runs folder changed"
-    print(f"\nHTTP fuzz: {sum(TALLY.values())} requests; {dict(sorted(TALLY.items()))}")
+    print(f"\nexplorer fuzz: {sum(TALLY.values())} cases; {dict(sorted(TALLY.items()))}")
 
 
 def send(srv, method: str, path: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
@@ -172,3 +174,44 @@ def test_the_runs_folder_is_listed_as_expected(fuzzed):
     assert status == 200 and sorted(runs) == ["bad", "fifo", "good"]  # 'linked' is not listed
     assert runs["bad"]["damaged"] and runs["fifo"]["damaged"] and runs["good"]["step"] == 6
     TALLY["success"] += 1
+
+
+field_values = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=12),
+                         st.floats(allow_nan=False, allow_subnormal=False), st.lists(st.integers(-5, 70), max_size=4),
+                         st.lists(st.text(max_size=3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+                         st.sampled_from(["gaussian", "cold", "naive1", "text", "class", "none", "cosine", "ve"]))
+
+
+@pytest.fixture(scope="module")
+def two_runs(runs_dir, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("damaged") / "runs"
+    shutil.copytree(runs_dir / "tiny", root / "good")
+    shutil.copytree(runs_dir / "tiny", root / "odd")
+    return root
+
+
+@given(config=st.dictionaries(st.sampled_from(["method", "conditioning", "T", "process", "data", "sample_steps",
+                                                "image_size", "image_channels", "model", "x"]), field_values, max_size=3),
+       meta=st.dictionaries(st.sampled_from(["step", "tensors", "sha256", "image_shape", "class_names",
+                                              "data_fingerprint", "config", "network", "x"]), field_values, max_size=3))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzz_run_json_fields_never_break_the_listing(two_runs, config, meta):
+    """Any values in a run's config.json and newest checkpoint JSON: the listing answers, the good run is in it
+    unchanged, and the odd run is either a run or damaged with one line."""
+    from difflab.serve.catalog import Catalog
+    from difflab.training.checkpoint import list_checkpoints
+
+    odd, good = two_runs / "odd", two_runs / "good"
+    original = json.loads((good / "config.json").read_text())
+    js = list_checkpoints(odd / "checkpoints")[-1]
+    original_meta = json.loads(list_checkpoints(good / "checkpoints")[-1].read_text())
+    (odd / "config.json").write_text(json.dumps({**original, **config}))
+    js.write_text(json.dumps({**original_meta, **meta}))
+    runs = {r["name"]: r for r in Catalog(two_runs).infos()}
+    assert runs["good"]["step"] == 6 and runs["good"]["shape"] == [1, 8, 8]
+    if runs["odd"].get("damaged"):
+        assert "\n" not in runs["odd"]["error"] and runs["odd"]["error"]
+        TALLY["clear error (damaged run listed)"] += 1
+    else:
+        assert len(runs["odd"]["shape"]) == 3 and isinstance(runs["odd"]["step"], int)
+        TALLY["success"] += 1
