@@ -179,6 +179,18 @@ def test_a_fifo_never_hangs_the_listing_or_a_request(hostile, served, where):
     assert in_time(lambda: request(srv, "/api/runs"))[0] == 200  # and the server still answers
 
 
+def test_a_damaged_loss_log_shows_the_rows_before_the_damage(hostile, served):
+    import urllib.request
+
+    root, _ = hostile
+    log = root / "good" / "loss.csv"
+    log.write_text(log.read_text() + "8," + "9" * 200_000 + "\n")
+    srv = served(root)
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/api/monitor?run=good", timeout=30) as r:
+        state = json.loads(next(ln for ln in r if ln.startswith(b"data: "))[6:])
+    assert [row[0] for row in state["rows"]] == [2, 4, 6]
+
+
 def _damage(root: Path, name: str, how: str) -> None:
     run = root / name
     if how.startswith("diffusers"):

@@ -179,13 +179,15 @@ class Panels:
         info = self.catalog.info(name)
         rows = []
         log = self.catalog.read_file(name, "loss.csv", MAX_LOG)  # only a regular file inside the run
-        if log is not None:
-            for i, row in enumerate(csv.DictReader(io.StringIO(log.decode(errors="replace"), newline=""))):
+        try:
+            for i, row in enumerate(csv.DictReader(io.StringIO((log or b"").decode(errors="replace"), newline=""))):
                 if i >= rows_seen:
                     try:
                         rows.append([int(row["step"]), float(row["loss"])])
                     except (KeyError, TypeError, ValueError):
                         break  # a row being written right now: read it next time
+        except csv.Error:
+            pass  # a damaged log (a field over csv's limit): the rows before the damage are shown
         out = {"type": "monitor", "rows": rows, "step": info.step, "training": info.training}
         grid = self.catalog.newest_grid(name)
         if grid is not None and grid[1] != grid_seen:
