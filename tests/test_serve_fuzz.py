@@ -134,7 +134,7 @@ query_value = st.one_of(st.sampled_from(RUN_NAMES), st.integers(-(10**20), 10**2
                              "/static/../catalog.py", "/api/jobs/1/events", "/api/jobs/x/events", "/etc/passwd",
                              "/api/jobs/../../events"]),
        query=st.dictionaries(st.sampled_from(["run", "start", "n", "token", "x"]), query_value, max_size=3),
-       last=st.none() | st.sampled_from(["-2000000", "-1", "0", "5", "99999999999", "abc", "1e3", " 7 ", "9" * 30]))
+       last=st.none() | st.sampled_from(["-2000000", "-1", "0", "5", "99999999999", "abc", "1e3", " 7 ", "9" * 30, "\u00b2"]))
 @FUZZ
 def test_fuzz_get_paths_queries_and_event_ids(fuzzed, capfd, path, query, last):
     from urllib.parse import urlencode

@@ -56,7 +56,7 @@ SOCKET_TIMEOUT_S = 30.0  # a client that sends or reads nothing for this long is
 MAX_CONNECTIONS = 64  # requests being answered at once
 MAX_STREAMS = 16  # event and monitor streams open at once (each holds a connection)
 MAX_STREAM_S = 300.0  # one stream's length; the page reconnects and goes on
-EVENT_ID = re.compile(r"-?\d{1,12}")
+EVENT_ID = re.compile(r"-?[0-9]{1,12}")  # ASCII digits only (int() refuses "²")
 BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
         b'{"error": "the explorer is answering too many requests at once; try again in a moment"}')
 
@@ -169,7 +169,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
             raise BadRequest("send JSON (Content-Type: application/json)")
         text = self.headers.get("Content-Length", "").strip()
-        if not text.isdigit() or len(text) > 12:
+        if not (text.isascii() and text.isdigit()) or len(text) > 12:
             raise BadRequest("the request needs a Content-Length (a whole number of bytes)")
         length = int(text)
         if length > MAX_BODY:
