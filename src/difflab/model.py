@@ -155,10 +155,11 @@ class Model:
     def _denoiser(self, what: str):
         if self.run is None:
             return self.source.denoiser
-        if getattr(self.run.method, "denoiser", None) is None:  # the part-1 methods have no D(x, sigma), no ODE
+        den = self.run.denoiser()
+        if den is None:  # the part-1 methods have no D(x, sigma), no ODE
             raise UsageError(f"{what} needs a Gaussian run (--method gaussian); {self.path} is a "
                              f"{self.run.method.name} run")
-        return self.run.denoiser()
+        return den
 
     def _images(self, images, what: str, to_model: bool = True) -> torch.Tensor:
         """uint8 images [N, C, H, W] of this model's shape, in model units ([-1, 1]) when ``to_model``."""

@@ -217,12 +217,12 @@ class SampleRequest:
         calls the guide network as well, at the sampler's noise ``levels`` inside ``guide_sigmas``; without
         the levels, at every step)."""
         from difflab.guidance import guided
-        from difflab.samplers import evaluations
+        from difflab.samplers import evaluates_on_grid, evaluations
 
         calls = evaluations(self.sampler, self.steps, **self.options()) if self.sampler else (self.steps or 0)
         if self.autoguidance in (None, 1.0):
             return calls
-        if levels is None or self.guide_sigmas is None or self.sampler in ("heun", "pc", "langevin"):
+        if levels is None or self.guide_sigmas is None or (self.sampler is not None and not evaluates_on_grid(self.sampler)):
             return calls * 2
         return calls + sum(bool(guided(float(s), self.guide_sigmas)) for s in levels if s > 0)
 

@@ -231,11 +231,7 @@ class Run:
         text runs, its guidance scale (saved in config.json); none for a model trained elsewhere."""
         if self.cfg is None:
             return {}
-        d = {"sampler": self.cfg.sampler, "steps": self.cfg.sample_steps, "clip": self.cfg.clip}
-        d.update(getattr(self.method, "sample_defaults", dict)())  # a method's own settings (naive2's)
-        if self.method.conditional:
-            d["sigma_min"] = self.cfg.sample_sigma_min
-            d["guide_sigmas"] = (self.cfg.guide_sigma_min, self.cfg.guide_sigma_max)
+        d = self.method.sampling_defaults()
         if self.conditioner.kind != "none":
             d["guidance"] = self.cfg.guidance
         elif self.cfg.autoguidance != 1.0 and self.autoguidable:
@@ -246,12 +242,13 @@ class Run:
         """The noise levels a resolved request's sampler steps through (its grid, without the final 0)."""
         from difflab.samplers import sampler_sigmas
 
-        if not self.method.conditional or request.sampler is None or request.steps is None:
+        if request.sampler not in self.method.samplers or request.steps is None:
             return []
         grid = sampler_sigmas(self.denoiser().process, request.sampler, request.steps, request.spacing, request.sigma_min)
         return [float(s) for s in grid[:-1]]
 
     def denoiser(self):
+        """The run's denoiser D(x, sigma) (its EMA network), or None for a method without one (part 1)."""
         return self.method.denoiser(self.net)
 
     def speed_up(self, bf16: bool = False, compile: bool = False) -> Run:

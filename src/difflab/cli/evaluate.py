@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _bpd(args: argparse.Namespace, den, loaded_run, reference, device) -> dict:
     """bits/dim of the first --bpd-n reference images (probability-flow ODE)."""
-    if den is None and (loaded_run is None or loaded_run.cfg.method != "gaussian"):
+    if den is None and (loaded_run is None or not loaded_run.method.denoises):
         raise UsageError("--bpd needs --run of a Gaussian diffusion run or --diffusers-model")
     from difflab.likelihood import bits_per_dim
 
