@@ -98,6 +98,21 @@ def test_a_diffusers_folder_samples_as_the_cli_does(tmp_path, one_thread):
     assert torch.equal(images, npz_images(tmp_path / "s.npz"))
     with pytest.raises(UsageError, match="--guidance needs"):
         folder.sample(2, guidance=3.0)
+    # the page streams a folder part by part on the same path: its scheduler's grid, the same images
+    from difflab.streaming import stream_samples
+
+    parts = list(stream_samples(folder.source, 4, chunk=2, seed=2, steps=3))
+    assert [lo for lo, _ in parts] == [0, 1, 3] and torch.equal(torch.cat([im for _, im in parts]), images)
+    assert not torch.equal(images, folder.sample(4, seed=2, steps=3, spacing="uniform"))  # (difflab's grid differs)
+
+
+def test_the_final_grid_is_what_difflab_sample_draws(model, tmp_path):
+    """RUN/samples/final.png is `difflab sample --run RUN --n 64 --seed 0`, pixel for pixel, grid included."""
+    from PIL import Image
+
+    cli("sample", "--run", model.path, "--n", 64, "--seed", 0, "--out", tmp_path / "g.png")
+    final = np.asarray(Image.open(model.path / "samples" / "final.png"))
+    assert np.array_equal(final, np.asarray(Image.open(tmp_path / "g.png")))
 
 
 def test_interpolation_ends_are_the_seeds_samples(model):

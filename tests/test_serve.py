@@ -73,6 +73,37 @@ def test_stream_samples_stop_raises_cancelled(tiny):
     assert len(calls) == 1  # stopped at the second network call
 
 
+def test_the_final_grid_is_what_difflab_sample_draws(runs_dir, tmp_path):  # noqa: F811
+    """RUN/samples/final.png (the trainer's grid) is `difflab sample --run RUN --n 64 --seed 0`, pixel for
+    pixel: the run's sampler, steps, grid bottom and guidance (a class-conditional run), the same layout."""
+    from PIL import Image
+
+    from difflab.cli import main
+
+    assert main(["sample", "--run", str(runs_dir / "tiny"), "--n", "64", "--seed", "0", "--out", str(tmp_path / "g.png")]) == 0
+    final = np.asarray(Image.open(runs_dir / "tiny" / "samples" / "final.png"))
+    assert final.shape == (2 * (8 * 10 + 2),) * 2 and np.array_equal(final, np.asarray(Image.open(tmp_path / "g.png")))
+
+
+def test_the_sample_panel_draws_with_the_runs_own_settings(runs_dir, tiny):  # noqa: F811
+    """A request that leaves sampler, steps and guidance to the run draws what run.sample draws (the one path),
+    and says so in its start event."""
+    from difflab.request import SampleRequest
+    from difflab.serve.catalog import Catalog
+    from difflab.serve.jobs import Job
+    from difflab.serve.panels import Panels
+
+    panels = Panels(Catalog(runs_dir))
+    job = Job("1", "sample", panels.sample(SampleRequest(run="tiny", n=3, seed=2)))
+    job.work(job)
+    start, *rest = job.events
+    assert (start["steps"], start["first"]) == (tiny.cfg.sample_steps, 0)
+    images = np.stack([png_array(e["png"]) for e in rest if e["type"] == "image"])
+    assert np.array_equal(images, tiny.sample(3, seed=2).numpy())
+    assert tiny.sampling_defaults()["guidance"] != 1.0  # (the run's guidance is on, and was applied)
+    assert not np.array_equal(images, tiny.sample(3, seed=2, guidance=1.0).numpy())
+
+
 def test_forward_binomial_untouched_fraction_is_measured_and_expected():
     from difflab.forward import forward_view
 

@@ -18,7 +18,7 @@ from difflab.data import to_model as data_to_model
 from difflab.errors import UsageError
 from difflab.interop.folder_model import FolderModel
 from difflab.request import SampleRequest
-from difflab.sampling import Run, load_run, sample_request
+from difflab.sampling import Run, drawing, load_run, sample_request
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", *, ema_length: float | None = None) -> Model:
@@ -187,15 +187,11 @@ def samples_for_evaluation(source: Run | FolderModel, n: int, ctx=None, **sampli
     """(uint8 samples, their labels, the prepared request) of ``source`` for the metrics: conditional models
     draw the classes in turn (the labels the accuracy is judged by). With ``ctx`` (a ``DistContext``) the n
     are split over its ranks, and the ranks other than 0 get (None, None, request)."""
-    from difflab.sampling import sample_sharded_request
-
-    traits = source.traits()
-    if traits.conditioning != "none":
-        sampling.setdefault("labels", torch.arange(n) % traits.num_classes)
-    req = source.prepare(SampleRequest.of(n=n, **sampling))
+    d = drawing(source, SampleRequest.of(n=n, **sampling))
+    req = d.request
     if ctx is None:
-        return source.draw(req), req.label_tensor(), req
-    images = sample_sharded_request(source, req, ctx)
+        return d.images(), req.label_tensor(), req
+    images = d.sharded(ctx)
     ctx.shutdown()  # every rank holds all samples; rank 0 alone computes the metrics
     return (images, req.label_tensor(), req) if ctx.main else (None, None, req)
 
