@@ -104,6 +104,22 @@ def test_the_sample_panel_draws_with_the_runs_own_settings(runs_dir, tiny):  # n
     assert not np.array_equal(images, tiny.sample(3, seed=2, guidance=1.0).numpy())
 
 
+def test_decode_leaves_out_the_runs_guidance(runs_dir):  # noqa: F811
+    """On a class-conditional run the decode uses the inversion's settings (the images' classes, no guidance),
+    where sample(init_noise=...) adds the run's guidance scale."""
+    import difflab
+
+    run = difflab.load(runs_dir / "tiny")
+    images, labels = run.sample(4, seed=1, steps=4), torch.tensor([0, 1, 2, 3])
+    latents = run.invert(images, steps=20, refine=3, labels=labels)
+    back = run.decode(latents, steps=20, labels=labels)
+    assert float((back.int() - images.int()).abs().float().mean()) < 1.0
+    guided = run.sample(4, init_noise=latents, sampler="ddim", steps=20, labels=labels, clip="none")
+    assert run.run.sampling_defaults()["guidance"] != 1.0 and not torch.equal(guided, back)
+    assert torch.equal(run.sample(4, init_noise=latents, sampler="ddim", steps=20, labels=labels, clip="none",
+                                  guidance=1.0), back)
+
+
 def test_forward_binomial_untouched_fraction_is_measured_and_expected():
     from difflab.forward import forward_view
 

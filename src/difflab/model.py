@@ -89,8 +89,12 @@ class Model:
     def invert(self, images: torch.Tensor, *, steps: int = 100, spacing: str = "uniform", refine: int = 0,
                labels: torch.Tensor | Sequence[int] | None = None, batch_size: int = 64) -> torch.Tensor:
         """DDIM-invert uint8 images [N, C, H, W] (this model's shape) to latents, float32 [N, C, H, W] in
-        standard-normal units: ``sample(init_noise=latents, sampler="ddim", steps=steps)`` decodes them.
-        ``labels``: the images' classes on conditional runs (default: the null condition)."""
+        standard-normal units: :meth:`decode` with the same ``steps``, ``spacing`` and ``labels`` gives the images
+        back (both with the network alone: no guidance, no x0 clipping). Measured on digits test images, tiny
+        runs: ``steps=20, refine=3`` within a mean error of 0.8/255 (at most 1/255; trained 2 steps) and
+        0.5/255 (at most 3/255; 200 steps); plain inversion (``refine=0``) at 10 steps 20/255 and 14/255.
+        ``sample(init_noise=latents, sampler="ddim", steps=steps)`` decodes them with the run's own guidance and
+        clipping instead. ``labels``: the images' classes on conditional runs (default: the null condition)."""
         from difflab.latents import invert_images
 
         den = self._denoiser("invert")
@@ -98,6 +102,22 @@ class Model:
         latents, _ = invert_images(den, x, steps, self._condition(labels, len(x)), spacing=spacing, refine=refine,
                                    batch_size=_count(batch_size, "batch_size"), reconstruction=False)
         return latents
+
+    def decode(self, latents: torch.Tensor, *, steps: int = 100, spacing: str = "uniform",
+               labels: torch.Tensor | Sequence[int] | None = None, batch_size: int = 64) -> torch.Tensor:
+        """The images (uint8 [N, C, H, W]) of latents from :meth:`invert`, by deterministic DDIM with the same
+        settings: the network alone on the grid of ``steps`` and ``spacing``, each image under its ``labels``
+        (default: the null condition)."""
+        from difflab.latents import decode_latents
+
+        den = self._denoiser("decode")
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.ndim != 4 or \
+                tuple(latents.shape[1:]) != self.shape or len(latents) == 0 or not bool(latents.isfinite().all()):
+            got = f"{latents.dtype} {list(latents.shape)}" if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise UsageError(f"decode takes finite float latents [N, {', '.join(map(str, self.shape))}] (from invert), "
+                             f"got {got}")
+        return decode_latents(den, latents.float(), _count(steps, "steps"), self._condition(labels, len(latents)),
+                              spacing=spacing, batch_size=_count(batch_size, "batch_size"), device=self.source.device)
 
     def interpolate(self, a: int | torch.Tensor, b: int | torch.Tensor, n: int = 10, *, steps: int = 50,
                     spacing: str = "uniform", label: int | None = None) -> torch.Tensor:
