@@ -148,7 +148,7 @@ class Drawing:
 
     def evaluations(self) -> int:
         """Network evaluations per sample (the guide's calls counted at the levels of a run's grid)."""
-        return evaluations_of(self.model, self.request)
+        return _evaluations(self.model, self.request)
 
 
 def drawing(model, request: SampleRequest) -> Drawing:
@@ -167,10 +167,10 @@ def sample_request(model, request: SampleRequest, *, progress=None, callback=Non
 def request_evaluations(model, request: SampleRequest) -> int:
     """Network evaluations per sample that ``request`` makes on ``model`` (a :class:`Run` or a folder model),
     its defaults filled in: the guide's calls counted at the levels of the run's grid."""
-    return evaluations_of(model, request.resolve(model.traits()))
+    return _evaluations(model, request.resolve(model.traits()))
 
 
-def evaluations_of(model, req: SampleRequest) -> int:
+def _evaluations(model, req: SampleRequest) -> int:
     return req.evaluations(model.levels(req) if isinstance(model, Run) else None)
 
 
