@@ -98,6 +98,21 @@ def test_a_diffusers_folder_samples_as_the_cli_does(tmp_path, one_thread):
     assert torch.equal(images, npz_images(tmp_path / "s.npz"))
     with pytest.raises(UsageError, match="--guidance needs"):
         folder.sample(2, guidance=3.0)
+    # the page streams a folder part by part on the same path: its scheduler's grid, the same images
+    from difflab.streaming import stream_samples
+
+    parts = list(stream_samples(folder.source, 4, chunk=2, seed=2, steps=3))
+    assert [lo for lo, _ in parts] == [0, 1, 3] and torch.equal(torch.cat([im for _, im in parts]), images)
+    assert not torch.equal(images, folder.sample(4, seed=2, steps=3, spacing="uniform"))  # (difflab's grid differs)
+
+
+def test_the_final_grid_is_what_difflab_sample_draws(model, tmp_path):
+    """RUN/samples/final.png is `difflab sample --run RUN --n 64 --seed 0`, pixel for pixel, grid included."""
+    from PIL import Image
+
+    cli("sample", "--run", model.path, "--n", 64, "--seed", 0, "--out", tmp_path / "g.png")
+    final = np.asarray(Image.open(model.path / "samples" / "final.png"))
+    assert np.array_equal(final, np.asarray(Image.open(tmp_path / "g.png")))
 
 
 def test_interpolation_ends_are_the_seeds_samples(model):
@@ -116,6 +131,19 @@ def test_inverted_latents_decode_with_sample(model):
     _, recon = invert_images(model.run.denoiser(), images.float() / 127.5 - 1, 4)
     decoded = model.sample(3, init_noise=latents, sampler="ddim", steps=4, clip="none")
     assert torch.equal(decoded, recon)
+
+
+def test_invert_then_decode_gives_the_images_back(model):
+    """The README's round trip: 20 DDIM steps each way, 3 refinements, on digits test images (this 2-step
+    run: mean error 0.8/255, the largest 1/255, as invert's docstring says)."""
+    from difflab.data import load
+
+    images = load("digits", split="test").images[:16]
+    back = model.decode(model.invert(images, steps=20, refine=3), steps=20)
+    err = (back.int() - images.int()).abs()
+    assert back.dtype == torch.uint8 and float(err.float().mean()) < 1.0 and int(err.max()) <= 1
+    with pytest.raises(UsageError, match="decode takes finite float latents"):
+        model.decode(images, steps=2)
 
 
 def test_likelihood_is_bits_per_dim(model):

@@ -63,7 +63,8 @@ def difflab_images(folder, sampler, steps, noise, ddpm_seed=None, labels=None):
     den, shape = load_diffusers_unet(folder)
     cond = {"class_labels": labels} if labels is not None else None
     if sampler == "ddpm":  # the same fresh noise per step as diffusers' generator
-        plan = den.use_plan(sampler, steps)
+        plan = den.plan_for(sampler, steps)
+        den = den.planned(plan)
         g = torch.Generator().manual_seed(ddpm_seed)
         return SAMPLERS["ddpm"](den, noise * plan.prior, plan.sigmas, cond=cond,
                                 noise=lambda i, like: torch.randn(like.shape, generator=g), **plan.options)
@@ -209,3 +210,16 @@ def test_folder_commands_refuse_with_one_line(tmp_path, capsys, argv, why):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and why in err, err
+
+
+def test_sampling_a_folder_leaves_its_likelihood_alone(tmp_path):
+    """The scheduler's plan (grid, timesteps, clipping) belongs to one draw: a likelihood after a sample
+    runs on the plain denoiser, as on a freshly loaded folder."""
+    import difflab
+
+    save_folder(tmp_path, tiny_unet(), diffusers.DDIMScheduler(clip_sample=True, clip_sample_range=0.05), pipeline=False)
+    images = torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    fresh = difflab.load(tmp_path).likelihood(images, steps=2)
+    model = difflab.load(tmp_path)
+    model.sample(2, steps=3)
+    assert torch.equal(model.likelihood(images, steps=2), fresh)

@@ -73,6 +73,53 @@ def test_stream_samples_stop_raises_cancelled(tiny):
     assert len(calls) == 1  # stopped at the second network call
 
 
+def test_the_final_grid_is_what_difflab_sample_draws(runs_dir, tmp_path):  # noqa: F811
+    """RUN/samples/final.png (the trainer's grid) is `difflab sample --run RUN --n 64 --seed 0`, pixel for
+    pixel: the run's sampler, steps, grid bottom and guidance (a class-conditional run), the same layout."""
+    from PIL import Image
+
+    from difflab.cli import main
+
+    assert main(["sample", "--run", str(runs_dir / "tiny"), "--n", "64", "--seed", "0", "--out", str(tmp_path / "g.png")]) == 0
+    final = np.asarray(Image.open(runs_dir / "tiny" / "samples" / "final.png"))
+    assert final.shape == (2 * (8 * 10 + 2),) * 2 and np.array_equal(final, np.asarray(Image.open(tmp_path / "g.png")))
+
+
+def test_the_sample_panel_draws_with_the_runs_own_settings(runs_dir, tiny):  # noqa: F811
+    """A request that leaves sampler, steps and guidance to the run draws what run.sample draws (the one path),
+    and says so in its start event."""
+    from difflab.request import SampleRequest
+    from difflab.serve.catalog import Catalog
+    from difflab.serve.jobs import Job
+    from difflab.serve.panels import Panels
+
+    panels = Panels(Catalog(runs_dir))
+    job = Job("1", "sample", panels.sample(SampleRequest(run="tiny", n=3, seed=2)))
+    job.work(job)
+    start, *rest = job.events
+    assert (start["steps"], start["first"]) == (tiny.cfg.sample_steps, 0)
+    images = np.stack([png_array(e["png"]) for e in rest if e["type"] == "image"])
+    assert np.array_equal(images, tiny.sample(3, seed=2).numpy())
+    assert tiny.sampling_defaults()["guidance"] != 1.0  # (the run's guidance is on, and was applied)
+    assert not np.array_equal(images, tiny.sample(3, seed=2, guidance=1.0).numpy())
+
+
+def test_decode_leaves_out_the_runs_guidance(runs_dir):  # noqa: F811
+    """On a class-conditional run the decode uses the inversion's settings (the images' classes, no guidance),
+    where sample(init_noise=...) adds the run's guidance scale."""
+    import difflab
+
+    run = difflab.load(runs_dir / "tiny")
+    images, labels = run.sample(4, seed=1, steps=4), torch.tensor([0, 1, 2, 3])
+    latents = run.invert(images, steps=20, refine=3, labels=labels)
+    back = run.decode(latents, steps=20, labels=labels)
+    assert float((back.int() - images.int()).abs().float().mean()) < 1.0
+    guided = run.sample(4, init_noise=latents, sampler="ddim", steps=20, labels=labels, clip="none")
+    assert run.run.sampling_defaults()["guidance"] != 1.0 and not torch.equal(guided, back)
+    assert torch.equal(run.sample(4, init_noise=latents, sampler="ddim", steps=20, labels=labels, clip="none",
+                                  guidance=1.0), back)
+
+
 def test_forward_binomial_untouched_fraction_is_measured_and_expected():
     from difflab.forward import forward_view
 
@@ -148,6 +195,37 @@ def test_sample_streams_path_and_images_equal_to_run_sample(server, tiny):  # no
     assert np.array_equal(images, want.numpy())
     last = [e for e in evs if e["type"] == "step"][-1]
     assert np.array_equal(png_array(last["x0"]).shape, (1, 8, 8)) and last["xt"].startswith("data:image/png")
+
+
+@pytest.mark.xfail(strict=True, reason="serve/requests.py fills sampler 'ddim' for a request that names none "
+                   "(and the page sends its form's ddim/10/g=1); the panels draw the run's own (drop these marks "
+                   "once requests.sample_request leaves the sampler to the run)")
+def test_a_first_request_draws_with_the_runs_sampler_steps_and_guidance(server, tiny):  # noqa: F811
+    evs = _job(server, "/api/sample", {"run": "tiny", "count": 3, "seed": 4})
+    images = np.stack([png_array(e["png"]) for e in evs if e["type"] == "image"])
+    assert np.array_equal(images, tiny.sample(3, seed=4).numpy())
+
+
+@pytest.mark.xfail(strict=True, reason="serve/catalog.py loads a diffusers folder as a Run on difflab's grid; the "
+                   "panels draw a FolderModel on its scheduler's grid (Catalog._load: return FolderModel.load(path))")
+def test_the_page_draws_a_diffusers_folder_as_python_does(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    import difflab
+    from difflab.request import SampleRequest
+    from difflab.serve.catalog import Catalog
+    from difflab.serve.jobs import Job
+    from difflab.serve.panels import Panels
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(tmp_path / "hub")
+    diffusers.DDIMScheduler(clip_sample=True).save_pretrained(tmp_path / "hub")
+    job = Job("1", "sample", Panels(Catalog(tmp_path)).sample(SampleRequest(run="hub", n=3, seed=2, steps=3)))
+    job.work(job)
+    images = np.stack([png_array(e["png"]) for e in job.events if e["type"] == "image"])
+    assert np.array_equal(images, difflab.load(tmp_path / "hub").sample(3, seed=2, steps=3).numpy())
 
 
 def test_replaying_one_sample_gives_the_same_image(server):  # noqa: F811

@@ -16,6 +16,7 @@ from difflab.config import TrainConfig, load_run_config, save_json
 from difflab.data import ImageData
 from difflab.errors import DataError, UsageError
 from difflab.training.classification import classifier_config, held_out_split
+from difflab.training.methods import method_class
 from difflab.training.trainer import Trainer
 
 
@@ -38,7 +39,7 @@ def _data_config(run: str | Path | None, data: str | None, process: str, T: int,
         raise UsageError("give exactly one of --run DIFFUSION_RUN_DIR or --data NAME")
     if run is not None:
         cfg = load_run_config(run)
-        if cfg.method != "gaussian":
+        if not method_class(cfg.method).denoises:
             raise UsageError(f"classifier guidance needs a Gaussian diffusion run; {run} is {cfg.method}")
         data, process, T, gamma = cfg.data, cfg.process, cfg.T, cfg.gamma
         image_size, image_channels = cfg.image_size, cfg.image_channels

@@ -135,16 +135,30 @@ def seed_latent(seed: int, shape, device: str | torch.device = "cpu") -> torch.T
 def invert_images(denoiser, x0: torch.Tensor, steps: int, cond_fn=None, *, spacing: str = "uniform",
                   refine: int = 0, batch_size: int = 64, reconstruction: bool = True):
     """:func:`invert` batch by batch: (latents float [N, C, H, W], and with ``reconstruction`` their DDIM
-    decoding as uint8 [N, C, H, W], else None), both on the CPU. ``cond_fn(slice)`` gives a batch's
-    condition."""
-    from difflab.figures import to_uint8
-
-    latents, recon = [], []
+    decoding (:func:`decode_latents`) as uint8 [N, C, H, W], else None), both on the CPU. ``cond_fn(slice)``
+    gives a batch's condition."""
+    latents = []
     for lo in range(0, len(x0), batch_size):
         sl = slice(lo, min(len(x0), lo + batch_size))
+        latents.append(invert(denoiser, x0[sl], steps, cond_fn(sl) if cond_fn is not None else None,
+                              spacing=spacing, refine=refine).cpu())
+    latents = torch.cat(latents)
+    recon = decode_latents(denoiser, latents, steps, cond_fn, spacing=spacing, batch_size=batch_size,
+                           device=x0.device) if reconstruction else None
+    return latents, recon
+
+
+@torch.no_grad()
+def decode_latents(denoiser, latents: torch.Tensor, steps: int, cond_fn=None, *, spacing: str = "uniform",
+                   batch_size: int = 64, device=None) -> torch.Tensor:
+    """:func:`reconstruct` batch by batch: latents [N, C, H, W] to uint8 images [N, C, H, W] on the CPU, with
+    the denoiser, conditions (``cond_fn(slice)``) and grid they were inverted with."""
+    from difflab.figures import to_uint8
+
+    out = []
+    for lo in range(0, len(latents), batch_size):
+        sl = slice(lo, min(len(latents), lo + batch_size))
+        z = latents[sl].to(device) if device is not None else latents[sl]
         cond = cond_fn(sl) if cond_fn is not None else None
-        z = invert(denoiser, x0[sl], steps, cond, spacing=spacing, refine=refine)
-        latents.append(z.cpu())
-        if reconstruction:
-            recon.append(to_uint8(reconstruct(denoiser, z, steps, cond, spacing=spacing).cpu()))
-    return torch.cat(latents), (torch.cat(recon) if reconstruction else None)
+        out.append(to_uint8(reconstruct(denoiser, z, steps, cond, spacing=spacing).cpu()))
+    return torch.cat(out)

@@ -18,7 +18,7 @@ from difflab.data import to_model as data_to_model
 from difflab.errors import UsageError
 from difflab.interop.folder_model import FolderModel
 from difflab.request import SampleRequest
-from difflab.sampling import Run, load_run, sample_request
+from difflab.sampling import Run, drawing, load_run, sample_request
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", *, ema_length: float | None = None) -> Model:
@@ -89,8 +89,12 @@ class Model:
     def invert(self, images: torch.Tensor, *, steps: int = 100, spacing: str = "uniform", refine: int = 0,
                labels: torch.Tensor | Sequence[int] | None = None, batch_size: int = 64) -> torch.Tensor:
         """DDIM-invert uint8 images [N, C, H, W] (this model's shape) to latents, float32 [N, C, H, W] in
-        standard-normal units: ``sample(init_noise=latents, sampler="ddim", steps=steps)`` decodes them.
-        ``labels``: the images' classes on conditional runs (default: the null condition)."""
+        standard-normal units: :meth:`decode` with the same ``steps``, ``spacing`` and ``labels`` gives the images
+        back (both with the network alone: no guidance, no x0 clipping). Measured on digits test images, tiny
+        runs: ``steps=20, refine=3`` within a mean error of 0.8/255 (at most 1/255; trained 2 steps) and
+        0.5/255 (at most 3/255; 200 steps); plain inversion (``refine=0``) at 10 steps 20/255 and 14/255.
+        ``sample(init_noise=latents, sampler="ddim", steps=steps)`` decodes them with the run's own guidance and
+        clipping instead. ``labels``: the images' classes on conditional runs (default: the null condition)."""
         from difflab.latents import invert_images
 
         den = self._denoiser("invert")
@@ -98,6 +102,22 @@ class Model:
         latents, _ = invert_images(den, x, steps, self._condition(labels, len(x)), spacing=spacing, refine=refine,
                                    batch_size=_count(batch_size, "batch_size"), reconstruction=False)
         return latents
+
+    def decode(self, latents: torch.Tensor, *, steps: int = 100, spacing: str = "uniform",
+               labels: torch.Tensor | Sequence[int] | None = None, batch_size: int = 64) -> torch.Tensor:
+        """The images (uint8 [N, C, H, W]) of latents from :meth:`invert`, by deterministic DDIM with the same
+        settings: the network alone on the grid of ``steps`` and ``spacing``, each image under its ``labels``
+        (default: the null condition)."""
+        from difflab.latents import decode_latents
+
+        den = self._denoiser("decode")
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.ndim != 4 or \
+                tuple(latents.shape[1:]) != self.shape or len(latents) == 0 or not bool(latents.isfinite().all()):
+            got = f"{latents.dtype} {list(latents.shape)}" if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise UsageError(f"decode takes finite float latents [N, {', '.join(map(str, self.shape))}] (from invert), "
+                             f"got {got}")
+        return decode_latents(den, latents.float(), _count(steps, "steps"), self._condition(labels, len(latents)),
+                              spacing=spacing, batch_size=_count(batch_size, "batch_size"), device=self.source.device)
 
     def interpolate(self, a: int | torch.Tensor, b: int | torch.Tensor, n: int = 10, *, steps: int = 50,
                     spacing: str = "uniform", label: int | None = None) -> torch.Tensor:
@@ -155,10 +175,11 @@ class Model:
     def _denoiser(self, what: str):
         if self.run is None:
             return self.source.denoiser
-        if getattr(self.run.method, "denoiser", None) is None:  # the part-1 methods have no D(x, sigma), no ODE
+        den = self.run.denoiser()
+        if den is None:  # the part-1 methods have no D(x, sigma), no ODE
             raise UsageError(f"{what} needs a Gaussian run (--method gaussian); {self.path} is a "
                              f"{self.run.method.name} run")
-        return self.run.denoiser()
+        return den
 
     def _images(self, images, what: str, to_model: bool = True) -> torch.Tensor:
         """uint8 images [N, C, H, W] of this model's shape, in model units ([-1, 1]) when ``to_model``."""
@@ -186,15 +207,11 @@ def samples_for_evaluation(source: Run | FolderModel, n: int, ctx=None, **sampli
     """(uint8 samples, their labels, the prepared request) of ``source`` for the metrics: conditional models
     draw the classes in turn (the labels the accuracy is judged by). With ``ctx`` (a ``DistContext``) the n
     are split over its ranks, and the ranks other than 0 get (None, None, request)."""
-    from difflab.sampling import sample_sharded_request
-
-    traits = source.traits()
-    if traits.conditioning != "none":
-        sampling.setdefault("labels", torch.arange(n) % traits.num_classes)
-    req = source.prepare(SampleRequest.of(n=n, **sampling))
+    d = drawing(source, SampleRequest.of(n=n, **sampling))
+    req = d.request
     if ctx is None:
-        return source.draw(req), req.label_tensor(), req
-    images = sample_sharded_request(source, req, ctx)
+        return d.images(), req.label_tensor(), req
+    images = d.sharded(ctx)
     ctx.shutdown()  # every rank holds all samples; rank 0 alone computes the metrics
     return (images, req.label_tensor(), req) if ctx.main else (None, None, req)
 

@@ -143,15 +143,16 @@ class SampleRequest:
 
     def resolve(self, model: ModelTraits) -> SampleRequest:
         """This request checked against ``model``, with the model's defaults for the settings not given and,
-        on class runs without labels or a prompt, the classes in turn (sample j: class j mod classes)."""
+        on conditional runs without labels or a prompt, the classes in turn (:func:`cycled_labels`; a text
+        run draws each class's first caption)."""
         self._check_condition(model)
         if self.init_noise is not None and model.shape is not None and \
                 tuple(self.init_noise.shape[1:]) != tuple(model.shape):
             raise UsageError(f"--init-noise has images of shape {list(self.init_noise.shape[1:])}; this model "
                              f"draws {list(model.shape)}")
         filled = {k: v for k, v in model.defaults.items() if getattr(self, k) is None}
-        if self.labels is None and self.prompt is None and model.conditioning == "class":
-            filled["labels"] = torch.arange(self.start, self.start + self.n) % model.num_classes
+        if self.labels is None and self.prompt is None and model.conditioning != "none":
+            filled["labels"] = cycled_labels(self.start, self.n, model.num_classes)
         return dataclasses.replace(self, **filled)
 
     def _check_condition(self, model: ModelTraits) -> None:
@@ -217,14 +218,20 @@ class SampleRequest:
         calls the guide network as well, at the sampler's noise ``levels`` inside ``guide_sigmas``; without
         the levels, at every step)."""
         from difflab.guidance import guided
-        from difflab.samplers import evaluations
+        from difflab.samplers import evaluates_on_grid, evaluations
 
         calls = evaluations(self.sampler, self.steps, **self.options()) if self.sampler else (self.steps or 0)
         if self.autoguidance in (None, 1.0):
             return calls
-        if levels is None or self.guide_sigmas is None or self.sampler in ("heun", "pc", "langevin"):
+        if levels is None or self.guide_sigmas is None or (self.sampler is not None and not evaluates_on_grid(self.sampler)):
             return calls * 2
         return calls + sum(bool(guided(float(s), self.guide_sigmas)) for s in levels if s > 0)
+
+
+def cycled_labels(start: int, n: int, classes: int) -> torch.Tensor:
+    """The classes of samples ``start .. start + n - 1`` when none are asked for: sample j draws class
+    j mod ``classes`` (long [n])."""
+    return torch.arange(start, start + n) % classes
 
 
 def _pair(sigmas) -> tuple[float, float]:

@@ -12,6 +12,7 @@ import math
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from difflab.config import TrainConfig, load_run_config
 from difflab.denoiser import ClipX0
 from difflab.errors import CheckpointError, UsageError
 from difflab.figures import to_uint8
-from difflab.request import ModelTraits, SampleRequest
+from difflab.request import ModelTraits, SampleRequest, cycled_labels
 from difflab.runs import RESUME_OVERRIDES, data_name, load_data, make_conditioner, prompt_cache
 from difflab.training.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
 from difflab.training.methods import Method, make_method
@@ -39,8 +40,8 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
     """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j). The settings are
     those of a :class:`~difflab.request.SampleRequest`, which checks them (:func:`sample_request`).
 
-    Conditional runs: ``labels`` (class indices) or ``prompt``; with neither, class runs cycle
-    through the classes and text runs use each class's first caption. ``guidance`` is the
+    Conditional runs: ``labels`` (class indices) or ``prompt``; with neither, the classes in turn
+    (:func:`~difflab.request.cycled_labels`; text runs: each class's first caption). ``guidance`` is the
     classifier-free scale g (g = 1: no guidance). ``classifier`` + ``classifier_scale`` steer with
     a noisy classifier's gradient (classifier guidance; needs ``labels``), at noise levels up to
     ``classifier_sigma_max`` (default ``guidance.CLASSIFIER_SIGMA_MAX``; ``math.inf``: every level).
@@ -52,7 +53,7 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
     net.eval()
     conditional = conditioner is not None and conditioner.kind != "none"
     if conditional and labels is None and prompt is None:
-        labels = torch.arange(start, start + n) % conditioner.num_classes
+        labels = cycled_labels(start, n, conditioner.num_classes)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n)
     cond_fn = _cond_fn(conditioner, labels, prompt, device) if conditional else None
@@ -111,35 +112,66 @@ def _with_classifier_labels(base_fn, labels: torch.Tensor, device):
     return cond_fn
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Drawing:
+    """A request resolved once against the model that draws it (:func:`drawing`): its defaults, classes,
+    classifier and precision filled in, and the grid it steps through fixed (a diffusers folder's scheduler
+    ``plan``, handed to every draw, never left on the model). Every route that draws samples goes through one:
+    ``difflab sample``, ``Model.sample``, the explorer's panels, the trainer's grids and ``difflab figures``."""
+
+    model: Any  # a Run, or a diffusers folder's FolderModel
+    request: SampleRequest
+    plan: Any = None  # a SchedulerPlan for a diffusers folder on its scheduler's grid
+
+    def images(self, *, progress=None, callback=None, net=None) -> torch.Tensor:
+        """All the samples as uint8 [n, C, H, W]. ``progress(k)``: k more images' worth of steps;
+        ``callback(dict)`` after every sampler step; ``net``: a wrapper of the model's network to call
+        instead (one that watches or records its inputs)."""
+        return self.part(0, self.request.n, progress=progress, callback=callback, net=net)
+
+    def part(self, lo: int, count: int, *, progress=None, callback=None, net=None) -> torch.Tensor:
+        """Samples ``lo .. lo + count - 1`` of the request (the same images as in :meth:`images`)."""
+        req = self.request if (lo, count) == (0, self.request.n) else self.request.part(lo, count)
+        return self.model.draw(req, plan=self.plan, progress=progress, callback=callback, net=net)
+
+    def sharded(self, ctx, *, progress=None, callback=None) -> torch.Tensor:
+        """:meth:`images` with the n samples split over the ranks of ``ctx`` (a
+        :class:`~difflab.training.distributed.DistContext`; every rank gets all n, on the CPU). Methods that
+        seed per batch are split on batch ends, so the images do not depend on the number of ranks.
+        ``callback`` follows the first part only (the part holding sample 0)."""
+        from difflab.training.distributed import sample_sharded
+
+        def draw(lo: int, count: int) -> torch.Tensor:
+            return self.part(lo, count, progress=progress, callback=callback if lo == 0 else None)
+
+        return sample_sharded(draw, self.request.n, ctx, shard_block(self.model, self.request))
+
+    def evaluations(self) -> int:
+        """Network evaluations per sample (the guide's calls counted at the levels of a run's grid)."""
+        return _evaluations(self.model, self.request)
+
+
+def drawing(model, request: SampleRequest) -> Drawing:
+    """``request`` resolved once for ``model`` (a :class:`Run`, or a diffusers folder's
+    :class:`~difflab.interop.folder_model.FolderModel`): checked, completed with the model's defaults and
+    prepared (``model.prepare``), with the grid it will be drawn on (``model.plan``)."""
+    req = model.prepare(request)
+    return Drawing(model, req, model.plan(req))
+
+
 def sample_request(model, request: SampleRequest, *, progress=None, callback=None) -> torch.Tensor:
-    """The samples of ``request`` from ``model`` (a :class:`Run`, or a diffusers folder's
-    :class:`~difflab.interop.folder_model.FolderModel`) as uint8 [n, C, H, W]: checked against the model
-    and completed with its defaults first (``model.prepare``). ``progress(k)``: k more images' worth of
-    steps; ``callback(dict)`` after every sampler step."""
-    return model.draw(model.prepare(request), progress=progress, callback=callback)
+    """The samples of ``request`` from ``model`` as uint8 [n, C, H, W] (:func:`drawing`, then all its images)."""
+    return drawing(model, request).images(progress=progress, callback=callback)
 
 
 def request_evaluations(model, request: SampleRequest) -> int:
     """Network evaluations per sample that ``request`` makes on ``model`` (a :class:`Run` or a folder model),
     its defaults filled in: the guide's calls counted at the levels of the run's grid."""
-    req = request.resolve(model.traits())
+    return _evaluations(model, request.resolve(model.traits()))
+
+
+def _evaluations(model, req: SampleRequest) -> int:
     return req.evaluations(model.levels(req) if isinstance(model, Run) else None)
-
-
-def sample_sharded_request(model, request: SampleRequest, ctx, *, progress=None, callback=None) -> torch.Tensor:
-    """:func:`sample_request` with the n samples split over the ranks of ``ctx`` (a
-    :class:`~difflab.training.distributed.DistContext`; every rank gets all n, on the CPU). Methods that seed
-    per batch are split on batch ends, so the images do not depend on the number of ranks. ``callback``
-    follows the first part only (the part holding sample 0)."""
-    from difflab.training.distributed import sample_sharded
-
-    req = model.prepare(request)
-
-    def draw(lo: int, count: int) -> torch.Tensor:
-        return model.draw(req.part(lo, count), progress=progress, callback=callback if lo == 0 else None)
-
-    return sample_sharded(draw, req.n, ctx, shard_block(model, req))
 
 
 def shard_block(model, request: SampleRequest) -> int:
@@ -217,11 +249,15 @@ class Run:
             self.speed_up(bf16=True)
         return req
 
-    def draw(self, request: SampleRequest, progress=None, callback=None) -> torch.Tensor:
-        """The samples of a prepared request (:meth:`prepare`)."""
-        images = sample_images(self.method, self.net, self.conditioner, request.n, self.shape, device=self.device,
-                               progress=progress, callback=callback, guide=self.guide_net(request.autoguidance),
-                               **request.sample_kwargs())
+    def plan(self, request: SampleRequest) -> None:
+        """A run draws on difflab's own grid, which the request's settings fix (no scheduler plan)."""
+        return None
+
+    def draw(self, request: SampleRequest, *, plan=None, progress=None, callback=None, net=None) -> torch.Tensor:
+        """The samples of a prepared request (:func:`drawing`); ``net`` a wrapper of the run's network."""
+        images = sample_images(self.method, net if net is not None else self.net, self.conditioner, request.n,
+                               self.shape, device=self.device, progress=progress, callback=callback,
+                               guide=self.guide_net(request.autoguidance), **request.sample_kwargs())
         if progress is not None and not self.per_sample_seeds:
             progress(request.n)  # batch-seeded methods draw a batch at a time, with no progress of their own
         return images
@@ -231,11 +267,7 @@ class Run:
         text runs, its guidance scale (saved in config.json); none for a model trained elsewhere."""
         if self.cfg is None:
             return {}
-        d = {"sampler": self.cfg.sampler, "steps": self.cfg.sample_steps, "clip": self.cfg.clip}
-        d.update(getattr(self.method, "sample_defaults", dict)())  # a method's own settings (naive2's)
-        if self.method.conditional:
-            d["sigma_min"] = self.cfg.sample_sigma_min
-            d["guide_sigmas"] = (self.cfg.guide_sigma_min, self.cfg.guide_sigma_max)
+        d = self.method.sampling_defaults()
         if self.conditioner.kind != "none":
             d["guidance"] = self.cfg.guidance
         elif self.cfg.autoguidance != 1.0 and self.autoguidable:
@@ -246,12 +278,13 @@ class Run:
         """The noise levels a resolved request's sampler steps through (its grid, without the final 0)."""
         from difflab.samplers import sampler_sigmas
 
-        if not self.method.conditional or request.sampler is None or request.steps is None:
+        if request.sampler not in self.method.samplers or request.steps is None:
             return []
         grid = sampler_sigmas(self.denoiser().process, request.sampler, request.steps, request.spacing, request.sigma_min)
         return [float(s) for s in grid[:-1]]
 
     def denoiser(self):
+        """The run's denoiser D(x, sigma) (its EMA network), or None for a method without one (part 1)."""
         return self.method.denoiser(self.net)
 
     def speed_up(self, bf16: bool = False, compile: bool = False) -> Run:

@@ -8,7 +8,8 @@ of one sample step by step, and a stop button (used by ``difflab serve``; as use
 ...     pass                                   # images: uint8 [k, C, H, W], samples first .. first + k - 1
 
 Per-sample seeds make the images the same as one ``run.sample(16, ...)`` call, however they are
-split into parts (Gaussian runs; part-1 methods draw their noise per call).
+split into parts (Gaussian runs; part-1 methods draw their noise per call). The request is resolved once
+(:func:`difflab.sampling.drawing`): the run's defaults apply as in ``difflab sample``.
 """
 
 from __future__ import annotations
@@ -62,47 +63,53 @@ def chunks(n: int, size: int) -> list[tuple[int, int]]:
     return parts
 
 
-def stream_samples(run, n: int, *, start: int = 0, chunk: int = 4, on_step: Callable[[dict], None] | None = None,
-                   stop: Callable[[], bool] | None = None, labels: torch.Tensor | None = None,
-                   **kwargs) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(index, images)`` for samples ``start .. start + n - 1`` of ``run`` (a
-    :class:`difflab.sampling.Run`) part by part, uint8 [k, C, H, W] each, index counted from ``start``.
+def stream_samples(model, n: int, *, start: int = 0, chunk: int = 4, on_step: Callable[[dict], None] | None = None,
+                   stop: Callable[[], bool] | None = None, **settings) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(index, images)`` for samples ``start .. start + n - 1`` of ``model`` (a
+    :class:`difflab.sampling.Run` or a diffusers folder's model) part by part: :func:`stream` of the request
+    with the settings of :meth:`Run.sample` (seed, sampler, steps, guidance, labels, prompt, ...)."""
+    from difflab.request import SampleRequest
+    from difflab.sampling import drawing
+
+    return stream(drawing(model, SampleRequest.of(n=n, start=start, **settings)), chunk=chunk, on_step=on_step,
+                  stop=stop)
+
+
+def stream(d, *, chunk: int = 4, on_step: Callable[[dict], None] | None = None,
+           stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(index, images)`` for the samples of ``d`` (a resolved :class:`difflab.sampling.Drawing`) part
+    by part, uint8 [k, C, H, W] each, index counted from the request's ``start``: the same images as
+    ``d.images()``.
 
     ``on_step(dict(i, steps, sigma, t, xt, x0))`` is called after every step of the first sample: ``xt``
     the network's input z_t and ``x0`` its prediction, uint8 [C, H, W]; ``sigma`` is the VE noise level
     (None for part-1 methods, which give their step ``t``). ``stop()`` true raises :class:`Cancelled`
-    from the next network call. ``labels`` ([n] class indices) and ``kwargs`` are those of
-    :meth:`Run.sample` (seed, sampler, steps, guidance, prompt, ...).
+    from the next network call.
 
     On a CPU every part runs with one torch thread, and the parts after the first run as many side by
     side as torch has threads (:func:`difflab.threads.run_split`): small batches spend most of a
     multi-threaded call waking threads, and on a shared, busy machine a batch of one took 12 times
     longer with two threads than with one (DDIM-10, mnist-small)."""
     from difflab import threads
-    from difflab.sampling import sample_images
 
-    if n < 1:
+    req = d.request
+    if req.n < 1:
         return
-    watched = WatchedNet(run.net, stop)
-    kwargs = {**run.sampling_defaults(), **kwargs}  # the same images as run.sample
-    kwargs["guide"] = run.guide_net(kwargs.get("autoguidance"))
-    steps = kwargs.get("steps")
+    watched = WatchedNet(d.model.net, stop)
 
-    def callback(d: dict) -> None:
+    def callback(info: dict) -> None:
         xt = watched.take_input()
-        on_step({"i": int(d["i"]), "steps": steps, "sigma": float(d["sigma"]) if "sigma" in d else None,
-                 "t": None if d.get("t") is None else float(d["t"]),
+        on_step({"i": int(info["i"]), "steps": req.steps, "sigma": float(info["sigma"]) if "sigma" in info else None,
+                 "t": None if info.get("t") is None else float(info["t"]),
                  "xt": to_uint8(xt[0].float().cpu()) if xt is not None else None,
-                 "x0": to_uint8(d["x0"][:1].float().cpu())[0]})
+                 "x0": to_uint8(info["x0"][:1].float().cpu())[0]})
 
     def part(lo: int, k: int, cb=None) -> torch.Tensor:
-        return sample_images(run.method, watched, run.conditioner, k, run.shape, start=start + lo,
-                             labels=None if labels is None else labels[lo:lo + k], callback=cb,
-                             device=run.device, **kwargs)
+        return d.part(lo, k, callback=cb, net=watched)
 
-    cpu = torch.device(run.device).type == "cpu"
-    side_by_side = torch.get_num_threads() if cpu and kwargs.get("prompt") is None else 1  # prompt caches: one thread
-    parts = chunks(n, chunk)
+    cpu = torch.device(d.model.device).type == "cpu"
+    side_by_side = torch.get_num_threads() if cpu and req.prompt is None else 1  # prompt caches: one thread
+    parts = chunks(req.n, chunk)
     with threads.one_torch_thread(cpu):
         yield 0, part(0, 1, callback if on_step is not None else None)
     rest = parts[1:]

@@ -104,12 +104,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _bpd(args: argparse.Namespace, den, loaded_run, reference, device) -> dict:
     """bits/dim of the first --bpd-n reference images (probability-flow ODE)."""
-    if den is None and (loaded_run is None or loaded_run.cfg.method != "gaussian"):
+    if den is None and (loaded_run is None or not loaded_run.method.denoises):
         raise UsageError("--bpd needs --run of a Gaussian diffusion run or --diffusers-model")
     from difflab.likelihood import bits_per_dim
 
-    den = den or loaded_run.denoiser()
-    den.plan = None  # the likelihood ODE on difflab's grid, not the sampling loop's timesteps
+    den = den or loaded_run.denoiser()  # (a folder's: plain, its scheduler's plan belongs to a draw only)
     bpd = bits_per_dim(den, reference.images[: args.bpd_n], device=device, batch_size=args.batch_size)
     return {"bpd": float(bpd.mean()), "bpd_n": len(bpd)}
 

@@ -6,7 +6,7 @@
   f(z_T, T) (bottom row), one column per seed; and ``mean-image.png``: the mean training image beside
   the average x_hat over 64 seeds: predicting x from pure noise collapses to the mean (not naive1,
   whose network predicts z_{T-1});
-- ``samples.png``: a grid of samples;
+- ``samples.png``: a grid of samples, drawn as ``difflab sample`` draws them (the run's sampler and settings);
 - ``trajectory.png``: sampling step by step, two rows per image: the network's input z_t and its
   x_hat (naive2, cold; naive2 also ``trajectory-cold-update.png``); naive1: one row z_T .. z_0;
   Gaussian runs: ``trajectory-ddpm.png`` and ``trajectory-ddim.png`` (z_t and the x0 predictions).
@@ -76,9 +76,11 @@ def noising_chain(run, x: torch.Tensor, columns: int, generator: torch.Generator
     return chain[columns_of(len(chain), columns)]
 
 
-def sampling_run(run, n: int, *, seed: int, steps: int, device, **options):
-    """Sample n images while recording each step: (samples uint8, network inputs [S, n, ...], x_hats [S, n, ...])."""
-    from difflab.sampling import sample_images
+def sampling_run(run, n: int, *, seed: int, steps: int | None, **settings):
+    """Sample n images as ``difflab sample`` does with these settings (the run's own for the others), recording
+    each step: (samples uint8, network inputs [S, n, ...], x_hats [S, n, ...])."""
+    from difflab.request import SampleRequest
+    from difflab.sampling import drawing
 
     recorder = _InputRecorder(run.net)
     x0s: list[torch.Tensor] = []
@@ -86,9 +88,9 @@ def sampling_run(run, n: int, *, seed: int, steps: int, device, **options):
     def keep(d: dict) -> None:
         x0s.append(d["x0"].detach().float().cpu())
 
-    images = sample_images(run.method, recorder, run.conditioner, n, run.shape, seed=seed, steps=steps,
-                           device=device, callback=keep, **options)
-    return images, torch.stack(recorder.inputs), torch.stack(x0s)
+    images = drawing(run, SampleRequest.of(n=n, seed=seed, steps=steps, **settings)).images(callback=keep, net=recorder)
+    # (classifier-free guidance calls the network on the conditional inputs and the null ones side by side)
+    return images, torch.stack(recorder.inputs)[:, :n], torch.stack(x0s)
 
 
 def _rows(stacks: list[torch.Tensor], columns: int) -> list[torch.Tensor]:
@@ -111,8 +113,7 @@ def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 6
     from difflab.runs import load_data
 
     check_counts(n, grid, columns)
-    method, device = run.method, run.device
-    steps = run.cfg.sample_steps if steps is None else steps
+    method = run.method
     data = load_data(run.cfg)
     scale = max(2, 64 // run.shape[-1])  # about 64 pixels per image, whatever the image size
     paths: list[Path] = []
@@ -126,17 +127,18 @@ def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 6
     emit(save_rows(list(chain.transpose(0, 1)), out / "noising.png", scale=scale))
 
     if not method.predicts_previous_step:  # (a prediction of z_{t-1} is no image estimate)
-        _, inputs, x0s = sampling_run(run, max(MEAN_SEEDS, n), seed=seed, steps=1, device=device, sampler="ddim")
+        one_step = {"sampler": "ddim"} if "ddim" in method.samplers else {}  # DDIM's one step starts at pure noise
+        _, inputs, x0s = sampling_run(run, max(MEAN_SEEDS, n), seed=seed, steps=1, **one_step)
         emit(save_rows([inputs[0, :n], x0s[0, :n]], out / "prediction-from-noise.png", scale=scale))
         data_mean = to_model(data.images.sum(0, dtype=torch.float64).float() / len(data.images))
         means = torch.stack([data_mean, x0s[0, :MEAN_SEEDS].mean(0)])
         emit(save_grid(means, out / "mean-image.png", nrow=2, scale=scale))
 
-    emit(save_grid(run.sample(grid, seed=seed, steps=steps, sampler="ddim"), out / "samples.png",
+    emit(save_grid(run.sample(grid, seed=seed, steps=steps), out / "samples.png",
                    nrow=min(grid, 8), scale=scale))
 
     for suffix, options in method.trajectories().items():
-        _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, device=device, **options)
+        _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, **options)
         # a chain of previous-step predictions is the trajectory itself: z_T, z_{T-1}, ..., z_0
         states = [torch.cat([inputs[:1], x0s])] if method.predicts_previous_step else [inputs, x0s]
         emit(save_rows(_rows(states, columns), out / f"trajectory{suffix}.png", scale=scale))

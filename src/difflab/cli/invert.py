@@ -67,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
         # a diffusers folder samples on its scheduler's grid unless --spacing names difflab's
         model = f"--run {args.run}" if loaded_run is not None else f"--diffusers-model {args.diffusers_model}"
         spacing = "" if args.spacing == "uniform" and loaded_run is not None else f" --spacing {args.spacing}"
+        # the inversion's own settings: the network alone (a run samples with its guidance and clipping)
+        alone = " --clip none --guidance 1 --autoguidance 1" if loaded_run is not None else ""
         print(f"latents: {path} (float32 {list(latents_t.shape)}, standard normal units; decode with "
               f"difflab sample {model} --init-noise {path} --n {len(data)} --sampler ddim "
-              f"--steps {args.steps}{spacing})")
+              f"--steps {args.steps}{spacing}{alone})")
     return 0

@@ -55,7 +55,7 @@ def gaussian_run(path: str, device: torch.device, command: str):
     from difflab.sampling import load_run
 
     loaded_run = load_run(path, device)
-    if loaded_run.cfg.method != "gaussian":
+    if not loaded_run.method.denoises:
         raise UsageError(f"difflab {command} needs a Gaussian run (--method gaussian); {path} is a "
                          f"{loaded_run.cfg.method} run")
     return loaded_run

@@ -102,14 +102,16 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir = prepare_out_dir(args.out_dir, args.force) if args.out_dir and ctx.main else None
     path_cb = Trajectory() if args.trajectory else None  # keeps whole batches (one batch per frame row)
+    from difflab.sampling import drawing
+
     model = _load(args, pick_device(args.device, ctx.local_rank))
-    req = model.prepare(req)
+    d = drawing(model, req)  # resolved once: the run's defaults, the classes, the grid
     if args.compile and args.run:
         model.speed_up(compile=True)
-    images = _draw(model, req, ctx, path_cb)
+    images = _draw(d, ctx, path_cb)
     ctx.shutdown()  # every rank holds all images now
     if ctx.main:  # only rank 0 writes
-        _write(args, images, req.label_tensor(), out, out_dir, path_cb)
+        _write(args, images, d.request.label_tensor(), out, out_dir, path_cb)
     return 0
 
 
@@ -136,23 +138,23 @@ def _load(args: argparse.Namespace, device):
     return load_run(args.run, device, ema_length=args.ema_length)
 
 
-def _draw(model, req: SampleRequest, ctx, path_cb) -> torch.Tensor:
-    """The request's images on every rank, with rank 0's progress bar over its share."""
+def _draw(d, ctx, path_cb) -> torch.Tensor:
+    """The images of a :class:`~difflab.sampling.Drawing` on every rank, with rank 0's progress bar over its share."""
     from tqdm.auto import tqdm
 
-    from difflab.sampling import sample_sharded_request, shard_block
+    from difflab.sampling import shard_block
     from difflab.training.distributed import shard
 
     bar = None
     if ctx.main:
-        bar = tqdm(total=len(shard(req.n, ctx, shard_block(model, req))), unit="img", unit_scale=True,
+        bar = tqdm(total=len(shard(d.request.n, ctx, shard_block(d.model, d.request))), unit="img", unit_scale=True,
                    file=sys.stderr, mininterval=0.5, delay=0.5, dynamic_ncols=True)
 
     def tick(k: float) -> None:  # k images' worth of sampler steps (fractions: the bar moves every step)
         if bar is not None:
             bar.update(min(k, bar.total - bar.n))
 
-    images = sample_sharded_request(model, req, ctx, progress=tick, callback=path_cb)
+    images = d.sharded(ctx, progress=tick, callback=path_cb)
     if bar is not None:
         bar.close()
     return images

@@ -37,7 +37,7 @@ def _refuse(why: str) -> None:
 def check_exportable(run) -> None:
     """One clear UsageError naming why diffusers cannot represent the run, if it cannot."""
     cfg = run.cfg
-    if cfg.method != "gaussian":
+    if not run.method.denoises:
         _refuse(f"method '{cfg.method}' is not Gaussian diffusion (diffusers pipelines only sample those)")
     if run.net.config.get("kind") != "unet":
         _refuse(f"its network is a {run.net.config.get('kind')} (CoordConv inputs have no UNet2DModel layer)")

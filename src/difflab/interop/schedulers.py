@@ -140,19 +140,24 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
 
 class DiffusersDenoiser(Denoiser):
     """A :class:`~difflab.denoiser.Denoiser` of a diffusers UNet with its scheduler config. Without a plan
-    it is a plain difflab denoiser (any sampler, any grid). :meth:`use_plan` makes it diffusers' loop: on
-    the plan's levels the UNet gets the plan's timesteps, and x0 is clipped or thresholded as the
-    scheduler does."""
+    it is a plain difflab denoiser (any sampler, any grid). With one (:meth:`planned`, a new denoiser for one
+    draw: the plan is never left on a shared one) it is diffusers' loop: on the plan's levels the UNet gets
+    the plan's timesteps, and x0 is clipped or thresholded as the scheduler does."""
 
-    def __init__(self, net, process, prediction: str, scheduler_config: dict | None = None):
+    def __init__(self, net, process, prediction: str, scheduler_config: dict | None = None,
+                 plan: SchedulerPlan | None = None):
         super().__init__(net, process, prediction)
         self.scheduler_config = dict(scheduler_config or {})
-        self.plan: SchedulerPlan | None = None
+        self.plan = plan
 
-    def use_plan(self, sampler: str, steps: int) -> SchedulerPlan:
-        """Follow diffusers' ``sampler`` loop of ``steps`` steps from now on; returns the plan."""
-        self.plan = scheduler_plan(self.scheduler_config, sampler, steps)
-        return self.plan
+    def plan_for(self, sampler: str, steps: int) -> SchedulerPlan:
+        """The plan of diffusers' ``sampler`` loop of ``steps`` steps for this folder's scheduler config."""
+        return scheduler_plan(self.scheduler_config, sampler, steps)
+
+    def planned(self, plan: SchedulerPlan | None, net=None) -> DiffusersDenoiser:
+        """This denoiser following ``plan`` (None: none), calling ``net`` (a wrapper of its network) if given."""
+        return DiffusersDenoiser(self.net if net is None else net, self.process, self.prediction,
+                                 self.scheduler_config, plan)
 
     def _net_time(self, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """difflab network time (diffusers' timestep + 1): the plan's timestep on its levels, else t."""
@@ -181,21 +186,23 @@ class DiffusersDenoiser(Denoiser):
 
 
 def generate_like_diffusers(denoiser: DiffusersDenoiser, n: int, shape, *, sampler: str = "ddim",
-                            steps: int = 50, **kwargs) -> torch.Tensor:
+                            steps: int = 50, plan: SchedulerPlan | None = None, **kwargs) -> torch.Tensor:
     """:func:`difflab.samplers.generate` on the grid, timesteps, starting scale and clipping of diffusers'
-    ``sampler`` loop for the folder's scheduler config (float samples, model units)."""
+    ``sampler`` loop for the folder's scheduler config (``plan``, made here when not given; float samples,
+    model units)."""
     from difflab.samplers import generate
 
-    plan = denoiser.use_plan(sampler, steps)
-    return generate(denoiser, n, shape, sampler=sampler, steps=steps, sigmas=plan.sigmas, prior=plan.prior,
-                    **{**plan.options, **kwargs})
+    plan = plan if plan is not None else denoiser.plan_for(sampler, steps)
+    return generate(denoiser.planned(plan), n, shape, sampler=sampler, steps=steps, sigmas=plan.sigmas,
+                    prior=plan.prior, **{**plan.options, **kwargs})
 
 
 def sample_folder(denoiser: DiffusersDenoiser, n: int, shape, *, sampler: str = "ddim", steps: int = 50,
                   spacing: str | None = None, label: int | torch.Tensor | None = None, device="cpu",
-                  **kwargs) -> torch.Tensor:
-    """Samples of a diffusers folder: diffusers' own grid for ``sampler`` unless a difflab ``spacing`` is
-    asked for; ``label`` is the class of a class-conditional UNet2DModel (one for all, or one per sample)."""
+                  plan: SchedulerPlan | None = None, **kwargs) -> torch.Tensor:
+    """Samples of a diffusers folder: diffusers' own grid for ``sampler`` (``plan``, made here when not
+    given) unless a difflab ``spacing`` is asked for; ``label`` is the class of a class-conditional
+    UNet2DModel (one for all, or one per sample)."""
     classes = getattr(denoiser.net, "num_classes", 0)
     labels = None if label is None else torch.as_tensor(label, device=device).long().expand(n)
     if labels is not None and not (classes and 0 <= int(labels.min()) and int(labels.max()) < classes):
@@ -207,8 +214,7 @@ def sample_folder(denoiser: DiffusersDenoiser, n: int, shape, *, sampler: str = 
     if spacing is not None:
         from difflab.samplers import generate
 
-        denoiser.plan = None
-        return generate(denoiser, n, shape, sampler=sampler, steps=steps, spacing=spacing, cond_fn=cond_fn,
-                        device=device, **kwargs)
+        return generate(denoiser.planned(None), n, shape, sampler=sampler, steps=steps, spacing=spacing,
+                        cond_fn=cond_fn, device=device, **kwargs)
     return generate_like_diffusers(denoiser, n, shape, sampler=sampler, steps=steps, cond_fn=cond_fn,
-                                   device=device, **kwargs)
+                                   device=device, plan=plan, **kwargs)

@@ -94,15 +94,29 @@ def sampler_sigmas(process: GaussianProcess, sampler: str, steps: int, spacing: 
     return get_sigmas(process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"), sigma_min)
 
 
+def _once_per_level(steps: int, options: dict) -> int:
+    return steps
+
+
+# network evaluations of each sampler for a grid of ``steps`` levels (its options: the corrector's and
+# Langevin's inner steps); the samplers of ``_once_per_level`` call the network once at each level of the
+# grid and nowhere else, so a call limited to some levels (autoguidance's guide) is counted on the grid
+EVALUATIONS: dict[str, Callable[[int, dict], int]] = {
+    **{name: _once_per_level for name in SAMPLERS},
+    "heun": lambda steps, options: 2 * steps - 1,  # a second evaluation at every level but the last step's 0
+    "pc": lambda steps, options: steps + (steps - 1) * options.get("corrector_steps", 1),
+    "langevin": lambda steps, options: steps * options.get("steps_per_level", 10) + 1,
+}
+
+
 def evaluations(sampler: str, steps: int, **options) -> int:
     """Number of network evaluations a sampler makes for a grid of ``steps`` levels."""
-    if sampler == "heun":
-        return 2 * steps - 1
-    if sampler == "pc":
-        return steps + (steps - 1) * options.get("corrector_steps", 1)
-    if sampler == "langevin":
-        return steps * options.get("steps_per_level", 10) + 1
-    return steps
+    return EVALUATIONS[sampler](steps, options)
+
+
+def evaluates_on_grid(sampler: str) -> bool:
+    """Whether ``sampler`` calls the network once at each level of its grid and nowhere else."""
+    return EVALUATIONS[sampler] is _once_per_level
 
 
 @torch.no_grad()

@@ -16,11 +16,11 @@ from difflab.data import to_model
 from difflab.errors import DataError
 from difflab.figures import pil_image, to_uint8
 from difflab.request import SampleRequest
-from difflab.sampling import request_evaluations
+from difflab.sampling import drawing
 from difflab.serve.catalog import MAX_GRID, MAX_LOG, Catalog
 from difflab.serve.jobs import Job
 from difflab.serve.requests import CompareRequest, ForwardRequest, InterpolateRequest, InvertRequest
-from difflab.streaming import WatchedNet, chunks, stream_samples
+from difflab.streaming import WatchedNet, chunks, stream
 
 
 def png_url(image: torch.Tensor) -> str:
@@ -81,46 +81,45 @@ class Panels:
     # --- jobs --------------------------------------------------------------------------------------
     def sample(self, req: SampleRequest):
         def work(job: Job) -> None:
-            run = self.catalog.model(req.run, req.precision)
+            d = drawing(self.catalog.model(req.run, req.precision), req)  # the one path: the run's defaults
             t0 = time.perf_counter()
-            job.emit({"type": "start", "count": req.n, "first": req.start, "steps": req.steps,
-                      "evaluations": request_evaluations(run, req), "checkpoint": run.step})
+            job.emit({"type": "start", "count": d.request.n, "first": d.request.start, "steps": d.request.steps,
+                      "evaluations": d.evaluations(), "checkpoint": d.model.step})
 
-            def on_step(d: dict) -> None:
-                job.emit({"type": "step", "index": req.start, "i": d["i"], "steps": req.steps, "sigma": d["sigma"],
-                          "xt": png_url(d["xt"]) if d["xt"] is not None else None, "x0": png_url(d["x0"]),
+            def on_step(s: dict) -> None:
+                job.emit({"type": "step", "index": d.request.start, "i": s["i"], "steps": s["steps"], "sigma": s["sigma"],
+                          "xt": png_url(s["xt"]) if s["xt"] is not None else None, "x0": png_url(s["x0"]),
                           "ms": 1000 * (time.perf_counter() - t0)})
 
-            for lo, images in stream_samples(run, req.n, on_step=on_step, stop=job.cancelled, **req.sample_kwargs()):
+            for lo, images in stream(d, on_step=on_step, stop=job.cancelled):
                 ms = 1000 * (time.perf_counter() - t0)
                 for k, im in enumerate(images):
-                    job.emit({"type": "image", "index": req.start + lo + k, "png": png_url(im), "ms": ms})
+                    job.emit({"type": "image", "index": d.request.start + lo + k, "png": png_url(im), "ms": ms})
 
         return work
 
     def warm(self, name: str, precision: str = "fp32"):
-        """Load a run and draw one one-step sample, so the first click does not pay for either."""
+        """Load a run and draw one one-step sample with its own sampler, so the first click does not pay for either."""
         def work(job: Job) -> None:
-            run = self.catalog.model(name, precision)
-            list(stream_samples(run, 1, steps=1, sampler="ddim",  # (part-1 methods have their own)
-                                stop=job.cancelled))
-            job.emit({"type": "loaded", "checkpoint": run.step})
+            model = self.catalog.model(name, precision)
+            list(stream(drawing(model, SampleRequest(n=1, steps=1, precision=precision)), stop=job.cancelled))
+            job.emit({"type": "loaded", "checkpoint": model.step})
 
         return work
 
     def compare(self, req: CompareRequest):
         def work(job: Job) -> None:
+            columns = [drawing(self.catalog.model(col.run, col.precision), col) for col in req.columns]
             job.emit({"type": "start", "columns": [{"sampler": c.sampler, "steps": c.steps,
                                                     "evaluations": c.evaluations()} for c in req.columns],
                       "count": req.columns[0].n})
-            for ci, col in enumerate(req.columns):
-                run = self.catalog.model(col.run, col.precision)
+            for ci, d in enumerate(columns):
                 t0 = time.perf_counter()
-                for lo, images in stream_samples(run, col.n, stop=job.cancelled, **col.sample_kwargs()):
+                for lo, images in stream(d, stop=job.cancelled):
                     for k, im in enumerate(images):
                         job.emit({"type": "image", "column": ci, "index": lo + k, "png": png_url(im)})
-                job.emit({"type": "column", "column": ci, "sampler": col.sampler, "steps": col.steps,
-                          "evaluations": request_evaluations(run, col), "seconds": time.perf_counter() - t0})
+                job.emit({"type": "column", "column": ci, "sampler": d.request.sampler, "steps": d.request.steps,
+                          "evaluations": d.evaluations(), "seconds": time.perf_counter() - t0})
 
         return work
 

@@ -43,9 +43,17 @@ class _Classification:
     predicts_previous_step = False
     samples_from_data = False
     draws_samples = False
+    denoises = False
+    samplers = ()
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+
+    def denoiser(self, net) -> None:
+        return None  # a classifier's network gives class logits, not a denoised image
+
+    def sampling_defaults(self) -> dict:
+        return {}
 
     def prepare(self, data: ImageData) -> None:
         if data.labels is None or not data.num_classes:

@@ -24,6 +24,7 @@ from difflab.processes.binomial import BinomialNoise, PixelNoise
 from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
+from difflab.samplers import SAMPLERS
 from difflab.training.classification import CLASSIFIER_METHODS
 from difflab.training.noise_levels import training_times
 from difflab.training.weighting import loss_weight, weighted_mse
@@ -34,8 +35,8 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class Method(Protocol):
-    """What the trainer trains and the samplers draw from; the trainer, ``sampling`` and the figures use
-    only this, never the method's name (which is for messages)."""
+    """What the trainer trains and the samplers draw from; every caller uses only this, never the method's
+    name (which is for messages): a question a caller would ask the name is a member here."""
 
     name: ClassVar[str]
     preset: ClassVar[str | None]  # the network of ``--model auto`` (None: the device and data choose)
@@ -44,6 +45,15 @@ class Method(Protocol):
     predicts_previous_step: ClassVar[bool]  # the network predicts z_{t-1} (not an estimate of x0)
     samples_from_data: ClassVar[bool]  # sampling starts from dataset images (given by :meth:`prepare`)
     draws_samples: ClassVar[bool]  # the trained network draws images (False: a classifier, no sample grids)
+    denoises: ClassVar[bool]  # has a denoiser D(x, sigma) (:meth:`denoiser`): the ODE, inversion, likelihood, export
+    samplers: ClassVar[tuple[str, ...]]  # the samplers of :data:`difflab.samplers.SAMPLERS` it draws with (none: its own)
+
+    def denoiser(self, net) -> Denoiser | None:
+        """The denoiser D(x, sigma) of a network trained by this method, or None (part 1, the classifiers)."""
+
+    def sampling_defaults(self) -> dict:
+        """What a run of this method samples with unless told (its config's settings, the fields of a
+        :class:`~difflab.request.SampleRequest`); empty for a method without a config."""
 
     def prepare(self, data: ImageData) -> None:
         """Check the settings against the run's data (before anything is written) and keep what
@@ -91,6 +101,8 @@ class GaussianMethod:
     predicts_previous_step = False
     samples_from_data = False
     draws_samples = True
+    denoises = True
+    samplers = tuple(SAMPLERS)
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -120,6 +132,14 @@ class GaussianMethod:
 
     def denoiser(self, net) -> Denoiser:
         return Denoiser(net, self.process, self.prediction)
+
+    def sampling_defaults(self) -> dict:
+        """The run's sampler, step count, x0 clipping, grid bottom and autoguidance interval (config.json)."""
+        if self.cfg is None:  # a network trained elsewhere: its model's own defaults apply
+            return {}
+        cfg = self.cfg
+        return {"sampler": cfg.sampler, "steps": cfg.sample_steps, "clip": cfg.clip, "sigma_min": cfg.sample_sigma_min,
+                "guide_sigmas": (cfg.guide_sigma_min, cfg.guide_sigma_max)}
 
     def loss(self, net, x: torch.Tensor, cond: dict | None, step: int, seeds: torch.Tensor) -> torch.Tensor:
         den = self.denoiser(net)
@@ -180,12 +200,21 @@ class _BatchSeeded:
     predicts_previous_step = False
     samples_from_data = False
     draws_samples = True
+    denoises = False
+    samplers = ()
 
     def prepare(self, data: ImageData) -> None:
         pass
 
     def network(self, data: ImageData) -> None:
         return None
+
+    def denoiser(self, net) -> None:
+        return None  # the series' networks predict a step or an image, with no noise level to denoise at
+
+    def sampling_defaults(self) -> dict:
+        """The run's step count, and its x0 clipping (which its own algorithm does not use)."""
+        return {"steps": self.cfg.sample_steps, "clip": self.cfg.clip}
 
     @torch.no_grad()
     def sample(self, net, n: int, shape, *, seed: int = 0, start: int = 0, steps: int = 50, batch_size: int = 256,
@@ -259,9 +288,9 @@ class Naive2Method(_BatchSeeded):
         ts = [round(noise.T * i / (columns - 1)) for i in range(columns)]
         return torch.stack([noise.apply(x, t, state) for t in ts])
 
-    def sample_defaults(self) -> dict:
-        """The run's own naive2 sampling settings (config.json), filled into requests that do not give them."""
-        return {"cold_update": self.cfg.cold_update, "told_noise": self.cfg.told_noise}
+    def sampling_defaults(self) -> dict:
+        """Also the run's own naive2 settings: the cold-diffusion update and the noise level it is told."""
+        return {**super().sampling_defaults(), "cold_update": self.cfg.cold_update, "told_noise": self.cfg.told_noise}
 
     def trajectories(self) -> dict[str, dict]:
         told = {"told_noise": self.cfg.told_noise}  # both updates, with the noise level the run samples with
@@ -321,5 +350,13 @@ METHOD_CLASSES = {"gaussian": GaussianMethod, "naive1": Naive1Method, "naive2": 
                   **CLASSIFIER_METHODS}
 
 
+def method_class(name: str) -> type[Method]:
+    """The class of method ``name`` (a run's ``config.json`` ``method``): what it does, asked without a
+    config or a network (``method_class(cfg.method).denoises``)."""
+    if name not in METHOD_CLASSES:
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHOD_CLASSES)}")
+    return METHOD_CLASSES[name]
+
+
 def make_method(cfg: TrainConfig) -> Method:
-    return METHOD_CLASSES[cfg.method](cfg)
+    return method_class(cfg.method)(cfg)

@@ -535,16 +535,17 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self, path: Path, n: int = 64) -> Path | None:
-        """A grid of EMA samples with fixed seeds (rows of classes for class-conditional runs); None
-        for a method that draws no samples (a classifier)."""
-        from difflab.sampling import sample_images
+        """A grid of n EMA samples of seed 0 drawn as ``difflab sample --run OUT --n N --seed 0`` draws them
+        (the run's own settings, the same grid layout); None for a method that draws no samples (a classifier)."""
+        from difflab.request import SampleRequest
+        from difflab.sampling import Run, drawing
 
         if not self.method.draws_samples:
             return None
-        imgs = sample_images(self.method, self.ema.model, self.conditioner, n, self.shape, seed=0,
-                             steps=self.cfg.sample_steps, sampler=self.cfg.sampler, clip=self.cfg.clip,
-                             device=self.device)
-        tiles = grid(imgs, nrow=8 if n >= 64 else None)
+        run = Run(self.out, self.cfg, self.method, self.ema.model, self.conditioner, self.shape, self.data.class_names,
+                  self.step, self.device, network=self.net_config)
+        imgs = drawing(run, SampleRequest(n=n, seed=0)).images()
+        tiles = grid(imgs)
         self.logger.image(self.step, tiles)
         return save_image(tiles, path, scale=2)
 
