@@ -197,17 +197,12 @@ def test_sample_streams_path_and_images_equal_to_run_sample(server, tiny):  # no
     assert np.array_equal(png_array(last["x0"]).shape, (1, 8, 8)) and last["xt"].startswith("data:image/png")
 
 
-@pytest.mark.xfail(strict=True, reason="serve/requests.py fills sampler 'ddim' for a request that names none "
-                   "(and the page sends its form's ddim/10/g=1); the panels draw the run's own (drop these marks "
-                   "once requests.sample_request leaves the sampler to the run)")
 def test_a_first_request_draws_with_the_runs_sampler_steps_and_guidance(server, tiny):  # noqa: F811
     evs = _job(server, "/api/sample", {"run": "tiny", "count": 3, "seed": 4})
     images = np.stack([png_array(e["png"]) for e in evs if e["type"] == "image"])
     assert np.array_equal(images, tiny.sample(3, seed=4).numpy())
 
 
-@pytest.mark.xfail(strict=True, reason="serve/catalog.py loads a diffusers folder as a Run on difflab's grid; the "
-                   "panels draw a FolderModel on its scheduler's grid (Catalog._load: return FolderModel.load(path))")
 def test_the_page_draws_a_diffusers_folder_as_python_does(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     import difflab

@@ -283,9 +283,20 @@ class Run:
         grid = sampler_sigmas(self.denoiser().process, request.sampler, request.steps, request.spacing, request.sigma_min)
         return [float(s) for s in grid[:-1]]
 
-    def denoiser(self):
-        """The run's denoiser D(x, sigma) (its EMA network), or None for a method without one (part 1)."""
-        return self.method.denoiser(self.net)
+    def denoiser(self, net: torch.nn.Module | None = None):
+        """The run's denoiser D(x, sigma) (its EMA network, or ``net``, a wrapper of it), or None for a method
+        without one (part 1)."""
+        return self.method.denoiser(self.net if net is None else net)
+
+    def ode_denoiser(self, net: torch.nn.Module | None = None):
+        """D(x, sigma) for deterministic DDIM work (inversion, interpolation): :meth:`denoiser`."""
+        return self.denoiser(net)
+
+    def condition(self, label: int | None, n: int):
+        """The condition of ``n`` images of class ``label`` (None: the null condition)."""
+        if label is None:
+            return self.conditioner.null(n, self.device)
+        return self.conditioner.for_labels(torch.full((n,), label, dtype=torch.long), self.device)
 
     def speed_up(self, bf16: bool = False, compile: bool = False) -> Run:
         """Make sampling faster, in place: pure bf16 weights (GPUs, and CPUs with AMX) and/or

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from difflab.conditioning import Conditioner
 from difflab.errors import CheckpointError, DataError, UsageError
 from difflab.recipe import CLASSIFIERS
 from difflab.request import ModelTraits
 from difflab.training.checkpoint import _check_meta, list_checkpoints
+from difflab.training.methods import method_class
 
 if TYPE_CHECKING:
     from difflab.config import TrainConfig
@@ -60,20 +60,20 @@ class RunInfo:
     max_steps: int  # the largest sampler step count (T of discrete processes)
     sample_steps: int
     data_fingerprint: str | None = None  # of the training data, as the newest checkpoint recorded it
+    sampler: str | None = None  # what the run samples with unless told (None: its method's or scheduler's own)
+    guidance: float = 1.0  # the run's own guidance scale (class and text runs)
 
     def traits(self) -> ModelTraits:
         """What a sampling request is checked against (:meth:`difflab.request.SampleRequest.resolve`)."""
-        return ModelTraits(self.method, self.method == "gaussian", self.conditioning, len(self.class_names),
+        return ModelTraits(self.method, method_class(self.method).conditional, self.conditioning, len(self.class_names),
                            self.shape, classifier_guidance=False)  # the page has no classifier to send
 
     def to_json(self) -> dict:
-        from difflab.samplers import SAMPLERS
-
         return {"name": self.name, "kind": self.kind, "method": self.method, "conditioning": self.conditioning,
                 "class_names": list(self.class_names), "shape": list(self.shape), "step": self.step,
                 "training": self.training, "data": self.data, "max_steps": self.max_steps,
                 "sample_steps": self.sample_steps,
-                "samplers": list(SAMPLERS) if self.method == "gaussian" else []}
+                "samplers": list(method_class(self.method).samplers), "sampler": self.sampler, "guidance": self.guidance}
 
 
 # --- reading an untrusted folder ---------------------------------------------------------------------
@@ -217,10 +217,12 @@ def _run_info(name: str, files: FolderReader) -> tuple[RunInfo, TrainConfig]:
         shape, names = (0, 0, 0), []
     if cfg.conditioning == "text" and files.lexists("prompts.safetensors"):
         files.regular("prompts.safetensors")
-    max_steps = cfg.T if cfg.method == "gaussian" and cfg.process in ("linear", "cosine", "sigmoid", "constant") \
+    max_steps = cfg.T if method_class(cfg.method).denoises and cfg.process in ("linear", "cosine", "sigmoid", "constant") \
         else 1000
     info = RunInfo(name, "run", cfg.method, cfg.conditioning, tuple(names), shape, int(meta.get("step", 0)), False,
-                   cfg.data, max_steps, cfg.sample_steps, meta.get("data_fingerprint"))
+                   cfg.data, max_steps, cfg.sample_steps, meta.get("data_fingerprint"),
+                   cfg.sampler if method_class(cfg.method).samplers else None,
+                   cfg.guidance if cfg.conditioning != "none" else 1.0)
     return info, cfg
 
 
@@ -252,7 +254,10 @@ def _diffusers_info(name: str, files: FolderReader) -> RunInfo:
         if not isinstance(scfg, dict):
             raise CheckpointError(f"{sched} in {name} is damaged (not a JSON object)")
         T = _whole(scfg, "num_train_timesteps", 1000, 1, MAX_T, f"{sched} in {name}")
-    return RunInfo(name, "diffusers", "gaussian", "none", (), (channels, h, w), 0, False, None, T, 50)
+    from difflab.interop.folder_model import FOLDER_DEFAULTS
+
+    return RunInfo(name, "diffusers", "gaussian", "none", (), (channels, h, w), 0, False, None, T,
+                   FOLDER_DEFAULTS["steps"], sampler=FOLDER_DEFAULTS["sampler"])
 
 
 def _kind(files: FolderReader) -> str | None:
@@ -463,7 +468,7 @@ class Catalog:
             return model
 
     def _load(self, name: str, path: Path, info: RunInfo):
-        from difflab.sampling import Run, load_run
+        from difflab.sampling import load_run
 
         if info.kind == "run":
             from difflab.training.methods import METHOD_CLASSES
@@ -476,10 +481,6 @@ class Catalog:
                 except CheckpointError:
                     if attempt:
                         raise
-        from difflab.interop import load_diffusers_unet
+        from difflab.interop.folder_model import FolderModel
 
-        den, shape = load_diffusers_unet(path, self.device)
-        from difflab.training.methods import GaussianMethod
-
-        return Run(path, None, GaussianMethod.of(den.process, den.prediction), den.net, Conditioner("none"),
-                   shape, None, 0, self.device)
+        return FolderModel.load(path, self.device)  # its scheduler's grid, as the CLI and Python draw it

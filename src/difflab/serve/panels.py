@@ -123,24 +123,19 @@ class Panels:
 
         return work
 
-    def _condition(self, run, label: int | None, n: int):
-        if label is None:
-            return run.conditioner.null(n, run.device)
-        return run.conditioner.for_labels(torch.full((n,), label, dtype=torch.long), run.device)
-
     def interpolate(self, req: InterpolateRequest):
         from difflab.latents import reconstruct, slerp
         from difflab.noise import SeededNoise, sample_seeds
 
         def work(job: Job) -> None:
             run = self.catalog.model(req.run)
-            den = run.method.denoiser(WatchedNet(run.net, job.cancelled))
+            den = run.ode_denoiser(WatchedNet(run.net, job.cancelled))
             za, zb = (SeededNoise(sample_seeds(s, 1)).initial(run.shape, device=run.device) for s in (req.seed_a, req.seed_b))
             t = torch.linspace(0, 1, req.n, device=run.device)
             latents = slerp(za.expand(req.n, -1, -1, -1), zb.expand(req.n, -1, -1, -1), t)
             job.emit({"type": "start", "n": req.n, "t": t.tolist()})
             for lo, k in chunks(req.n, 4):
-                x = reconstruct(den, latents[lo:lo + k], req.steps, self._condition(run, req.label, k))
+                x = reconstruct(den, latents[lo:lo + k], req.steps, run.condition(req.label, k))
                 for j, im in enumerate(to_uint8(x.cpu())):
                     job.emit({"type": "image", "index": lo + j, "t": float(t[lo + j]), "png": png_url(im)})
 
@@ -156,10 +151,10 @@ class Panels:
                 image = req.image
             else:
                 image, label = self._image(req.run, req.index)
-                label = label if run.conditioner.kind != "none" and run.class_names else None
+                label = label if run.class_names else None
             job.emit({"type": "start", "original": png_url(image)})
-            den = run.method.denoiser(WatchedNet(run.net, job.cancelled))
-            cond = self._condition(run, label, 1)
+            den = run.ode_denoiser(WatchedNet(run.net, job.cancelled))
+            cond = run.condition(label, 1)
             x = to_model(image[None], run.device)
             latent = invert(den, x, req.steps, cond)
             # the latent is standard normal: +-3 fills the grey range

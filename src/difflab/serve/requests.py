@@ -17,6 +17,7 @@ import torch
 from difflab.errors import UsageError
 from difflab.request import PRECISIONS, SampleRequest
 from difflab.serve.catalog import RunInfo
+from difflab.training.methods import method_class
 
 MAX_COUNT = 64
 MAX_SEED = 2**31 - 1
@@ -106,10 +107,9 @@ def sample_request(body: dict, info: RunInfo) -> SampleRequest:
     against the run. A guidance of 1 leaves the run's own scale (as ``difflab sample`` without --guidance)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    if info.method == "gaussian":
-        from difflab.samplers import SAMPLERS
-
-        sampler = _choice(body, "sampler", "ddim", list(SAMPLERS))
+    samplers = method_class(info.method).samplers
+    if samplers:  # left out: the run's own sampler
+        sampler = None if body.get("sampler") is None else _choice(body, "sampler", None, list(samplers))
     else:
         if body.get("sampler") not in (None, "", "default"):
             raise BadRequest(f"this is a {info.method} run: it samples with its own algorithm, not "
@@ -234,5 +234,5 @@ class ForwardRequest:
 
 
 def _gaussian(info: RunInfo, what: str) -> None:
-    if info.method != "gaussian":
+    if not method_class(info.method).denoises:
         raise BadRequest(f"{what} needs a Gaussian run (deterministic DDIM); this one is {info.method}")

@@ -96,7 +96,13 @@ function selectRun(name) {
   const cond = run.conditioning === "none" ? "unconditional" : `${run.conditioning}-conditional`;
   $("run-info").textContent = `${run.method} · ${cond} · ${run.shape.join("x")} · checkpoint step ${run.step}` +
     (run.training ? " · training now" : "");
-  for (const sel of document.querySelectorAll("select.samplers")) fillSamplers(sel, sel.value || "ddim");
+  // the sample form starts from the run's own sampler, steps and guidance (what `difflab sample` draws)
+  fillSamplers($("sample-form").elements.sampler, run.sampler || "");
+  $("sample-form").elements.steps.value = run.sample_steps;
+  $("sample-form").elements.guidance.value = run.guidance;
+  for (const sel of document.querySelectorAll("select.samplers")) {
+    if (sel !== $("sample-form").elements.sampler) fillSamplers(sel, sel.value || run.sampler || "ddim");
+  }
   for (const sel of document.querySelectorAll("select.classes")) {
     sel.innerHTML = "";
     sel.append(new Option(run.conditioning === "class" ? "any (cycle)" : "none (null)", ""));
