@@ -41,11 +41,11 @@ GREY_32 = {"cpu": "mnist-small", "gpu": "mnist"}
 # A long budget, which affords a wider network: at least this many steps, and no time limit or a long one.
 LONG_STEPS, LONG_MINUTES = 50_000, 120.0
 
-# Training throughput, in FLOP/s of forward + backward work, measured with the trainer's own step (batch 64,
-# 2 threads, the process's CPU time, so that other programs' load does not count) on a 2-core AMD EPYC
-# with AMX: see the report in bench/RESULTS.md "Networks that grow with the images". Per thread, as torch's
-# CPU kernels scale about linearly over a few cores.
-CPU_FLOPS_PER_THREAD = {"bf16": 40e9, "fp32": 20e9}
+# Training throughput, in FLOP/s of forward + backward work per CPU thread: the trainer's own step on a 2-core
+# Xeon with AMX, timed by the process's CPU time with one thread (steady on a shared machine, where wall time is
+# not). bf16: 87 to 170 GFLOP/s over mnist-small, cpu-32, cpu-64, cpu-128 and cpu-256 at batch 4 to 64; fp32:
+# 63 to 76. So the estimate holds within about 1.5x on such a CPU; threads are taken to add linearly.
+CPU_FLOPS_PER_THREAD = {"bf16": 120e9, "fp32": 70e9}
 # ddpm-cifar10 on an H100 (132 SMs), bf16 without compile: 1,542 images/s x 37.3 GFLOP (bench/RESULTS.md);
 # other GPUs by their number of SMs (a rough guide: clocks and memory differ).
 GPU_FLOPS, GPU_SMS = 57.5e12, 132
@@ -199,7 +199,10 @@ def speed_warning(cfg: TrainConfig, config: dict[str, Any], shape: tuple[int, in
     within = cfg.time_limit * 60 / step if cfg.time_limit else math.inf
     if step <= SLOW_STEP_SECONDS and (within >= FEW_STEPS or within >= cfg.steps):
         return None
-    limit = f" and about {within:,.0f} steps within --time-limit {cfg.time_limit:g}" if cfg.time_limit else ""
+    if cfg.time_limit:
+        limit = f" and about {within:,.0f} steps within --time-limit {cfg.time_limit:g}"
+    else:
+        limit = f" and {cfg.steps:,} steps would take {_duration(cfg.steps * step)}"
     instead = []
     size = max(shape[1:])
     if size > 64:
@@ -218,3 +221,7 @@ def speed_warning(cfg: TrainConfig, config: dict[str, Any], shape: tuple[int, in
 
 def _seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 10 else f"{s:,.0f} s"
+
+
+def _duration(s: float) -> str:
+    return f"{s / 60:,.0f} minutes" if s < 7200 else f"{s / 3600:,.0f} hours"
