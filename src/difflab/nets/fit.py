@@ -43,9 +43,10 @@ LONG_STEPS, LONG_MINUTES = 50_000, 120.0
 
 # Training throughput, in FLOP/s of forward + backward work per CPU thread: the trainer's own step on a 2-core
 # Xeon with AMX, timed by the process's CPU time with one thread (steady on a shared machine, where wall time is
-# not). bf16: 87 to 170 GFLOP/s over mnist-small, cpu-32, cpu-64, cpu-128 and cpu-256 at batch 4 to 64; fp32:
-# 63 to 76. So the estimate holds within about 1.5x on such a CPU; threads are taken to add linearly.
-CPU_FLOPS_PER_THREAD = {"bf16": 120e9, "fp32": 70e9}
+# not). bf16: 87 to 240 GFLOP/s over ten networks from mnist-small to cpu-256, 0.6 to 21 GFLOP per image, batch
+# 4 to 64 (narrow networks at the low end, 32 to 48 channels at the high end); fp32: 63 to 76 on the narrow
+# ones. So the estimate holds within about 1.7x on such a CPU; threads are taken to add linearly.
+CPU_FLOPS_PER_THREAD = {"bf16": 140e9, "fp32": 70e9}
 # ddpm-cifar10 on an H100 (132 SMs), bf16 without compile: 1,542 images/s x 37.3 GFLOP (bench/RESULTS.md);
 # other GPUs by their number of SMs (a rough guide: clocks and memory differ).
 GPU_FLOPS, GPU_SMS = 57.5e12, 132
