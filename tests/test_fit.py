@@ -213,13 +213,13 @@ def test_warning_for_256_px_on_a_cpu(monkeypatch):
     conf = fit.network_config(cfg, shape(3, 256), CPU, None)
     gflop = fit.cost(conf, (3, 256, 256)).gflop
     step = 64 * gflop / 80
-    step64 = 64 * fit.cost({**conf, "image_size": 64}, (3, 64, 64)).gflop / 80
+    step64 = 64 * fit.cost(fit.network_config(cfg, shape(3, 64), CPU, None), (3, 64, 64)).gflop / 80  # cpu-64
     assert step > 10 > step64  # (seconds above 10 are written without decimals)
     assert fit.speed_warning(cfg, conf, (3, 256, 256), CPU) == (
         f"warning: this run will be very slow: about {step:.0f} s a step ({80 / gflop:.1f} images/s expected on cpu) "
         f"and about {600 / step:,.0f} steps within --time-limit 10, where diffusion needs thousands of steps to draw "
         f"recognisable images. The run goes on; to train faster use --image-size 64 (about {step64:.1f} s "
-        f"a step with this network), a smaller --model or --channels-mult, a GPU (--device cuda) or a longer "
+        f"a step), a smaller --model or --channels-mult, a GPU (--device cuda) or a longer "
         f"--time-limit ({300 * step / 60:,.0f} minutes for 300 steps).")
     assert step > fit.SLOW_STEP_SECONDS
     # without a time limit the step time alone decides

@@ -52,7 +52,7 @@ CPU_FLOPS_PER_THREAD = {"bf16": 140e9, "fp32": 70e9}
 GPU_FLOPS, GPU_SMS = 57.5e12, 132
 
 # Unusable: a step longer than this, or fewer steps than this within the time limit.
-SLOW_STEP_SECONDS, FEW_STEPS = 5.0, 300
+SLOW_STEP_SECONDS, FEW_STEPS = 3.0, 300
 
 
 class _Shape(Protocol):
@@ -206,10 +206,12 @@ def speed_warning(cfg: TrainConfig, config: dict[str, Any], shape: tuple[int, in
         limit = f" and {cfg.steps:,} steps would take {_duration(cfg.steps * step)}"
     instead = []
     size = max(shape[1:])
-    if size > 64:
-        gflop64 = cost(dict(config, image_size=64), (shape[0], 64, 64)).gflop or math.inf
+    if size > 64:  # the network --model auto fits to 64 px, or this one
+        small = (dict(PRESETS[auto_preset(shape[0], 64, device, cfg)], in_channels=shape[0], out_channels=shape[0])
+                 if cfg.model == "auto" and config["kind"] == "unet" else dict(config, image_size=64))
+        gflop64 = cost(small, (shape[0], 64, 64)).gflop or math.inf
         step64 = cfg.batch_size / ((expected_images_per_second(gflop64, device, cfg.precision) or 0) * world)
-        instead.append(f"--image-size 64 (about {_seconds(step64)} a step with this network)")
+        instead.append(f"--image-size 64 (about {_seconds(step64)} a step)")
     instead.append("a smaller --model or --channels-mult")
     if device.type == "cpu":
         instead.append("a GPU (--device cuda)")
