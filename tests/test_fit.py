@@ -145,6 +145,14 @@ def test_sizes_the_network_cannot_halve(size, device, message):
     assert str(e.value) == message
 
 
+def test_divisibility_counts_the_levels_of_channels_mult():
+    fit.network_config(config(model="mnist-small", channels_mult="32,64"), shape(3, 14), CPU, None)  # 2 levels
+    with pytest.raises(UsageError, match="^image size 14 is not divisible by 4 "):
+        fit.network_config(config(model="mnist-small"), shape(3, 14), CPU, None)
+    with pytest.raises(UsageError, match="^image size 36 is not divisible by 8 "):
+        fit.network_config(config(channels_mult="16,32,64,64"), shape(3, 36), CPU, None)
+
+
 def test_unknown_model():
     with pytest.raises(UsageError, match="unknown --model 'huge'; choose auto or one of ddpm-cifar10, "):
         fit.network_config(config(model="huge"), shape(3, 32), CPU, None)

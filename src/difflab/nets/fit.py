@@ -111,7 +111,6 @@ def network_config(cfg: TrainConfig, data: _Shape, device: torch.device, context
             conf["num_classes"] = data.num_classes
         if cfg.conditioning == "text":
             conf["context_dim"] = context_dim
-        check_divisible(data.height, data.width, levels, name)
     if cfg.channels_mult:
         widths = channel_widths(cfg.channels_mult)
         if conf["kind"] == "unet":
@@ -120,6 +119,8 @@ def network_config(cfg: TrainConfig, data: _Shape, device: torch.device, context
             conf.update(model_channels=widths[0], channel_mult=[w // widths[0] for w in widths])
         else:
             conf["channels"] = widths
+    if conf["kind"] == "unet":  # (after --channels-mult, which may change the number of levels)
+        check_divisible(data.height, data.width, len(conf["channel_mult"]), name)
     if cfg.dropout >= 0:
         conf["dropout"] = cfg.dropout
     if conf["kind"] == "unet" and conf.get("head_channels", -1) > 0:
