@@ -41,11 +41,12 @@ GREY_32 = {"cpu": "mnist-small", "gpu": "mnist"}
 # A long budget, which affords a wider network: at least this many steps, and no time limit or a long one.
 LONG_STEPS, LONG_MINUTES = 50_000, 120.0
 
-# Training throughput, in FLOP/s of forward + backward work per CPU thread: the trainer's own step on a 2-core
+# Training throughput, in FLOP/s of forward + backward work on one CPU thread: the trainer's own step on a 2-core
 # Xeon with AMX, timed by the process's CPU time with one thread (steady on a shared machine, where wall time is
-# not). bf16: 87 to 240 GFLOP/s over ten networks from mnist-small to cpu-256, 0.6 to 21 GFLOP per image, batch
-# 4 to 64 (narrow networks at the low end, 32 to 48 channels at the high end); fp32: 63 to 76 on the narrow
-# ones. So the estimate holds within about 1.7x on such a CPU; threads are taken to add linearly.
+# not). bf16: 87 to 256 GFLOP/s over eleven networks from mnist-small to cpu-256, 0.6 to 49 GFLOP per image,
+# batch 4 to 64 (16 channels wide at the low end, 32 to 48 at the high end); fp32: 63 to 76 on the narrow ones.
+# Threads add less than linearly: two train mnist-small 1.06x faster than one (bench/RESULTS.md, the EPYC), larger
+# networks up to 2x, so the estimate takes the square root of the thread count. Within about 2x on such a CPU.
 CPU_FLOPS_PER_THREAD = {"bf16": 140e9, "fp32": 70e9}
 # ddpm-cifar10 on an H100 (132 SMs), bf16 without compile: 1,542 images/s x 37.3 GFLOP (bench/RESULTS.md);
 # other GPUs by their number of SMs (a rough guide: clocks and memory differ).
@@ -180,7 +181,7 @@ def expected_images_per_second(gflop: float, device: torch.device, precision: st
     """Training images per second that ``gflop`` per image gives on ``device`` (None where no throughput is
     known: MPS). A guide within about a factor of two, from one measured throughput per kind of device."""
     if device.type == "cpu":
-        flops = CPU_FLOPS_PER_THREAD["bf16" if precision == "bf16" else "fp32"] * torch.get_num_threads()
+        flops = CPU_FLOPS_PER_THREAD["bf16" if precision == "bf16" else "fp32"] * math.sqrt(torch.get_num_threads())
     elif device.type == "cuda":
         flops = GPU_FLOPS * torch.cuda.get_device_properties(device).multi_processor_count / GPU_SMS
     else:
