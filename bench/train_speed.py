@@ -8,6 +8,7 @@ diffusers runs the loop of its train_unconditional example (DDPMScheduler.add_no
 
     python bench/train_speed.py                      # CPU: mnist-small, batch 64
     python bench/train_speed.py --device cuda        # GPU: ddpm-cifar10 (35.7M), batch 128
+    python bench/train_speed.py --preset cpu-64 --quick   # any unet preset, at its own channels and image size
 
 All configurations are built and warmed up first (compilation included), then timed in turns
 so that load changes on a shared machine hit all alike. The last line is ``ratio=X``: difflab /
@@ -26,11 +27,18 @@ import torch.nn.functional as F
 from common import forward_flops, interleaved, matrix_peak, process_setup, quiet_diffusers, speed_args, synthetic_images
 
 
+def _image(preset: str) -> tuple[int, int]:
+    """(channels, size) of the images a preset is made for."""
+    from difflab.nets import PRESETS
+
+    return PRESETS[preset]["in_channels"], PRESETS[preset]["image_size"]
+
+
 def difflab_step(preset: str, batch: int, device, precision: str, compile_: bool):
     import difflab.training.trainer as trainer_mod
     from difflab.config import TrainConfig
 
-    data = synthetic_images(max(8 * batch, 1024), 3 if preset == "ddpm-cifar10" else 1, 32)
+    data = synthetic_images(max(8 * batch, 1024), *_image(preset))
     trainer_mod.load_data = lambda cfg: data  # the benchmark's in-memory dataset
     cfg = TrainConfig(data="synthetic", out=tempfile.mkdtemp(), model=preset, batch_size=batch,
                       precision=precision, compile=compile_, device=str(device), steps=10**9, warmup=10,
@@ -58,7 +66,7 @@ def diffusers_step(preset: str, batch: int, device, precision: str, compile_: bo
     ema = EMAModel(unet.parameters(), decay=0.999)
     ema.to(device)
     sched = DDPMScheduler(num_train_timesteps=1000)
-    data = synthetic_images(max(8 * batch, 1024), unet.config.in_channels, 32).images.to(device)
+    data = synthetic_images(max(8 * batch, 1024), *_image(preset)).images.to(device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     def step():
@@ -102,8 +110,8 @@ def main(argv=None) -> int:
         for precision, comp in configs[lib]:
             step, model = build(preset, batch, device, precision, comp)
             if flops_img is None:
-                c = model.config["in_channels"] if isinstance(model.config, dict) else model.config.in_channels
-                x = torch.randn(1, c, 32, 32, device=device)
+                c, size = _image(preset)
+                x = torch.randn(1, c, size, size, device=device)
                 flops_img = forward_flops(model, x, torch.tensor([10.0], device=device))
             for _ in range(warmup + (5 if comp else 0)):  # compilation included
                 step()

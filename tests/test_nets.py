@@ -22,6 +22,7 @@ from difflab.nets import (
 )
 from difflab.nets.coordconv import CoordConv2d
 from difflab.nets.layers import GroupNorm, attention
+from difflab.nets.presets import SIZED
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -98,8 +99,9 @@ def test_build_round_trip(net):
 
 
 def test_presets_and_errors():
-    for name, config in PRESETS.items():
-        assert config.items() <= build(config).config.items(), name
+    with torch.device("meta"):  # the GPU presets hold up to 279M parameters: no memory, no initialisation
+        for name, config in PRESETS.items():
+            assert config.items() <= build(config).config.items(), name
     assert from_preset("tiny", in_channels=3).config["out_channels"] == 3
     with pytest.raises(UsageError, match="preset"):
         from_preset("no-such-net")
@@ -108,6 +110,22 @@ def test_presets_and_errors():
     with pytest.raises(UsageError, match="bogus"):
         build(dict(PRESETS["tiny"], bogus=1))
     assert count_parameters(from_preset("tiny")) < 20_000
+
+
+@pytest.mark.parametrize("name", [name for name in SIZED if name.startswith("cpu") and not name.endswith("-wide")])
+def test_sized_cpu_presets_train_at_their_size(name):
+    size = PRESETS[name]["image_size"]
+    net = from_preset(name)
+    x = torch.randn(2, 3, size, size)
+    net(x, torch.tensor([10.0, 900.0])).square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_sized_presets_have_a_diffusers_twin():
+    for name in SIZED:
+        kwargs = diffusers_twin_kwargs(name)
+        assert kwargs["sample_size"] == PRESETS[name]["image_size"], name
+        assert len(kwargs["block_out_channels"]) == len(PRESETS[name]["channel_mult"]), name
 
 
 def test_ddpm_cifar10_size():

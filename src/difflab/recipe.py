@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # The series' reference settings (SPEC part 1): Adam 3e-4, batch 16, warm-up over the first 1000
 # images (63 steps of 16), gradient clipping 1.0; algorithm 1 noises k = 32 pixels a step for T = 60
 # steps; algorithm 2 samples in 64 steps (k = 16 pixels a step on 32x32). The network presets
-# (series-alg1 / series-alg2) are the 'auto' model of these methods (trainer.network_config).
+# (series-alg1 / series-alg2) are the 'auto' model of these methods (nets.fit.network_config).
 _SERIES = {"lr": 3e-4, "batch_size": 16, "warmup": 63, "grad_clip": 1.0}
 # Algorithm 2 in a CPU budget (measured, bench/RESULTS.md "naive2"): the Gaussian recipe's batch 64 and
 # lr 1e-3 make its samples more confident than the series' 16 and 3e-4 in the same 8 minutes, and the

@@ -23,6 +23,7 @@ from difflab.conditioning import Conditioner
 from difflab.config import DEVICE, TrainConfig
 from difflab.data import ImageData, load
 from difflab.errors import DataError, UsageError
+from difflab.nets import fit
 
 # flags that may change when a run is resumed; anything else must match the saved run
 RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "autoguidance", "guide_at",
@@ -140,11 +141,22 @@ def data_name(cfg: TrainConfig) -> str:
     return dataset_key(cfg.data) or cfg.data
 
 
+def _network_speed(cfg: TrainConfig, data: ImageData, net_config: dict, device: torch.device, world: int | None) -> str:
+    """", G GFLOP per training image, about N images/s expected" (as far as they are known)."""
+    gflop = fit.cost(net_config, (data.channels, data.height, data.width)).gflop
+    if gflop is None:
+        return ""
+    ips = fit.expected_images_per_second(gflop, device, cfg.precision)
+    speed = "" if ips is None else f", about {ips * (world or 1):,.{0 if ips >= 10 else 1}f} images/s expected"
+    return f", {gflop:.2f} GFLOP per training image{speed}"
+
+
 def describe_run(cfg: TrainConfig, data: ImageData, method_line: str, net_config: dict, n_params: int,
                  device: torch.device, world: int | None, step: int) -> str:
-    """The one line a run starts with: method, data, network, device (``world`` processes under
-    torchrun, else None), batch and steps."""
+    """The one line a run starts with: method, data, network (parameters, GFLOP per image forward and
+    backward, expected images/s), device (``world`` processes under torchrun, else None), batch and steps."""
     procs = f" x {world} processes" if world is not None else ""
     return (f"difflab: {cfg.method} on {data.name} ({len(data)} images {data.channels}x{data.height}x{data.width}) | "
-            f"{net_config['kind']} {n_params / 1e6:.2f}M parameters | {method_line} | "
+            f"{net_config['kind']} {n_params / 1e6:.2f}M parameters{_network_speed(cfg, data, net_config, device, world)} | "
+            f"{method_line} | "
             f"device {device}{procs} | batch {cfg.batch_size} | steps {step}->{cfg.steps}")

@@ -11,6 +11,7 @@ ddpm-cifar10    Ho et al. (2020) CIFAR-10 network, 35,746,307 parameters (32x32x
 mnist           32x32x1 MNIST on a GPU, 7.3M parameters, 9.1 GFLOP per image forward+backward
 mnist-small     32x32x1 MNIST on a 2-core CPU, 717k parameters, 0.57 GFLOP per image forward+backward
 tiny            12.5k parameters, for tests (milliseconds per call)
+cpu-32 ...      networks sized to an image size and a device (``SIZED`` below; ``difflab.nets.fit`` picks one)
 series-alg1     the series' CoordConv UNet for naive algorithm 1: channels (8, 16, 24), T = 60, 72k parameters
 series-alg2     the series' CoordConv UNet for naive algorithm 2: channels (16, 32, 64), T = 32*32, 399k params
 ==============  =========================================================================
@@ -53,6 +54,43 @@ PRESETS: dict[str, dict[str, Any]] = {
         "time_scale": 1024.0, "dropout": 0.0,
     },
 }  # fmt: skip
+
+# Networks that grow with the image: a level per doubling, so that the lowest level is 8x8 (4x4 below 32 px),
+# self-attention at the 16 and 8 px levels (and in the middle block), scale-shift conditioning. On a CPU the
+# first (full-size) level is narrow, since it costs most of the FLOPs, and the width goes to the small levels,
+# where parameters are cheap: no size gets fewer parameters than the one below it. "-wide" networks are for
+# long runs (see fit.py). The GPU widths follow ADM's proportions (Dhariwal & Nichol 2021); not measured here.
+# The CPU ones were measured on a 2-core EPYC (GFLOP per image forward+backward, images/s: nets/fit.py).
+#   name            size  width  channel multipliers  blocks  head  groups
+SIZED: dict[str, tuple[int, int, tuple[int, ...], int, int, int]] = {
+    "cpu-32":       ( 32,   16,   (1, 2, 4),           1,      32,   16),
+    "cpu-32-wide":  ( 32,   32,   (1, 2, 4),           1,      32,   32),
+    "cpu-64":       ( 64,   16,   (1, 2, 4, 8),        1,      32,   16),
+    "cpu-64-wide":  ( 64,   32,   (1, 2, 4, 8),        1,      32,   32),
+    "cpu-128":      (128,   16,   (1, 2, 4, 8, 8),     1,      32,   16),
+    "cpu-128-wide": (128,   32,   (1, 2, 4, 8, 8),     1,      32,   32),
+    "cpu-256":      (256,   16,   (1, 1, 2, 4, 8, 8),  1,      32,   16),
+    "cpu-256-wide": (256,   32,   (1, 1, 2, 4, 8, 8),  1,      32,   32),
+    "gpu-32-wide":  ( 32,  192,   (1, 2, 2, 2),        2,      64,   32),
+    "gpu-64":       ( 64,  128,   (1, 2, 2, 4),        2,      64,   32),
+    "gpu-64-wide":  ( 64,  192,   (1, 2, 3, 4),        2,      64,   32),
+    "gpu-128":      (128,  128,   (1, 1, 2, 3, 4),     2,      64,   32),
+    "gpu-128-wide": (128,  192,   (1, 1, 2, 3, 4),     2,      64,   32),
+    "gpu-256":      (256,  128,   (1, 1, 2, 2, 4, 4),  2,      64,   32),
+    "gpu-256-wide": (256,  192,   (1, 1, 2, 2, 4, 4),  2,      64,   32),
+}  # fmt: skip
+
+
+def _sized(size: int, width: int, mults: tuple[int, ...], blocks: int, head: int, groups: int) -> dict[str, Any]:
+    return {
+        "kind": "unet", "in_channels": 3, "model_channels": width, "channel_mult": list(mults), "num_res_blocks": blocks,
+        "attention_resolutions": [16, 8], "num_heads": 1, "head_channels": head, "dropout": 0.0,
+        "image_size": size, "num_classes": None, "context_dim": None, "use_scale_shift_norm": True,
+        "norm_groups": groups,
+    }  # fmt: skip
+
+
+PRESETS.update({name: _sized(*row) for name, row in SIZED.items()})
 
 
 def diffusers_twin_kwargs(preset_name: str, **overrides: Any) -> dict[str, Any]:

@@ -29,12 +29,13 @@ from torch import nn
 
 from difflab import nets, recipe, runlock, runtime, threads
 from difflab.conditioning import Conditioner
-from difflab.config import TrainConfig, channel_widths, save_json
+from difflab.config import TrainConfig, save_json
 from difflab.data import ImageData, to_model
 from difflab.ema_lengths import parse_lengths
 from difflab.errors import CheckpointError, TrainingDiverged, UsageError
 from difflab.figures import grid, plot_loss, save_image
 from difflab.files import OutputError, check_run_folder, write_text
+from difflab.nets.fit import network_config, speed_warning
 from difflab.runs import RESUME_OVERRIDES, describe_run, load_data, make_conditioner, pick_device, prompt_cache
 from difflab.training.checkpoint import (
     latest_checkpoint,
@@ -51,52 +52,6 @@ from difflab.training.ema import build_emas
 from difflab.training.loggers import RunLogger
 from difflab.training.methods import Method, make_method
 from difflab.training.posthoc_ema import drop_snapshots_after, save_snapshot
-
-
-def network_config(cfg: TrainConfig, data: ImageData, device: torch.device, context_dim: int | None,
-                   preset: str | None = None) -> dict:
-    """The network a run trains: ``--model``, or the method's ``preset`` (else one for the device and
-    data), fitted to the data's shape."""
-    name = cfg.model
-    if name == "auto":
-        if preset is not None:
-            name = preset
-        elif device.type == "cuda":
-            name = "ddpm-cifar10" if data.channels == 3 else "mnist"
-        else:
-            name = "mnist-small"
-    if name not in nets.PRESETS:
-        raise UsageError(f"unknown --model '{name}'; choose auto or one of {', '.join(nets.PRESETS)}")
-    conf = dict(nets.PRESETS[name])
-    conf.update(in_channels=data.channels, out_channels=data.channels)
-    if conf["kind"] == "unet":
-        conf["image_size"] = data.height
-        conf["attention_resolutions"] = [r for r in conf["attention_resolutions"] if r <= data.height]
-        if cfg.conditioning == "class":
-            conf["num_classes"] = data.num_classes
-        if cfg.conditioning == "text":
-            conf["context_dim"] = context_dim
-        levels = len(conf["channel_mult"])
-        if data.height % (2 ** (levels - 1)):
-            raise UsageError(f"image size {data.height} is not divisible by {2 ** (levels - 1)} "
-                             f"(the {name} network downsamples {levels - 1} times); pass --image-size")
-    if cfg.channels_mult:
-        widths = channel_widths(cfg.channels_mult)
-        if conf["kind"] == "unet":
-            if any(w % widths[0] for w in widths):
-                raise UsageError("--channels-mult for a UNet: every width must be a multiple of the first")
-            conf.update(model_channels=widths[0], channel_mult=[w // widths[0] for w in widths])
-        else:
-            conf["channels"] = widths
-    if cfg.dropout >= 0:
-        conf["dropout"] = cfg.dropout
-    if conf["kind"] == "unet" and conf.get("head_channels", -1) > 0:
-        # small images put attention on narrow levels (digits, 8x8: a 16-wide one): heads narrow to fit
-        sizes = [conf["image_size"] // 2**i for i in range(len(conf["channel_mult"]))]
-        widths = [conf["model_channels"] * m for m, s in zip(conf["channel_mult"], sizes)
-                  if s in conf["attention_resolutions"]]
-        conf["head_channels"] = math.gcd(conf["head_channels"], *widths, conf["model_channels"] * conf["channel_mult"][-1])
-    return conf
 
 
 @dataclass
@@ -392,6 +347,9 @@ class Trainer:
             drop_snapshots_after(self.out, self.step)
             self.log(self.describe())
             self.log(recipe.describe(cfg))
+            warning = speed_warning(cfg, self.net_config, self.shape, self.device, self.dist.world)
+            if warning:
+                self.log(warning)
             if self.dist.active and not self.method.per_sample_seeds:
                 self.log(f"note: {cfg.method} draws its noise per batch, not per sample, so each rank's slice "
                          "sees the same draws and the result depends on the number of processes")
