@@ -3,7 +3,8 @@
 ``loss.csv`` is always written: it is the run's own record (``loss.png``, the explorer and a resume read
 it). ``--logger tensorboard`` also writes the loss, the learning rate, images/s and every periodic sample
 grid as TensorBoard events into ``RUN/tensorboard/`` (``tensorboard --logdir RUN``). A resumed run marks
-its first step in the events, so TensorBoard drops what was logged after the checkpoint, as the CSV does.
+the step after its checkpoint in the events, so TensorBoard drops what was logged after the checkpoint and keeps
+the rows up to it, as the CSV does.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ class RunLogger:
         self.out, self.kind, self._writer = Path(out), kind, None
 
     def open(self, start_step: int) -> None:
-        """Start writing events; events of steps from ``start_step`` on written before are dropped."""
+        """Start writing events at ``start_step`` (the checkpoint's step: its row and grid were written before it
+        was saved); events of later steps written before are dropped."""
         if self.kind == "tensorboard" and self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.out / TENSORBOARD_DIR), purge_step=start_step or None)
+            self._writer = SummaryWriter(str(self.out / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
 
     def scalars(self, step: int, loss: float, lr: float, images_per_second: float, seconds: float) -> None:
         """One log row: the mean loss since the last row, the learning rate, throughput, elapsed time."""
