@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: fid, kid, precision, recall, accuracy")
     p.add_argument("--features", choices=["inception", "classifier"], default="inception",
                    help="inception (2048-d, comparable to papers) or classifier (fast on CPU, difflab-only)")
+    p.add_argument("--inception-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 on CPUs that compute it natively (AVX-512 BF16, AMX), else fp32 (as published)")
     p.add_argument("--bpd", action="store_true", help="also bits/dim of reference images (probability-flow ODE)")
     p.add_argument("--bpd-n", type=int, default=64, help="images for --bpd (default 64)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -90,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         images, labels = _draw(args, model)
         if images is None:
             return 0
-    result = evaluate_images(images, labels, reference, metrics, args.features, device=device,
-                             batch_size=64, progress=True)
+    result = evaluate_images(images, labels, reference, metrics, args.features, device=device, progress=True,
+                             inception_precision=args.inception_precision)
     if args.run:
         result.update(run=str(args.run), step=loaded_run.step, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, autoguidance=args.autoguidance, seed=args.seed)

@@ -55,7 +55,7 @@ def evaluate_images(
     features: str = "inception",
     *,
     device: str | torch.device = "cpu",
-    batch_size: int = 64,
+    batch_size: int = 32,
     cache_dir: str | Path | None = None,
     classifier: SmallCNN | None = None,
     kid_subsets: int = 100,
@@ -63,6 +63,7 @@ def evaluate_images(
     k: int = 3,
     seed: int = 0,
     progress: bool = False,
+    inception_precision: str = "auto",
 ) -> dict[str, Any]:
     """Compare samples (uint8 [N, C, H, W]) with reference data (an ``ImageData``).
 
@@ -72,7 +73,8 @@ def evaluate_images(
     published numbers) or "classifier" (128-d penultimate features of a small CNN trained on the
     reference data: fast on a CPU, comparable only within difflab). The classifier is trained on
     the reference data the first time (a seeded 10% held out) and cached, unless ``classifier``
-    is given; reference features are cached too (see ``reference_stats``).
+    is given; reference features are cached too (see ``reference_stats``). ``inception_precision``: see
+    ``InceptionFeatures`` (auto: bf16 on CPUs that compute it natively).
 
     Returns a JSON-serialisable dict: each requested metric under its plain name (None when it
     cannot be computed, with the reason in "warnings"), "n" (samples), "reference" (its name),
@@ -99,7 +101,8 @@ def evaluate_images(
     result["features"] = None
     if feature_metrics:
         if features == "inception":
-            extractor = InceptionFeatures(device=device, batch_size=batch_size, progress=progress)
+            extractor = InceptionFeatures(device=device, batch_size=batch_size, progress=progress,
+                                          precision=inception_precision)
         else:
             extractor = ClassifierFeatures(model, name=classifier_name)
         result["features"] = extractor.name
