@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import math
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from difflab.serve.catalog import Catalog
 from difflab.serve.jobs import Job
 from difflab.serve.requests import CompareRequest, ForwardRequest, InterpolateRequest, InvertRequest
 from difflab.streaming import WatchedNet, chunks, stream_samples
+from difflab.training.loggers import EVAL_COLUMNS
 
 
 def png_url(image: torch.Tensor) -> str:
@@ -178,20 +180,23 @@ class Panels:
 
     # --- the training monitor ----------------------------------------------------------------------
     def monitor_state(self, name: str, rows_seen: int, grid_seen: str) -> dict:
-        """New loss rows since ``rows_seen`` and the newest sample grid if it is not ``grid_seen``."""
+        """New loss rows since ``rows_seen`` ([step, loss]), the evaluations among them ([step, "kid" or "fid",
+        value]; --eval-every) and the newest sample grid if it is not ``grid_seen``."""
         info = self.catalog.info(name)
         path = self.catalog.path(name)
-        rows = []
+        rows, evals = [], []
         log = path / "loss.csv"
         if log.exists():
             with open(log, newline="") as f:
                 for i, row in enumerate(csv.DictReader(f)):
                     if i >= rows_seen:
                         try:
-                            rows.append([int(row["step"]), float(row["loss"])])
+                            step = int(row["step"])
+                            rows.append([step, float(row["loss"])])
                         except (KeyError, TypeError, ValueError):
                             break  # a row being written right now: read it next time
-        out = {"type": "monitor", "rows": rows, "step": info.step, "training": info.training}
+                        evals += [[step, m, v] for m in EVAL_COLUMNS if (v := _number(row.get(m))) is not None]
+        out = {"type": "monitor", "rows": rows, "evals": evals, "step": info.step, "training": info.training}
         grid = _newest_grid(path / "samples")
         if grid is not None:
             key = f"{grid.name}:{grid.stat().st_mtime_ns}"
@@ -199,6 +204,16 @@ class Panels:
                 out["grid"] = {"key": key, "name": grid.name,
                                "png": "data:image/png;base64," + base64.b64encode(grid.read_bytes()).decode()}
         return out
+
+
+def _number(text: str | None) -> float | None:
+    """A finite number of a loss.csv cell; None for an empty or missing one (older logs have no evaluation
+    columns) or a damaged one."""
+    try:
+        v = float(text or "nan")
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
 
 
 def _newest_grid(folder: Path) -> Path | None:
