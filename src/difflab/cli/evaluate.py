@@ -82,8 +82,6 @@ def run(args: argparse.Namespace) -> int:
         like = loaded_run.cfg if loaded_run is not None else traits.shape
         labelled = traits.conditioning != "none"
         label_max = min(args.n, traits.num_classes) - 1 if labelled else None
-        if loaded_run is not None:
-            _check_prompts(loaded_run)
     if not labelled and "accuracy" in metrics:
         metrics.remove("accuracy")
     reference = _reference(args.data or (loaded_run.cfg.data if loaded_run is not None else None), args.split, like,
@@ -122,17 +120,6 @@ def _reference(name: str, split: str, like, metrics: list[str], features: str, n
     if notes:
         print(f"note: {'; '.join(notes)}", file=sys.stderr)
     return reference
-
-
-def _check_prompts(loaded_run) -> None:
-    """A text run draws each class's first caption: without the text encoder they must be in its prompt cache."""
-    cond = loaded_run.conditioner
-    if cond.kind != "text" or cond.prompts.encoder is not None:
-        return
-    missing = [c[0] for c in cond.captions if c[0] not in cond.prompts]
-    if missing:
-        raise UsageError(f"the prompt {missing[0]!r} is not in {loaded_run.path}/prompts.safetensors and the text "
-                         "encoder is not installed: pip install 'difflab[text]'")
 
 
 def _bpd(args: argparse.Namespace, den, loaded_run, reference, device) -> dict:
