@@ -3,7 +3,9 @@
 Samples come from a run or a diffusers UNet2DModel folder (drawn here, sharded over ranks under
 torchrun; a folder samples on its scheduler's own grid, as ``difflab sample`` does) or from an .npz
 written by ``difflab sample --save-npz``; the reference is the run's dataset (its test split
-when it has one). Prints a table and writes every number under its plain name with --json.
+when it has one) as the run trained on it (size, crop, padding, channels: ``runs.load_as_trained``).
+Whatever the metrics need and is missing is one line before any sample is drawn. Prints a table and
+writes every number under its plain name with --json.
 """
 
 from __future__ import annotations
