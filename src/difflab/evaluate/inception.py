@@ -110,9 +110,10 @@ class InceptionFeatures:
     channels. ``precision``: "fp32" runs every batch in float32 with TF32 off, so CPU and GPU agree to
     float32 rounding; "bf16" runs it under bfloat16 autocast (CPUs only); "auto" (what ``difflab evaluate``
     and the evaluations during training use) is bf16 on a CPU that computes it natively (AVX-512 BF16 or
-    AMX), else fp32. On the 2-core EPYC (shared machine) bf16 gave 1.2x to 2.3x the images/s of float32,
-    and on 2 x 160 digit images FID 121.5 against 122.9 (-1.2%) and KID 0.14561 against 0.14527 (+0.2%):
-    within the 2% that ``tests/test_evaluate_speed.py`` allows.
+    AMX), else fp32. On the 2-core EPYC (shared, loaded machine; 64 32x32 images, the two interleaved)
+    bf16 at batch 32 gave 4.1-4.3 images/s against 1.8-2.1 for float32 at batch 64, and on 2 x 160 digit
+    images FID 121.5 against 122.9 (-1.2%) and KID 0.14561 against 0.14527 (+0.2%): within the 2% that
+    ``tests/test_evaluate_speed.py`` allows.
     """
 
     dim = 2048
