@@ -71,3 +71,31 @@ def test_logger_may_change_on_resume(tmp_path):
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [4]
+
+
+def test_tensorboard_rows_before_the_checkpoint_survive_a_resume(tmp_path):
+    """A run killed after its step-2 checkpoint (rows 1..4 written) resumes at 2: TensorBoard keeps rows 1 and 2
+    from the first run and shows 3 and 4 once, from the resumed one, as loss.csv does."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from difflab.training.checkpoint import list_checkpoints
+
+    out = tmp_path / "run"
+    kw = dict(steps=4, log_every=1, checkpoint_every=2, keep=5, sample_every=1, logger="tensorboard")
+    Trainer(_cfg(out, **kw), progress=False, log=lambda *a: None).run()
+    for path in list_checkpoints(out / "checkpoints")[1:]:  # as if killed before the step-4 checkpoint
+        for f in out.joinpath("checkpoints").glob(path.stem + ".*"):
+            f.unlink()
+    Trainer(_cfg(out, **kw), resume=True, progress=False, log=lambda *a: None).run()
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    with open(out / "loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    for tag, col in [("train/loss", "loss"), ("train/lr", "lr")]:
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [1, 2, 3, 4], tag
+        for e, r in zip(events, rows):
+            assert e.value == pytest.approx(float(r[col]), rel=2e-3)
+    assert [e.step for e in acc.Images("samples")] == [1, 2, 3, 4]

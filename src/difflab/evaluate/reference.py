@@ -23,6 +23,14 @@ def _safe(text: str, limit: int = 40) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)[:limit]
 
 
+def cache_path(dataset, extractor: Extractor, cache_dir: str | Path | None = None) -> Path:
+    """Where the statistics of ``dataset`` (an ``ImageData``) under ``extractor`` are cached."""
+    from difflab.data import cache
+
+    name = getattr(extractor, "name", type(extractor).__name__)
+    return cache.cache_root(cache_dir) / f"refstats-{_safe(Path(dataset.name).name)}-{dataset.fingerprint}-{_safe(name, 80)}.npz"
+
+
 def reference_stats(
     dataset,
     split: str = "train",
@@ -51,9 +59,7 @@ def reference_stats(
         from difflab.evaluate.inception import InceptionFeatures
 
         extractor = InceptionFeatures()
-    extractor_name = getattr(extractor, "name", type(extractor).__name__)
-    path = cache.cache_root(cache_dir) / (f"refstats-{_safe(Path(dataset.name).name)}-{dataset.fingerprint}-"
-                                          f"{_safe(extractor_name, 80)}.npz")
+    path = cache_path(dataset, extractor, cache_dir)
     hit = cache.read(path)
     if hit is not None and {"mu", "sigma", "features"} <= hit.keys():
         return {"mu": hit["mu"], "sigma": hit["sigma"], "features": hit["features"].astype(np.float64)}

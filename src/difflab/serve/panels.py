@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import math
 import threading
 import time
 
@@ -21,6 +22,7 @@ from difflab.serve.catalog import MAX_GRID, MAX_LOG, Catalog
 from difflab.serve.jobs import Job
 from difflab.serve.requests import CompareRequest, ForwardRequest, InterpolateRequest, InvertRequest
 from difflab.streaming import WatchedNet, chunks, stream
+from difflab.training.loggers import EVAL_COLUMNS
 
 
 def png_url(image: torch.Tensor) -> str:
@@ -169,20 +171,23 @@ class Panels:
 
     # --- the training monitor ----------------------------------------------------------------------
     def monitor_state(self, name: str, rows_seen: int, grid_seen: str) -> dict:
-        """New loss rows since ``rows_seen`` and the newest sample grid if it is not ``grid_seen``."""
+        """New loss rows since ``rows_seen`` ([step, loss]), the evaluations among them ([step, "kid" or "fid",
+        value]; --eval-every) and the newest sample grid if it is not ``grid_seen``."""
         info = self.catalog.info(name)
-        rows = []
+        rows, evals = [], []
         log = self.catalog.read_file(name, "loss.csv", MAX_LOG)  # only a regular file inside the run
         try:
             for i, row in enumerate(csv.DictReader(io.StringIO((log or b"").decode(errors="replace"), newline=""))):
                 if i >= rows_seen:
                     try:
-                        rows.append([int(row["step"]), float(row["loss"])])
+                        step = int(row["step"])
+                        rows.append([step, float(row["loss"])])
                     except (KeyError, TypeError, ValueError):
                         break  # a row being written right now: read it next time
+                    evals += [[step, m, v] for m in EVAL_COLUMNS if (v := _number(row.get(m))) is not None]
         except csv.Error:
             pass  # a damaged log (a field over csv's limit): the rows before the damage are shown
-        out = {"type": "monitor", "rows": rows, "step": info.step, "training": info.training}
+        out = {"type": "monitor", "rows": rows, "evals": evals, "step": info.step, "training": info.training}
         grid = self.catalog.newest_grid(name)
         if grid is not None and grid[1] != grid_seen:
             png = self.catalog.read_file(name, f"samples/{grid[0]}", MAX_GRID)
@@ -190,3 +195,13 @@ class Panels:
                 out["grid"] = {"key": grid[1], "name": grid[0],
                                "png": "data:image/png;base64," + base64.b64encode(png).decode()}
         return out
+
+
+def _number(text: str | None) -> float | None:
+    """A finite number of a loss.csv cell; None for an empty or missing one (older logs have no evaluation
+    columns) or a damaged one."""
+    try:
+        v = float(text or "nan")
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None

@@ -137,6 +137,12 @@ class Trainer:
         # the final grid lets it finish (it is bounded by --sample-steps): raising out of the sampler while its
         # threads run a batch aborts the process
         self._phase = "loop"
+        self._evaluation: dict[str, float] | None = None  # the value of this step's evaluation, for its log row
+        try:  # an explicit --eval-every without the Inception weights fails here, before training
+            self.evaluator, self._eval_line = self._plan_evaluation()
+        except BaseException:
+            self._release_lock()
+            raise
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -350,6 +356,8 @@ class Trainer:
             warning = speed_warning(cfg, self.net_config, self.shape, self.device, self.dist.world)
             if warning:
                 self.log(warning)
+            if self._eval_line:
+                self.log(self._eval_line)
             if self.dist.active and not self.method.per_sample_seeds:
                 self.log(f"note: {cfg.method} draws its noise per batch, not per sample, so each rank's slice "
                          "sees the same draws and the result depends on the number of processes")
@@ -370,8 +378,9 @@ class Trainer:
                 self.step += 1
                 if bar is not None:
                     bar.update(1)
+                evaluated = self._evaluate()
                 stop = self._stop_reason(deadline)
-                if stop or self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if stop or evaluated or self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._check_and_log(buf, last_logged, t0, start_step, bar)
                     last_logged = self.step
                 if stop:
@@ -434,7 +443,58 @@ class Trainer:
         if bar is not None:
             bar.set_postfix_str(f"loss {loss:.4f} | {ips:.0f} img/s", refresh=False)
         if self.dist.main:
-            self.logger.scalars(self.step, loss, self.lr_at(self.step - 1), ips, elapsed)
+            self.logger.scalars(self.step, loss, self.lr_at(self.step - 1), ips, elapsed, self._evaluation)
+            self._evaluation = None
+
+    # --- evaluation during training (--eval-every) ------------------------------------------------------------
+    def _plan_evaluation(self):
+        """(the evaluator or None, the line the run starts with): see difflab.evaluate.during_training."""
+        cfg = self.cfg
+        if not self.method.draws_samples or cfg.eval_every == 0:
+            return None, ""
+        from difflab.evaluate import during_training
+
+        if self.dist.active and cfg.eval_every == during_training.AUTO:  # the ranks could measure differently
+            return None, "evaluation: off (auto is not measured under torchrun; pass --eval-every N)"
+        return during_training.plan(cfg, self.data, self.device, self._eval_samples, self._step_seconds)
+
+    def _evaluate(self) -> bool:
+        """At --eval-every steps: the metric of the EMA's samples (rank 0), for this step's log row."""
+        if self.evaluator is None or not self.evaluator.due(self.step):
+            return False
+        if self.dist.main:
+            self._evaluation = {self.cfg.eval_metric: self.evaluator(self.step)}
+        return True
+
+    @torch.no_grad()
+    def _eval_samples(self, n: int, seed: int) -> torch.Tensor:
+        """n EMA samples (uint8), drawn as ``difflab sample --run OUT --n N --seed SEED`` draws them."""
+        from difflab.request import SampleRequest
+        from difflab.sampling import drawing
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return drawing(self._as_run(), SampleRequest(n=n, seed=seed)).images()
+
+    def _as_run(self):
+        """This run as :func:`difflab.sampling.load_run` would load it now: its EMA network and its settings."""
+        from difflab.sampling import Run
+
+        return Run(self.out, self.cfg, self.method, self.ema.model, self.conditioner, self.shape, self.data.class_names,
+                   self.step, self.device, network=self.net_config)
+
+    def _step_seconds(self) -> float:
+        """Seconds of one training step, estimated as 3 forward passes of the loss (forward + backward) on the
+        first batch, without touching the weights, the optimiser or any random state."""
+        x, labels, seeds = self.batch(0, 0)
+        cond = self.conditioner.training(labels, seeds, 0)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), self.autocast():
+            self.method.loss(self.net, x, cond, 0, seeds)  # warm-up
+            start = time.perf_counter()
+            self.method.loss(self.net, x, cond, 0, seeds)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return 3 * (time.perf_counter() - start) * self.cfg.grad_accum
 
     def _diverged(self, what: str) -> None:
         found = list_checkpoints(self.out / "checkpoints")
@@ -496,13 +556,11 @@ class Trainer:
         """A grid of n EMA samples of seed 0 drawn as ``difflab sample --run OUT --n N --seed 0`` draws them
         (the run's own settings, the same grid layout); None for a method that draws no samples (a classifier)."""
         from difflab.request import SampleRequest
-        from difflab.sampling import Run, drawing
+        from difflab.sampling import drawing
 
         if not self.method.draws_samples:
             return None
-        run = Run(self.out, self.cfg, self.method, self.ema.model, self.conditioner, self.shape, self.data.class_names,
-                  self.step, self.device, network=self.net_config)
-        imgs = drawing(run, SampleRequest(n=n, seed=0)).images()
+        imgs = drawing(self._as_run(), SampleRequest(n=n, seed=0)).images()
         tiles = grid(imgs)
         self.logger.image(self.step, tiles)
         return save_image(tiles, path, scale=2)

@@ -436,15 +436,21 @@ function invertFile(file) {
 function startMonitor() {
   stopMonitor();
   if (!state.run || state.run.kind !== "run") { $("monitor-state").textContent = "no training log for this model"; return; }
-  const rows = [];
+  const rows = [], evals = [];
   const es = new EventSource(withToken(`/api/monitor?run=${encodeURIComponent(state.run.name)}`));
   state.monitor = es;
   es.onmessage = (m) => {
     const ev = JSON.parse(m.data);
     rows.push(...ev.rows);
+    evals.push(...(ev.evals || []));
+    const last = evals[evals.length - 1];  // [step, "kid" or "fid", value] (--eval-every)
     $("monitor-state").textContent = (ev.training ? "training now" : "not training (the log has not changed for 2 minutes)") +
-      ` · latest checkpoint step ${ev.step}` + (rows.length ? ` · last logged loss ${rows[rows.length - 1][1].toPrecision(4)} at step ${rows[rows.length - 1][0]}` : "");
+      ` · latest checkpoint step ${ev.step}` + (rows.length ? ` · last logged loss ${rows[rows.length - 1][1].toPrecision(4)} at step ${rows[rows.length - 1][0]}` : "") +
+      (last ? ` · ${last[1].toUpperCase()} ${last[1] === "kid" ? (last[2] * 1e3).toPrecision(3) + " x 1e-3" : last[2].toPrecision(4)} at step ${last[0]}` : "");
     if (ev.rows.length && rows.length) plot($("monitor-loss"), rows.map((r) => r[0]), rows.map((r) => Math.log10(r[1])), { xlabel: "step (loss on a log10 scale)" });
+    const shown = evals.filter((e) => e[1] === (last && last[1]));
+    $("monitor-eval-box").hidden = !shown.length;
+    if ((ev.evals || []).length && shown.length) plot($("monitor-eval"), shown.map((e) => e[0]), shown.map((e) => e[2]), { xlabel: `step (${last[1].toUpperCase()} of the EMA's samples)` });
     if (ev.grid) { $("monitor-grid").src = ev.grid.png; $("monitor-grid-name").textContent = ev.grid.name; }
   };
 }
