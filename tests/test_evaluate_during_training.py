@@ -67,16 +67,10 @@ def test_kid_every_two_steps_in_loss_csv_tensorboard_and_the_monitor(tmp_path, p
     events = acc.Scalars("eval/kid")
     assert [e.step for e in events] == [2, 4]
     assert events[-1].value == pytest.approx(float(rows[-1]["kid"]), rel=1e-4)
+    from difflab.serve.catalog import Catalog
     from difflab.serve.panels import Panels
 
-    class OneRun:
-        def info(self, name):
-            return type("Info", (), {"step": 4, "training": False})()
-
-        def path(self, name):
-            return out
-
-    state = Panels.monitor_state(type("P", (), {"catalog": OneRun()})(), "run", 0, "")
+    state = Panels(Catalog(out.parent)).monitor_state(out.name, 0, "")
     assert state["rows"] == [[2, float(rows[0]["loss"])], [4, float(rows[1]["loss"])]]
     assert state["evals"] == [[2, "kid", float(rows[0]["kid"])], [4, "kid", float(rows[1]["kid"])]]
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -170,13 +171,14 @@ def _cost(config_json: str, shape: tuple[int, int, int]) -> Cost:
     with torch.device("meta"):
         net = build(json.loads(config_json))
         parameters = sum(p.numel() for p in net.parameters())
-        x, t = torch.zeros(1, *shape), torch.zeros(1)
+        x, t = torch.zeros(2, *shape), torch.zeros(2)  # two images: a batch norm (the judge CNN) needs more than one
+        args = (x, t) if len(inspect.signature(net.forward).parameters) > 1 else (x,)  # a classifier takes images alone
         try:
             with FlopCounterMode(display=False) as counter:
-                net(x, t).float().square().mean().backward()
+                net(*args).float().square().mean().backward()
         except (RuntimeError, NotImplementedError):  # a registered network that needs real tensors
             return Cost(parameters, None)
-    return Cost(parameters, counter.get_total_flops() / 1e9)
+    return Cost(parameters, counter.get_total_flops() / 2e9)
 
 
 def expected_images_per_second(gflop: float, device: torch.device, precision: str) -> float | None:
