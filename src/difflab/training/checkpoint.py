@@ -95,14 +95,24 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
 
 
-def _verified(json_path: Path) -> tuple[dict, Path]:
-    """The checkpoint's metadata and tensor file, after checking the file's SHA-256 (CheckpointError if not)."""
+def read_meta(json_path: str | Path) -> dict:
+    """A checkpoint's JSON, its keys and types checked (not yet its tensor file): CheckpointError if it is not
+    a regular file (a FIFO would block the reader), cannot be parsed, or lacks what the readers rely on."""
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise CheckpointError(f"checkpoint {json_path} is not a regular file; delete it to fall back to an older one")
     try:
         meta = json.loads(json_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"checkpoint {json_path} is unreadable ({e.__class__.__name__}); "
                               "delete it to fall back to an older one") from e
     _check_meta(json_path, meta)
+    return meta
+
+
+def _verified(json_path: Path) -> tuple[dict, Path]:
+    """The checkpoint's metadata and tensor file, after checking the file's SHA-256 (CheckpointError if not)."""
+    meta = read_meta(json_path)
     st = json_path.with_name(meta["tensors"])
     if not st.is_file():
         raise CheckpointError(f"checkpoint {json_path.name} has no tensor file {st.name}; delete the JSON to use an older one")
