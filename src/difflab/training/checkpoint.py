@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from difflab.errors import CheckpointError
-from difflab.files import atomic_write, write_text
+from difflab.files import OutputError, atomic_write, write_text
 
 _NAME = re.compile(r"^step-(\d{7,})\.json$")
 
@@ -84,7 +84,11 @@ def write_tensor_file(folder: str | Path, stem: str, tensors: dict[str, torch.Te
     atomic_write(st, lambda tmp: _write_tensors(tmp, tensors, header))
     _test_pause()
     meta = {**meta, "tensors": st.name, "sha256": sha256_file(st), "format": "difflab-checkpoint-1"}
-    write_text(js, json.dumps(meta, indent=1, sort_keys=True, allow_nan=False))
+    try:
+        write_text(js, json.dumps(meta, indent=1, sort_keys=True, allow_nan=False))
+    except OutputError:
+        st.unlink(missing_ok=True)  # a tensor file without its JSON is no checkpoint: leave nothing half-written
+        raise
     return js
 
 
