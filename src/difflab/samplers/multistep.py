@@ -46,7 +46,7 @@ def _derivatives(hist: list[tuple[float, torch.Tensor]]) -> list[torch.Tensor]:
     return [dd01 + dd012 * (l0 - l1), 2 * dd012]
 
 
-def _dpmpp(denoiser, x, sigmas, cond, noise, callback, order: int, eta: float):
+def _dpmpp(denoiser, x, sigmas, cond, noise, callback, order: int, eta: float, full: bool = False):
     if order not in (1, 2, 3):
         raise UsageError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
     if eta < 0:
@@ -65,9 +65,11 @@ def _dpmpp(denoiser, x, sigmas, cond, noise, callback, order: int, eta: float):
             phi = _phis(u, 3)
             x = (s_next / s) * math.exp(-eta * h) * x + u * phi[0] * x0
             derivs = _derivatives(hist)
-            if len(derivs) == 1:  # Lu et al.'s 2M: D frozen at its linear extrapolation to the step's midpoint
-                x = x + u * phi[0] * (h / 2) * derivs[0]
+            if len(derivs) == 1 and (order == 2 or full):  # Lu et al.'s 2M: D frozen at its linear
+                x = x + u * phi[0] * (h / 2) * derivs[0]  # extrapolation to the step's midpoint
             else:
+                if len(derivs) == 2 and not full:  # DPM-Solver++(3M) as Lu et al., k-diffusion and diffusers
+                    derivs = [derivs[0], derivs[1] / 2]  # define it: half the quadratic's second derivative
                 for k, d in enumerate(derivs):
                     x = x + h ** (k + 1) * u * phi[k + 1] * d
             if eta > 0:
@@ -86,8 +88,17 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, cond=None, noise=None, callback=None
 
 @torch.no_grad()
 def sample_dpmpp_3m(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, order: int = 3):
-    """DPM-Solver++(3M): the exact step of the quadratic through the last three denoised images."""
+    """DPM-Solver++(3M) as Lu et al.'s code, k-diffusion and diffusers (``DPMSolverMultistepScheduler``, solver_order
+    3, solver_type "heun", lower_order_final off) compute it: a DDIM step, then the exact step of the line through
+    the last two denoised images, then steps whose second-derivative term is half the quadratic's (order 2)."""
     return _dpmpp(denoiser, x, sigmas, cond, noise, callback, order, 0.0)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_full(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, order: int = 3):
+    """difflab's DPM-Solver++(3M): the exact step of the quadratic through the last three denoised images (the
+    2M midpoint step before there are three), third order where the peers' :func:`sample_dpmpp_3m` is second."""
+    return _dpmpp(denoiser, x, sigmas, cond, noise, callback, order, 0.0, full=True)
 
 
 @torch.no_grad()
@@ -100,8 +111,16 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, cond=None, noise=None, callback=
 @torch.no_grad()
 def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
                         eta: float = 1.0, order: int = 3):
-    """DPM-Solver++(3M) SDE: the 3M step of the reverse SDE of variance eta."""
+    """DPM-Solver++(3M) SDE as k-diffusion defines it: the steps of :func:`sample_dpmpp_3m` for the reverse SDE of
+    variance eta."""
     return _dpmpp(denoiser, x, sigmas, cond, noise, callback, order, eta)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde_full(denoiser, x, sigmas, *, cond=None, noise=None, callback=None,
+                             eta: float = 1.0, order: int = 3):
+    """difflab's DPM-Solver++(3M) SDE: the steps of :func:`sample_dpmpp_3m_full` for the reverse SDE of variance eta."""
+    return _dpmpp(denoiser, x, sigmas, cond, noise, callback, order, eta, full=True)
 
 
 def _uni_step(x, s: float, s_next: float, lam0: float, m0, points):
