@@ -106,3 +106,34 @@ def test_dpmpp_3m_sde_is_kdiffusions_definition(steps, eta):
     y = NOISE.double() * math.sqrt(1 + float(sig[0]) ** 2)
     got = SAMPLERS["dpmpp-3m-sde"](denoiser, y, sig, noise=lambda i, like: zs[i].double(), eta=eta)
     assert torch.allclose(got, kdiffusion_3m_sde(y, sig, zs, eta), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [3, 5, 10, 20])
+def test_unipc_lower_order_final_is_diffusers_unipc(steps):
+    ref, sig = diffusers_loop(diffusers.UniPCMultistepScheduler(solver_order=3), NOISE, steps)  # its default rule
+    assert torch.allclose(ours("unipc", sig, NOISE, lower_order_final=True), ref, atol=2e-5, rtol=1e-5)
+    if steps > 3:  # the rule changes the second-to-last step of order 3
+        assert float((ours("unipc", sig, NOISE) - ref).abs().max()) > 1e-3
+
+
+def test_unipc_default_is_measured():
+    """The default (no lower-order final steps) is closer to the exact ODE answer at 10 and 20 steps, not at 5,
+    for UniPC-3 on its own grid of a linear-beta DDPM schedule."""
+    from difflab.analytic import GaussianDataNet
+    from difflab.denoiser import Denoiser
+    from difflab.processes.gaussian import linear_schedule
+    from difflab.samplers import get_sigmas
+    from difflab.samplers.multistep import LOWER_ORDER_FINAL
+
+    proc = linear_schedule(T=1000)
+    den = Denoiser(GaussianDataNet(proc, MU, S0), proc, "eps")
+    y = 80.0 * torch.randn(256, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def err(steps, lof):
+        sig = get_sigmas(proc, steps, "geometric")
+        exact = MU + (y - MU) * S0 / math.sqrt(S0**2 + float(sig[0]) ** 2)
+        return float((SAMPLERS["unipc"](den, y, sig, lower_order_final=lof) - exact).pow(2).mean().sqrt())
+
+    assert not LOWER_ORDER_FINAL
+    assert err(10, False) < err(10, True) / 3 and err(20, False) < err(20, True) / 3
+    assert err(5, True) < err(5, False)
