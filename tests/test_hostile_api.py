@@ -19,7 +19,7 @@ from difflab.errors import UsageError
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("api") / "run"
-    difflab.train(out=str(out), data="digits", model="tiny", batch_size=8, log_every=1, checkpoint_every=2,
+    difflab.train(out=out, data="digits", model="tiny", batch_size=8, log_every=1, checkpoint_every=2,
                   sample_every=0, sample_steps=1, warmup=1, steps=2, conditioning="class")
     return out
 
@@ -50,6 +50,8 @@ TABLE = {
     "sample-eta": (lambda m, r, t: m.sample(1, sampler="ddim", eta=5, steps=1), ["sample", "--sampler", "ddim",
                                                                                  "--eta", "5"]),
     "sample-pil-text": (lambda m, r, t: m.sample(1, steps=1, pil="no"), None),
+    "sample-start-none": (lambda m, r, t: m.sample(1, steps=1, start=None), None),  # (found by the fuzz test)
+    "sample-start-negative": (lambda m, r, t: m.sample(1, steps=1, start=-3), ["sample", "--start", "-3"]),
     "load-none": (lambda m, r, t: difflab.load(None), ["sample", "--run", ""]),
     "load-number": (lambda m, r, t: difflab.load(5), None),
     "load-missing": (lambda m, r, t: difflab.load(t / "nope"), ["sample", "--run", "{tmp}/nope"]),

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from typing import Any
 
@@ -28,6 +29,7 @@ def train(*, resume: bool = False, progress: bool = False, device: str | None = 
     from difflab.config import config_from_values
     from difflab.training.trainer import Trainer
 
+    settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in settings.items()}  # out=Path(...)
     check_settings(settings, resume=resume, progress=progress, device=device)
     cfg = config_from_values({**settings, "device": device})
     trainer = Trainer(cfg, resume=resume, progress=progress, log=print if progress else _quiet)

@@ -82,7 +82,8 @@ class Model:
         with the same settings; sample j depends only on (seed, j). ``settings``: the other fields of
         :class:`~difflab.request.SampleRequest` (start, clip, eta, init_noise, classifier, precision, ...).
         Unset settings take the run's own (its sampler, step count, clipping and guidance scale)."""
-        check_whole({"--n": (n, 1, MAX_SAMPLES), "--seed": (seed, 0, MAX_SEED)})  # (the request's own names)
+        check_whole({"--n": (n, 1, MAX_SAMPLES), "--seed": (seed, 0, MAX_SEED),  # (the request's own names)
+                     "--start": (settings.get("start", 0), 0, MAX_SEED)})
         check_flag("pil", pil)
         req = SampleRequest.of(run=self.path, n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
                                labels=labels, prompt=prompt, **settings)
