@@ -44,7 +44,7 @@ def grid_error(name, n, **opts):
 
 
 @pytest.mark.parametrize("name,opts,order", [
-    ("ddim", {}, 1), ("dpmpp-2m", {}, 2), ("dpmpp-3m", {}, 3),
+    ("ddim", {}, 1), ("dpmpp-2m", {}, 2), ("dpmpp-3m-full", {}, 3),
     ("unipc", {"order": 1}, 2), ("unipc", {"order": 2}, 3), ("unipc", {"order": 3}, 4),
     ("unipc", {"order": 3, "corrector": False}, 3),
 ])
@@ -60,9 +60,10 @@ def test_solvers_converge_at_their_order(name, opts, order):
     (("dpmpp-3m", {"order": 1}), ("ddim", {})),
     (("unipc", {"order": 1, "corrector": False}), ("ddim", {})),
     (("unipc", {"order": 2, "corrector": False}), ("dpmpp-2m", {})),  # UniP-2 with bh2 is DPM-Solver++(2M)
-    (("unipc", {"order": 3, "corrector": False}), ("dpmpp-3m", {})),  # both integrate the same quadratic
+    (("unipc", {"order": 3, "corrector": False}), ("dpmpp-3m-full", {})),  # both integrate the same quadratic
     (("dpmpp-2m-sde", {"eta": 0.0}), ("dpmpp-2m", {})),
     (("dpmpp-3m-sde", {"eta": 0.0}), ("dpmpp-3m", {})),
+    (("dpmpp-3m-sde-full", {"eta": 0.0}), ("dpmpp-3m-full", {})),
     (("dpmpp-2m-sde", {"order": 1}), ("ddpm", {})),  # eta = 1, first order: the ancestral step
 ])
 def test_solver_identities(a, b):
@@ -88,7 +89,7 @@ def test_fewstep_solvers_beat_ddim_at_10_evaluations():
         return float((SAMPLERS[name](den, y * float(sig[0]) / 80.0, sig, **opts) - ref).pow(2).mean().sqrt())
 
     base = {name: err(name) for name in ("ddim", "euler", "heun")}
-    few = {"dpmpp-2m": err("dpmpp-2m"), "dpmpp-3m": err("dpmpp-3m"), "unipc-2": err("unipc", order=2),
+    few = {"dpmpp-2m": err("dpmpp-2m"), "dpmpp-3m-full": err("dpmpp-3m-full"), "unipc-2": err("unipc", order=2),
            "unipc-3": err("unipc", order=3)}
     msg = "RMS error to the exact ODE endpoint at 10 NFE: " + ", ".join(
         f"{k} {v:.2e}" for k, v in {**base, **few}.items())

@@ -8,6 +8,8 @@ finiteness. Every failure is a :class:`~difflab.errors.UsageError` naming the fl
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -64,3 +66,47 @@ def check_array(name: str, arr: np.ndarray, *, kinds: str, ndim: int, finite: bo
 
 def _kinds(kinds: str) -> str:
     return " or ".join({"f": "float", "u": "unsigned integer", "i": "integer", "b": "bool"}[k] for k in kinds)
+
+
+def check_whole(table: Mapping[str, tuple], optional: tuple[str, ...] = ()) -> None:
+    """``{name: (value, lo, hi)}``: each value a whole number (not a bool, not 2.0) in [lo, hi]; None only
+    for the names in ``optional``."""
+    for name, (value, lo, hi) in table.items():
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UsageError(f"{name} must be a whole number, got {value!r}"[:200])
+        check_range(name, int(value), lo, hi)
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value`` must be True or False (a string such as "no" would count as true)."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} must be True or False, got {value!r}"[:200])
+    return value
+
+
+def check_path(name: str, value: object) -> str:
+    """A file or folder name: a non-empty str or os.PathLike (None or a number is a mistake, not a default)."""
+    if not isinstance(value, (str, os.PathLike)) or not str(os.fspath(value)).strip():
+        raise UsageError(f"{name} must be a path (str or pathlib.Path), got {value!r}"[:200])
+    return os.fspath(value)
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")  # what --device takes
+
+
+def check_device(value: object, name: str = "device", auto: bool = True) -> str:
+    """A device difflab runs on (cpu, mps, cuda, cuda:N, and ``auto`` where allowed), given as a str or a
+    torch.device, and present on this machine: its name, else a UsageError."""
+    text = str(value) if type(value).__name__ == "device" else value
+    if not isinstance(text, str) or not DEVICE.fullmatch(text) or (text == "auto" and not auto):
+        kinds = "auto, cpu, mps, cuda or cuda:N" if auto else "cpu, mps, cuda or cuda:N"
+        raise UsageError(f"{name} must be {kinds}, got {value!r}"[:200])
+    import torch
+
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"{name} {text} asked for, but torch sees no CUDA GPU (install a CUDA build of torch)")
+    if text == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{name} mps asked for, but this machine has no Apple GPU")
+    return text

@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from difflab.checks import MAX_SEED, check_range
+from difflab.checks import DEVICE, MAX_SEED, check_range
 from difflab.ema_lengths import check_ema_length, parse_lengths
 from difflab.errors import CheckpointError, UsageError
 
@@ -185,7 +184,6 @@ _RANGES: dict[str, tuple] = {
     "sample_sigma_min": (0, 80, {"open_hi": True}), "told_noise": (0, 1, {"open_lo": True}),
     "eval_every": (-1, 10**10), "eval_n": (2, 100_000),
 }
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
 
 
 def process_config(cfg: TrainConfig) -> dict[str, Any]:

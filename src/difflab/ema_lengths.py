@@ -26,6 +26,10 @@ def sigma_rel_of_gamma(gamma: float) -> float:
 
 
 SIGMA_REL_MAX = sigma_rel_of_gamma(GAMMA_AT_MAX)  # 0.3003: no power profile is relatively wider
+# the shortest length: gamma ~ 1 / sigma_rel = 1e6 keeps the cubic's coefficients (1 / sigma_rel^2 = 1e12) and
+# the profiles' powers well inside float64 (below ~1e-154 the square underflows to 0); an EMA this short is
+# the raw weights of any run under a million steps
+SIGMA_REL_MIN = 1e-6
 
 
 def gamma_of_sigma_rel(sigma_rel: float) -> float:
@@ -38,11 +42,11 @@ def gamma_of_sigma_rel(sigma_rel: float) -> float:
 
 
 def check_ema_length(x: float, flag: str = "--ema-length") -> float:
-    """``x`` if it is a representable relative EMA length, 0 < x < 0.3003, else a UsageError."""
-    if not 0 < x < SIGMA_REL_MAX:  # NaN fails this too
-        raise UsageError(f"{flag} must be a fraction of the run in (0, {SIGMA_REL_MAX:.4f}) (a power-function "
-                         f"EMA's relative std; EDM2 uses 0.05 to 0.2), got {x}")
-    return x
+    """``x`` if it is a representable relative EMA length, 1e-6 <= x < 0.3003, else a UsageError."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not SIGMA_REL_MIN <= x < SIGMA_REL_MAX:  # and NaN
+        raise UsageError(f"{flag} must be a fraction of the run in [{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f}) (a "
+                         f"power-function EMA's relative std; EDM2 uses 0.05 to 0.2), got {x!r}")
+    return float(x)
 
 
 def parse_lengths(text: str, flag: str = "--ema-track") -> list[float]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,8 +59,22 @@ def _sync_folder(folder: Path) -> None:
         pass
 
 
-def _why(e: OSError) -> str:
-    return e.strerror or e.__class__.__name__
+def _why(e: Exception) -> str:
+    """The reason of a failed write in a few words: the OS's, also from inside a safetensors error (which
+    wraps the OS error in its own type and text)."""
+    if isinstance(e, OSError):
+        return e.strerror or e.__class__.__name__
+    found = re.search(r'message: "([^"]+)"', str(e))
+    return found[1] if found else (str(e).splitlines() or [e.__class__.__name__])[0][:200]
+
+
+def _write_errors() -> tuple[type[Exception], ...]:
+    """What a write that fails (full disk, quota, I/O error) raises: OSError, and safetensors' own error type."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return (OSError,)
+    return (OSError, SafetensorError)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object], *, mkdir: bool = True,
@@ -81,7 +97,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *, mkdir: bo
         tmp = None
         if durable:
             _sync_folder(path.parent)
-    except OSError as e:
+    except _write_errors() as e:
         raise OutputError(f"cannot write {path}: {_why(e)}") from e
     finally:
         if tmp is not None:
@@ -90,6 +106,57 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *, mkdir: bo
             except OSError:
                 pass
     return path
+
+
+def atomic_folder(path: str | Path, fill: Callable[[Path], object], flag: str = "--out") -> Path:
+    """Call ``fill(tmp)`` to fill a new temporary folder beside ``path``, then rename it to ``path`` (which
+    must not exist, or be an empty folder): a reader never sees half a folder, a failed or killed writer
+    leaves nothing at ``path`` (a killed one leaves a hidden ``.NAME.<random>.tmp`` beside it, which no
+    retry uses), and of two writers of one new folder only one succeeds. Write errors are one line."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        fill(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        os.rename(tmp, path)  # replaces an empty folder only: the second of two writers fails here
+        _sync_folder(path.parent)
+    except _write_errors() as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise OutputError(f"{flag} {path} was created by someone else meanwhile; choose a new folder") from e
+        raise OutputError(f"cannot write {path}: {_why(e)}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def check_output_folder(path: str | Path, flag: str) -> Path:
+    """Refuse (one line) a folder to create that would lose data or land in a run, before any work: one that
+    exists and is not an empty folder, one inside a run folder (its samples/ included), a parent that is not
+    a writable folder, a name too long."""
+    given = Path(path)
+    target = given.expanduser().resolve()
+    try:
+        taken = os.path.lexists(target) and (not target.is_dir() or any(target.iterdir()))
+    except OSError as e:
+        raise OutputError(f"{flag} {given} cannot be read: {_why(e)}") from e
+    if taken:
+        raise OutputError(f"{flag} {given} already exists and is not an empty folder; choose a new one")
+    run = run_folder_of(target)
+    if run is not None:
+        raise OutputError(f"{flag} {given} is inside the run folder {run}; write it elsewhere")
+    if len(target.name.encode()) + 20 > name_max(_existing_parent(target.parent)):  # (room for the temporary name)
+        raise OutputError(f"{flag} {given}: the folder name is too long for its file system")
+    parent = _existing_parent(target.parent)
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {given}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{flag} {given}: {parent} is not writable")
+    return target
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

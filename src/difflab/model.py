@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from difflab.checks import MAX_SAMPLES, MAX_SEED, check_device, check_flag, check_path, check_whole
 from difflab.data import to_model as data_to_model
 from difflab.errors import UsageError
 from difflab.interop.folder_model import FolderModel
@@ -24,7 +25,8 @@ from difflab.sampling import Run, drawing, load_run, sample_request
 def load(path: str | Path, device: str | torch.device = "cpu", *, ema_length: float | None = None) -> Model:
     """The model in ``path``: a run folder (its latest verified checkpoint, EMA weights; ``ema_length``:
     a post-hoc EMA) or a diffusers UNet2DModel folder."""
-    p = Path(path)
+    p = Path(check_path("path", path))
+    device = check_device(device, auto=False)
     if not _is_diffusers(p):
         return Model(load_run(p, device, ema_length=ema_length))  # (its errors say what a run folder needs)
     if ema_length is not None:
@@ -80,6 +82,9 @@ class Model:
         with the same settings; sample j depends only on (seed, j). ``settings``: the other fields of
         :class:`~difflab.request.SampleRequest` (start, clip, eta, init_noise, classifier, precision, ...).
         Unset settings take the run's own (its sampler, step count, clipping and guidance scale)."""
+        check_whole({"--n": (n, 1, MAX_SAMPLES), "--seed": (seed, 0, MAX_SEED),  # (the request's own names)
+                     "--start": (settings.get("start", 0), 0, MAX_SEED)})
+        check_flag("pil", pil)
         req = SampleRequest.of(run=self.path, n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
                                labels=labels, prompt=prompt, **settings)
         images = sample_request(self.source, req)
@@ -95,6 +100,7 @@ class Model:
         0.5/255 (at most 3/255; 200 steps); plain inversion (``refine=0``) at 10 steps 20/255 and 14/255.
         ``sample(init_noise=latents, sampler="ddim", steps=steps)`` decodes them with the run's own guidance and
         clipping instead. ``labels``: the images' classes on conditional runs (default: the null condition)."""
+        check_whole({"steps": (steps, 1, 100_000), "refine": (refine, 0, 1000), "batch_size": (batch_size, 1, 1 << 16)})
         from difflab.latents import invert_images
 
         den = self._denoiser("invert")
@@ -108,6 +114,7 @@ class Model:
         """The images (uint8 [N, C, H, W]) of latents from :meth:`invert`, by deterministic DDIM with the same
         settings: the network alone on the grid of ``steps`` and ``spacing``, each image under its ``labels``
         (default: the null condition)."""
+        check_whole({"steps": (steps, 1, 100_000), "batch_size": (batch_size, 1, 1 << 16)})
         from difflab.latents import decode_latents
 
         den = self._denoiser("decode")
@@ -124,6 +131,9 @@ class Model:
         """n images (uint8 [n, C, H, W]) decoded by DDIM along the slerp between two latents: ``a`` and ``b``
         are two seeds (the starting noise of sample 0 of ``sample(seed=a)``) or two uint8 images [C, H, W],
         DDIM-inverted first. ``label``: the class on conditional runs (default: the null condition)."""
+        check_whole({"steps": (steps, 1, 100_000), "label": (label, 0, 1_000_000),
+                     **{end: (v, 0, MAX_SEED) for end, v in (("a", a), ("b", b)) if not isinstance(v, torch.Tensor)}},
+                    optional=("label",))
         from difflab.figures import to_uint8
         from difflab.latents import interpolate, invert, seed_latent
 
@@ -146,6 +156,8 @@ class Model:
                    batch_size: int = 64) -> torch.Tensor:
         """Bits per dimension (float64 [N]) of uint8 images [N, C, H, W] by the probability-flow ODE, as
         ``difflab likelihood`` computes them (RK4 in log sigma, Hutchinson's trace estimator)."""
+        check_whole({"steps": (steps, 1, 100_000), "seed": (seed, 0, MAX_SEED),
+                     "hutchinson_samples": (hutchinson_samples, 1, 10_000), "batch_size": (batch_size, 1, 1 << 16)})
         from difflab.likelihood import bits_per_dim
 
         images = self._images(images, "likelihood", to_model=False)
@@ -160,6 +172,7 @@ class Model:
         """FID, KID, precision/recall and (conditional runs) accuracy of ``n`` samples against ``data``
         (default: the run's dataset), as ``difflab evaluate`` reports them. ``sampling``: the settings of
         :meth:`sample` (seed, sampler, steps, guidance, ...)."""
+        check_whole({"--n": (n, 1, MAX_SAMPLES)})
         from difflab.evaluate import evaluate_images
         from difflab.runs import reference_data
 

@@ -413,8 +413,8 @@ def _check_config_matches(path: Path, cfg: TrainConfig, meta: dict) -> None:
     if "network" not in meta or "image_shape" not in meta:
         raise CheckpointError(f"the checkpoint in {path} has no network config; it was not written by difflab train")
     saved = meta.get("config")
-    if not isinstance(saved, dict):
-        return
+    if not isinstance(saved, dict):  # config.json alone would then decide the process, the method...
+        raise CheckpointError(f"the checkpoint in {path} has no config; it was edited or not written by difflab train")
     diff = sorted(k for k, v in cfg.to_json().items() if k not in RESUME_OVERRIDES and k in saved and saved[k] != v)
     if diff:
         k = diff[0]

@@ -161,12 +161,12 @@ def model_card(run, pipeline: str, sample_file: str) -> str:
 
 
 def export_diffusers(run_dir: str | Path, out: str | Path, ema: bool = True, n_samples: int = 16) -> Path:
-    """Write the run as a diffusers pipeline folder at ``out`` (which must not hold files yet)."""
+    """Write the run as a diffusers pipeline folder at ``out`` (new, or an empty folder; never inside a run
+    folder), atomically: the folder is written beside ``out`` and renamed into place when complete."""
+    from difflab.files import atomic_folder, check_output_folder
     from difflab.sampling import load_run
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} already exists and is not an empty folder; choose a new one")
+    check_output_folder(out, "--to diffusers")
     run = load_run(run_dir, "cpu", ema=ema)
     check_exportable(run)
     try:
@@ -182,10 +182,13 @@ def export_diffusers(run_dir: str | Path, out: str | Path, ema: bool = True, n_s
     unet = diffusers.UNet2DModel(**kwargs)
     unet.load_state_dict(diffusers_state_dict(run.net), strict=True)
     sched = diffusers.DDPMScheduler(**scheduler_config(run.denoiser().process, run.cfg.prediction, run.cfg.clip))
-    out.mkdir(parents=True, exist_ok=True)
-    diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(out, safe_serialization=True)
-    from difflab.figures import save_grid
+    samples = run.sample(n_samples, seed=0, steps=run.cfg.sample_steps)
 
-    save_grid(run.sample(n_samples, seed=0, steps=run.cfg.sample_steps), out / "samples.png")
-    (out / "README.md").write_text(model_card(run, "ddpm", "samples.png"))
-    return out
+    def fill(folder: Path) -> None:
+        from difflab.figures import save_grid
+
+        diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(folder, safe_serialization=True)
+        save_grid(samples, folder / "samples.png")
+        (folder / "README.md").write_text(model_card(run, "ddpm", "samples.png"))
+
+    return atomic_folder(out, fill, "--to diffusers")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from difflab.checks import check_range
 from difflab.errors import CheckpointError, UsageError
 from difflab.interop.schedulers import DiffusersDenoiser
 from difflab.processes.gaussian import DiscreteSchedule, cosine_schedule, register_schedule
@@ -86,10 +87,125 @@ class DiffusersUNet(nn.Module):
 
 
 def _read_json(path: Path) -> dict:
+    """A config file of a diffusers folder: a JSON object in a regular file (one line naming it otherwise)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path} ({e})") from e
+        if not path.is_file():
+            raise CheckpointError(f"{path} is not a regular file")
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"cannot read {path} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object; a diffusers config is one")
+    return config
+
+
+MAX_SIDE, MAX_T = 4096, 100_000  # image sides and training steps a folder may claim
+# the scheduler fields difflab or diffusers' scheduler classes read: (type, low, high); None is the default
+# only where diffusers writes it (trained_betas)
+SCHEDULER_FIELDS = {
+    "num_train_timesteps": (int, 1, MAX_T), "beta_start": (float, 0, 1), "beta_end": (float, 0, 1),
+    "beta_schedule": (str, BETA_SCHEDULES), "prediction_type": (str, tuple(PREDICTION_TYPES)),
+    "trained_betas": (list, 0, 1), "clip_sample": (bool,), "clip_sample_range": (float, 0, 1e6),
+    "thresholding": (bool,), "dynamic_thresholding_ratio": (float, 0, 1), "sample_max_value": (float, 0, 1e12),
+    "timestep_spacing": (str, ("leading", "linspace", "trailing")), "steps_offset": (int, 0, MAX_T),
+    "set_alpha_to_one": (bool,), "rescale_betas_zero_snr": (bool,), "use_karras_sigmas": (bool,),
+    "variance_type": (str, ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+                            "learned_range")),
+}
+# the UNet fields that decide what is allocated, checked before the model is built
+UNET_FIELDS = {"in_channels": (int, 1, 16), "out_channels": (int, 1, 32), "layers_per_block": (int, 1, 16),
+               "norm_num_groups": (int, 1, 1024), "num_class_embeds": (int, 1, 1_000_000)}
+
+
+def _check_field(path: Path, key: str, value, spec: tuple) -> None:
+    """One config field against its (type, low, high) or (str, choices) or (bool,): one line naming the file."""
+    kind, *bounds = spec
+    where = f"{path}: '{key}'"
+    if kind is bool and not isinstance(value, bool):
+        raise CheckpointError(f"{where} must be true or false, got {value!r}")
+    if kind is str and (not isinstance(value, str) or value not in bounds[0]):
+        raise CheckpointError(f"{where} must be one of {', '.join(bounds[0])}, got {value!r}"[:300])
+    if kind is list:
+        if key == "trained_betas" and value is None:
+            return
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_T:
+            raise CheckpointError(f"{where} must be a list of 1 to {MAX_T:,} numbers")
+        for v in value:
+            _check_number(where, v, float, 0, 1)
+    if kind in (int, float):
+        _check_number(where, value, kind, *bounds)
+
+
+def _check_number(where: str, value, kind: type, lo: float, hi: float) -> None:
+    """A whole number in [lo, hi], or a number in (lo, hi] ((0, 1) open at both ends: betas, ratios)."""
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise CheckpointError(f"{where} must be a whole number, got {value!r}"[:300])
+    try:
+        check_range(where, value, lo, hi, open_lo=kind is float, open_hi=kind is float and (lo, hi) == (0, 1))
+    except UsageError as e:
+        raise CheckpointError(str(e)[:300]) from None
+
+
+def check_scheduler_config(path: Path, config: dict) -> None:
+    """Every field of a scheduler config that difflab or diffusers reads, before anything is built."""
+    for key, spec in SCHEDULER_FIELDS.items():
+        if key in config:
+            _check_field(path, key, config[key], spec)
+    betas, steps = config.get("trained_betas"), config.get("num_train_timesteps", 1000)
+    if betas is not None and len(betas) != steps:
+        raise CheckpointError(f"{path}: 'trained_betas' lists {len(betas)} betas for num_train_timesteps {steps}")
+
+
+def _sizes(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def check_unet_config(path: Path, config: dict) -> tuple[int, int, int]:
+    """The fields of a UNet2DModel config that decide what is allocated (sizes, channels, blocks), before
+    the model is built; returns the image shape (C, H, W)."""
+    for key, spec in UNET_FIELDS.items():
+        if key in config and not (key == "num_class_embeds" and config[key] is None):
+            _check_field(path, key, config[key], spec)
+    blocks = config.get("block_out_channels", [224, 448, 672, 896])  # (diffusers' default)
+    types = [config.get(k, ["x"] * len(blocks) if isinstance(blocks, list) else None)
+             for k in ("down_block_types", "up_block_types")]
+    if not isinstance(blocks, list) or not 1 <= len(blocks) <= 8:
+        raise CheckpointError(f"{path}: 'block_out_channels' must be a list of 1 to 8 channel counts")
+    for ch in blocks:
+        _check_number(f"{path}: 'block_out_channels'", ch, int, 1, 4096)
+    for key, value in zip(("down_block_types", "up_block_types"), types):
+        if not isinstance(value, list) or len(value) != len(blocks) or not all(isinstance(v, str) for v in value):
+            raise CheckpointError(f"{path}: '{key}' must list one block name for each of the {len(blocks)} levels")
+    size = config.get("sample_size", 32)
+    sides = _sizes(size)
+    if len(sides) != 2 and not isinstance(size, int):
+        raise CheckpointError(f"{path}: 'sample_size' must be a side or [height, width], got {size!r}"[:300])
+    for side in sides:
+        _check_number(f"{path}: 'sample_size'", side, int, 1, MAX_SIDE)
+        if side % 2 ** (len(blocks) - 1):
+            raise CheckpointError(f"{path}: 'sample_size' {size} is not divisible by 2^{len(blocks) - 1} (the UNet "
+                                  f"halves it {len(blocks) - 1} times)")
+    h, w = sides * 2 if len(sides) == 1 else sides
+    return int(config.get("in_channels", 3)), int(h), int(w)
+
+
+def _check_weights(unet_dir: Path, cls, config: dict) -> None:
+    """The model the config describes, built without memory (torch's meta device), must have the tensors of
+    the weights file, name for name and shape for shape: then building it allocates only what the file holds."""
+    from safetensors import safe_open
+
+    weights = unet_dir / "diffusion_pytorch_model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            held = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    except Exception as e:  # safetensors' and diffusers' own error types for what they cannot read
+        raise CheckpointError(f"cannot load the UNet2DModel in {unet_dir} ({str(e).splitlines()[0][:200] if str(e) else e!r})") from e
+    wanted = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if held != wanted:
+        diff = sorted(set(held) ^ set(wanted)) or [k for k in wanted if held[k] != wanted[k]]
+        raise CheckpointError(f"{weights} does not hold the tensors its config.json describes (first: {diff[0]})")
 
 
 def load_diffusers_unet(folder: str | Path, device: str | torch.device = "cpu"
@@ -110,34 +226,28 @@ def load_diffusers_unet(folder: str | Path, device: str | torch.device = "cpu"
     if not (unet_dir / "config.json").exists():
         raise CheckpointError(f"{folder} has no config.json: write it with diffusers' "
                               "UNet2DModel.save_pretrained")
-    kind = _read_json(unet_dir / "config.json").get("_class_name", "UNet2DModel")
+    unet_config = _read_json(unet_dir / "config.json")
+    kind = unet_config.get("_class_name", "UNet2DModel")
     if kind != "UNet2DModel":
-        raise UsageError(f"{unet_dir} holds a {kind}; --diffusers-model loads a pixel-space UNet2DModel")
+        raise UsageError(f"{unet_dir} holds a {str(kind)[:100]}; --diffusers-model loads a pixel-space UNet2DModel")
     if not (unet_dir / "diffusion_pytorch_model.safetensors").is_file():
         # a .bin (or .ckpt) file is a pickle, which can run any code when loaded: never read it
         raise CheckpointError(f"{unet_dir} has no diffusion_pytorch_model.safetensors; difflab loads weights "
                               "only from safetensors (a .bin file is a pickle that can run code): convert it "
                               "in a trusted session with UNet2DModel.from_pretrained(...).save_pretrained(...)")
-    try:
-        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False,  # no accelerate needed
-                                           use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load the UNet2DModel in {unet_dir} ({str(e).splitlines()[0]})") from e
-
+    shape = check_unet_config(unet_dir / "config.json", unet_config)
     sched = _read_json(sched_file) if sched_file.exists() else {}
-    prediction_type = sched.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise UsageError(f"unsupported prediction_type '{prediction_type}' in {sched_file}; "
-                         f"choose one of {', '.join(PREDICTION_TYPES)}")
+    check_scheduler_config(sched_file, sched)
     if sched.get("rescale_betas_zero_snr"):
         raise UsageError(f"{sched_file} asks for zero terminal SNR; difflab needs a finite largest "
                          "noise level")
-    process = diffusers_schedule(sched.get("beta_schedule", "linear"),
-                                 int(sched.get("num_train_timesteps", 1000)),
-                                 float(sched.get("beta_start", 1e-4)), float(sched.get("beta_end", 0.02)),
-                                 sched.get("trained_betas"))
+    _check_weights(unet_dir, UNet2DModel, unet_config)
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False,  # no accelerate needed
+                                           use_safetensors=True)
+    except Exception as e:  # diffusers' and safetensors' own error types
+        raise CheckpointError(f"cannot load the UNet2DModel in {unet_dir} ({str(e).splitlines()[0][:200] if str(e) else e!r})") from e
+    process = diffusers_schedule(sched.get("beta_schedule", "linear"), sched.get("num_train_timesteps", 1000),
+                                 sched.get("beta_start", 1e-4), sched.get("beta_end", 0.02), sched.get("trained_betas"))
     net = DiffusersUNet(unet, str(unet_dir)).to(device).eval().requires_grad_(False)
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (int(unet.config.in_channels), int(h), int(w))
-    return DiffusersDenoiser(net, process, PREDICTION_TYPES[prediction_type], sched), shape
+    return DiffusersDenoiser(net, process, PREDICTION_TYPES[sched.get("prediction_type", "epsilon")], sched), shape

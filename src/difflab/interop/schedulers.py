@@ -71,9 +71,9 @@ def make_scheduler(config: dict, sampler: str, steps: int):
     try:
         sched = cls(**kwargs)
         sched.set_timesteps(steps)
-    except (ValueError, NotImplementedError) as e:
+    except Exception as e:  # diffusers' own checks raise any type (a folder's config is validated, not its every key)
         raise UsageError(f"diffusers' {cls.__name__} cannot run this config for {steps} steps: "
-                         f"{str(e).splitlines()[0]}") from e
+                         f"{(str(e).splitlines() or [e.__class__.__name__])[0][:200]}") from e
     return sched
 
 

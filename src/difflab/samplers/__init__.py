@@ -21,7 +21,15 @@ from difflab.errors import UsageError
 from difflab.noise import SeededNoise, sample_seeds
 from difflab.processes.gaussian import GaussianProcess
 from difflab.samplers.ancestral import sample_ddim, sample_ddpm
-from difflab.samplers.multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_dpmpp_3m_sde, sample_unipc
+from difflab.samplers.multistep import (
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m,
+    sample_dpmpp_3m_full,
+    sample_dpmpp_3m_sde,
+    sample_dpmpp_3m_sde_full,
+    sample_unipc,
+)
 from difflab.samplers.ode import sample_euler, sample_heun
 from difflab.samplers.sde import sample_euler_maruyama, sample_langevin, sample_pc
 
@@ -34,6 +42,8 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp-3m": sample_dpmpp_3m,
     "dpmpp-2m-sde": sample_dpmpp_2m_sde,
     "dpmpp-3m-sde": sample_dpmpp_3m_sde,
+    "dpmpp-3m-full": sample_dpmpp_3m_full,
+    "dpmpp-3m-sde-full": sample_dpmpp_3m_sde_full,
     "unipc": sample_unipc,
     "sde": sample_euler_maruyama,
     "pc": sample_pc,
@@ -43,7 +53,8 @@ SAMPLERS: dict[str, Callable] = {
 # newer multistep solvers are far more accurate on levels uniform in lambda = -log sigma, measured on
 # Gaussian data in tests/test_fewstep_samplers.py: DPM-Solver's and UniPC's "logSNR" grid)
 DEFAULT_SPACING = {"heun": "karras", "euler": "karras", "dpmpp-2m": "karras", "langevin": "geometric",
-                   **{name: "geometric" for name in ("dpmpp-3m", "dpmpp-2m-sde", "dpmpp-3m-sde", "unipc")}}
+                   **{name: "geometric" for name in ("dpmpp-3m", "dpmpp-2m-sde", "dpmpp-3m-sde", "unipc",
+                                                             "dpmpp-3m-full", "dpmpp-3m-sde-full")}}
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:

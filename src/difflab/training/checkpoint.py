@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from difflab.errors import CheckpointError
-from difflab.files import atomic_write, write_text
+from difflab.files import OutputError, atomic_write, write_text
 
 _NAME = re.compile(r"^step-(\d{7,})\.json$")
 
@@ -49,9 +50,22 @@ def _test_pause() -> None:
         time.sleep(delay)
 
 
-def _write_tensors(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+def _write_tensors(tmp: Path, tensors: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
     _test_pause()
+
+
+# the key of the tensor file's header that holds the SHA-256 of its JSON (so the tensor file's checksum covers
+# the JSON too: image shape, class names, config and network, everything that decides how the weights are read)
+META_DIGEST = "difflab_meta_sha256"
+_UNCOVERED = ("tensors", "sha256", "format")  # the JSON's own fields about the tensor file, written after it
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the JSON fields a checkpoint's tensor file vouches for, in a canonical form that survives
+    the JSON round trip (sorted keys; tuples and lists alike)."""
+    kept = json.loads(json.dumps({k: v for k, v in meta.items() if k not in _UNCOVERED}, allow_nan=False))
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -66,10 +80,15 @@ def write_tensor_file(folder: str | Path, stem: str, tensors: dict[str, torch.Te
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     st, js = folder / f"{stem}.safetensors", folder / f"{stem}.json"
-    atomic_write(st, lambda tmp: _write_tensors(tmp, tensors))
+    header = {META_DIGEST: meta_digest(meta)}
+    atomic_write(st, lambda tmp: _write_tensors(tmp, tensors, header))
     _test_pause()
     meta = {**meta, "tensors": st.name, "sha256": sha256_file(st), "format": "difflab-checkpoint-1"}
-    write_text(js, json.dumps(meta, indent=1, sort_keys=True, allow_nan=False))
+    try:
+        write_text(js, json.dumps(meta, indent=1, sort_keys=True, allow_nan=False))
+    except OutputError:
+        st.unlink(missing_ok=True)  # a tensor file without its JSON is no checkpoint: leave nothing half-written
+        raise
     return js
 
 
@@ -95,21 +114,52 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
 
 
-def _verified(json_path: Path) -> tuple[dict, Path]:
-    """The checkpoint's metadata and tensor file, after checking the file's SHA-256 (CheckpointError if not)."""
+def read_meta(json_path: str | Path) -> dict:
+    """A checkpoint's JSON, its keys and types checked (not yet its tensor file): CheckpointError if it is not
+    a regular file (a FIFO would block the reader), cannot be parsed, or lacks what the readers rely on."""
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise CheckpointError(f"checkpoint {json_path} is not a regular file; delete it to fall back to an older one")
     try:
         meta = json.loads(json_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"checkpoint {json_path} is unreadable ({e.__class__.__name__}); "
                               "delete it to fall back to an older one") from e
     _check_meta(json_path, meta)
+    return meta
+
+
+def _verified(json_path: Path) -> tuple[dict, Path]:
+    """The checkpoint's metadata and tensor file, after checking the file's SHA-256 (CheckpointError if not)."""
+    meta = read_meta(json_path)
     st = json_path.with_name(meta["tensors"])
     if not st.is_file():
         raise CheckpointError(f"checkpoint {json_path.name} has no tensor file {st.name}; delete the JSON to use an older one")
     if meta.get("sha256") != sha256_file(st):
         raise CheckpointError(f"checkpoint {st} is corrupt (checksum mismatch); delete it and its JSON "
                               "to resume from an older one")
+    vouched = _header(st).get(META_DIGEST)  # (absent in checkpoints written before it was)
+    if vouched is not None and vouched != _digest_or_none(meta):
+        raise CheckpointError(f"checkpoint {json_path} was edited after it was written (its tensor file vouches "
+                              "for other settings); restore it, or delete it and its .safetensors")
     return meta, st
+
+
+def _digest_or_none(meta: dict) -> str | None:
+    try:
+        return meta_digest(meta)
+    except ValueError:  # NaN or infinity, which difflab never writes
+        return None
+
+
+def _header(st: Path) -> dict[str, str]:
+    """The metadata of a safetensors file's header (read without its tensors)."""
+    try:
+        with safe_open(str(st), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"checkpoint {st} cannot be read ({str(e).splitlines()[0] if str(e) else e!r}); "
+                              "delete it to use an older one") from e
 
 
 # what every checkpoint JSON holds, and the types the readers rely on
@@ -134,6 +184,33 @@ def _check_meta(json_path: Path, meta: object) -> None:
             raise bad(f"'{key}' has the wrong type")
     if meta["tensors"] != json_path.with_suffix(".safetensors").name:
         raise bad(f"its tensor file '{meta['tensors']}' is not {json_path.stem}.safetensors")
+    why = _shape_mismatch(meta)
+    if why:
+        raise bad(why)
+
+
+MAX_SIDE = 4096  # the largest image side a checkpoint may claim (samples are allocated from it)
+MAX_CLASSES = 1_000_000
+
+
+def _shape_mismatch(meta: dict) -> str | None:
+    """Why the image shape or class names disagree with each other and with the network that the weights
+    are checked against when loaded (its input channels, image size and class count), or None."""
+    shape, net, names = meta.get("image_shape"), meta.get("network") or {}, meta.get("class_names")
+    if shape is not None:
+        if len(shape) != 3 or not all(type(v) is int and 1 <= v <= MAX_SIDE for v in shape) or shape[0] > 4:
+            return f"image_shape {shape} is not [channels 1-4, height, width] with sides up to {MAX_SIDE}"
+        size = net.get("image_size")
+        if net.get("in_channels") not in (None, shape[0]) or (type(size) is int and size != shape[1]) or \
+                (isinstance(size, list) and size != shape[1:]):
+            return f"image_shape {shape} is not the shape its network was built for"
+    if names is not None:
+        if len(names) > MAX_CLASSES or not all(isinstance(n, str) for n in names):
+            return f"class_names is not a list of at most {MAX_CLASSES:,} names"
+        classes = net.get("num_classes")
+        if type(classes) is int and len(names) != classes:
+            return f"it names {len(names):,} classes for a network of {classes}"
+    return None
 
 
 def verify_checkpoint(json_path: str | Path) -> bool:

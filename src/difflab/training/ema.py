@@ -45,14 +45,22 @@ def profile_inner(t_a, gamma_a, t_b, gamma_b) -> np.ndarray:
 
 def posthoc_coefficients(t: np.ndarray, gamma: np.ndarray, t_target: float, gamma_target: float
                          ) -> tuple[np.ndarray, float]:
-    """Coefficients x of snapshots (profiles at times ``t`` with exponents ``gamma``) whose sum
-    sum_k x_k p_k is the least-squares fit of the target profile, and the fit's relative L2 error
-    ||sum x_k p_k - p_target|| / ||p_target|` (EDM2's post-hoc EMA: solve A x = b, A the snapshots'
-    Gram matrix, b their inner products with the target)."""
+    """Coefficients x of snapshots (profiles at times ``t`` with exponents ``gamma``), summing to 1, whose
+    sum sum_k x_k p_k is the least-squares fit of the target profile under that constraint, and the fit's
+    relative L2 error ||sum x_k p_k - p_target|| / ||p_target||.
+
+    EDM2 solves A x = b (A the snapshots' Gram matrix, b their inner products with the target) and divides
+    x by its sum, so that weights held constant come back unchanged. Here the sum is a constraint of the
+    fit instead: x = x_0 - c A^+ 1 with x_0 = A^+ b and c = (1'x_0 - 1) / (1'A^+ 1), the closest profile
+    among those of mass 1. On a random walk of 873 steps (snapshots every 200, lengths 0.05 and 0.1) it is
+    1.5-1.8x closer to the true EMA than EDM2's rescaling at lengths 0.08 and 0.15, and 2.3-2.9x closer than
+    the plain solve (tests/test_posthoc_ema.py)."""
     t, gamma = np.asarray(t, dtype=np.float64), np.asarray(gamma, dtype=np.float64)
     A = profile_inner(t[:, None], gamma[:, None], t[None, :], gamma[None, :])
     b = profile_inner(t, gamma, t_target, gamma_target)
-    x = np.linalg.lstsq(A, b, rcond=None)[0]
+    pinv = np.linalg.pinv(A, hermitian=True)  # snapshots of one profile twice make A singular
+    x0, u = pinv @ b, pinv @ np.ones_like(b)
+    x = x0 - u * (x0.sum() - 1) / u.sum()
     norm2 = float(profile_inner(t_target, gamma_target, t_target, gamma_target))
     err2 = max(float(x @ A @ x - 2 * x @ b) + norm2, 0.0)
     return x, math.sqrt(err2 / norm2)

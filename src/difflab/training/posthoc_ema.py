@@ -14,7 +14,7 @@ missing or older than the snapshots.
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,14 @@ import torch
 
 from difflab.ema_lengths import check_ema_length, gamma_of_sigma_rel
 from difflab.errors import CheckpointError, UsageError
-from difflab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, split_prefix, write_tensor_file
+from difflab.training.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+    split_prefix,
+    write_tensor_file,
+)
 from difflab.training.ema import PowerEMA, posthoc_coefficients
 
 SNAPSHOTS = "ema-snapshots"
@@ -44,21 +51,69 @@ def save_snapshot(run: str | Path, step: int, tracked: list[PowerEMA]) -> Path |
 def drop_snapshots_after(run: str | Path, step: int) -> None:
     """On resume: delete the snapshots written after the checkpoint (they will be made again)."""
     for js in list_checkpoints(Path(run) / SNAPSHOTS):
-        if int(json.loads(js.read_text()).get("step", 0)) > step:
+        if _file_step(js) > step:
             js.with_suffix(".safetensors").unlink(missing_ok=True)
             js.unlink()
 
 
-def _snapshot_metas(run: Path) -> list[tuple[Path, dict]]:
-    metas = []
-    for js in list_checkpoints(run / SNAPSHOTS):
+def _file_step(js: Path) -> int:
+    return int(js.stem.split("-")[1])
+
+
+def snapshot_meta(js: Path) -> dict:
+    """A snapshot's JSON with every field the reconstruction reads checked (CheckpointError naming the file):
+    its step that of its name, one length, gamma and positive update count per tracked EMA, each gamma the
+    exponent of its length."""
+    meta = read_meta(js)
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"EMA snapshot {js} is damaged ({why}); delete it and its .safetensors")
+
+    lengths, gammas, updates = (meta.get(k) for k in ("ema_lengths", "gammas", "updates"))
+    if meta.get("kind") != "ema-snapshot":
+        raise bad(f"its kind is {meta.get('kind')!r}, not 'ema-snapshot'")
+    if meta["step"] != _file_step(js):
+        raise bad(f"its step {meta['step']} is not the {_file_step(js)} of its name")
+    for key, value in (("ema_lengths", lengths), ("gammas", gammas), ("updates", updates)):
+        if not isinstance(value, list) or not value:
+            raise bad(f"'{key}' is not a non-empty list")
+        if len(value) != len(lengths):
+            raise bad(f"'{key}' lists {len(value)} values for {len(lengths)} EMAs")
+    for length, gamma, count in zip(lengths, gammas, updates):
         try:
-            metas.append((js, json.loads(js.read_text())))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"EMA snapshot {js} is unreadable ({e.__class__.__name__}); delete it") from e
+            check_ema_length(length, "ema_lengths")
+        except UsageError as e:
+            raise bad(str(e)) from None
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or \
+                not math.isclose(gamma, gamma_of_sigma_rel(length), rel_tol=1e-6):
+            raise bad(f"gamma {gamma!r} is not the exponent of length {length}")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 2**53:
+            raise bad(f"update count {count!r} is not a positive whole number")
+    return meta
+
+
+def _snapshot_metas(run: Path) -> list[tuple[Path, dict]]:
+    metas = [(js, snapshot_meta(js)) for js in list_checkpoints(run / SNAPSHOTS)]
     if not metas:
         raise CheckpointError(f"'{run}' has no EMA snapshots (train with --ema-track and --ema-snapshot-every)")
     return metas
+
+
+def _snapshot_emas(js: Path, meta: dict, layout: dict | None, device="cpu") -> list[dict[str, torch.Tensor]]:
+    """The tracked EMAs of one snapshot (verified), one per entry of its JSON, each with the tensor names,
+    shapes and dtypes of ``layout`` (those of the first snapshot; None: this is the first)."""
+    tensors, _ = load_checkpoint(js, device)
+    emas = [split_prefix(tensors, f"ema{i}") for i in range(len(meta["updates"]))]
+    held = {name.split(".", 1)[0] for name in tensors}
+    if held != {f"ema{i}" for i in range(len(emas))}:
+        raise CheckpointError(f"EMA snapshot {js} claims {len(emas)} EMAs but its tensors hold {len(held)}; "
+                              "delete it and its .safetensors")
+    for ema in emas:
+        shapes = {name: (v.shape, v.dtype) for name, v in ema.items()}
+        if shapes != (layout if layout is not None else {n: (v.shape, v.dtype) for n, v in emas[0].items()}):
+            raise CheckpointError(f"EMA snapshot {js} holds other tensors than the run's other snapshots "
+                                  "(another network?); delete it and its .safetensors")
+    return emas
 
 
 def reconstruct_ema(run: str | Path, ema_length: float) -> tuple[dict[str, torch.Tensor], dict]:
@@ -67,24 +122,24 @@ def reconstruct_ema(run: str | Path, ema_length: float) -> tuple[dict[str, torch
     run = Path(run)
     check_ema_length(ema_length)
     metas = _snapshot_metas(run)
-    profiles = [(js, i, t, g) for js, m in metas for i, (t, g) in enumerate(zip(m["updates"], m["gammas"]))]
+    profiles = [(t, g) for _, m in metas for t, g in zip(m["updates"], m["gammas"])]
     gamma = gamma_of_sigma_rel(ema_length)
-    t_target = max(p[2] for p in profiles)
-    coef, err = posthoc_coefficients(np.array([p[2] for p in profiles]), np.array([p[3] for p in profiles]),
+    t_target = max(p[0] for p in profiles)
+    coef, err = posthoc_coefficients(np.array([p[0] for p in profiles]), np.array([p[1] for p in profiles]),
                                      t_target, gamma)
     acc: dict[str, torch.Tensor] = {}
-    k = 0
+    coefs = iter(coef)
+    layout = None
     for js, m in metas:
-        tensors, _ = load_checkpoint(js)
-        for i in range(len(m["updates"])):
-            for name, v in split_prefix(tensors, f"ema{i}").items():
+        for ema in _snapshot_emas(js, m, layout):
+            c = float(next(coefs))
+            for name, v in ema.items():
                 if not v.is_floating_point():  # integer buffers are not averaged: the latest one's
                     acc[name] = v
                     continue
-                acc[name] = acc.get(name, torch.zeros(v.shape, dtype=torch.float64)) + float(coef[k]) * v.double()
-            k += 1
-    dtypes = {name: v.dtype for name, v in split_prefix(tensors, "ema0").items()}
-    weights = {name: v.to(dtypes[name]) for name, v in acc.items()}
+                acc[name] = acc.get(name, torch.zeros(v.shape, dtype=torch.float64)) + c * v.double()
+            layout = {name: (v.shape, v.dtype) for name, v in ema.items()}
+    weights = {name: v.to(layout[name][1]) for name, v in acc.items()}
     info = {"kind": "posthoc-ema", "ema_length": ema_length, "gamma": gamma, "step": int(metas[-1][1]["step"]),
             "snapshots": len(metas), "profiles": len(profiles), "profile_error": err}
     return weights, info
@@ -141,7 +196,7 @@ def load_guide(run: str | Path, fraction: float, ema_length: float, device="cpu"
     if js is None:
         raise CheckpointError(f"'{run}' has no EMA snapshot from its first half (train with --ema-snapshot-every "
                               "smaller than half the steps); autoguidance needs one")
-    tensors, meta = load_checkpoint(js, device)
+    meta = snapshot_meta(js)
     lengths = meta["ema_lengths"]
     slot = min(range(len(lengths)), key=lambda i: abs(lengths[i] - ema_length))
-    return split_prefix(tensors, f"ema{slot}"), {"step": int(meta["step"]), "ema_length": lengths[slot]}
+    return _snapshot_emas(js, meta, None, device)[slot], {"step": int(meta["step"]), "ema_length": lengths[slot]}
