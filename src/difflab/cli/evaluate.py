@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoguidance", type=float, default=None,
                    help="autoguidance scale w (1: none; default: the run's for unconditional runs)")
     p.add_argument("--metrics", default="fid,kid,precision,recall,accuracy",
-                   help="comma-separated: fid, kid, precision, recall, accuracy")
+                   help="comma-separated: fid, kid, precision, recall, accuracy, colour (saturation, brightness "
+                   "and hue sixths against the reference's: difflab.evaluate.colour)")
     p.add_argument("--features", choices=["inception", "classifier"], default="inception",
                    help="inception (2048-d, comparable to papers) or classifier (fast on CPU, difflab-only)")
     p.add_argument("--bpd", action="store_true", help="also bits/dim of reference images (probability-flow ODE)")
@@ -86,8 +87,12 @@ def run(args: argparse.Namespace) -> int:
     reference = reference_data(data_name, args.split, tuple(images.shape[1:]))
     if labels is None and "accuracy" in metrics:
         metrics.remove("accuracy")
-    result = evaluate_images(images, labels, reference, metrics, args.features, device=device,
-                             batch_size=64, progress=True)
+    result = evaluate_images(images, labels, reference, [m for m in metrics if m != "colour"], args.features,
+                             device=device, batch_size=64, progress=True)
+    if "colour" in metrics:
+        from difflab.evaluate.colour import compare
+
+        result["colour"] = compare(images, reference.images)
     if args.run:
         result.update(run=str(args.run), step=loaded_run.step, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, autoguidance=args.autoguidance, seed=args.seed)
@@ -169,6 +174,10 @@ def _print_table(result: dict) -> None:
                 rows.append((key, f"{v:.5f} +- {result['kid_std']:.5f}"))
             else:
                 rows.append((key, f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else v))
+    if result.get("colour") is not None:
+        from difflab.evaluate.colour import describe
+
+        rows.append(("colour", describe(result["colour"])))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
