@@ -320,6 +320,7 @@ def colour_race(args, out: Path) -> int:
     """difflab's defaults (``difflab train --data DATA`` and ``--image-size`` when given) against the diffusers
     and lucidrains recipes on the same colour images for the same minutes, with the held-out images as a
     yardstick; ``ratio=X`` is difflab's KID over the best peer's (lower is better)."""
+    from difflab import grid_bottom
     from difflab.data import load
     from difflab.errors import DataError
     from difflab.evaluate.colour import describe
@@ -348,6 +349,8 @@ def colour_race(args, out: Path) -> int:
         r = results[name] = judge.judge(images) | info
         fid = f", FID {r['fid']:.1f} ({r['n']})" if r["fid"] is not None else ""
         steps = f"; {r['steps']} steps in {r['train_seconds'] / 60:.1f} min" if "steps" in r else ""
+        if r.get("grid_bottom"):
+            steps += f"; grid bottom sigma {r['grid_bottom']['sigma_min']:.3g}"
         print(f"{name}: KID x 1e3 {r['kid_e3']:.1f} +- {1e3 * r['kid_std']:.1f} ({r['n']} samples){fid}; "
               f"{describe(r['colour'])}{steps}", flush=True)
 
@@ -357,6 +360,7 @@ def colour_race(args, out: Path) -> int:
     if "difflab" in only:
         flags = ("--image-size", str(args.image_size)) if args.image_size else ()
         info = train_difflab(out / "difflab", args.minutes, *flags, data=args.data)
+        info["grid_bottom"] = grid_bottom.load(out / "difflab")  # the sigma_min the rule chose when training ended
         images, secs = sample_difflab(out / "difflab", max(args.n, args.fid_n))
         report("difflab", images, info | {"sample_seconds": secs})
     if "diffusers" in only:
