@@ -354,8 +354,9 @@ def colour_race(args, out: Path) -> int:
         print(f"{name}: KID x 1e3 {r['kid_e3']:.1f} +- {1e3 * r['kid_std']:.1f} ({r['n']} samples){fid}; "
               f"{describe(r['colour'])}{steps}", flush=True)
 
-    if held_out is not None:
-        report("held-out", held_out.images[:max(args.n, args.fid_n)], {"split": "test"})
+    if held_out is not None:  # a seeded subset: a split may be ordered by source (textures: by photo)
+        pick = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))[:max(args.n, args.fid_n)]
+        report("held-out", held_out.images[pick], {"split": "test"})
     flips = dict(data=train.images, flips=True)
     if "difflab" in only:
         flags = ("--image-size", str(args.image_size)) if args.image_size else ()
