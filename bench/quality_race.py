@@ -357,7 +357,7 @@ def colour_race(args, out: Path) -> int:
     if held_out is not None:  # a seeded subset: a split may be ordered by source (textures: by photo)
         pick = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))[:max(args.n, args.fid_n)]
         report("held-out", held_out.images[pick], {"split": "test"})
-    flips = dict(data=train.images, flips=True)
+    peer_data = dict(data=train.images, flips=True)
     if "difflab" in only:
         flags = ("--image-size", str(args.image_size)) if args.image_size else ()
         info = train_difflab(out / "difflab", args.minutes, *flags, data=args.data)
@@ -365,18 +365,17 @@ def colour_race(args, out: Path) -> int:
         images, secs = sample_difflab(out / "difflab", max(args.n, args.fid_n))
         report("difflab", images, info | {"sample_seconds": secs})
     if "diffusers" in only:
-        images, info = race_diffusers(args.minutes, args.peer_n, **flips)
+        images, info = race_diffusers(args.minutes, args.peer_n, **peer_data)
         report("diffusers", images, info)
     if "lucidrains" in only:
-        images, info = race_lucidrains(args.minutes, args.peer_n, **flips)
+        images, info = race_lucidrains(args.minutes, args.peer_n, **peer_data)
         if images is None:
             results["lucidrains"] = info
             print(f"lucidrains: {info['skipped']}", flush=True)
         else:
             report("lucidrains", images, info)
     default_json = ROOT / "bench" / "results" / f"race-{Path(args.data).name}-{size}-{time.strftime('%Y-%m-%d')}.json"
-    write_json(args.json or str(default_json),
-               results)
+    write_json(args.json or str(default_json), results)
     peers = [results[k]["kid"] for k in ("diffusers", "lucidrains") if "kid" in results.get(k, {})]
     if "difflab" in results and peers:
         best = min(peers)  # KID is unbiased and can dip below 0 for a peer as good as the data: no ratio then
