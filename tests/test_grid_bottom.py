@@ -72,6 +72,7 @@ def test_config_auto_numbers_and_old_runs():
     assert TrainConfig().sample_sigma_min == "auto"
     p = argparse.ArgumentParser()
     add_config_arguments(p)
+    assert "auto: where the EMA denoiser's x0 error falls below" in " ".join(p.format_help().split())
     assert config_from_args(p.parse_args(["--sample-sigma-min", "0.25"])).validate().sample_sigma_min == 0.25
     assert config_from_args(p.parse_args(["--sample-sigma-min", "auto"])).validate().sample_sigma_min == "auto"
     with pytest.raises(SystemExit):
