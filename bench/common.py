@@ -162,7 +162,8 @@ def cpu_description() -> str:
 
 
 def write_json(path: str | None, obj) -> None:
-    """Write ``obj`` as indented JSON to ``path`` (nothing when ``path`` is None)."""
+    """Write ``obj`` as indented JSON to ``path``, atomically (nothing when ``path`` is None)."""
     if path:
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=2)
+        from difflab.files import write_text
+
+        write_text(path, json.dumps(obj, indent=2))

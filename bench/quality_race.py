@@ -5,6 +5,7 @@ same wall-clock minutes on the same machine one after the other, judged by one M
     python bench/quality_race.py --only class --class-minutes 12    # class-conditional, guidance 3
     python bench/quality_race.py --only naive2 --naive2-minutes 8   # part 1, denoise then renoise
     python bench/quality_race.py --only steps --run runs/race/difflab   # quality against NFE
+    python bench/quality_race.py --data textures --image-size 32 --minutes 10 --n 2000 --peer-n 500   # colour
 
 Contestants (``--only`` picks some; default ``difflab,diffusers,lucidrains``):
 
@@ -30,6 +31,15 @@ MNIST test split over ``--fid-n`` samples ("classifier FID", comparable only wit
 judged on ``--peer-n`` samples (FID over the same): their samplers take 100 and 250 steps of networks that run
 slower than difflab's on a CPU, and 2,000 of them take hours. The last line is
 ``ratio=X``: difflab's confident fraction over the best peer's. Every number goes to ``--json``.
+
+Colour mode (``--data emoji``, ``textures`` or a folder, ``--image-size`` to resize): the same three contestants on
+those images (difflab: ``difflab train --data DATA`` with ``--image-size`` when given and nothing else; the peers'
+networks take the data's channels and size, and they train with random horizontal flips, as their example
+scripts do), judged by Inception KID over all their samples (FID too from 2,000 samples) against the training
+images (``--reference-n`` of them) and by the colour statistics of ``difflab.evaluate.colour`` (mean saturation,
+brightness, hue sixths of the saturated pixels) against the training images'. The held-out images (the test
+split, when the data has one) are judged the same way as a yardstick. The last line is ``ratio=X``: difflab's
+KID over the best peer's (lower is better); the JSON goes to bench/results/ unless ``--json`` says otherwise.
 """
 
 from __future__ import annotations
@@ -94,6 +104,29 @@ class Judge:
             out["fid_n"] = min(fid_n, len(images))
         return out
 
+class ColourJudge:
+    """Colour mode's judge: Inception KID (and FID from ``fid_min`` samples or more) against the training images
+    (a seeded ``reference_n`` of them when given; their Inception features are cached), and the colour statistics
+    of :mod:`difflab.evaluate.colour` against those of every training image."""
+
+    def __init__(self, train, reference_n: int | None, fid_min: int = 2000):
+        from difflab.evaluate.colour import colour_stats
+
+        self.colours = colour_stats(train.images)
+        if reference_n is not None and reference_n < len(train):
+            train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:reference_n])
+        self.reference, self.fid_min = train, fid_min
+
+    def judge(self, images: torch.Tensor) -> dict:
+        """KID (x 1e3 as ``kid_e3`` too), FID when there are enough samples, the colour comparison."""
+        from difflab.evaluate import evaluate_images
+        from difflab.evaluate.colour import compare
+
+        metrics = ["kid", *(["fid"] if len(images) >= self.fid_min else [])]
+        r = evaluate_images(images, None, self.reference, metrics, "inception", batch_size=64)
+        return {"n": len(images), "kid": r["kid"], "kid_std": r["kid_std"], "kid_e3": 1e3 * r["kid"], "fid": r.get("fid"),
+                "reference_n": len(self.reference), "colour": compare(images, self.colours), "warnings": r["warnings"]}
+
 
 # --- contestants ----------------------------------------------------------------------------------------
 def _difflab(*args: str) -> None:
@@ -101,10 +134,10 @@ def _difflab(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "difflab", *args], check=True, env=env)
 
 
-def train_difflab(out: Path, minutes: float, *flags: str) -> dict:
-    """``difflab train --data mnist --time-limit M`` plus ``flags`` (none for the default contestant)."""
+def train_difflab(out: Path, minutes: float, *flags: str, data: str = "mnist") -> dict:
+    """``difflab train --data DATA --time-limit M`` plus ``flags`` (none for the default contestant)."""
     t0 = time.monotonic()
-    _difflab("train", "--data", "mnist", "--time-limit", str(minutes), "--out", str(out), "--quiet", *flags)
+    _difflab("train", "--data", data, "--time-limit", str(minutes), "--out", str(out), "--quiet", *flags)
     cfg = json.loads((out / "config.json").read_text())
     rows = (out / "loss.csv").read_text().strip().splitlines()
     return {"train_seconds": time.monotonic() - t0, "steps": int(rows[-1].split(",")[0]),
@@ -122,33 +155,47 @@ def sample_difflab(run_dir: Path, n: int, **kw) -> tuple[torch.Tensor, float]:
     return images, time.monotonic() - t0
 
 
-def diffusers_unet():
+def diffusers_unet(channels: int = 1, size: int = 32):
     from diffusers import UNet2DModel
 
-    return UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(32, 64, 64),
                        layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32)
 
 
-def race_diffusers(minutes: float, n: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """diffusers' unconditional recipe (its train_unconditional example's loop), time-limited, then DDIM-100."""
+def _batch(data: torch.Tensor, size: int, flips: bool) -> torch.Tensor:
+    """``size`` random training images (uint8), each flipped left-right with probability 1/2 when ``flips``."""
+    x = data[torch.randint(0, len(data), (size,))]
+    if flips:
+        x = torch.where(torch.rand(size, 1, 1, 1) < 0.5, x.flip(3), x)
+    return x
+
+
+def _mnist() -> torch.Tensor:
+    from difflab.data import load
+
+    return load("mnist", pad_to=32).images
+
+
+def race_diffusers(minutes: float, n: int, seed: int = 0, data: torch.Tensor | None = None,
+                   flips: bool = False) -> tuple[torch.Tensor, dict]:
+    """diffusers' unconditional recipe (its train_unconditional example's loop), time-limited, then DDIM-100, on
+    ``data`` (uint8 [N, C, S, S]; default MNIST padded to 32), with random horizontal flips when ``flips``."""
     import torch.nn.functional as F
     from diffusers import DDIMScheduler, DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    from difflab.data import load
-
     quiet_diffusers()
     torch.manual_seed(seed)
-    data = load("mnist", pad_to=32).images
-    unet = diffusers_unet()
+    data = _mnist() if data is None else data
+    unet = diffusers_unet(data.shape[1], data.shape[-1])
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     ema = EMAModel(unet.parameters(), decay=0.999)
     sched = DDPMScheduler(num_train_timesteps=1000)
     t0, steps, deadline = time.monotonic(), 0, time.monotonic() + minutes * 60
     unet.train()
     while time.monotonic() < deadline:
-        x = data[torch.randint(0, len(data), (64,))].float() / 127.5 - 1
+        x = _batch(data, 64, flips).float() / 127.5 - 1
         noise = torch.randn_like(x)
         t = torch.randint(0, 1000, (64,))
         loss = F.mse_loss(unet(sched.add_noise(x, noise, t), t).sample, noise)
@@ -167,7 +214,7 @@ def race_diffusers(minutes: float, n: int, seed: int = 0) -> tuple[torch.Tensor,
     out, t1 = [], time.monotonic()
     with torch.no_grad():
         for lo in range(0, n, 256):
-            x = torch.randn(min(256, n - lo), 1, 32, 32, generator=g)
+            x = torch.randn(min(256, n - lo), *data.shape[1:], generator=g)
             for t in ddim.timesteps:
                 x = ddim.step(unet(x, t).sample, t, x).prev_sample
             out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
@@ -195,26 +242,27 @@ def _import_lucidrains():
     return GaussianDiffusion, Unet
 
 
-def race_lucidrains(minutes: float, n: int, seed: int = 0) -> tuple[torch.Tensor | None, dict]:
+def race_lucidrains(minutes: float, n: int, seed: int = 0, data: torch.Tensor | None = None,
+                    flips: bool = False) -> tuple[torch.Tensor | None, dict]:
     """lucidrains' recipe: Unet(dim 32, mults 1/2/2; 1.4M) in GaussianDiffusion (v-prediction, sigmoid
     schedule, its defaults), Adam 3.2e-4, ema_pytorch EMA 0.995 every 10 steps, batch 64; sampled with its
-    DDIM at 250 steps (its README's setting; its default is 1000 ancestral steps)."""
+    DDIM at 250 steps (its README's setting; its default is 1000 ancestral steps). ``data`` and ``flips`` as
+    in :func:`race_diffusers` (its Trainer flips by default)."""
     try:
         GaussianDiffusion, Unet = _import_lucidrains()
         from ema_pytorch import EMA
     except Exception as e:
         return None, {"skipped": f"not installable here: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-    from difflab.data import load
-
     torch.manual_seed(seed)
-    data = load("mnist", pad_to=32).images
-    model = GaussianDiffusion(Unet(dim=32, dim_mults=(1, 2, 2), channels=1, flash_attn=False), image_size=32,
+    data = _mnist() if data is None else data
+    model = GaussianDiffusion(Unet(dim=32, dim_mults=(1, 2, 2), channels=data.shape[1], flash_attn=False),
+                              image_size=data.shape[-1],
                               timesteps=1000, sampling_timesteps=250, objective="pred_v", beta_schedule="sigmoid")
     opt = torch.optim.Adam(model.parameters(), lr=3.2e-4, betas=(0.9, 0.99))
     ema = EMA(model, beta=0.995, update_every=10)
     t0, steps, deadline = time.monotonic(), 0, time.monotonic() + minutes * 60
     while time.monotonic() < deadline:
-        loss = model(data[torch.randint(0, len(data), (64,))].float() / 255)
+        loss = model(_batch(data, 64, flips).float() / 255)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -268,6 +316,74 @@ def quality_vs_steps(run_dir: Path, judge: Judge, n: int, samplers, nfes, defaul
     return table
 
 
+def colour_race(args, out: Path) -> int:
+    """difflab's defaults (``difflab train --data DATA`` and ``--image-size`` when given) against the diffusers
+    and lucidrains recipes on the same colour images for the same minutes, with the held-out images as a
+    yardstick; ``ratio=X`` is difflab's KID over the best peer's (lower is better)."""
+    from difflab import grid_bottom
+    from difflab.data import load
+    from difflab.errors import DataError
+    from difflab.evaluate.colour import describe
+
+    only = set(args.only.split(","))
+    if only - {"difflab", "diffusers", "lucidrains"}:
+        raise SystemExit(f"--data {args.data}: the colour race has the contestants difflab, diffusers and lucidrains")
+    try:
+        train = load(args.data, image_size=args.image_size)
+    except DataError as e:
+        raise SystemExit(f"--data {args.data}: {e}") from None
+    try:
+        held_out = load(args.data, split="test", image_size=args.image_size)
+    except DataError:
+        held_out = None
+    size = f"{train.height}px"
+    out = out / f"{Path(args.data).name}-{size}-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh run folder for each race
+    print(f"# colour race on {args.data} ({len(train)} training images, {'x'.join(map(str, train.shape))}), "
+          f"{args.minutes:g} minutes each, on {cpu_description()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    judge = ColourJudge(train, args.reference_n)
+    results: dict = {"cpu": cpu_description(), "data": args.data, "shape": list(train.shape), "minutes": args.minutes,
+                     "runs": str(out), "train_colours": judge.colours}
+
+    def report(name: str, images: torch.Tensor, info: dict) -> None:
+        r = results[name] = judge.judge(images) | info
+        fid = f", FID {r['fid']:.1f} ({r['n']})" if r["fid"] is not None else ""
+        steps = f"; {r['steps']} steps in {r['train_seconds'] / 60:.1f} min" if "steps" in r else ""
+        if r.get("grid_bottom"):
+            steps += f"; grid bottom sigma {r['grid_bottom']['sigma_min']:.3g}"
+        print(f"{name}: KID x 1e3 {r['kid_e3']:.1f} +- {1e3 * r['kid_std']:.1f} ({r['n']} samples){fid}; "
+              f"{describe(r['colour'])}{steps}", flush=True)
+
+    if held_out is not None:  # a seeded subset: a split may be ordered by source (textures: by photo)
+        pick = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))[:max(args.n, args.fid_n)]
+        report("held-out", held_out.images[pick], {"split": "test"})
+    peer_data = dict(data=train.images, flips=True)
+    if "difflab" in only:
+        flags = ("--image-size", str(args.image_size)) if args.image_size else ()
+        info = train_difflab(out / "difflab", args.minutes, *flags, data=args.data)
+        info["grid_bottom"] = grid_bottom.load(out / "difflab")  # the sigma_min the rule chose when training ended
+        images, secs = sample_difflab(out / "difflab", max(args.n, args.fid_n))
+        report("difflab", images, info | {"sample_seconds": secs})
+    if "diffusers" in only:
+        images, info = race_diffusers(args.minutes, args.peer_n, **peer_data)
+        report("diffusers", images, info)
+    if "lucidrains" in only:
+        images, info = race_lucidrains(args.minutes, args.peer_n, **peer_data)
+        if images is None:
+            results["lucidrains"] = info
+            print(f"lucidrains: {info['skipped']}", flush=True)
+        else:
+            report("lucidrains", images, info)
+    default_json = ROOT / "bench" / "results" / f"race-{Path(args.data).name}-{size}-{time.strftime('%Y-%m-%d')}.json"
+    write_json(args.json or str(default_json), results)
+    peers = [results[k]["kid"] for k in ("diffusers", "lucidrains") if "kid" in results.get(k, {})]
+    if "difflab" in results and peers:
+        best = min(peers)  # KID is unbiased and can dip below 0 for a peer as good as the data: no ratio then
+        print(f"ratio={results['difflab']['kid'] / best:.3f}" if best > 0 else
+              f"ratio=n/a (best peer KID {best:.2g} <= 0, difflab {results['difflab']['kid']:.2g})")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=10.0, help="training minutes of each unconditional contestant")
@@ -283,11 +399,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/race", help="folder for the runs")
     p.add_argument("--run", default=None, help="steps: the run to measure (default OUT/difflab)")
     p.add_argument("--samplers", default=",".join(FEWSTEP), help="steps: the samplers beside the run's default")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write every number here (colour mode: bench/results/race-DATA-SIZE-DATE.json)")
+    p.add_argument("--data", default="mnist", help="mnist (the classifier-judged race), or emoji, textures or a folder "
+                   "of images: the colour race, judged by Inception KID and colour statistics")
+    p.add_argument("--image-size", type=int, default=None, help="colour mode: the size the images are trained at "
+                   "(default: the data's own)")
+    p.add_argument("--reference-n", type=int, default=None, help="colour mode: the training images the KID compares "
+                   "with (a seeded subset; default all)")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.data != "mnist":
+        return colour_race(args, out)
     device = torch.device("cpu")
     print(f"# quality race on {cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
           flush=True)

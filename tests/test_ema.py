@@ -321,20 +321,22 @@ def test_runs_without_early_snapshots_sample_unguided(tmp_path):
 
 
 def test_runs_sample_down_to_their_sigma_min_and_guide_in_their_interval(trained):
+    from difflab import grid_bottom
     from difflab.request import SampleRequest
     from difflab.sampling import request_evaluations
 
     run = load_run(trained)
     d = run.sampling_defaults()
-    assert d["sigma_min"] == 0.5 and d["guide_sigmas"] == (1.0, 20.0)  # TrainConfig's defaults
+    bottom = grid_bottom.load(trained)["sigma_min"]  # TrainConfig's default 'auto': measured when training ended
+    assert d["sigma_min"] == bottom > 0 and d["guide_sigmas"] == (1.0, 20.0)  # TrainConfig's defaults
     req = SampleRequest(n=2).resolve(run.traits())
     levels = run.levels(req)
-    assert len(levels) == req.steps and min(levels) == pytest.approx(0.5) and max(levels) == pytest.approx(80.0)
+    assert len(levels) == req.steps and min(levels) == pytest.approx(bottom) and max(levels) == pytest.approx(80.0)
     inside = sum(1.0 <= s <= 20.0 for s in levels)
     assert 0 < inside < len(levels) and request_evaluations(run, SampleRequest(n=2)) == req.steps + inside
     # the same samples as an explicit request with those settings; other settings change them
     default = run.sample(2, steps=4)
-    assert torch.equal(default, run.sample(2, steps=4, sigma_min=0.5, guide_sigmas=(1.0, 20.0), autoguidance=3.0))
+    assert torch.equal(default, run.sample(2, steps=4, sigma_min=bottom, guide_sigmas=(1.0, 20.0), autoguidance=3.0))
     assert not torch.equal(default, run.sample(2, steps=4, sigma_min=0.0))
     assert not torch.equal(default, run.sample(2, steps=4, guide_sigmas=(0.0, math.inf)))
 

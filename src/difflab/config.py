@@ -25,6 +25,16 @@ def _option(default, help: str, choices=None, **kw):
     return field(default=default, metadata={"help": help, "choices": choices, **kw})
 
 
+def _sigma_or_auto(text: str) -> float | str:
+    """``--sample-sigma-min``: 'auto' or a number."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or a noise level, got '{text}'") from None
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run."""
@@ -98,8 +108,11 @@ class TrainConfig:
                                 "value; --no-cold-update: fresh random pixels every step, as in the series)")
     told_noise: float = _option(1.0, "naive2: the fraction of the noised pixels the network is told of while sampling "
                                 "(1: the truth; below 1 its samples differ more)")
-    sample_sigma_min: float = _option(0.5, "the lowest noise level of the karras and geometric sampling grids (VE "
-                                      "units): the last step denoises from there; 0: the process's own")
+    sample_sigma_min: float | str = _option("auto", "the lowest noise level of the karras and geometric sampling grids "
+                                            "(VE units): the last step denoises from there; 0: the process's own; auto: "
+                                            "where the EMA denoiser's x0 error falls below 0.04 of the data variance, "
+                                            "measured when training ends (difflab.grid_bottom; 0.5 until then)",
+                                            parse=_sigma_or_auto)
     clip: str = _option("clip", "x0 estimates while sampling: clip to the data range, dynamic (Imagen's thresholding) "
                    "or none", ("none", "clip", "dynamic"))
     # --- evaluation during training (difflab.evaluate.during_training) ---
@@ -120,6 +133,10 @@ class TrainConfig:
                 raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got '{getattr(self, f.name)}'")
         for name, (lo, hi, *opts) in _RANGES.items():
             check_range(f"--{_flag(name)}", getattr(self, name), lo, hi, **(opts[0] if opts else {}))
+        if self.sample_sigma_min != "auto":
+            if isinstance(self.sample_sigma_min, str):
+                raise UsageError(f"--sample-sigma-min must be auto or a noise level, got '{self.sample_sigma_min}'")
+            check_range("--sample-sigma-min", self.sample_sigma_min, 0, 80, open_hi=True)
         if self.dropout != -1:
             check_range("--dropout", self.dropout, 0, 1, open_hi=True)
         if self.channels_mult:
@@ -156,7 +173,7 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise TypeError("not a JSON object")
         types = {f.name: str(f.type) for f in fields(cls)}
-        kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+        kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "float | str": (int, float, str)}
         for k, v in d.items():
             ok = kinds.get(types.get(k, ""))  # fields of other types (none yet) are not checked here
             if ok and (not isinstance(v, ok) or (isinstance(v, bool) and types[k] != "bool")):
@@ -181,7 +198,7 @@ _RANGES: dict[str, tuple] = {
     "log_every": (1, 10**6), "sample_every": (0, 10**10), "sample_steps": (1, 100_000),
     "checkpoint_every": (1, 10**10), "keep": (1, 10_000), "ema_snapshot_every": (0, 10**10),
     "min_snr_gamma": (0, 1e6, {"open_lo": True}), "guide_sigma_min": (0, 1e9), "guide_sigma_max": (0, 1e9),
-    "sample_sigma_min": (0, 80, {"open_hi": True}), "told_noise": (0, 1, {"open_lo": True}),
+    "told_noise": (0, 1, {"open_lo": True}),
     "eval_every": (-1, 10**10), "eval_n": (2, 100_000),
 }
 
@@ -228,7 +245,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            typ = f.metadata.get("parse") or {"int": int, "float": float, "str": str}.get(str(f.type), str)
             parser.add_argument(flag, type=typ, default=None, help=help_text, metavar=f.name.upper()
                                 if typ is not str else None, choices=f.metadata.get("choices"))
 

