@@ -268,7 +268,7 @@ class Run:
         if self.cfg is None:
             return {}
         d = self.method.sampling_defaults()
-        if "sigma_min" in d:
+        if self.method.denoises:
             d["sigma_min"] = self.grid_bottom()
         if self.conditioner.kind != "none":
             d["guidance"] = self.cfg.guidance

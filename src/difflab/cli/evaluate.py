@@ -93,12 +93,8 @@ def run(args: argparse.Namespace) -> int:
         images, labels = _draw(args, model)
         if images is None:
             return 0
-    result = evaluate_images(images, labels, reference, [m for m in metrics if m != "colour"], args.features,
-                             device=device, progress=True, inception_precision=args.inception_precision)
-    if "colour" in metrics:
-        from difflab.evaluate.colour import compare
-
-        result["colour"] = compare(images, reference.images)
+    result = evaluate_images(images, labels, reference, metrics, args.features, device=device, progress=True,
+                             inception_precision=args.inception_precision)
     if args.run:
         result.update(run=str(args.run), step=loaded_run.step, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, autoguidance=args.autoguidance, seed=args.seed)

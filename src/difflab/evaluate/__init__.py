@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 METRICS = ("fid", "kid", "precision", "recall", "accuracy")
+OPTIONAL_METRICS = ("colour",)  # asked for by name only
 FEATURES = ("inception", "classifier")
 FID_MIN_SAMPLES = 10_000
 
@@ -68,8 +69,9 @@ def evaluate_images(
     """Compare samples (uint8 [N, C, H, W]) with reference data (an ``ImageData``).
 
     metrics: any of "fid", "kid" (also gives "kid_std"), "precision", "recall" (Kynkaanniemi,
-    k nearest neighbours) and "accuracy" (how often the classifier of the reference data
-    assigns each sample its ``fake_labels`` class). features: "inception" (2048-d, comparable to
+    k nearest neighbours), "accuracy" (how often the classifier of the reference data
+    assigns each sample its ``fake_labels`` class) and "colour" (saturation, brightness and hue sixths against
+    the reference's: :func:`difflab.evaluate.colour.compare`). features: "inception" (2048-d, comparable to
     published numbers) or "classifier" (128-d penultimate features of a small CNN trained on the
     reference data: fast on a CPU, comparable only within difflab). The classifier is trained on
     the reference data the first time (a seeded 10% held out) and cached, unless ``classifier``
@@ -111,6 +113,10 @@ def evaluate_images(
         fake_feats = extractor(fake).astype(np.float32).astype(np.float64)
         result.update(_feature_metrics(ref, fake_feats, metrics, len(reference), warnings, kid_subsets,
                                        kid_subset_size, k, seed))
+    if "colour" in metrics:
+        from difflab.evaluate.colour import compare
+
+        result["colour"] = compare(fake, reference.images)
     result["warnings"] = warnings
     return result
 
@@ -122,12 +128,12 @@ def check_evaluation(metrics: Sequence[str], features: str, reference, n: int, *
     unknown names, too few samples, the Inception weights, labelled reference data for classifier
     features (unless a ``classifier`` is given), sample labels (up to ``label_max``) outside its classes.
     ``labels``: whether the samples come with the classes they were drawn for."""
-    unknown = [m for m in metrics if m not in METRICS]
+    unknown = [m for m in metrics if m not in METRICS + OPTIONAL_METRICS]
     if unknown:
-        raise UsageError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(METRICS)}")
+        raise UsageError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(METRICS + OPTIONAL_METRICS)}")
     if features not in FEATURES:
         raise UsageError(f"unknown features '{features}': choose from {', '.join(FEATURES)}")
-    feature_metrics = [m for m in metrics if m != "accuracy"]
+    feature_metrics = [m for m in metrics if m not in ("accuracy", *OPTIONAL_METRICS)]
     problems, notes = [], []
     if feature_metrics and n < 2:
         problems.append(f"{', '.join(feature_metrics)} need at least 2 samples, got {n}")

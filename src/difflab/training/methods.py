@@ -138,7 +138,8 @@ class GaussianMethod:
         if self.cfg is None:  # a network trained elsewhere: its model's own defaults apply
             return {}
         cfg = self.cfg
-        return {"sampler": cfg.sampler, "steps": cfg.sample_steps, "clip": cfg.clip, "sigma_min": cfg.sample_sigma_min,
+        bottom = {} if cfg.sample_sigma_min == "auto" else {"sigma_min": cfg.sample_sigma_min}  # auto: the run measures it
+        return {"sampler": cfg.sampler, "steps": cfg.sample_steps, "clip": cfg.clip, **bottom,
                 "guide_sigmas": (cfg.guide_sigma_min, cfg.guide_sigma_max)}
 
     def loss(self, net, x: torch.Tensor, cond: dict | None, step: int, seeds: torch.Tensor) -> torch.Tensor:
