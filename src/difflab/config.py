@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -92,9 +93,10 @@ class TrainConfig:
                                   "training (Karras et al. 2024); 1: off")
     guide_at: float = _option(0.25, "where the autoguidance guide is taken from: the EMA snapshot nearest this "
                               "fraction of the run (at most 0.5)")
-    guide_sigma_min: float = _option(1.0, "autoguidance only at noise levels sigma >= this (VE units; 0: from the bottom)")
-    guide_sigma_max: float = _option(20.0, "autoguidance only at noise levels sigma <= this (VE units; above, the "
-                                     "network alone: one evaluation a step)")
+    guide_sigma_min: float = _option(-1.0, "guidance (classifier-free and autoguidance) only at noise levels sigma >= "
+                                     "this (VE units; 0: from the bottom; -1: the run's kind's, see guide_interval)")
+    guide_sigma_max: float = _option(-1.0, "guidance only at noise levels sigma <= this (VE units; above, the network "
+                                     "alone: one evaluation a step; -1: the run's kind's, see guide_interval)")
     cold_update: bool = _option(False, "naive2: sample with the cold-diffusion update (pixels revealed keep their "
                                 "value; --no-cold-update: fresh random pixels every step, as in the series)")
     told_noise: float = _option(1.0, "naive2: the fraction of the noised pixels the network is told of while sampling "
@@ -117,6 +119,9 @@ class TrainConfig:
             check_range(f"--{_flag(name)}", getattr(self, name), lo, hi, **(opts[0] if opts else {}))
         if self.dropout != -1:
             check_range("--dropout", self.dropout, 0, 1, open_hi=True)
+        for name in ("guide_sigma_min", "guide_sigma_max"):
+            if getattr(self, name) != -1:
+                check_range(f"--{_flag(name)}", getattr(self, name), 0, 1e9)
         if self.channels_mult:
             channel_widths(self.channels_mult)
         if not DEVICE.fullmatch(self.device):
@@ -175,10 +180,23 @@ _RANGES: dict[str, tuple] = {
     "grad_clip": (0, None), "ema_decay": (0, 1, {"open_hi": True}), "seed": (0, MAX_SEED),
     "log_every": (1, 10**6), "sample_every": (0, 10**10), "sample_steps": (1, 100_000),
     "checkpoint_every": (1, 10**10), "keep": (1, 10_000), "ema_snapshot_every": (0, 10**10),
-    "min_snr_gamma": (0, 1e6, {"open_lo": True}), "guide_sigma_min": (0, 1e9), "guide_sigma_max": (0, 1e9),
+    "min_snr_gamma": (0, 1e6, {"open_lo": True}),
     "sample_sigma_min": (0, 80, {"open_hi": True}), "told_noise": (0, 1, {"open_lo": True}),
 }
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+
+
+# The guidance interval a run samples with when its config says -1 (auto), by conditioning: unconditional
+# runs autoguide at 1..20 (measured, bench/RESULTS.md "Defaults"); class and text runs guide at every level
+# until an interval is measured for them.
+GUIDE_INTERVALS = {"none": (1.0, 20.0), "class": (0.0, math.inf), "text": (0.0, math.inf)}
+
+
+def guide_interval(cfg: TrainConfig) -> tuple[float, float]:
+    """The noise levels (lo, hi) where the run's guidance acts: its guide_sigma_min/max, each -1 taking
+    :data:`GUIDE_INTERVALS` of its conditioning."""
+    lo, hi = GUIDE_INTERVALS.get(cfg.conditioning, GUIDE_INTERVALS["none"])
+    return (lo if cfg.guide_sigma_min == -1 else cfg.guide_sigma_min, hi if cfg.guide_sigma_max == -1 else cfg.guide_sigma_max)
 
 
 def process_config(cfg: TrainConfig) -> dict[str, Any]:

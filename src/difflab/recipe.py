@@ -111,6 +111,9 @@ def _guided(cfg: TrainConfig) -> str:
     if cfg.conditioning != "none":
         return f", guidance {cfg.guidance:g}"
     if cfg.autoguidance != 1.0 and cfg.ema_snapshot_every > 0:
-        return (f", autoguidance {cfg.autoguidance:g} at sigma {cfg.guide_sigma_min:g}..{cfg.guide_sigma_max:g} "
+        from difflab.config import guide_interval
+
+        lo, hi = guide_interval(cfg)
+        return (f", autoguidance {cfg.autoguidance:g} at sigma {lo:g}..{hi:g} "
                 f"(guide: the EMA at {cfg.guide_at:g} of the run)")
     return ""

@@ -36,7 +36,8 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
                   classifier_scale: float = 0.0, classifier_sigma_max: float | None = None, progress=None,
                   callback=None, clip: str = "clip", data_range: tuple[float, float] = (-1.0, 1.0),
                   autoguidance: float = 1.0, guide=None, guide_sigmas: tuple[float, float] | None = None,
-                  **options) -> torch.Tensor:
+                  guidance_rescale: float = 0.0, apg_eta: float | None = None, apg_threshold: float | None = None,
+                  apg_momentum: float | None = None, **options) -> torch.Tensor:
     """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j). The settings are
     those of a :class:`~difflab.request.SampleRequest`, which checks them (:func:`sample_request`).
 
@@ -46,8 +47,10 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
     a noisy classifier's gradient (classifier guidance; needs ``labels``), at noise levels up to
     ``classifier_sigma_max`` (default ``guidance.CLASSIFIER_SIGMA_MAX``; ``math.inf``: every level).
     ``autoguidance`` w != 1 mixes in ``guide``, a weaker network of the same run (:meth:`Run.guide_net`):
-    D_guide + w (D - D_guide), each under the same classifier-free guidance, at the noise levels in
-    ``guide_sigmas`` (lo, hi) (every level when None).
+    D_guide + w (D - D_guide), each under the same classifier-free guidance. Both guide only at the noise
+    levels in ``guide_sigmas`` (lo, hi) (every level when None); elsewhere the network is called once, unguided.
+    ``guidance_rescale`` phi and APG (``apg_eta``, ``apg_threshold``, ``apg_momentum``) change how both make
+    the guided estimate (:class:`~difflab.guidance.GuidanceRule`).
     ``clip`` limits every x0 estimate to ``data_range`` after guidance (:class:`~difflab.denoiser.ClipX0`:
     ``clip``, ``dynamic`` or ``none``)."""
     net.eval()
@@ -58,19 +61,23 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n)
     cond_fn = _cond_fn(conditioner, labels, prompt, device) if conditional else None
     wraps = []  # around the method's denoiser, innermost first
+    from difflab.guidance import APG, EVERYWHERE
+
+    apg = None if apg_eta is None else APG(apg_eta, math.inf if apg_threshold is None else apg_threshold,
+                                           apg_momentum or 0.0)
+    rule = {"sigmas": guide_sigmas if guide_sigmas is not None else EVERYWHERE, "rescale": guidance_rescale, "apg": apg}
     if conditional and guidance != 1.0:
         from difflab.guidance import ClassifierFreeGuidance
 
         null = conditioner.null(min(n, batch_size), device)
-        wraps.append(lambda d: ClassifierFreeGuidance(d, null, guidance))
+        wraps.append(lambda d: ClassifierFreeGuidance(d, null, guidance, **rule))
     if autoguidance != 1.0:
         from difflab.guidance import Autoguidance
 
         if guide is None:
             raise UsageError("autoguidance needs the guide network (Run.guide_net)")
         under = list(wraps)  # the guide gets the same classifier-free guidance as the network
-        interval = guide_sigmas if guide_sigmas is not None else (0.0, math.inf)
-        wraps.append(lambda d: Autoguidance(d, _wrapped(method.denoiser(guide), under), autoguidance, interval))
+        wraps.append(lambda d: Autoguidance(d, _wrapped(method.denoiser(guide), under), autoguidance, **rule))
     if classifier is not None:
         from difflab.guidance import CLASSIFIER_SIGMA_MAX, ClassifierGuidance
 

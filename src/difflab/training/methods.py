@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 import torch
 
 from difflab import naive
-from difflab.config import TrainConfig, process_config  # (process_config: imported from here too)
+from difflab.config import TrainConfig, guide_interval, process_config  # (process_config: imported from here too)
 from difflab.data.imagedata import to_model
 from difflab.denoiser import Denoiser
 from difflab.errors import UsageError
@@ -139,7 +139,7 @@ class GaussianMethod:
             return {}
         cfg = self.cfg
         return {"sampler": cfg.sampler, "steps": cfg.sample_steps, "clip": cfg.clip, "sigma_min": cfg.sample_sigma_min,
-                "guide_sigmas": (cfg.guide_sigma_min, cfg.guide_sigma_max)}
+                "guide_sigmas": guide_interval(cfg)}
 
     def loss(self, net, x: torch.Tensor, cond: dict | None, step: int, seeds: torch.Tensor) -> torch.Tensor:
         den = self.denoiser(net)
