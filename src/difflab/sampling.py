@@ -54,15 +54,36 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
     ``clip`` limits every x0 estimate to ``data_range`` after guidance (:class:`~difflab.denoiser.ClipX0`:
     ``clip``, ``dynamic`` or ``none``)."""
     net.eval()
+    wrap, cond_fn = guidance_wrap(method, conditioner, n, device=device, batch_size=batch_size, labels=labels,
+                                  prompt=prompt, start=start, guidance=guidance, classifier=classifier,
+                                  classifier_scale=classifier_scale, classifier_sigma_max=classifier_sigma_max,
+                                  clip=clip, data_range=data_range, autoguidance=autoguidance, guide=guide,
+                                  guide_sigmas=guide_sigmas, guidance_rescale=guidance_rescale, apg_eta=apg_eta,
+                                  apg_threshold=apg_threshold, apg_momentum=apg_momentum)
+    x = method.sample(net, n, shape, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
+                      start=start, callback=callback, wrap=wrap, cond_fn=cond_fn, init_noise=init_noise,
+                      progress=progress, **options)
+    return to_uint8(x)
+
+
+def guidance_wrap(method: Method, conditioner: Conditioner | None, n: int, *, device="cpu", batch_size: int = 256,
+                  labels: torch.Tensor | None = None, prompt: str | None = None, start: int = 0, guidance: float = 1.0,
+                  classifier=None, classifier_scale: float = 0.0, classifier_sigma_max: float | None = None,
+                  clip: str = "clip", data_range: tuple[float, float] = (-1.0, 1.0), autoguidance: float = 1.0,
+                  guide=None, guide_sigmas: tuple[float, float] | None = None, guidance_rescale: float = 0.0,
+                  apg_eta: float | None = None, apg_threshold: float | None = None, apg_momentum: float | None = None):
+    """(wrap, cond_fn) of n images drawn with these settings (those of :func:`sample_images`): ``wrap(denoiser)``
+    puts the guidance and x0 clipping around the method's denoiser, ``cond_fn(slice)`` gives a batch's
+    condition (None for an unconditional draw). What sampling and editing (:mod:`difflab.editing`) share."""
     conditional = conditioner is not None and conditioner.kind != "none"
     if conditional and labels is None and prompt is None:
         labels = cycled_labels(start, n, conditioner.num_classes)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n)
     cond_fn = _cond_fn(conditioner, labels, prompt, device) if conditional else None
-    wraps = []  # around the method's denoiser, innermost first
     from difflab.guidance import APG, EVERYWHERE
 
+    wraps = []  # around the method's denoiser, innermost first
     apg = None if apg_eta is None else APG(apg_eta, math.inf if apg_threshold is None else apg_threshold,
                                            apg_momentum or 0.0)
     rule = {"sigmas": guide_sigmas if guide_sigmas is not None else EVERYWHERE, "rescale": guidance_rescale, "apg": apg}
@@ -86,11 +107,7 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
         cond_fn = _with_classifier_labels(cond_fn, labels, device)
     if clip != "none":
         wraps.append(lambda d: ClipX0(d, clip, data_range))
-
-    x = method.sample(net, n, shape, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
-                      start=start, callback=callback, wrap=lambda den: _wrapped(den, wraps), cond_fn=cond_fn, init_noise=init_noise,
-                      progress=progress, **options)
-    return to_uint8(x)
+    return (lambda den: _wrapped(den, wraps)), cond_fn
 
 
 def _wrapped(den, wraps: list):
