@@ -96,3 +96,113 @@ def test_repaint_with_nothing_masked_is_the_image_and_a_wrong_step_fails_the_law
     assert abs(float(coarse.std()) - S0) > 0.05
     with pytest.raises(UsageError, match="--jump-length"):
         repaint(den, x, every, sigmas, sample_seeds(0, n), jump_length=0)
+
+
+# --- Model.edit and difflab edit on a trained run ------------------------------------------------------
+
+TINY = {"data": "digits", "model": "tiny", "batch_size": 8, "log_every": 1, "checkpoint_every": 2,
+        "sample_every": 0, "sample_steps": 4, "warmup": 1, "conditioning": "class", "cond_drop": 0.2}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, one_thread):
+    import difflab
+
+    return difflab.train(**TINY, steps=2, out=str(tmp_path_factory.mktemp("edit") / "run"))
+
+
+def digits(n):
+    from difflab.data import load
+
+    return load("digits", split="test").images[:n]
+
+
+def test_model_edit_strength_1_is_a_sample_and_0_the_image(model):
+    x = digits(4)
+    labels = torch.tensor([3, 1, 4, 1])
+    assert torch.equal(model.edit(x, strength=1.0, seed=2, labels=labels), model.sample(4, seed=2, labels=labels))
+    assert torch.equal(model.edit(x, strength=0.0, seed=2, labels=labels), x)
+    half = model.edit(x, strength=0.5, seed=2, labels=labels, sampler="ddim", steps=6)
+    assert half.shape == x.shape and not torch.equal(half, x)
+    assert torch.equal(half, model.edit(x, strength=0.5, seed=2, labels=labels, sampler="ddim", steps=6, batch_size=3))
+    # the request's guidance reaches the edit
+    assert not torch.equal(half, model.edit(x, strength=0.5, seed=2, labels=labels, sampler="ddim", steps=6, guidance=1.0))
+
+
+def test_model_edit_with_a_mask_repaints_only_the_white_pixels(model):
+    x = digits(3)
+    mask = torch.zeros(8, 8, dtype=torch.uint8)
+    mask[4:] = 255  # the lower half
+    out = model.edit(x, mask=mask, seed=1, steps=6, jump_length=2, resample=2)
+    assert torch.equal(out[:, :, :4], x[:, :, :4]) and not torch.equal(out[:, :, 4:], x[:, :, 4:])
+    assert torch.equal(model.edit(x, mask=torch.zeros(8, 8, dtype=torch.bool), seed=1, steps=6), x)
+    per_image = torch.stack([mask >= 128, torch.zeros(8, 8, dtype=torch.bool), mask >= 128])[:, None]
+    out2 = model.edit(x, mask=per_image, seed=1, steps=6, jump_length=2, resample=2)
+    assert torch.equal(out2[1], x[1]) and torch.equal(out2[0], out[0])
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"strength": 1.5}, "--strength must be in [0, 1]"),
+    ({"mask": torch.zeros(4, 4, dtype=torch.bool)}, "the mask has shape [4, 4]"),
+    ({"mask": [[1, 0]]}, "the mask must be an image"),
+    ({"mask": torch.full((8, 8), 2.0)}, "values in [0, 1]"),
+    ({"init_noise": torch.zeros(2, 1, 8, 8)}, "no init_noise"),
+    ({"jump_length": 0, "mask": torch.ones(8, 8, dtype=torch.bool)}, "--jump-length"),
+])
+def test_model_edit_refuses_bad_settings(model, kwargs, msg):
+    with pytest.raises(UsageError) as e:
+        model.edit(digits(2), steps=2, **kwargs)
+    assert msg in str(e.value)
+    with pytest.raises(UsageError, match="uint8 images"):
+        model.edit(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
+
+
+def _cli(capsys, *args):
+    from difflab.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err.strip()
+
+
+def test_cli_edit_writes_the_edit_of_model_edit(model, capsys, tmp_path):
+    from PIL import Image
+
+    x = digits(1)
+    Image.fromarray(x[0, 0].numpy()).save(tmp_path / "in.png")
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[:, 4:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    rc, out, err = _cli(capsys, "edit", "--run", model.path, "--image", tmp_path / "in.png", "--strength", "0.5",
+                        "--steps", "6", "--class", "7", "--seed", "3", "--out", tmp_path / "e.png")
+    assert rc == 0, err
+    got = torch.from_numpy(np.asarray(Image.open(tmp_path / "e.png")))[None, None]
+    assert torch.equal(got, model.edit(x, strength=0.5, steps=6, labels=7, seed=3))
+    rc, _, err = _cli(capsys, "edit", "--run", model.path, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
+                      "--steps", "6", "--jump-length", "3", "--resample", "2", "--out", tmp_path / "m.png")
+    assert rc == 0, err
+    got = torch.from_numpy(np.asarray(Image.open(tmp_path / "m.png")))[None, None]
+    assert torch.equal(got, model.edit(x, mask=torch.from_numpy(mask), steps=6, jump_length=3, resample=2))
+    assert torch.equal(got[..., :4], x[..., :4])
+
+
+def test_cli_edit_bad_inputs_are_one_line_exit_2(model, capsys, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "big.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    base = ("edit", "--run", model.path, "--steps", "2", "--out", tmp_path / "o.png")
+    for args, msg in (
+        (("--image", tmp_path / "big.png"), "is 16x16; this run draws 8x8"),
+        (("--image", tmp_path / "in.png", "--mask", tmp_path / "big.png"), "--mask"),
+        (("--image", tmp_path / "in.png", "--mask", tmp_path / "notes.txt"), "is not an image"),
+        (("--image", tmp_path / "notes.txt"), "is not an image"),
+        (("--image", tmp_path / "nothing.png"), "is not a file"),
+        (("--image", tmp_path / "in.png", "--strength", "1.5"), "--strength must be in [0, 1]"),
+        (("--image", tmp_path / "in.png", "--strength", "-0.1"), "--strength must be in [0, 1]"),
+    ):
+        rc, _, err = _cli(capsys, *base, *args)
+        assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "o.png").exists()

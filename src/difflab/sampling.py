@@ -286,6 +286,21 @@ class Run:
             progress(request.n)  # batch-seeded methods draw a batch at a time, with no progress of their own
         return images
 
+    def editing(self, request: SampleRequest):
+        """What :meth:`Model.edit <difflab.model.Model.edit>` draws with for a prepared request: (the denoiser with
+        the request's guidance and clipping, cond_fn(slice) of its images, the sampler's grid, the sampler's options)."""
+        from difflab.samplers import sampler_sigmas
+
+        kw = request.sample_kwargs()
+        options = request.options()
+        spacing, sigma_min = options.pop("spacing", None), options.pop("sigma_min", None)
+        own = {"seed", "start", "sampler", "steps", "init_noise", "batch_size", *request.options()}
+        wrap, cond_fn = guidance_wrap(self.method, self.conditioner, request.n, device=self.device,
+                                      batch_size=request.batch_size, guide=self.guide_net(request.autoguidance),
+                                      **{k: v for k, v in kw.items() if k not in own})
+        den = wrap(self.denoiser())
+        return den, cond_fn, sampler_sigmas(den.process, request.sampler, request.steps, spacing, sigma_min), options
+
     def sampling_defaults(self) -> dict:
         """What the run samples with unless told: its sampler, step count, x0 clipping and, for class and
         text runs, its guidance scale (saved in config.json); none for a model trained elsewhere."""
