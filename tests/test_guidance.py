@@ -639,7 +639,8 @@ def test_a_class_run_guides_in_the_requested_interval_and_counts_its_evaluations
 
 
 def test_the_run_interval_defaults_by_conditioning_and_is_saved():
-    from difflab.config import TrainConfig, guide_interval
+    from difflab.config import TrainConfig
+    from difflab.recipe import guide_interval
 
     assert guide_interval(TrainConfig()) == (1.0, 20.0)  # unconditional: autoguidance's measured interval
     assert guide_interval(TrainConfig(conditioning="class")) == (0.0, math.inf)

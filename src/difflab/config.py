@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -94,9 +93,9 @@ class TrainConfig:
     guide_at: float = _option(0.25, "where the autoguidance guide is taken from: the EMA snapshot nearest this "
                               "fraction of the run (at most 0.5)")
     guide_sigma_min: float = _option(-1.0, "guidance (classifier-free and autoguidance) only at noise levels sigma >= "
-                                     "this (VE units; 0: from the bottom; -1: the run's kind's, see guide_interval)")
+                                     "this (VE units; 0: from the bottom; -1: the run's kind's, recipe.guide_interval)")
     guide_sigma_max: float = _option(-1.0, "guidance only at noise levels sigma <= this (VE units; above, the network "
-                                     "alone: one evaluation a step; -1: the run's kind's, see guide_interval)")
+                                     "alone: one evaluation a step; -1: the run's kind's, recipe.guide_interval)")
     cold_update: bool = _option(False, "naive2: sample with the cold-diffusion update (pixels revealed keep their "
                                 "value; --no-cold-update: fresh random pixels every step, as in the series)")
     told_noise: float = _option(1.0, "naive2: the fraction of the noised pixels the network is told of while sampling "
@@ -184,19 +183,6 @@ _RANGES: dict[str, tuple] = {
     "sample_sigma_min": (0, 80, {"open_hi": True}), "told_noise": (0, 1, {"open_lo": True}),
 }
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
-
-
-# The guidance interval a run samples with when its config says -1 (auto), by conditioning: unconditional
-# runs autoguide at 1..20 (measured, bench/RESULTS.md "Defaults"); class and text runs guide at every level
-# until an interval is measured for them.
-GUIDE_INTERVALS = {"none": (1.0, 20.0), "class": (0.0, math.inf), "text": (0.0, math.inf)}
-
-
-def guide_interval(cfg: TrainConfig) -> tuple[float, float]:
-    """The noise levels (lo, hi) where the run's guidance acts: its guide_sigma_min/max, each -1 taking
-    :data:`GUIDE_INTERVALS` of its conditioning."""
-    lo, hi = GUIDE_INTERVALS.get(cfg.conditioning, GUIDE_INTERVALS["none"])
-    return (lo if cfg.guide_sigma_min == -1 else cfg.guide_sigma_min, hi if cfg.guide_sigma_max == -1 else cfg.guide_sigma_max)
 
 
 def process_config(cfg: TrainConfig) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 import torch
 
 from difflab import naive
-from difflab.config import TrainConfig, guide_interval, process_config  # (process_config: imported from here too)
+from difflab.config import TrainConfig, process_config  # (process_config: imported from here too)
 from difflab.data.imagedata import to_model
 from difflab.denoiser import Denoiser
 from difflab.errors import UsageError
@@ -24,6 +24,7 @@ from difflab.processes.binomial import BinomialNoise, PixelNoise
 from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
+from difflab.recipe import guide_interval
 from difflab.samplers import SAMPLERS
 from difflab.training.classification import CLASSIFIER_METHODS
 from difflab.training.noise_levels import training_times
