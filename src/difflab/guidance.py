@@ -65,7 +65,7 @@ class GuidanceRule:
     """How a guided x0 is made from a stronger and a weaker estimate at scale g: x0_weak + g (x0_strong -
     x0_weak), or :class:`APG`'s projected update, then guidance rescale (Lin et al. 2024) with ``rescale`` phi:
     the result times phi std(x0_strong) / std(x0_guided) + (1 - phi), per sample, which pulls the guided
-    estimate's spread back towards the unguided one's (phi = 1: exactly its std). One rule per wrapper: APG's
+    estimate's spread back towards the stronger (conditional) estimate's (phi = 1: exactly its std). One rule per wrapper: APG's
     momentum follows one trajectory per thread, and a call at a higher noise level than the last (or with
     another batch size) starts a new one."""
 
