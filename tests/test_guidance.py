@@ -584,3 +584,194 @@ def test_request_counts_the_guide_only_inside_its_interval():
     for bad_pair in ((3, 1), (-1, 2), ("a", 2), (1,)):
         with pytest.raises(UsageError, match="--guide-sigmas"):
             SampleRequest(guide_sigmas=bad_pair)
+
+
+# --- the guidance interval for every kind, APG and guidance rescale --------------------------------
+
+def _cfg_parts(den, x, sigma, labels):
+    """(x0 conditional, x0 under the null condition) of the exact class-conditional model."""
+    return den(x, sigma, {"class_labels": labels}), den(x, sigma, {"class_labels": torch.full((len(x),), K)})
+
+
+def test_cfg_guides_only_inside_its_interval_with_one_unguided_call_outside():
+    proc = linear_schedule()
+    counter = CountingNet(GaussianDataNet(proc, MEAN, STD, num_classes=K, class_shift=SHIFT))
+    den = Denoiser(counter, proc, "eps")
+    x, labels = _y(4), torch.tensor([0, 1, 2, 3])
+    cfg = ClassifierFreeGuidance(den, {"class_labels": torch.full((4,), K)}, 3.0, sigmas=(1.0, 20.0))
+    for s, inside in ((0.5, False), (1.0, True), (7.0, True), (20.0, True), (80.0, False)):
+        sigma = torch.full((4,), s, dtype=torch.float64)
+        counter.calls.clear()
+        c, u = _cfg_parts(den, x, sigma, labels)
+        counter.calls.clear()
+        out = cfg(x, sigma, {"class_labels": labels})
+        assert counter.calls == [8 if inside else 4]  # outside: the conditional pass alone
+        torch.testing.assert_close(out, u + 3.0 * (c - u) if inside else c, rtol=1e-12, atol=1e-12)
+    sigma = torch.tensor([0.5, 7.0, 80.0, 2.0], dtype=torch.float64)  # per sample
+    c, u = _cfg_parts(den, x, sigma, labels)
+    inside = torch.tensor([False, True, False, True]).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(cfg(x, sigma, {"class_labels": labels}), torch.where(inside, u + 3 * (c - u), c))
+    with pytest.raises(UsageError, match="--guide-sigmas"):
+        ClassifierFreeGuidance(den, {"class_labels": torch.full((4,), K)}, 3.0, sigmas=(5.0, 1.0))
+
+
+def test_a_class_run_guides_in_the_requested_interval_and_counts_its_evaluations():
+    from difflab.conditioning import Conditioner
+    from difflab.request import SampleRequest
+    from difflab.samplers import sampler_sigmas
+    from difflab.sampling import sample_images
+
+    proc = cosine_schedule()
+    counter = CountingNet(GaussianDataNet(proc, MEAN, STD, num_classes=K, class_shift=SHIFT))
+    method, cls, n = GaussianMethod.of(proc, "eps"), Conditioner("class", num_classes=K), 6
+    levels = [float(s) for s in sampler_sigmas(proc, "dpmpp-2m", 8)[:-1]]
+    lo, hi = 1.0, 20.0
+    kw = dict(seed=2, sampler="dpmpp-2m", steps=8, guidance=3.0, clip="none", batch_size=n)
+    inside = sample_images(method, counter, cls, n, SHAPE, guide_sigmas=(lo, hi), **kw)
+    assert counter.calls == [2 * n if lo <= s <= hi else n for s in levels] and 0 < counter.calls.count(n) < 8
+    everywhere = sample_images(method, counter, cls, n, SHAPE, **kw)
+    assert torch.equal(everywhere, sample_images(method, counter, cls, n, SHAPE, guide_sigmas=(0, math.inf), **kw))
+    assert not torch.equal(inside, everywhere)
+    assert torch.equal(sample_images(method, counter, cls, n, SHAPE, guide_sigmas=(1e3, 1e4), **kw),
+                       sample_images(method, counter, cls, n, SHAPE, **{**kw, "guidance": 1.0}))
+    # a batched classifier-free pass is one evaluation, inside the interval or not
+    assert SampleRequest(sampler="dpmpp-2m", steps=8, guidance=3.0, guide_sigmas=(lo, hi)).evaluations(levels) == 8
+
+
+def test_the_run_interval_defaults_by_conditioning_and_is_saved():
+    from difflab.config import TrainConfig
+    from difflab.recipe import guide_interval
+
+    assert guide_interval(TrainConfig()) == (1.0, 20.0)  # unconditional: autoguidance's measured interval
+    assert guide_interval(TrainConfig(conditioning="class")) == (0.0, math.inf)
+    assert guide_interval(TrainConfig(conditioning="text", guide_sigma_max=5.0)) == (0.0, 5.0)
+    c = TrainConfig.from_json({**TrainConfig(conditioning="class").to_json(), "guide_sigma_min": 0.3,
+                               "guide_sigma_max": 4.0})
+    assert guide_interval(c) == (0.3, 4.0)
+    for bad in (-2.0, 2e9):
+        with pytest.raises(UsageError, match="--guide-sigma-min"):
+            TrainConfig(guide_sigma_min=bad).validate()
+
+
+def test_apg_with_eta_1_and_no_threshold_is_plain_guidance():
+    from difflab.guidance import APG
+
+    den = conditional(linear_schedule())
+    x, sigma = _y(), torch.linspace(0.1, 5.0, 8, dtype=torch.float64)
+    labels, null = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), {"class_labels": torch.full((8,), K)}
+    for g in (0.0, 2.0, 4.5):
+        plain = ClassifierFreeGuidance(den, null, g)(x, sigma, {"class_labels": labels})
+        apg = ClassifierFreeGuidance(den, null, g, apg=APG(eta=1.0))(x, sigma, {"class_labels": labels})
+        torch.testing.assert_close(apg, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_apg_drops_the_parallel_part_caps_the_norm_and_carries_momentum():
+    from difflab.guidance import APG
+
+    den, g = conditional(linear_schedule()), 4.0
+    x, sigma = _y(), torch.linspace(0.1, 5.0, 8, dtype=torch.float64)
+    labels, null = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), {"class_labels": torch.full((8,), K)}
+    c, u = _cfg_parts(den, x, sigma, labels)
+    delta = (c - u).flatten(1)
+    unit = c.flatten(1) / c.flatten(1).norm(dim=1, keepdim=True)
+    orth = delta - (delta * unit).sum(1, keepdim=True) * unit
+    for eta in (0.0, 0.5):
+        out = ClassifierFreeGuidance(den, null, g, apg=APG(eta=eta))(x, sigma, {"class_labels": labels})
+        update = (out - c).flatten(1) / (g - 1)
+        torch.testing.assert_close(update, orth + eta * (delta - orth), rtol=1e-10, atol=1e-12)
+    assert float((orth * c.flatten(1)).sum(1).abs().max()) < 1e-10  # orthogonal to the conditional x0
+    # the cap: every update's norm at most r, the small ones untouched
+    r = float(delta.norm(dim=1).median())
+    out = ClassifierFreeGuidance(den, null, g, apg=APG(eta=1.0, threshold=r))(x, sigma, {"class_labels": labels})
+    norms, before = ((out - c).flatten(1) / (g - 1)).norm(dim=1), delta.norm(dim=1)
+    torch.testing.assert_close(norms, before.clamp(max=r), rtol=1e-10, atol=1e-12)
+    # momentum: the second call on the way down adds beta times the first update; a higher level starts afresh
+    cfg = ClassifierFreeGuidance(den, null, g, apg=APG(eta=1.0, momentum=-0.5))
+    first = cfg(x, sigma, {"class_labels": labels})
+    torch.testing.assert_close(first, u + g * (c - u))
+    lower = sigma / 2
+    c2, u2 = _cfg_parts(den, x, lower, labels)
+    second = cfg(x, lower, {"class_labels": labels})
+    torch.testing.assert_close(second, c2 + (g - 1) * ((c2 - u2) - 0.5 * (c - u)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cfg(x, sigma, {"class_labels": labels}), first)
+
+
+class PatternClasses(nn.Module):
+    """The exact denoiser of K Gaussian classes x | c ~ N(m_c, STD^2 I) whose means m_c are pixel patterns (so
+    guidance changes the spread of x0 over the pixels, not only its mean); the null class is the nearest Gaussian
+    fit, N(mean of the m_c, STD^2 I)."""
+
+    def __init__(self, process):
+        super().__init__()
+        self.process = process
+        means = torch.randn(K, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+        self.means = torch.cat([means, means.mean(0, keepdim=True)])
+
+    def forward(self, x, sigma, cond=None):
+        s2 = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1) ** 2
+        return (STD**2 * x + s2 * self.means[cond["class_labels"]]) / (STD**2 + s2)
+
+
+def test_guidance_rescale_matches_the_conditional_std():
+    den, g = PatternClasses(linear_schedule()), 5.0
+    x, sigma = _y(), torch.linspace(0.1, 5.0, 8, dtype=torch.float64)
+    labels, null = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), {"class_labels": torch.full((8,), K)}
+    c, u = _cfg_parts(den, x, sigma, labels)
+    plain = u + g * (c - u)
+    run = {phi: ClassifierFreeGuidance(den, null, g, rescale=phi)(x, sigma, {"class_labels": labels})
+           for phi in (0.0, 0.5, 1.0)}
+    assert torch.equal(run[0.0], plain)  # phi = 0: the identity
+    std = (1, 2, 3)
+    torch.testing.assert_close(run[1.0].std(dim=std), c.std(dim=std), rtol=1e-12, atol=0)
+    assert not torch.allclose(plain.std(dim=std), c.std(dim=std), rtol=1e-3)  # guidance did change it
+    ratio = c.std(dim=std, keepdim=True) / plain.std(dim=std, keepdim=True)
+    torch.testing.assert_close(run[0.5], plain * (0.5 * ratio + 0.5), rtol=1e-12, atol=1e-12)
+    with pytest.raises(UsageError, match="--guidance-rescale"):
+        ClassifierFreeGuidance(den, null, g, rescale=1.5)
+
+
+def test_autoguidance_takes_the_same_rules():
+    from difflab.guidance import APG
+
+    x, sigma = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.full((3,), 2.0)
+    good, bad = _Scaled(0.5, "p"), _Scaled(0.2)
+    torch.testing.assert_close(Autoguidance(good, bad, 3.0, apg=APG(eta=1.0))(x, sigma), (0.2 + 3 * 0.3) * x)
+    # the update 0.3 x is parallel to x0 = 0.5 x: with eta = 0 nothing is left of it
+    torch.testing.assert_close(Autoguidance(good, bad, 3.0, apg=APG(eta=0.0))(x, sigma), 0.5 * x)
+    rescaled = Autoguidance(good, bad, 3.0, rescale=1.0)(x, sigma)
+    torch.testing.assert_close(rescaled.std(dim=(1, 2, 3)), (0.5 * x).std(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("settings,msg", [
+    ({"guidance_rescale": 1.5}, "--guidance-rescale must be in [0, 1]"),
+    ({"apg_eta": -0.1}, "--apg-eta must be in [0, 1]"),
+    ({"apg_eta": 0.0, "apg_threshold": 0.0}, "--apg-threshold must be in (0, inf]"),
+    ({"apg_eta": 0.0, "apg_momentum": 1.0}, "--apg-momentum must be in (-1, 1)"),
+    ({"apg_momentum": -0.5}, "give --apg-eta too"),
+    ({"guide_sigmas": (2.0, 1.0)}, "--guide-sigmas"),
+])
+def test_guidance_rule_settings_are_checked(settings, msg):
+    from difflab.request import SampleRequest
+
+    with pytest.raises(UsageError) as e:
+        SampleRequest.of(n=2, **settings)
+    assert msg in str(e.value)
+
+
+def test_cli_class_run_guidance_interval_apg_and_rescale(class_run, capsys, tmp_path):
+    def draw(*args):
+        npz = tmp_path / f"s{len(list(tmp_path.iterdir()))}.npz"
+        rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "4", "--steps", "6", "--class", "3",
+                         "--guidance", "4", *args, "--save-npz", npz, "--out", tmp_path / "x.png", "--force")
+        assert rc == 0, err
+        return np.load(npz)["images"]
+
+    default = draw()
+    assert np.array_equal(default, draw("--guide-sigmas", "0", "inf"))  # class runs: every level by default
+    assert np.array_equal(draw("--guide-sigmas", "1e6", "1e7"), draw("--guidance", "1"))  # nothing inside
+    assert not np.array_equal(default, draw("--guide-sigmas", "0.5", "5"))
+    assert np.array_equal(default, draw("--apg-eta", "1")) and np.array_equal(default, draw("--guidance-rescale", "0"))
+    assert not np.array_equal(default, draw("--apg-eta", "0", "--apg-momentum", "-0.5", "--apg-threshold", "2"))
+    assert not np.array_equal(default, draw("--guidance-rescale", "0.7"))
+    rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "2", "--apg-momentum", "0.5", "--out", tmp_path / "y.png")
+    assert rc == 2 and "--apg-eta" in err and len(err.splitlines()) == 1, err

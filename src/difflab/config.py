@@ -101,9 +101,10 @@ class TrainConfig:
                                   "training (Karras et al. 2024); 1: off")
     guide_at: float = _option(0.25, "where the autoguidance guide is taken from: the EMA snapshot nearest this "
                               "fraction of the run (at most 0.5)")
-    guide_sigma_min: float = _option(1.0, "autoguidance only at noise levels sigma >= this (VE units; 0: from the bottom)")
-    guide_sigma_max: float = _option(20.0, "autoguidance only at noise levels sigma <= this (VE units; above, the "
-                                     "network alone: one evaluation a step)")
+    guide_sigma_min: float = _option(-1.0, "guidance (classifier-free and autoguidance) only at noise levels sigma >= "
+                                     "this (VE units; 0: from the bottom; -1: the run's kind's, recipe.guide_interval)")
+    guide_sigma_max: float = _option(-1.0, "guidance only at noise levels sigma <= this (VE units; above, the network "
+                                     "alone: one evaluation a step; -1: the run's kind's, recipe.guide_interval)")
     cold_update: bool = _option(False, "naive2: sample with the cold-diffusion update (pixels revealed keep their "
                                 "value; --no-cold-update: fresh random pixels every step, as in the series)")
     told_noise: float = _option(1.0, "naive2: the fraction of the noised pixels the network is told of while sampling "
@@ -139,6 +140,9 @@ class TrainConfig:
             check_range("--sample-sigma-min", self.sample_sigma_min, 0, 80, open_hi=True)
         if self.dropout != -1:
             check_range("--dropout", self.dropout, 0, 1, open_hi=True)
+        for name in ("guide_sigma_min", "guide_sigma_max"):
+            if getattr(self, name) != -1:
+                check_range(f"--{_flag(name)}", getattr(self, name), 0, 1e9)
         if self.channels_mult:
             channel_widths(self.channels_mult)
         if not DEVICE.fullmatch(self.device):
@@ -197,7 +201,7 @@ _RANGES: dict[str, tuple] = {
     "grad_clip": (0, None), "ema_decay": (0, 1, {"open_hi": True}), "seed": (0, MAX_SEED),
     "log_every": (1, 10**6), "sample_every": (0, 10**10), "sample_steps": (1, 100_000),
     "checkpoint_every": (1, 10**10), "keep": (1, 10_000), "ema_snapshot_every": (0, 10**10),
-    "min_snr_gamma": (0, 1e6, {"open_lo": True}), "guide_sigma_min": (0, 1e9), "guide_sigma_max": (0, 1e9),
+    "min_snr_gamma": (0, 1e6, {"open_lo": True}),
     "told_noise": (0, 1, {"open_lo": True}),
     "eval_every": (-1, 10**10), "eval_n": (2, 100_000),
 }

@@ -17,7 +17,9 @@ import torch
 from difflab.checks import MAX_SAMPLES, MAX_SEED, check_device, check_flag, check_path, check_whole
 from difflab.data import to_model as data_to_model
 from difflab.errors import UsageError
+from difflab.figures import to_uint8
 from difflab.interop.folder_model import FolderModel
+from difflab.noise import sample_seeds
 from difflab.request import SampleRequest
 from difflab.sampling import Run, drawing, load_run, sample_request
 
@@ -88,6 +90,36 @@ class Model:
         req = SampleRequest.of(run=self.path, n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
                                labels=labels, prompt=prompt, **settings)
         images = sample_request(self.source, req)
+        return to_pil(images) if pil else images
+
+    # --- editing a given image (Gaussian runs) ---------------------------------------------------------
+    def edit(self, images: torch.Tensor, *, strength: float | None = None, mask: torch.Tensor | None = None,
+             seed: int = 0, sampler: str | None = None, steps: int | None = None, jump_length: int = 10,
+             resample: int = 1, labels: int | Sequence[int] | torch.Tensor | None = None, prompt: str | None = None,
+             pil: bool = False, **settings: Any) -> torch.Tensor | list:
+        """Edited uint8 images [N, C, H, W] of uint8 ``images`` [N, C, H, W] (this model's shape; ``pil``: a list
+        of PIL images), drawn as :meth:`sample` draws with the same settings (the run's sampler, steps, guidance and
+        clipping unless given; image j depends only on (seed, j)). Without ``mask``, SDEdit: the image noised to
+        the level at ``strength`` of the sampler's grid (default 0.5) and denoised from there (1: a fresh sample,
+        0: the image back). With ``mask`` (True, or white in a uint8 image: repaint; [H, W], [1 or C, H, W] or
+        [N, 1 or C, H, W]), RePaint: the masked pixels drawn anew, the others kept, with ``resample`` passes over
+        every ``jump_length`` steps (default ``strength`` 1). ``settings``: the other fields of
+        :class:`~difflab.request.SampleRequest` (guidance, clip, eta, ...). See :mod:`difflab.editing`."""
+        from difflab.editing import edit_images
+
+        run = self._edit_run()
+        x = self._images(images, "edit")
+        m = None if mask is None else edit_mask(mask, tuple(x.shape)).to(x.device)
+        if "init_noise" in settings:
+            raise UsageError("edit starts from the images: it takes no init_noise")
+        req = run.prepare(SampleRequest.of(run=self.path, n=len(x), seed=seed, sampler=sampler, steps=steps,
+                                           labels=labels, prompt=prompt, **settings))
+        den, cond_fn, sigmas, options = run.editing(req)
+        strength = (1.0 if m is not None else 0.5) if strength is None else strength
+        out = edit_images(den, x, sigmas.to(device=x.device, dtype=x.dtype), sample_seeds(req.seed, len(x), req.start),
+                          strength=strength, mask=m, sampler=req.sampler, cond_fn=cond_fn, batch_size=req.batch_size,
+                          jump_length=jump_length, resample=resample, **options)
+        images = to_uint8(out.cpu())
         return to_pil(images) if pil else images
 
     # --- the deterministic DDIM round trip (Gaussian models) ----------------------------------------
@@ -185,6 +217,12 @@ class Model:
                                device=self.source.device)
 
     # --- helpers ------------------------------------------------------------------------------------
+    def _edit_run(self) -> Run:
+        if self.run is None:
+            raise UsageError(f"edit needs a difflab run folder; {self.path} is a diffusers folder")
+        self._denoiser("edit")  # (a part-1 run has none: its error)
+        return self.run
+
     def _denoiser(self, what: str):
         if self.run is None:
             return self.source.denoiser
@@ -259,6 +297,27 @@ def folder_condition(classes: int, labels: torch.Tensor | None, device) -> Calla
         raise UsageError(f"this UNet2DModel is class-conditional ({classes} classes, no null class): give --data "
                          f"images labelled 0..{classes - 1}")
     return lambda sl: {"class_labels": labels[sl].to(device)}
+
+
+def edit_mask(mask, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """An edit mask as bool [N or 1, 1 or C, H, W] (True: repaint) for images of ``shape``: a bool tensor, a uint8
+    image (white, >= 128: repaint) or floats in [0, 1] (>= 0.5: repaint), of shape [H, W], [1 or C, H, W] or
+    [N or 1, 1 or C, H, W]."""
+    n, c, h, w = shape
+    if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, torch.uint8) and not mask.is_floating_point():
+        got = f"{mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise UsageError(f"the mask must be an image: a bool, uint8 or float tensor [H, W] (white: repaint), got {got}")
+    m = mask.reshape(1, 1, *mask.shape) if mask.ndim == 2 else mask.unsqueeze(0) if mask.ndim == 3 else mask
+    if m.ndim != 4 or tuple(m.shape[2:]) != (h, w) or m.shape[0] not in (1, n) or m.shape[1] not in (1, c):
+        raise UsageError(f"the mask has shape {list(mask.shape)}; the images are {w}x{h}: give a mask of {w}x{h} pixels "
+                         f"([H, W], [1 or {c}, H, W] or [1 or {n}, 1 or {c}, H, W])")
+    if m.dtype == torch.bool:
+        return m
+    if m.dtype == torch.uint8:
+        return m >= 128
+    if not bool(m.isfinite().all()) or float(m.min()) < 0 or float(m.max()) > 1:
+        raise UsageError("a float mask must hold values in [0, 1] (1: repaint)")
+    return m >= 0.5
 
 
 def _count(value: int, name: str) -> int:

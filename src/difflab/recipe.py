@@ -2,6 +2,7 @@
 
 - Part-1 methods take the series' reference settings (:data:`METHOD_DEFAULTS`, applied by
   :func:`apply_method_defaults` to the flags not typed).
+- The guidance interval (``--guide-sigma-min/max`` -1) depends on the conditioning (:func:`guide_interval`).
 - Gaussian diffusion takes ``TrainConfig``'s own defaults, which are the recipe measured best for a short
   CPU budget (bench/RESULTS.md, "Defaults"), and :func:`resolve` fills the two settings that depend on the
   machine and the network: the learning rate (``--lr 0``, auto) and the precision (``--precision auto``).
@@ -12,6 +13,7 @@ The resolved recipe is printed when a run starts (:func:`describe`) and saved in
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,10 +109,24 @@ def describe(cfg: TrainConfig) -> str:
             f"x0 {cfg.clip}{_guided(cfg)}")
 
 
+# The guidance interval a run samples with when its config says -1 (auto), by conditioning: unconditional
+# runs autoguide at 1..20 (measured, bench/RESULTS.md "Defaults"); class and text runs guide at every level
+# until an interval is measured for them.
+GUIDE_INTERVALS = {"none": (1.0, 20.0), "class": (0.0, math.inf), "text": (0.0, math.inf)}
+
+
+def guide_interval(cfg: TrainConfig) -> tuple[float, float]:
+    """The noise levels (lo, hi) where the run's guidance acts: its guide_sigma_min/max, each -1 taking
+    :data:`GUIDE_INTERVALS` of its conditioning."""
+    lo, hi = GUIDE_INTERVALS.get(cfg.conditioning, GUIDE_INTERVALS["none"])
+    return (lo if cfg.guide_sigma_min == -1 else cfg.guide_sigma_min, hi if cfg.guide_sigma_max == -1 else cfg.guide_sigma_max)
+
+
 def _guided(cfg: TrainConfig) -> str:
     if cfg.conditioning != "none":
         return f", guidance {cfg.guidance:g}"
     if cfg.autoguidance != 1.0 and cfg.ema_snapshot_every > 0:
-        return (f", autoguidance {cfg.autoguidance:g} at sigma {cfg.guide_sigma_min:g}..{cfg.guide_sigma_max:g} "
+        lo, hi = guide_interval(cfg)
+        return (f", autoguidance {cfg.autoguidance:g} at sigma {lo:g}..{hi:g} "
                 f"(guide: the EMA at {cfg.guide_at:g} of the run)")
     return ""

@@ -38,7 +38,10 @@ FLAGS = {"n": "--n", "seed": "--seed", "start": "--start", "steps": "--steps", "
          "order": "--order", "guidance": "--guidance", "autoguidance": "--autoguidance", "classifier_scale": "--classifier-scale",
          "batch_size": "--batch-size", "labels": "--class", "clip": "--clip", "precision": "--precision",
          "variance": "--variance", "spacing": "--spacing", "sampler": "--sampler", "prompt": "--prompt",
-         "sigma_min": "--sigma-min", "guide_sigmas": "--guide-sigmas", "told_noise": "--told-noise"}
+         "sigma_min": "--sigma-min", "guide_sigmas": "--guide-sigmas", "told_noise": "--told-noise",
+         "guidance_rescale": "--guidance-rescale", "apg_eta": "--apg-eta", "apg_threshold": "--apg-threshold",
+         "apg_momentum": "--apg-momentum"}
+GUIDANCE_RULE = ("guidance_rescale", "apg_eta", "apg_threshold", "apg_momentum")  # how guidance mixes (GuidanceRule)
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,12 @@ class SampleRequest:
     ``prompt``, class runs cycle through their classes. ``init_noise``: float [>= n, C, H, W] starting
     noise in standard-normal units, row j for sample ``start + j``. ``classifier``: a noisy classifier
     (its run folder, or a loaded one) for classifier guidance with ``classifier_scale``. ``autoguidance``:
-    the scale w of D_guide + w (D - D_guide), the guide being the run's EMA from early in training, at the
-    noise levels in ``guide_sigmas`` (lo, hi). ``sigma_min``: the bottom of the karras and geometric grids.
+    the scale w of D_guide + w (D - D_guide), the guide being the run's EMA from early in training.
+    ``guide_sigmas`` (lo, hi): the noise levels where classifier-free guidance and autoguidance act (the
+    guidance interval). ``guidance_rescale`` (phi in [0, 1]) and APG (``apg_eta`` in [0, 1], the weight of the
+    update's part parallel to the conditional estimate; ``apg_threshold``, the cap on its norm; ``apg_momentum``
+    in (-1, 1)) change how both make the guided estimate (:class:`~difflab.guidance.GuidanceRule`).
+    ``sigma_min``: the bottom of the karras and geometric grids.
     ``precision`` bf16 runs the network with bf16 weights (converted in place)."""
 
     run: str | Path | None = None
@@ -77,6 +84,10 @@ class SampleRequest:
     guidance: float | None = None
     autoguidance: float | None = None
     guide_sigmas: tuple[float, float] | None = None
+    guidance_rescale: float | None = None
+    apg_eta: float | None = None
+    apg_threshold: float | None = None
+    apg_momentum: float | None = None
     labels: int | Sequence[int] | torch.Tensor | None = None
     prompt: str | None = None
     init_noise: torch.Tensor | None = None
@@ -124,7 +135,13 @@ class SampleRequest:
                       "--sigma-min": (self.sigma_min, 0, 80, {"open_hi": True}),
                       "--told-noise": (self.told_noise, 0, 1, {"open_lo": True}),
                       "--classifier-sigma-max": (self.classifier_sigma_max, 0, None,
-                                                 {"open_lo": True, "allow_inf": True})})
+                                                 {"open_lo": True, "allow_inf": True}),
+                      "--guidance-rescale": (self.guidance_rescale, 0, 1), "--apg-eta": (self.apg_eta, 0, 1),
+                      "--apg-threshold": (self.apg_threshold, 0, None, {"open_lo": True, "allow_inf": True}),
+                      "--apg-momentum": (self.apg_momentum, -1, 1, {"open_lo": True, "open_hi": True})})
+        if self.apg_eta is None and (self.apg_threshold is not None or self.apg_momentum is not None):
+            raise UsageError("--apg-threshold and --apg-momentum are options of APG: give --apg-eta too (0: the "
+                             "paper's, only the orthogonal part of the update)")
         if self.guide_sigmas is not None:
             lo, hi = _pair(self.guide_sigmas)
             object.__setattr__(self, "guide_sigmas", (lo, hi))
@@ -201,7 +218,7 @@ class SampleRequest:
         ``stream_samples``) for this request; settings still None are left out (the run's own apply)."""
         kw = {"seed": self.seed, "start": self.start, "sampler": self.sampler, "steps": self.steps,
               "guidance": self.guidance, "autoguidance": self.autoguidance, "guide_sigmas": self.guide_sigmas,
-              "clip": self.clip,
+              "clip": self.clip, **{k: getattr(self, k) for k in GUIDANCE_RULE},
               "labels": self.label_tensor(), "prompt": self.prompt,
               "init_noise": self.init_noise, "batch_size": self.batch_size, **self.options()}
         if self.cold_update is not None:
@@ -214,7 +231,8 @@ class SampleRequest:
         return {k: v for k, v in kw.items() if v is not None}
 
     def evaluations(self, levels: Sequence[float] | None = None) -> int:
-        """Network evaluations per sample (classifier-free guidance batches both passes into one; autoguidance
+        """Network evaluations per sample (classifier-free guidance batches both passes into one, and outside
+        ``guide_sigmas`` makes the conditional pass alone: one evaluation either way; autoguidance
         calls the guide network as well, at the sampler's noise ``levels`` inside ``guide_sigmas``; without
         the levels, at every step)."""
         from difflab.guidance import guided

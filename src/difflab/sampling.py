@@ -36,7 +36,8 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
                   classifier_scale: float = 0.0, classifier_sigma_max: float | None = None, progress=None,
                   callback=None, clip: str = "clip", data_range: tuple[float, float] = (-1.0, 1.0),
                   autoguidance: float = 1.0, guide=None, guide_sigmas: tuple[float, float] | None = None,
-                  **options) -> torch.Tensor:
+                  guidance_rescale: float = 0.0, apg_eta: float | None = None, apg_threshold: float | None = None,
+                  apg_momentum: float | None = None, **options) -> torch.Tensor:
     """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j). The settings are
     those of a :class:`~difflab.request.SampleRequest`, which checks them (:func:`sample_request`).
 
@@ -46,31 +47,58 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
     a noisy classifier's gradient (classifier guidance; needs ``labels``), at noise levels up to
     ``classifier_sigma_max`` (default ``guidance.CLASSIFIER_SIGMA_MAX``; ``math.inf``: every level).
     ``autoguidance`` w != 1 mixes in ``guide``, a weaker network of the same run (:meth:`Run.guide_net`):
-    D_guide + w (D - D_guide), each under the same classifier-free guidance, at the noise levels in
-    ``guide_sigmas`` (lo, hi) (every level when None).
+    D_guide + w (D - D_guide), each under the same classifier-free guidance. Both guide only at the noise
+    levels in ``guide_sigmas`` (lo, hi) (every level when None); elsewhere the network is called once, unguided.
+    ``guidance_rescale`` phi and APG (``apg_eta``, ``apg_threshold``, ``apg_momentum``) change how both make
+    the guided estimate (:class:`~difflab.guidance.GuidanceRule`).
     ``clip`` limits every x0 estimate to ``data_range`` after guidance (:class:`~difflab.denoiser.ClipX0`:
     ``clip``, ``dynamic`` or ``none``)."""
     net.eval()
+    wrap, cond_fn = guidance_wrap(method, conditioner, n, device=device, batch_size=batch_size, labels=labels,
+                                  prompt=prompt, start=start, guidance=guidance, classifier=classifier,
+                                  classifier_scale=classifier_scale, classifier_sigma_max=classifier_sigma_max,
+                                  clip=clip, data_range=data_range, autoguidance=autoguidance, guide=guide,
+                                  guide_sigmas=guide_sigmas, guidance_rescale=guidance_rescale, apg_eta=apg_eta,
+                                  apg_threshold=apg_threshold, apg_momentum=apg_momentum)
+    x = method.sample(net, n, shape, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
+                      start=start, callback=callback, wrap=wrap, cond_fn=cond_fn, init_noise=init_noise,
+                      progress=progress, **options)
+    return to_uint8(x)
+
+
+def guidance_wrap(method: Method, conditioner: Conditioner | None, n: int, *, device="cpu", batch_size: int = 256,
+                  labels: torch.Tensor | None = None, prompt: str | None = None, start: int = 0, guidance: float = 1.0,
+                  classifier=None, classifier_scale: float = 0.0, classifier_sigma_max: float | None = None,
+                  clip: str = "clip", data_range: tuple[float, float] = (-1.0, 1.0), autoguidance: float = 1.0,
+                  guide=None, guide_sigmas: tuple[float, float] | None = None, guidance_rescale: float = 0.0,
+                  apg_eta: float | None = None, apg_threshold: float | None = None, apg_momentum: float | None = None):
+    """(wrap, cond_fn) of n images drawn with these settings (those of :func:`sample_images`): ``wrap(denoiser)``
+    puts the guidance and x0 clipping around the method's denoiser, ``cond_fn(slice)`` gives a batch's
+    condition (None for an unconditional draw). What sampling and editing (:mod:`difflab.editing`) share."""
     conditional = conditioner is not None and conditioner.kind != "none"
     if conditional and labels is None and prompt is None:
         labels = cycled_labels(start, n, conditioner.num_classes)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n)
     cond_fn = _cond_fn(conditioner, labels, prompt, device) if conditional else None
+    from difflab.guidance import APG, EVERYWHERE
+
     wraps = []  # around the method's denoiser, innermost first
+    apg = None if apg_eta is None else APG(apg_eta, math.inf if apg_threshold is None else apg_threshold,
+                                           apg_momentum or 0.0)
+    rule = {"sigmas": guide_sigmas if guide_sigmas is not None else EVERYWHERE, "rescale": guidance_rescale, "apg": apg}
     if conditional and guidance != 1.0:
         from difflab.guidance import ClassifierFreeGuidance
 
         null = conditioner.null(min(n, batch_size), device)
-        wraps.append(lambda d: ClassifierFreeGuidance(d, null, guidance))
+        wraps.append(lambda d: ClassifierFreeGuidance(d, null, guidance, **rule))
     if autoguidance != 1.0:
         from difflab.guidance import Autoguidance
 
         if guide is None:
             raise UsageError("autoguidance needs the guide network (Run.guide_net)")
         under = list(wraps)  # the guide gets the same classifier-free guidance as the network
-        interval = guide_sigmas if guide_sigmas is not None else (0.0, math.inf)
-        wraps.append(lambda d: Autoguidance(d, _wrapped(method.denoiser(guide), under), autoguidance, interval))
+        wraps.append(lambda d: Autoguidance(d, _wrapped(method.denoiser(guide), under), autoguidance, **rule))
     if classifier is not None:
         from difflab.guidance import CLASSIFIER_SIGMA_MAX, ClassifierGuidance
 
@@ -79,11 +107,7 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
         cond_fn = _with_classifier_labels(cond_fn, labels, device)
     if clip != "none":
         wraps.append(lambda d: ClipX0(d, clip, data_range))
-
-    x = method.sample(net, n, shape, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
-                      start=start, callback=callback, wrap=lambda den: _wrapped(den, wraps), cond_fn=cond_fn, init_noise=init_noise,
-                      progress=progress, **options)
-    return to_uint8(x)
+    return (lambda den: _wrapped(den, wraps)), cond_fn
 
 
 def _wrapped(den, wraps: list):
@@ -261,6 +285,21 @@ class Run:
         if progress is not None and not self.per_sample_seeds:
             progress(request.n)  # batch-seeded methods draw a batch at a time, with no progress of their own
         return images
+
+    def editing(self, request: SampleRequest):
+        """What :meth:`Model.edit <difflab.model.Model.edit>` draws with for a prepared request: (the denoiser with
+        the request's guidance and clipping, cond_fn(slice) of its images, the sampler's grid, the sampler's options)."""
+        from difflab.samplers import sampler_sigmas
+
+        kw = request.sample_kwargs()
+        options = request.options()
+        spacing, sigma_min = options.pop("spacing", None), options.pop("sigma_min", None)
+        own = {"seed", "start", "sampler", "steps", "init_noise", "batch_size", *request.options()}
+        wrap, cond_fn = guidance_wrap(self.method, self.conditioner, request.n, device=self.device,
+                                      batch_size=request.batch_size, guide=self.guide_net(request.autoguidance),
+                                      **{k: v for k, v in kw.items() if k not in own})
+        den = wrap(self.denoiser())
+        return den, cond_fn, sampler_sigmas(den.process, request.sampler, request.steps, spacing, sigma_min), options
 
     def sampling_defaults(self) -> dict:
         """What the run samples with unless told: its sampler, step count, x0 clipping and, for class and

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "FID, KID, precision/recall, accuracy and bits/dim of a run or a sample file"),
     "likelihood": ("likelihood", "bits per dimension of test images under a run (probability-flow ODE)"),
     "invert": ("invert", "DDIM-invert images to latents and reconstruct them"),
+    "edit": ("edit", "SDEdit an image at a strength, or repaint a masked region (RePaint)"),
     "interpolate": ("interpolate", "slerp between two seeds or two images and write a strip"),
     "ema": ("ema", "build the post-hoc EMA of any relative length from a run's EMA snapshots (EDM2)"),
     "figures": ("figures", "the series' figures for a run: noising strips, trajectories, samples"),

@@ -52,7 +52,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the guide being the run's EMA from early in training (default: the run's --autoguidance for "
                    "unconditional runs; 1: off)")
     p.add_argument("--guide-sigmas", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="autoguide only at noise levels LO <= sigma <= HI (default: the run's; 0 inf: every level)")
+                   help="guide (classifier-free and autoguidance) only at noise levels LO <= sigma <= HI, elsewhere one "
+                   "unguided evaluation (default: the run's --guide-sigma-min/max: 1 20 for unconditional runs, "
+                   "every level for class/text runs; 0 inf: every level)")
+    p.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI", help="guidance rescale (Lin et "
+                   "al. 2024): pull the guided x0's std towards the unguided one's, mixed by PHI in [0, 1] (default 0)")
+    p.add_argument("--apg-eta", type=float, default=None, metavar="ETA", help="adaptive projected guidance (Sadat et "
+                   "al. 2025): weight ETA in [0, 1] of the guidance update's part parallel to the conditional x0 "
+                   "(0: the paper's; 1 with no threshold and no momentum: plain guidance; default: APG off)")
+    p.add_argument("--apg-threshold", type=float, default=None, metavar="R", help="APG: cap the update's norm per "
+                   "sample at R (default inf: no cap)")
+    p.add_argument("--apg-momentum", type=float, default=None, metavar="BETA", help="APG: momentum of the update "
+                   "over the steps, in (-1, 1) (the paper's is negative; default 0)")
     p.add_argument("--classifier", default=None, help="classifier run folder (difflab train-classifier) "
                    "for classifier guidance")
     p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance weight w")
@@ -81,7 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def request_from_args(args: argparse.Namespace) -> SampleRequest:
     """The flags as a :class:`~difflab.request.SampleRequest` (checked; --init-noise read once --n is)."""
     same = ("seed", "sampler", "steps", "guidance", "autoguidance", "prompt", "clip", "eta", "order", "variance", "spacing", "churn",
-            "sigma_min", "guide_sigmas", "cold_update", "told_noise",
+            "sigma_min", "guide_sigmas", "guidance_rescale", "apg_eta", "apg_threshold", "apg_momentum",
+            "cold_update", "told_noise",
             "classifier", "classifier_scale", "classifier_sigma_max", "batch_size")
     req = SampleRequest(run=args.run or args.diffusers_model, n=args.n, labels=args.class_label,
                         precision="bf16" if args.bf16 else "fp32", **{k: getattr(args, k) for k in same})

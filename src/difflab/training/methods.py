@@ -24,6 +24,7 @@ from difflab.processes.binomial import BinomialNoise, PixelNoise
 from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
+from difflab.recipe import guide_interval
 from difflab.samplers import SAMPLERS
 from difflab.training.classification import CLASSIFIER_METHODS
 from difflab.training.noise_levels import training_times
@@ -140,7 +141,7 @@ class GaussianMethod:
         cfg = self.cfg
         bottom = {} if cfg.sample_sigma_min == "auto" else {"sigma_min": cfg.sample_sigma_min}  # auto: the run measures it
         return {"sampler": cfg.sampler, "steps": cfg.sample_steps, "clip": cfg.clip, **bottom,
-                "guide_sigmas": (cfg.guide_sigma_min, cfg.guide_sigma_max)}
+                "guide_sigmas": guide_interval(cfg)}
 
     def loss(self, net, x: torch.Tensor, cond: dict | None, step: int, seeds: torch.Tensor) -> torch.Tensor:
         den = self.denoiser(net)

@@ -1,0 +1,134 @@
+"""Editing a given image with a trained denoiser: SDEdit and RePaint, as pure functions over a denoiser
+D(x, sigma, cond) -> x0 and a sampler's grid (VE coordinates, see :mod:`difflab.denoiser`).
+
+SDEdit (Meng et al. 2022) noises the image to a level of the grid and denoises it from there with any
+sampler: at ``strength`` s it runs the last round(s K) of the grid's K steps, from y = x + sigma eps. s = 1
+is a fresh sample (the image is not used), s = 0 the image itself. Through the probability-flow ODE it is the
+ODE's map from the noised image; for Gaussian data N(mu, s0^2) that is mu + (y - mu) s0 / sqrt(s0^2 + sigma^2).
+
+RePaint (Lugmayr et al. 2022) fills a masked region: at every network call the known pixels are replaced by
+the original noised to that level, x + sigma eps (fresh eps), so the network sees the whole image as a sample
+of its level; the samplers' updates act pixel by pixel, so the region kept is never moved by the sampler's own
+values there, and the result is the sampled region pasted into the original. With ``resample`` r > 1, every
+``jump_length`` j steps go back up j levels by the forward process, y' = y + sqrt(sigma'^2 - sigma^2) eps, and
+down again, r times in all, which lets the filled region agree with the kept one (the paper's time-travel).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+
+from difflab.errors import UsageError
+from difflab.noise import SeededNoise
+from difflab.samplers import SAMPLERS
+
+# noise streams of one sample (SeededNoise offsets): the sampler's steps of each RePaint pass, the known
+# region's noise at each network call, the up-jumps; far apart, so that no two streams share a key
+_PASS, _KNOWN, _JUMP = 1 << 12, 1 << 28, 1 << 29
+
+
+def start_index(steps: int, strength: float) -> int:
+    """The grid level SDEdit starts at: it runs the last round(``strength`` ``steps``) of ``steps`` steps."""
+    if not 0 <= strength <= 1:  # (False for NaN too)
+        raise UsageError(f"--strength must be in [0, 1] (0: the image back, 1: a fresh sample), got {strength}")
+    return steps - round(strength * steps)
+
+
+def start_std(process, sigmas: torch.Tensor) -> float:
+    """The std of a fresh sample's starting noise on grid ``sigmas``: the prior's when the grid starts at the
+    top of the process, else its first level (as :func:`difflab.samplers.generate` starts)."""
+    top = float(sigmas[0])
+    return process.prior_std() if top >= process.sigma_max() * 0.999 else top
+
+
+def _start(denoiser, images: torch.Tensor, sigmas: torch.Tensor, i: int, seeds: torch.Tensor) -> torch.Tensor:
+    """Where a draw from grid level ``i`` starts: the image noised to that level, or at level 0 a fresh sample's
+    noise (the image unused)."""
+    eps = SeededNoise(seeds).initial(images.shape[1:], device=images.device, dtype=images.dtype)
+    return eps * start_std(denoiser.process, sigmas) if i == 0 else images + float(sigmas[i]) * eps
+
+
+@torch.no_grad()
+def sdedit(denoiser, images: torch.Tensor, sigmas: torch.Tensor, strength: float, seeds: torch.Tensor, *,
+           sampler: str = "ddim", cond: dict | None = None, callback=None, **options) -> torch.Tensor:
+    """SDEdit of ``images`` (model units, [B, C, H, W]) on the decreasing grid ``sigmas`` (ending in 0) at
+    ``strength``, with ``sampler`` and its ``options``; ``seeds`` [B] are the per-sample seeds (the noise of
+    sample j depends only on its seed). Returns model units."""
+    i = start_index(len(sigmas) - 1, strength)
+    if i == len(sigmas) - 1:
+        return images.clone()
+    x = _start(denoiser, images, sigmas, i, seeds)
+    return SAMPLERS[sampler](denoiser, x, sigmas[i:], cond=cond, noise=SeededNoise(seeds), callback=callback, **options)
+
+
+class KnownRegion(nn.Module):
+    """``denoiser`` called on inputs whose kept pixels (``mask`` 0) are the original ``images`` noised to the
+    call's level with fresh seeded noise (RePaint's replacement, made where the network reads it)."""
+
+    def __init__(self, denoiser, images: torch.Tensor, mask: torch.Tensor, seeds: torch.Tensor):
+        super().__init__()
+        self.denoiser, self.images, self.mask, self.process = denoiser, images, mask, denoiser.process
+        self.noise, self.calls = SeededNoise(seeds, _KNOWN), 0
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        eps = self.noise(self.calls, x)
+        self.calls += 1
+        level = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
+        known = self.images + level * eps
+        return self.denoiser(torch.where(self.mask, x, known), sigma, cond)
+
+
+@torch.no_grad()
+def repaint(denoiser, images: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor, seeds: torch.Tensor, *,
+            strength: float = 1.0, sampler: str = "ddpm", jump_length: int = 10, resample: int = 1,
+            cond: dict | None = None, callback=None, **options) -> torch.Tensor:
+    """RePaint: ``images`` (model units, [B, C, H, W]) with the pixels where ``mask`` (bool, broadcastable to
+    the images) is True drawn anew, on the grid ``sigmas`` with ``sampler``; every ``jump_length`` steps the
+    last ones are redone ``resample`` - 1 more times after a jump back up. ``strength`` < 1 starts as SDEdit
+    does, from the image noised to a lower level (the masked region then keeps some of the original).
+    ``seeds`` [B]: per-sample seeds. Returns model units, the kept pixels exactly the originals."""
+    if int(jump_length) != jump_length or jump_length < 1 or int(resample) != resample or resample < 1:
+        raise UsageError(f"--jump-length and --resample must be whole numbers >= 1, got {jump_length} and {resample}")
+    mask = mask.to(device=images.device, dtype=torch.bool).expand_as(images)
+    den = KnownRegion(denoiser, images, mask, seeds)
+    jumps = SeededNoise(seeds, _JUMP)
+    steps, passes = len(sigmas) - 1, 0
+    i = start_index(steps, strength)
+    x = _start(denoiser, images, sigmas, i, seeds) if i < steps else images
+    while i < steps:
+        j = min(int(jump_length), steps - i)
+        for r in range(int(resample)):
+            x = SAMPLERS[sampler](den, x, sigmas[i:i + j + 1], cond=cond, noise=SeededNoise(seeds, 1 + passes * _PASS),
+                                  callback=callback, **options)
+            passes += 1
+            if r < resample - 1:  # back up j levels by the forward process
+                lo, hi = float(sigmas[i + j]), float(sigmas[i])
+                x = x + math.sqrt(hi**2 - lo**2) * jumps(passes, x)
+        i += j
+    return torch.where(mask, x, images)
+
+
+@torch.no_grad()
+def edit_images(denoiser, images: torch.Tensor, sigmas: torch.Tensor, seeds: torch.Tensor, *, strength: float,
+                mask: torch.Tensor | None = None, sampler: str = "ddim", cond_fn=None, batch_size: int = 64,
+                jump_length: int = 10, resample: int = 1, **options) -> torch.Tensor:
+    """:func:`sdedit`, or with a ``mask`` [N or 1, 1 or C, H, W] (True: repaint) :func:`repaint`, batch by batch:
+    images and results in model units, ``seeds`` [N] per image, ``cond_fn(slice)`` a batch's condition."""
+    unknown = [k for k in options if k not in inspect.signature(SAMPLERS[sampler]).parameters]
+    if unknown:
+        raise UsageError(f"sampler '{sampler}' takes no option {', '.join(unknown)}")
+    out = []
+    for lo in range(0, len(images), batch_size):
+        sl = slice(lo, min(len(images), lo + batch_size))
+        cond = cond_fn(sl) if cond_fn is not None else None
+        if mask is None:
+            out.append(sdedit(denoiser, images[sl], sigmas, strength, seeds[sl], sampler=sampler, cond=cond, **options))
+        else:
+            m = mask[sl] if len(mask) > 1 else mask
+            out.append(repaint(denoiser, images[sl], m, sigmas, seeds[sl], strength=strength, sampler=sampler,
+                               jump_length=jump_length, resample=resample, cond=cond, **options))
+    return torch.cat(out)
