@@ -51,7 +51,9 @@ def test_kid_every_two_steps_in_loss_csv_tensorboard_and_the_monitor(tmp_path, p
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out, lines = tmp_path / "run", []
-    trainer = Trainer(_cfg(out, eval_every=2, eval_n=8, logger="tensorboard"), progress=False, log=lines.append)
+    # a fixed grid bottom: the one measured when training ends would change the drawing after it
+    cfg = _cfg(out, eval_every=2, eval_n=8, logger="tensorboard", sample_sigma_min=0.5)
+    trainer = Trainer(cfg, evaluation=during_training.plan, progress=False, log=lines.append)
     trainer.run()
     assert "evaluation: KID of 8 samples every 2 steps" in lines
     rows = _rows(out)
@@ -77,7 +79,7 @@ def test_kid_every_two_steps_in_loss_csv_tensorboard_and_the_monitor(tmp_path, p
 
 def test_auto_is_off_when_it_costs_more_than_five_percent(tmp_path, pixels):
     lines = []
-    Trainer(_cfg(tmp_path / "run"), progress=False, log=lines.append).run()
+    Trainer(_cfg(tmp_path / "run"), evaluation=during_training.plan, progress=False, log=lines.append).run()
     (line,) = [ln for ln in lines if ln.startswith("evaluation:")]
     assert line.startswith("evaluation: off (4 evaluations of 256 samples") and "more than 5%" in line
     assert pixels.calls == []  # the sampling alone was over budget: the network was not even loaded
@@ -87,7 +89,7 @@ def test_auto_is_off_when_it_costs_more_than_five_percent(tmp_path, pixels):
 def test_auto_is_on_within_the_budget(tmp_path, pixels):
     lines = []
     Trainer(_cfg(tmp_path / "run", steps=20, log_every=10, checkpoint_every=20, eval_n=4, time_limit=10_000),
-            progress=False, log=lines.append).run()
+            evaluation=during_training.plan, progress=False, log=lines.append).run()
     (line,) = [ln for ln in lines if ln.startswith("evaluation:")]
     assert line.startswith("evaluation: KID every 2 steps (10 evaluations of 4 samples"), line
     rows = _rows(tmp_path / "run")
@@ -99,11 +101,13 @@ def test_missing_inception_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(during_training, "missing_weights", lambda: inception.INSTALL)
     lines = []
-    Trainer(_cfg(tmp_path / "auto", steps=2), progress=False, log=lines.append).run()
+    Trainer(_cfg(tmp_path / "auto", steps=2), evaluation=during_training.plan, progress=False, log=lines.append).run()
     assert f"evaluation: off ({inception.INSTALL})" in lines
     with pytest.raises(UsageError, match="--eval-every 2: FID needs the Inception weights"):
-        Trainer(_cfg(tmp_path / "explicit", eval_every=2), progress=False, log=lambda *a: None)
-    Trainer(_cfg(tmp_path / "explicit", eval_every=0), progress=False, log=lambda *a: None)  # the lock was freed
+        Trainer(_cfg(tmp_path / "explicit", eval_every=2), evaluation=during_training.plan, progress=False,
+                log=lambda *a: None)
+    # the lock was freed
+    Trainer(_cfg(tmp_path / "explicit", eval_every=0), evaluation=during_training.plan, progress=False, log=lambda *a: None)
 
 
 def test_explicit_eval_every_without_weights_is_one_line_on_the_cli(tmp_path, monkeypatch, capsys):
@@ -121,13 +125,13 @@ def test_an_older_loss_csv_gains_the_columns_on_resume(tmp_path, pixels):
     from difflab.figures import plot_loss
 
     out = tmp_path / "run"
-    Trainer(_cfg(out, steps=2, log_every=1, checkpoint_every=2, eval_every=0), progress=False,
+    Trainer(_cfg(out, steps=2, log_every=1, checkpoint_every=2, eval_every=0), evaluation=during_training.plan, progress=False,
             log=lambda *a: None).run()
     old = [r[:5] for r in csv.reader((out / "loss.csv").read_text().splitlines())]
     (out / "loss.csv").write_text("\n".join(",".join(r) for r in old) + "\n")  # as difflab wrote it before
     assert plot_loss(out / "loss.csv", tmp_path / "old.png") is not None
     Trainer(_cfg(out, steps=4, log_every=1, checkpoint_every=2, eval_every=2, eval_n=4), resume=True,
-            progress=False, log=lambda *a: None).run()
+            evaluation=during_training.plan, progress=False, log=lambda *a: None).run()
     rows = _rows(out)
     assert [(int(r["step"]), bool(r["kid"])) for r in rows] == [(1, False), (2, False), (3, False), (4, True)]
     assert [r["loss"] for r in rows[:2]] == [r[1] for r in old[1:]]

@@ -100,7 +100,7 @@ def test_training_measures_and_sampling_reads_it(tmp_path):
     assert measured["sigma_min"] == grid_bottom.choose(grid_bottom.SIGMAS, measured["errors"])
     run = load_run(out)
     assert run.sampling_defaults()["sigma_min"] == measured["sigma_min"]
-    again = grid_bottom.measure_run(out)  # on demand: the same weights, batch and seeds give the same errors
+    again = load_run(out).measure_grid_bottom()  # on demand: the same weights, batch and seeds give the same errors
     assert again["errors"] == pytest.approx(measured["errors"], rel=1e-5)
     (out / grid_bottom.FILE).unlink()
     assert load_run(out).sampling_defaults()["sigma_min"] == grid_bottom.FALLBACK

@@ -27,12 +27,14 @@ def train(*, resume: bool = False, progress: bool = False, device: str | None = 
     given get the method's reference settings exactly as on the command line
     (:func:`~difflab.config.config_from_values`). ``resume``: continue the latest checkpoint in ``out``."""
     from difflab.config import config_from_values
+    from difflab.evaluate import during_training
     from difflab.training.trainer import Trainer
 
     settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in settings.items()}  # out=Path(...)
     check_settings(settings, resume=resume, progress=progress, device=device)
     cfg = config_from_values({**settings, "device": device})
-    trainer = Trainer(cfg, resume=resume, progress=progress, log=print if progress else _quiet)
+    trainer = Trainer(cfg, resume=resume, progress=progress, log=print if progress else _quiet,
+                      evaluation=during_training.plan)
     trainer.run()
     trainer.dist.shutdown()
     return load(trainer.out, trainer.device)

@@ -14,7 +14,7 @@ sigma^2 / (s^2 + sigma^2) and the bottom is the largest level under s sqrt(f / (
 It costs 1,600 network evaluations (64 images at 25 levels), about as many as the trainer's final grid.
 The measurement is kept in ``RUN/grid-bottom.json`` (written atomically, checked when read). A run without
 one (trained before it existed, or stopped by a signal) samples from :data:`FALLBACK`, the bottom chosen on
-MNIST before; :func:`measure_run` measures an existing run on demand.
+MNIST before; :meth:`difflab.sampling.Run.measure_grid_bottom` measures an existing run on demand.
 """
 
 from __future__ import annotations
@@ -96,17 +96,6 @@ def measure_training(run_dir: str | Path, method, net, images: torch.Tensor, lab
         return None
     save(run_dir, result)
     return result
-
-
-def measure_run(run_dir: str | Path, device: str | torch.device = "cpu") -> dict:
-    """Measure an existing run's bottom from its loaded (EMA) weights and its training data, and save it."""
-    from difflab.runs import load_fitted
-    from difflab.sampling import load_run
-
-    run = load_run(run_dir, device)
-    data = load_fitted(run.cfg.data, "train", tuple(run.shape))
-    return measure_training(run_dir, run.method, run.net, data.images.to(run.device),
-                            None if data.labels is None else data.labels.to(run.device), run.conditioner, run.step)
 
 
 def save(run_dir: str | Path, result: dict) -> Path:

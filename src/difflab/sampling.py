@@ -322,6 +322,16 @@ class Run:
 
         return run_bottom(self.path, self.cfg.sample_sigma_min)
 
+    def measure_grid_bottom(self) -> dict | None:
+        """Measure the run's grid bottom now (:func:`difflab.grid_bottom.measure_training`) from its loaded EMA
+        weights and its training data, and save it; for runs trained before the measurement existed."""
+        from difflab.grid_bottom import measure_training
+        from difflab.runs import load_fitted
+
+        data = load_fitted(self.cfg.data, "train", tuple(self.shape))
+        return measure_training(self.path, self.method, self.net, data.images.to(self.device),
+                                None if data.labels is None else data.labels.to(self.device), self.conditioner, self.step)
+
     def levels(self, request: SampleRequest) -> list[float]:
         """The noise levels a resolved request's sampler steps through (its grid, without the final 0)."""
         from difflab.samplers import sampler_sigmas

@@ -24,10 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nproc and "WORLD_SIZE" not in os.environ:
         return _launch(args.nproc)
+    from difflab.evaluate import during_training
     from difflab.training.trainer import Trainer
 
     cfg = config_from_args(args, defaults=read_config_file(args.config) if args.config else None)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet, evaluation=during_training.plan)
     result = trainer.run()
     if trainer.dist.main:
         why = {"steps": "done", "time-limit": "time limit reached", "signal": "stopped by a signal"}[result.stopped_by]

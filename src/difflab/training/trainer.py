@@ -70,7 +70,7 @@ class Trainer:
     (default: ``cfg.data`` as the run layer loads it) is the same on every resume."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print,
-                 data: ImageData | None = None):
+                 data: ImageData | None = None, evaluation=None):
         cfg.validate()
         self.log = log
         self.out = Path(cfg.out)
@@ -138,6 +138,9 @@ class Trainer:
         # threads run a batch aborts the process
         self._phase = "loop"
         self._evaluation: dict[str, float] | None = None  # the value of this step's evaluation, for its log row
+        # the planner of --eval-every (difflab.evaluate.during_training.plan, passed in by the front ends: the
+        # evaluation package sits above training, whose Trainer it uses for its judge classifier)
+        self._plan = evaluation
         try:  # an explicit --eval-every without the Inception weights fails here, before training
             self.evaluator, self._eval_line = self._plan_evaluation()
         except BaseException:
@@ -450,15 +453,14 @@ class Trainer:
 
     # --- evaluation during training (--eval-every) ------------------------------------------------------------
     def _plan_evaluation(self):
-        """(the evaluator or None, the line the run starts with): see difflab.evaluate.during_training."""
+        """(the evaluator or None, the line the run starts with): see difflab.evaluate.during_training; none
+        when the Trainer was made without a planner (a judge classifier, a test)."""
         cfg = self.cfg
-        if not self.method.draws_samples or cfg.eval_every == 0:
+        if self._plan is None or not self.method.draws_samples or cfg.eval_every == 0:
             return None, ""
-        from difflab.evaluate import during_training
-
-        if self.dist.active and cfg.eval_every == during_training.AUTO:  # the ranks could measure differently
+        if self.dist.active and cfg.eval_every < 0:  # auto: the ranks could measure differently
             return None, "evaluation: off (auto is not measured under torchrun; pass --eval-every N)"
-        return during_training.plan(cfg, self.data, self.device, self._eval_samples, self._step_seconds)
+        return self._plan(cfg, self.data, self.device, self._eval_samples, self._step_seconds)
 
     def _evaluate(self) -> bool:
         """At --eval-every steps: the metric of the EMA's samples (rank 0), for this step's log row."""
