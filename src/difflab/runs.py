@@ -21,7 +21,8 @@ import torch
 
 from difflab.conditioning import Conditioner
 from difflab.config import DEVICE, TrainConfig
-from difflab.data import ImageData, load
+from difflab.data import ImageData, load, open_source
+from difflab.data.source import ImageSource
 from difflab.errors import DataError, UsageError
 
 # flags that may change when a run is resumed; anything else must match the saved run
@@ -58,19 +59,27 @@ def pad_as_trained(data: ImageData, name: str, split: str, target: int | None = 
     return load(name, split=split, pad_to=pad, **kw) if pad else data
 
 
-def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
-    """The run's dataset as uint8 tensors, as it trains: ``--image-size`` when given, else padded by
-    :func:`padded_size`; square images only."""
+def open_data(cfg: TrainConfig, split: str = "train", stream: bool = True) -> ImageSource:
+    """The run's dataset as it trains: ``--image-size`` when given, else padded by :func:`padded_size`;
+    square images only. ``stream``: large sets are read batch by batch (see
+    :func:`difflab.data.open_source`), else every image is in memory."""
     kw = {}
     if cfg.image_size:
         kw["image_size"] = cfg.image_size
     if cfg.image_channels:
         kw["channels"] = cfg.image_channels
-    data = load(cfg.data, split=split, **kw)
-    if not cfg.image_size:
+    data = open_source(cfg.data, split=split, stream=stream, **kw)
+    if not cfg.image_size and isinstance(data, ImageData):
         data = pad_as_trained(data, cfg.data, split, **kw)
     if data.height != data.width:
         raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
+    return data
+
+
+def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
+    """The run's dataset in memory (uint8 tensors), as it trains (see :func:`open_data`)."""
+    data = open_data(cfg, split, stream=False)
+    assert isinstance(data, ImageData)
     return data
 
 

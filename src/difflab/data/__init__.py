@@ -15,9 +15,10 @@ import torch
 
 from difflab.data import transforms
 from difflab.data.imagedata import ImageData, fingerprint, to_model
+from difflab.data.source import ImageSource
 from difflab.errors import DataError
 
-__all__ = ["DATASETS", "ImageData", "dataset_key", "fingerprint", "load", "to_model"]
+__all__ = ["DATASETS", "ImageData", "ImageSource", "dataset_key", "fingerprint", "load", "open_source", "to_model"]
 
 DATASETS = ("mnist", "fashion-mnist", "digits", "emoji")
 SPLITS = ("train", "test")
@@ -85,3 +86,12 @@ def _padded(data: ImageData, pad_to: int | None) -> ImageData:
     if pad_to is None or (data.height, data.width) == (pad_to, pad_to):
         return data
     return ImageData(transforms.pad(data.images, pad_to), data.labels, data.class_names, data.name)
+
+
+def open_source(name_or_path: str | Path, *, split: str = "train", image_size: int | None = None,
+                channels: int | None = None, pad_to: int | None = None, cache_dir: str | Path | None = None,
+                stream: bool = True) -> ImageSource:
+    """Like :func:`load`, but a large folder or a packed set (``difflab pack``) is opened as a source that
+    reads its images batch by batch (``stream``; False: always :func:`load`)."""
+    return load(name_or_path, split=split, image_size=image_size, channels=channels, pad_to=pad_to,
+                cache_dir=cache_dir)
