@@ -91,7 +91,18 @@ def _padded(data: ImageData, pad_to: int | None) -> ImageData:
 def open_source(name_or_path: str | Path, *, split: str = "train", image_size: int | None = None,
                 channels: int | None = None, pad_to: int | None = None, cache_dir: str | Path | None = None,
                 stream: bool = True) -> ImageSource:
-    """Like :func:`load`, but a large folder or a packed set (``difflab pack``) is opened as a source that
-    reads its images batch by batch (``stream``; False: always :func:`load`)."""
-    return load(name_or_path, split=split, image_size=image_size, channels=channels, pad_to=pad_to,
-                cache_dir=cache_dir)
+    """Like :func:`load`, but a large folder (see :func:`difflab.data.folder.open_folder`) is opened as a
+    source that reads its images batch by batch (``stream``; False: always :func:`load`)."""
+    path = Path(name_or_path).expanduser()
+    if not stream or dataset_key(name_or_path) or not path.is_dir():
+        return load(name_or_path, split=split, image_size=image_size, channels=channels, pad_to=pad_to,
+                    cache_dir=cache_dir)
+    transforms.check_settings(image_size, channels, pad_to)
+    from difflab.data.folder import open_folder
+
+    data = open_folder(path, split=split, image_size=image_size, channels=channels, cache_dir=cache_dir)
+    if isinstance(data, ImageData):
+        return _padded(data, pad_to)
+    if pad_to is not None and (data.height, data.width) != (pad_to, pad_to):
+        raise DataError(f"{path} streams ({len(data)} images): it cannot be padded to {pad_to}; pass --image-size")
+    return data
