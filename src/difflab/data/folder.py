@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from PIL import Image, ImageOps
 
 from difflab.data import cache
 from difflab.data.imagedata import ImageData, fingerprint
+from difflab.data.progress import progress
 from difflab.data.source import Indices, StreamedSource, as_index
 from difflab.errors import DataError
 
@@ -45,14 +45,6 @@ STREAM_FROM = 50_000
 HEADER_SAMPLE = 64  # a streamed folder's size and channels are read from this many headers, spread over it
 _A = TypeVar("_A")
 _T = TypeVar("_T")
-
-
-def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "image"):
-    """A progress bar on stderr that shows only when the work takes more than a second."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit=unit, delay=1.0, mininterval=0.5, file=sys.stderr,
-                dynamic_ncols=True)
 
 
 def list_images(root: Path) -> list[tuple[Path, int, int]]:
