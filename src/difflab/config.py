@@ -78,6 +78,10 @@ class TrainConfig:
     compile: bool = _option(False, "torch.compile the network")
     seed: int = _option(0, "seed of the whole run (data order, noise, initial weights)")
     hflip: bool = _option(False, "random horizontal flips (off for digits)")
+    # a folder's labels and pixels (issue 23)
+    labels: bool = _option(False, "classes from a folder's first-level sub-folders (also with --conditioning class; "
+                           "labels in a metadata.jsonl are always read)")
+    background: str = _option("white", "the colour transparent pixels of a folder's images become", ("white", "black"))
     log_every: int = _option(50, "steps between loss logs (the only host-device syncs)")
     logger: str = _option("csv", "where the logs go besides loss.csv: csv (nothing else) or tensorboard (loss, lr, "
                      "images/s and sample grids as events in RUN/tensorboard; pip install 'difflab[tensorboard]')",

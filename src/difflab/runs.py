@@ -21,7 +21,7 @@ import torch
 
 from difflab.conditioning import Conditioner
 from difflab.config import DEVICE, TrainConfig
-from difflab.data import ImageData, load, open_source
+from difflab.data import ImageData, dataset_key, load, open_source
 from difflab.data.source import ImageSource
 from difflab.errors import DataError, UsageError
 
@@ -31,6 +31,8 @@ RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "samp
                     "checkpoint_every", "keep", "log_every", "logger", "device", "out", "compile", "precision"}
 
 PADDED = 32  # the size MNIST-like 28x28 images are trained at: every UNet preset halves it three times
+PADDED_SETS = ("mnist", "fashion-mnist")  # the built-in 28x28 sets; a 28x28 folder keeps its own pixels
+SIZE_MULTIPLE = 8  # a folder's images are resized up to a multiple of this when no size is asked for (28 -> 32)
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -46,24 +48,27 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if dev.type == "cuda" and dev.index is None else dev
 
 
-def padded_size(height: int, width: int, target: int | None = None) -> int | None:
-    """The one shape rule: MNIST-like 28x28 images are padded to 32x32 when no other size is asked for
-    (``target`` None) or when 32 is; None: no padding."""
-    return PADDED if (height, width) == (28, 28) and target in (None, PADDED) else None
+def padded_size(height: int, width: int, target: int | None = None, *, name: str) -> int | None:
+    """The one shape rule: the built-in MNIST-shaped sets (``PADDED_SETS``; ``name`` is the data set or
+    folder) are padded from 28x28 to 32x32 with black when no other size is asked for (``target`` None) or
+    when 32 is; None: no padding (always for folders)."""
+    builtin = dataset_key(name) in PADDED_SETS
+    return PADDED if builtin and (height, width) == (28, 28) and target in (None, PADDED) else None
 
 
 def pad_as_trained(data: ImageData, name: str, split: str, target: int | None = None, **kw: Any) -> ImageData:
     """``data`` (``split`` of dataset or folder ``name``, loaded with ``kw``) padded by :func:`padded_size`
     when the rule applies to it, else ``data`` itself."""
-    pad = padded_size(data.height, data.width, target)
+    pad = padded_size(data.height, data.width, target, name=name)
     return load(name, split=split, pad_to=pad, **kw) if pad else data
 
 
 def open_data(cfg: TrainConfig, split: str = "train", stream: bool = True) -> ImageSource:
-    """The run's dataset as it trains: ``--image-size`` when given, else padded by :func:`padded_size`;
-    square images only. ``stream``: large sets are read batch by batch (see
-    :func:`difflab.data.open_source`), else every image is in memory."""
-    kw = {}
+    """The run's dataset as it trains: ``--image-size`` when given, else padded by :func:`padded_size` (the
+    built-in 28x28 sets) or resized up to a multiple of ``SIZE_MULTIPLE`` (folders); square images only.
+    ``stream``: large sets are read batch by batch (see :func:`difflab.data.open_source`), else every image is
+    in memory."""
+    kw: dict[str, Any] = {"labels": cfg.labels or cfg.conditioning == "class", "background": cfg.background}
     if cfg.image_size:
         kw["image_size"] = cfg.image_size
     if cfg.image_channels:
@@ -71,6 +76,9 @@ def open_data(cfg: TrainConfig, split: str = "train", stream: bool = True) -> Im
     data = open_source(cfg.data, split=split, stream=stream, **kw)
     if not cfg.image_size and isinstance(data, ImageData):
         data = pad_as_trained(data, cfg.data, split, **kw)
+    if not cfg.image_size and data.height % SIZE_MULTIPLE and dataset_key(cfg.data) is None:
+        kw["image_size"] = -(-data.height // SIZE_MULTIPLE) * SIZE_MULTIPLE  # resized, never padded with black
+        data = open_source(cfg.data, split=split, stream=stream, **kw)
     if data.height != data.width:
         raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
     return data
