@@ -157,3 +157,26 @@ def test_class_by_name_or_index() -> None:
         class_index("bird", names)
     with pytest.raises(UsageError, match="saved no class names"):
         class_index("bird", None)
+
+
+def test_text_runs_train_on_the_images_own_captions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from difflab.cli import main
+    from difflab.training.trainer import Trainer
+
+    root = tmp_path / "capt"
+    for k in range(8):
+        _save(root / f"{k}.png", Image.new("RGB", (8, 8), (30 * k, 0, 0)))
+    _metadata(root, [{"file_name": f"{k}.png", "text": ["a red square", "a dark square"][k % 2]} for k in range(8)])
+    cfg = TrainConfig(data=str(root), out=str(tmp_path / "run"), model="tiny", steps=2, batch_size=4, log_every=1,
+                      checkpoint_every=2, sample_every=0, sample_steps=2, conditioning="text")
+    tr = Trainer(cfg, progress=False, log=lambda *a: None)
+    assert tr.conditioner.captions == [["a red square"], ["a dark square"]]
+    _, labels, _ = tr.batch(0, 0)
+    _, _, idx = tr.loader.get(0, 0)
+    assert labels.tolist() == (idx % 2).tolist()  # even images are red, odd ones dark
+    tr.run()
+    out = tmp_path / "s.png"
+    assert main(["sample", "--run", str(tmp_path / "run"), "--n", "2", "--steps", "2", "--out", str(out)]) == 0
+    assert main(["sample", "--run", str(tmp_path / "run"), "--n", "2", "--steps", "2", "--out", str(out), "--force",
+                 "--prompt", "a dark square"]) == 0
+    assert out.exists()

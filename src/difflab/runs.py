@@ -136,18 +136,29 @@ def prompt_cache(run_dir: str | Path, device: torch.device | str = "cpu", need_e
 
 
 def make_conditioner(cfg: TrainConfig, num_classes: int, class_names: list[str] | None, data_name: str,
-                     prompts: Callable[[], Any] | None = None) -> Conditioner:
-    """The run's condition: none, its class labels, or text prompts (the classes' captions; ``prompts()``
-    makes the :class:`difflab.text.PromptCache`, called for text runs only)."""
+                     prompts: Callable[[], Any] | None = None, captions: list[str] | None = None) -> Conditioner:
+    """The run's condition: none, its class labels, or text prompts: the images' own ``captions`` (each
+    distinct caption one condition, see :func:`difflab.data.captions.caption_ids`), else the classes' captions,
+    else (sampling a run trained on its images' captions) the prompts its cache holds. ``prompts()`` makes
+    the :class:`difflab.text.PromptCache`, called for text runs only."""
     if cfg.conditioning != "text":
         return Conditioner(cfg.conditioning, num_classes, cfg.cond_drop)
-    from difflab.data.captions import captions_for
+    from difflab.data.captions import caption_ids, captions_for
+    from difflab.text import is_null
 
-    if class_names is None:
-        raise UsageError("--conditioning text needs labelled data (class names become captions)")
     if prompts is None:
         raise UsageError("text conditioning needs a text encoder")
-    return Conditioner("text", num_classes, cfg.cond_drop, captions_for(data_name, class_names), prompts())
+    if captions is not None:
+        distinct, _ = caption_ids(captions)
+        return Conditioner("text", len(distinct), cfg.cond_drop, [[c] for c in distinct], prompts())
+    if class_names is not None:
+        return Conditioner("text", num_classes, cfg.cond_drop, captions_for(data_name, class_names), prompts())
+    cache = prompts()
+    saved = [p for p in cache.prompts if not is_null(p)]
+    if not saved:
+        raise UsageError("--conditioning text needs captions (a metadata.jsonl with a text field) or labelled data "
+                         "(class names become captions)")
+    return Conditioner("text", len(saved), cfg.cond_drop, [[p] for p in saved], cache)
 
 
 def data_name(cfg: TrainConfig) -> str:

@@ -31,6 +31,7 @@ from difflab import nets, recipe, runlock, runtime, threads
 from difflab.conditioning import Conditioner
 from difflab.config import TrainConfig, channel_widths, save_json
 from difflab.data import ImageData, to_model
+from difflab.data.captions import caption_ids
 from difflab.data.loader import BatchLoader, BatchOrder
 from difflab.data.source import ImageSource
 from difflab.ema_lengths import parse_lengths
@@ -177,6 +178,8 @@ class Trainer:
         self.autocast = self._autocast()
         self.order = BatchOrder(len(data), cfg.seed, cfg.batch_size, cfg.grad_accum, self.dist.world, self.dist.rank)
         self.loader = BatchLoader(data, self.order, self.method.batch_index, self.device, cfg.grad_accum)
+        # a text run on its images' captions is conditioned on each image's caption (an index into the distinct ones)
+        self._caption_ids = caption_ids(data.captions)[1] if cfg.conditioning == "text" and data.captions else None
         self._pending = 0  # a signal received on this rank and not yet acted on
         self._signal = 0  # the signal number that stopped the run (agreed by all ranks), 0 if none
         # "loop", then "final" (the last save and grid): a repeated Ctrl-C aborts only the loop. A signal during
@@ -236,7 +239,7 @@ class Trainer:
 
     def _conditioner(self, data: ImageSource) -> Conditioner:
         return make_conditioner(self.cfg, data.num_classes or 0, data.class_names, data.name,
-                                lambda: prompt_cache(self.out))
+                                lambda: prompt_cache(self.out), data.captions)
 
     def _autocast(self):
         if self.cfg.precision != "bf16":  # (auto was resolved when the network was built)
@@ -270,7 +273,9 @@ class Trainer:
     def batch(self, step: int, micro: int):
         """This rank's share of micro-batch ``micro`` of the global batch of ``step``: (x, labels, seeds)."""
         cfg = self.cfg
-        images, labels, _ = self.loader.get(step, micro)
+        images, labels, idx = self.loader.get(step, micro)
+        if self._caption_ids is not None:
+            labels = self._caption_ids[idx].to(self.device)
         lo = self.order.first_position(micro)
         pos = torch.arange(lo, lo + self.order.per_rank, device=self.device)
         x = to_model(images)
