@@ -87,3 +87,34 @@ def test_mid_epoch_resume_of_a_streamed_source_is_bit_identical(tmp_path: Path) 
     Trainer(_cfg(tmp_path / "memory"), data=data.data, **QUIET).run()
     c, _ = latest_checkpoint(tmp_path / "memory" / "checkpoints")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_random_crops_are_a_pure_function_of_seed_step_and_position() -> None:
+    from difflab.data.augment import RandomCrops, larger_size
+
+    assert larger_size(32, 0.125) == 36 and larger_size(8, 0.01) == 9
+    big = torch.arange(6 * 10 * 10, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(6, 1, 10, 10)
+    crops = RandomCrops(ImageData(big, None, None, "big"), 8)
+    assert crops.shape == (1, 8, 8) and torch.equal(crops.read([2]), big[2:3, :, 1:9, 1:9])  # centre crops
+    seeds = torch.arange(6)
+    a, again, later = crops.crop(big, seeds, 3), crops.crop(big, seeds, 3), crops.crop(big, seeds, 4)
+    assert torch.equal(a, again) and not torch.equal(a, later) and a.shape == (6, 1, 8, 8)
+    offsets = set()
+    for i in range(6):  # every crop is a window of its own image
+        found = [(y, x) for y in range(3) for x in range(3) if torch.equal(a[i], big[i, :, y:y + 8, x:x + 8])]
+        assert len(found) == 1
+        offsets.add(found[0])
+    assert len(offsets) > 1
+
+
+def test_a_cropped_run_trains_at_its_size_and_resumes_bit_identically(tmp_path: Path) -> None:
+    full = Trainer(_cfg(tmp_path / "full", crop=0.25), **QUIET)
+    assert full.shape == (1, 8, 8) and full.data.source.shape == (1, 10, 10)
+    x, _, _ = full.batch(0, 0)
+    assert x.shape == (16, 1, 8, 8)
+    full.run()
+    Trainer(_cfg(tmp_path / "half", crop=0.25, steps=5), **QUIET).run()
+    Trainer(_cfg(tmp_path / "half", crop=0.25), resume=True, **QUIET).run()
+    a, meta = latest_checkpoint(tmp_path / "full" / "checkpoints")
+    b, _ = latest_checkpoint(tmp_path / "half" / "checkpoints")
+    assert all(torch.equal(a[k], b[k]) for k in a) and meta["image_shape"] == [1, 8, 8]

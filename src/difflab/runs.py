@@ -63,11 +63,11 @@ def pad_as_trained(data: ImageData, name: str, split: str, target: int | None = 
     return load(name, split=split, pad_to=pad, **kw) if pad else data
 
 
-def open_data(cfg: TrainConfig, split: str = "train", stream: bool = True) -> ImageSource:
+def open_data(cfg: TrainConfig, split: str = "train", stream: bool = True, crops: bool = True) -> ImageSource:
     """The run's dataset as it trains: ``--image-size`` when given, else padded by :func:`padded_size` (the
     built-in 28x28 sets) or resized up to a multiple of ``SIZE_MULTIPLE`` (folders); square images only.
     ``stream``: large sets are read batch by batch (see :func:`difflab.data.open_source`), else every image is
-    in memory."""
+    in memory. ``crops`` (with ``--crop``): the data decoded larger, as :class:`difflab.data.augment.RandomCrops`."""
     kw: dict[str, Any] = {"labels": cfg.labels or cfg.conditioning == "class", "background": cfg.background}
     if cfg.image_size:
         kw["image_size"] = cfg.image_size
@@ -81,12 +81,17 @@ def open_data(cfg: TrainConfig, split: str = "train", stream: bool = True) -> Im
         data = open_source(cfg.data, split=split, stream=stream, **kw)
     if data.height != data.width:
         raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
+    if cfg.crop and crops:
+        from difflab.data.augment import RandomCrops, larger_size
+
+        kw["image_size"] = larger_size(data.height, cfg.crop)
+        data = RandomCrops(open_source(cfg.data, split=split, stream=stream, **kw), data.height)
     return data
 
 
 def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
     """The run's dataset in memory (uint8 tensors), as it trains (see :func:`open_data`)."""
-    data = open_data(cfg, split, stream=False)
+    data = open_data(cfg, split, stream=False, crops=False)
     assert isinstance(data, ImageData)
     return data
 

@@ -31,6 +31,7 @@ from difflab import nets, recipe, runlock, runtime, threads
 from difflab.conditioning import Conditioner
 from difflab.config import TrainConfig, channel_widths, save_json
 from difflab.data import ImageData, to_model
+from difflab.data.augment import RandomCrops
 from difflab.data.captions import caption_ids
 from difflab.data.loader import BatchLoader, BatchOrder
 from difflab.data.source import ImageSource
@@ -177,7 +178,9 @@ class Trainer:
         self._train_net: nn.Module | None = self._wrap_for_training()  # DDP broadcasts rank 0's weights
         self.autocast = self._autocast()
         self.order = BatchOrder(len(data), cfg.seed, cfg.batch_size, cfg.grad_accum, self.dist.world, self.dist.rank)
-        self.loader = BatchLoader(data, self.order, self.method.batch_index, self.device, cfg.grad_accum)
+        self._crops = data if isinstance(data, RandomCrops) else None  # the loader reads the larger images
+        self.loader = BatchLoader(data.source if self._crops else data, self.order, self.method.batch_index, self.device,
+                                  cfg.grad_accum)
         # a text run on its images' captions is conditioned on each image's caption (an index into the distinct ones)
         self._caption_ids = caption_ids(data.captions)[1] if cfg.conditioning == "text" and data.captions else None
         self._pending = 0  # a signal received on this rank and not yet acted on
@@ -278,8 +281,10 @@ class Trainer:
             labels = self._caption_ids[idx].to(self.device)
         lo = self.order.first_position(micro)
         pos = torch.arange(lo, lo + self.order.per_rank, device=self.device)
-        x = to_model(images)
         seeds = pos.to(torch.int64) + cfg.seed * (1 << 32)
+        if self._crops is not None:
+            images = self._crops.crop(images, seeds, step)
+        x = to_model(images)
         if cfg.hflip:
             from difflab.noise import seeded_uniform
 
