@@ -98,15 +98,14 @@ def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
 
 def reference_data(name: str, split: str, shape: tuple[int, ...]) -> ImageData:
     """The reference images that samples of (C, H, W) ``shape`` are evaluated against: ``split`` of dataset
-    or folder ``name`` (train when a folder has no test split), padded as trained when the samples are."""
+    or folder ``name`` (train when a folder has no test split), fitted to the samples as in training
+    (:func:`load_fitted`: a 28x28 folder trained at 32 is resized, MNIST padded)."""
     try:
-        data = load(name, split=split)
+        return load_fitted(name, split, tuple(shape))
     except DataError:
         if split != "test":
             raise
-        split = "train"
-        data = load(name, split=split)
-    return pad_as_trained(data, name, split, shape[-1])
+        return load_fitted(name, "train", tuple(shape))
 
 
 def load_fitted(name: str, split: str, shape: tuple[int, int, int]) -> ImageData:
