@@ -180,3 +180,12 @@ def test_text_runs_train_on_the_images_own_captions(tmp_path: Path, capsys: pyte
     assert main(["sample", "--run", str(tmp_path / "run"), "--n", "2", "--steps", "2", "--out", str(out), "--force",
                  "--prompt", "a dark square"]) == 0
     assert out.exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("crop", 1.5, r"--crop must be in \[0, 1\]"), ("crop", float("nan"), "--crop must be a finite number"),
+    ("background", "grey", "--background must be one of white, black"),
+])
+def test_data_flags_are_checked(flag: str, value, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        TrainConfig(**{flag: value}).validate()
