@@ -153,6 +153,7 @@ def test_class_by_name_or_index() -> None:
     names = ["cat", "dog", "flags"]
     assert class_index("flags", names) == 2 and class_index("1", names) == 1 and class_index("0", None) == 0
     assert class_index("7", ["10", "7"]) == 1  # a saved name wins over an index
+    assert class_index("-1", names) == -1  # an index out of range is refused with the request's range
     with pytest.raises(UsageError, match=r"--class 'bird' is not a class of this run \(its classes: cat, dog, flags\)"):
         class_index("bird", names)
     with pytest.raises(UsageError, match="saved no class names"):

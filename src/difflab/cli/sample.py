@@ -84,8 +84,7 @@ def request_from_args(args: argparse.Namespace) -> SampleRequest:
     same = ("seed", "sampler", "steps", "guidance", "autoguidance", "prompt", "clip", "eta", "order", "variance", "spacing", "churn",
             "sigma_min", "guide_sigmas", "cold_update", "told_noise",
             "classifier", "classifier_scale", "classifier_sigma_max", "batch_size")
-    index = args.class_label if args.class_label is None or not args.class_label.isdigit() else int(args.class_label)
-    req = SampleRequest(run=args.run or args.diffusers_model, n=args.n, labels=index if isinstance(index, int) else None,
+    req = SampleRequest(run=args.run or args.diffusers_model, n=args.n, labels=_as_int(args.class_label),
                         precision="bf16" if args.bf16 else "fp32", **{k: getattr(args, k) for k in same})
     return replace(req, init_noise=read_noise(args.init_noise, req.n)) if args.init_noise else req
 
@@ -117,11 +116,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_int(value: str | None) -> int | None:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
 def class_index(value: str, class_names: list[str] | None) -> int:
-    """``--class``: a saved class name (exactly), else a class index."""
+    """``--class``: a saved class name (exactly), else a class index (its range is checked with the request)."""
     if class_names and value in class_names:
         return class_names.index(value)
-    if value.isdigit():
+    if _as_int(value) is not None:
         return int(value)
     known = f"its classes: {', '.join(class_names[:20])}{', ...' if len(class_names) > 20 else ''}" if class_names \
         else "it saved no class names; give an index"
