@@ -39,7 +39,7 @@ def difflab_step(preset: str, batch: int, device, precision: str, compile_: bool
     from difflab.config import TrainConfig
 
     data = synthetic_images(max(8 * batch, 1024), *_image(preset))
-    trainer_mod.load_data = lambda cfg: data  # the benchmark's in-memory dataset
+    trainer_mod.open_data = lambda cfg: data  # the benchmark's in-memory dataset
     cfg = TrainConfig(data="synthetic", out=tempfile.mkdtemp(), model=preset, batch_size=batch,
                       precision=precision, compile=compile_, device=str(device), steps=10**9, warmup=10,
                       log_every=10**6, checkpoint_every=10**6, sample_every=0, process="linear")

@@ -9,7 +9,8 @@ import torch
 
 from difflab import grid_bottom
 from difflab.analytic import GaussianDataNet
-from difflab.config import TrainConfig, add_config_arguments, config_from_args
+from difflab.config import TrainConfig
+from difflab.data import ImageData, add_config_arguments, config_from_args
 from difflab.denoiser import Denoiser
 from difflab.errors import CheckpointError, UsageError
 from difflab.processes.continuous import VE
@@ -106,9 +107,9 @@ def test_training_measures_and_sampling_reads_it(tmp_path):
     assert load_run(out).sampling_defaults()["sigma_min"] == grid_bottom.FALLBACK
     run = load_run(out)
     flat = torch.zeros(4, *run.shape, dtype=torch.uint8)  # identical images: no variance to measure against
-    assert grid_bottom.measure_training(out, run.method, run.net, flat, None, run.conditioner, 3) is None
+    assert grid_bottom.measure_training(out, run.method, run.net, ImageData(flat, None, None, "flat"), run.conditioner, 3) is None
     with torch.no_grad():
         next(run.net.parameters()).fill_(float("nan"))  # a network that is not finite leaves no measurement
     images = torch.randint(0, 256, (4, *run.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    assert grid_bottom.measure_training(out, run.method, run.net, images, None, run.conditioner, 3) is None
+    assert grid_bottom.measure_training(out, run.method, run.net, ImageData(images, None, None, "x"), run.conditioner, 3) is None
     assert grid_bottom.load(out) is None

@@ -87,6 +87,12 @@ class TrainConfig:
     compile: bool = _option(False, "torch.compile the network")
     seed: int = _option(0, "seed of the whole run (data order, noise, initial weights)")
     hflip: bool = _option(False, "random horizontal flips (off for digits)")
+    # a folder's labels and pixels (issue 23)
+    labels: bool = _option(False, "classes from a folder's first-level sub-folders (also with --conditioning class; "
+                           "labels in a metadata.jsonl are always read)")
+    background: str = _option("white", "the colour transparent pixels of a folder's images become", ("white", "black"))
+    crop: float = _option(0.0, "random crops: decode images at (1 + crop) times the run's size and crop each sample "
+                          "back to it, at offsets fixed by the seed and step (0: off)")
     log_every: int = _option(50, "steps between loss logs (the only host-device syncs)")
     logger: str = _option("csv", "where the logs go besides loss.csv: csv (nothing else) or tensorboard (loss, lr, "
                      "images/s and sample grids as events in RUN/tensorboard; pip install 'difflab[tensorboard]')",
@@ -194,7 +200,7 @@ class TrainConfig:
 # (lo, hi[, options]) of every numeric field; sizes are bounded so that no absurd value reaches an allocation
 _RANGES: dict[str, tuple] = {
     "T": (1, 1_000_000), "gamma": (0, 1, {"open_lo": True, "open_hi": True}), "k": (1, 1 << 24),
-    "cond_drop": (0, 1, {"open_hi": True}), "image_size": (0, 4096), "steps": (1, 10**10),
+    "cond_drop": (0, 1, {"open_hi": True}), "image_size": (0, 4096), "crop": (0, 1), "steps": (1, 10**10),
     "time_limit": (0, 10**7), "batch_size": (1, 1 << 16), "grad_accum": (1, 1 << 12),
     "lr": (0, 1, {"open_hi": True}), "guidance": (-100, 100), "autoguidance": (0, 100),
     "guide_at": (0, 0.5, {"open_lo": True}), "weight_decay": (0, None), "warmup": (0, 10**10),

@@ -78,20 +78,22 @@ def held_batch(n_images: int, n: int = HELD) -> torch.Tensor:
     return torch.randperm(n_images, generator=torch.Generator().manual_seed(SEED))[:n]
 
 
-def measure_training(run_dir: str | Path, method, net, images: torch.Tensor, labels, conditioner, step: int) -> dict | None:
+def measure_training(run_dir: str | Path, method, net, data, conditioner, step: int,
+                     device: torch.device | str = "cpu") -> dict | None:
     """Measure the bottom of a run at the end of training and save it (None for methods without a Gaussian
-    denoiser, and when an error is not finite): ``net`` is the EMA network, ``images`` the uint8 training
-    images (labels and conditioner for class and text runs: the batch is measured under its own conditions)."""
+    denoiser, and when an error is not finite): ``net`` is the EMA network, ``data`` the training data (any
+    :class:`~difflab.data.source.ImageSource`: only the held batch is read; its labels and the conditioner for
+    class and text runs: the batch is measured under its own conditions)."""
     if not (method.conditional and method.draws_samples):
         return None
     from difflab.data.imagedata import to_model
 
-    idx = held_batch(len(images)).to(images.device)
+    idx = held_batch(len(data))
     cond = None
-    if conditioner is not None and conditioner.kind != "none" and labels is not None:
-        cond = conditioner.for_labels(labels[idx], images.device)
+    if conditioner is not None and conditioner.kind != "none" and data.labels is not None:
+        cond = conditioner.for_labels(data.labels[idx], device)
     net.eval()
-    result = measure(method.denoiser(net), to_model(images[idx], images.device), cond, step=step)
+    result = measure(method.denoiser(net), to_model(data.read(idx), device), cond, step=step)
     if not all(math.isfinite(e) for e in result["errors"]):  # no level to trust: sampling keeps the fallback
         return None
     save(run_dir, result)

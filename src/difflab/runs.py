@@ -21,7 +21,8 @@ import torch
 
 from difflab.conditioning import Conditioner
 from difflab.config import DEVICE, TrainConfig
-from difflab.data import ImageData, load
+from difflab.data import ImageData, dataset_key, load, open_source
+from difflab.data.source import ImageSource
 from difflab.errors import DataError, UsageError
 from difflab.nets import fit
 
@@ -32,6 +33,8 @@ RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "samp
                     "eval_every", "eval_metric", "eval_n"}
 
 PADDED = 32  # the size MNIST-like 28x28 images are trained at: every UNet preset halves it three times
+PADDED_SETS = ("mnist", "fashion-mnist")  # the built-in 28x28 sets; a 28x28 folder keeps its own pixels
+SIZE_MULTIPLE = 8  # a folder's images are resized up to a multiple of this when no size is asked for (28 -> 32)
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -47,40 +50,61 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if dev.type == "cuda" and dev.index is None else dev
 
 
-def padded_size(height: int, width: int, target: int | None = None) -> int | None:
-    """The one shape rule: MNIST-like 28x28 images are padded to 32x32 when no other size is asked for
-    (``target`` None) or when 32 is; None: no padding."""
-    return PADDED if (height, width) == (28, 28) and target in (None, PADDED) else None
+def padded_size(height: int, width: int, target: int | None = None, *, name: str) -> int | None:
+    """The one shape rule: the built-in MNIST-shaped sets (``PADDED_SETS``; ``name`` is the data set or
+    folder) are padded from 28x28 to 32x32 with black when no other size is asked for (``target`` None) or
+    when 32 is; None: no padding (always for folders)."""
+    builtin = dataset_key(name) in PADDED_SETS
+    return PADDED if builtin and (height, width) == (28, 28) and target in (None, PADDED) else None
 
 
 def pad_as_trained(data: ImageData, name: str, split: str, target: int | None = None, **kw: Any) -> ImageData:
     """``data`` (``split`` of dataset or folder ``name``, loaded with ``kw``) padded by :func:`padded_size`
     when the rule applies to it, else ``data`` itself."""
-    pad = padded_size(data.height, data.width, target)
+    pad = padded_size(data.height, data.width, target, name=name)
     return load(name, split=split, pad_to=pad, **kw) if pad else data
 
 
-def load_as_trained(name: str, split: str = "train", image_size: int | None = None,
-                    channels: int | None = None) -> ImageData:
-    """The one data transform a run trains with, for ``split`` of dataset or folder ``name``: resized to
-    ``image_size`` when given (folders: shorter side, then centre crop), else padded by :func:`padded_size`;
-    ``channels`` (1 or 3) when given. Training (:func:`load_data`) and evaluation (:func:`reference_data`)
-    both call it, so samples are compared with the images as the run saw them."""
-    kw = {}
-    if image_size:
-        kw["image_size"] = image_size
-    if channels:
-        kw["channels"] = channels
-    data = load(name, split=split, **kw)
-    return data if image_size else pad_as_trained(data, name, split, **kw)
+def open_data(cfg: TrainConfig, split: str = "train", stream: bool = True, crops: bool = True,
+              name: str | None = None) -> ImageSource:
+    """The run's dataset (or dataset ``name``, transformed as this run's) as it trains: ``--image-size`` when
+    given, else padded by :func:`padded_size` (the built-in 28x28 sets) or resized up to a multiple of
+    ``SIZE_MULTIPLE`` (folders); square images only. The one transform of training and evaluation.
+    ``stream``: large sets are read batch by batch (see :func:`difflab.data.open_source`), else every image is
+    in memory. ``crops`` (with ``--crop``): the data decoded larger, as :class:`difflab.data.augment.RandomCrops`."""
+    name = cfg.data if name is None else name
+    kw: dict[str, Any] = {"labels": cfg.labels or cfg.conditioning == "class", "background": cfg.background}
+    if cfg.image_size:
+        kw["image_size"] = cfg.image_size
+    if cfg.image_channels:
+        kw["channels"] = cfg.image_channels
+    data = open_source(name, split=split, stream=stream, **kw)
+    if not cfg.image_size and isinstance(data, ImageData):
+        data = pad_as_trained(data, name, split, **kw)
+    if not cfg.image_size and data.height % SIZE_MULTIPLE and dataset_key(name) is None:
+        kw["image_size"] = -(-data.height // SIZE_MULTIPLE) * SIZE_MULTIPLE  # resized, never padded with black
+        data = open_source(name, split=split, stream=stream, **kw)
+    if data.height != data.width:
+        raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
+    if cfg.crop and crops:
+        from difflab.data.augment import RandomCrops, larger_size
+
+        kw["image_size"] = larger_size(data.height, cfg.crop)
+        data = RandomCrops(open_source(name, split=split, stream=stream, **kw), data.height)
+    return data
+
+
+def load_as_trained(name: str, split: str, cfg: TrainConfig) -> ImageData:
+    """``split`` of dataset or folder ``name`` in memory (uint8 tensors), transformed as run ``cfg`` trains
+    (:func:`open_data`, without the random crops): what its samples are compared with."""
+    data = open_data(cfg, split, stream=False, crops=False, name=name)
+    assert isinstance(data, ImageData)
+    return data
 
 
 def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
-    """The run's dataset as uint8 tensors, as it trains (:func:`load_as_trained`); square images only."""
-    data = load_as_trained(cfg.data, split, cfg.image_size, cfg.image_channels)
-    if data.height != data.width:
-        raise UsageError(f"images must be square, got {data.height}x{data.width}; pass --image-size")
-    return data
+    """The run's dataset in memory (uint8 tensors), as it trains (see :func:`open_data`)."""
+    return load_as_trained(cfg.data, split, cfg)
 
 
 def reference_data(name: str, split: str, like: TrainConfig | tuple[int, ...], notes: list[str] | None = None) -> ImageData:
@@ -90,7 +114,7 @@ def reference_data(name: str, split: str, like: TrainConfig | tuple[int, ...], n
     ``like`` (:func:`load_fitted`)."""
     def one(s: str) -> ImageData:
         if isinstance(like, TrainConfig):
-            return load_as_trained(name, s, like.image_size, like.image_channels)
+            return load_as_trained(name, s, like)
         return load_fitted(name, s, tuple(like[-3:]))
 
     try:
@@ -104,16 +128,17 @@ def reference_data(name: str, split: str, like: TrainConfig | tuple[int, ...], n
 
 
 def load_fitted(name: str, split: str, shape: tuple[int, int, int]) -> ImageData:
-    """The images of dataset or folder ``name`` fitted to a run's (C, H, W): as trained at their own
-    size when that gives (H, W) (:func:`load_as_trained`), else resized to H."""
-    from difflab.data import dataset_key
-
+    """The images of dataset or folder ``name`` fitted to samples of (C, H, W) when no run says how it trained:
+    padded by the shape rule (as in training: MNIST 28 -> 32), other sizes resized to H."""
     c, h, w = shape
-    if dataset_key(name) is not None and h == w:
-        found = load_as_trained(name, split, None, c)
-        if (found.height, found.width) == (h, w):
-            return found
-    return load_as_trained(name, split, h, c)
+    if dataset_key(name) is None:
+        return load(name, split=split, image_size=h, channels=c)
+    found = load(name, split=split, channels=c)
+    if h == w:
+        found = pad_as_trained(found, name, split, h, channels=c)
+    if (found.height, found.width) != (h, w):
+        return load(name, split=split, channels=c, image_size=h)
+    return found
 
 
 def prompt_cache(run_dir: str | Path, device: torch.device | str = "cpu", need_encoder: bool = True):
@@ -132,18 +157,29 @@ def prompt_cache(run_dir: str | Path, device: torch.device | str = "cpu", need_e
 
 
 def make_conditioner(cfg: TrainConfig, num_classes: int, class_names: list[str] | None, data_name: str,
-                     prompts: Callable[[], Any] | None = None) -> Conditioner:
-    """The run's condition: none, its class labels, or text prompts (the classes' captions; ``prompts()``
-    makes the :class:`difflab.text.PromptCache`, called for text runs only)."""
+                     prompts: Callable[[], Any] | None = None, captions: list[str] | None = None) -> Conditioner:
+    """The run's condition: none, its class labels, or text prompts: the images' own ``captions`` (each
+    distinct caption one condition, see :func:`difflab.data.captions.caption_ids`), else the classes' captions,
+    else (sampling a run trained on its images' captions) the prompts its cache holds. ``prompts()`` makes
+    the :class:`difflab.text.PromptCache`, called for text runs only."""
     if cfg.conditioning != "text":
         return Conditioner(cfg.conditioning, num_classes, cfg.cond_drop)
-    from difflab.data.captions import captions_for
+    from difflab.data.captions import caption_ids, captions_for
+    from difflab.text import is_null
 
-    if class_names is None:
-        raise UsageError("--conditioning text needs labelled data (class names become captions)")
     if prompts is None:
         raise UsageError("text conditioning needs a text encoder")
-    return Conditioner("text", num_classes, cfg.cond_drop, captions_for(data_name, class_names), prompts())
+    if captions is not None:
+        distinct, _ = caption_ids(captions)
+        return Conditioner("text", len(distinct), cfg.cond_drop, [[c] for c in distinct], prompts())
+    if class_names is not None:
+        return Conditioner("text", num_classes, cfg.cond_drop, captions_for(data_name, class_names), prompts())
+    cache = prompts()
+    saved = [p for p in cache.prompts if not is_null(p)]
+    if not saved:
+        raise UsageError("--conditioning text needs captions (a metadata.jsonl with a text field) or labelled data "
+                         "(class names become captions)")
+    return Conditioner("text", len(saved), cfg.cond_drop, [[p] for p in saved], cache)
 
 
 def data_name(cfg: TrainConfig) -> str:

@@ -329,8 +329,7 @@ class Run:
         from difflab.runs import load_fitted
 
         data = load_fitted(self.cfg.data, "train", tuple(self.shape))
-        return measure_training(self.path, self.method, self.net, data.images.to(self.device),
-                                None if data.labels is None else data.labels.to(self.device), self.conditioner, self.step)
+        return measure_training(self.path, self.method, self.net, data, self.conditioner, self.step, self.device)
 
     def levels(self, request: SampleRequest) -> list[float]:
         """The noise levels a resolved request's sampler steps through (its grid, without the final 0)."""

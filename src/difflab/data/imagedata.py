@@ -39,10 +39,12 @@ def to_model(images: torch.Tensor, device: torch.device | str | None = None) -> 
 
 @dataclass
 class ImageData:
-    """A dataset: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N] or None.
+    """A dataset in memory: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N] or None; the in-memory
+    :class:`difflab.data.source.ImageSource`.
 
-    ``class_names[k]`` names label k; ``fingerprint`` (computed when left empty) is a short hash of
-    the pixels and labels, a cache key for statistics of this exact data.
+    ``class_names[k]`` names label k; ``captions[i]`` (or None) describes image i; ``fingerprint``
+    (computed when left empty) is a short hash of the pixels and labels, a cache key for statistics of
+    this exact data.
     """
 
     images: torch.Tensor
@@ -50,6 +52,7 @@ class ImageData:
     class_names: list[str] | None
     name: str
     fingerprint: str = ""
+    captions: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -58,6 +61,8 @@ class ImageData:
         if self.labels is not None and (self.labels.dtype != torch.int64 or self.labels.shape != (len(self),)):
             raise ValueError(f"ImageData.labels must be int64 [{len(self)}], got {self.labels.dtype} "
                              f"{tuple(self.labels.shape)}")
+        if self.captions is not None and len(self.captions) != len(self):
+            raise ValueError(f"ImageData.captions must hold one caption per image ({len(self)}), got {len(self.captions)}")
         if not self.fingerprint:
             self.fingerprint = fingerprint(self.images, self.labels)
 
@@ -91,6 +96,10 @@ class ImageData:
             return len(self.class_names)
         return int(self.labels.max()) + 1 if len(self) else 0
 
+    def read(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The images at ``indices`` (in that order) as uint8 [B, C, H, W]."""
+        return self.images[torch.as_tensor(indices, dtype=torch.int64)]
+
     def to_model(self, device: torch.device | str | None = None) -> torch.Tensor:
         """All images as floats in [-1, 1] (``images / 127.5 - 1``), on ``device``."""
         return to_model(self.images, device)
@@ -107,7 +116,10 @@ class ImageData:
             if index.numel() and not (-len(self) <= int(index.min()) and int(index.max()) < len(self)):
                 raise DataError(f"subset indices out of range for {self.name} ({len(self)} images)")
         if index == slice(0, len(self)):
-            return ImageData(self.images, self.labels, self.class_names, self.name, self.fingerprint)
+            return ImageData(self.images, self.labels, self.class_names, self.name, self.fingerprint, self.captions)
         images = self.images[index].contiguous()
         labels = None if self.labels is None else self.labels[index].contiguous()
-        return ImageData(images, labels, self.class_names, self.name)
+        captions = None
+        if self.captions is not None:
+            captions = self.captions[index] if isinstance(index, slice) else [self.captions[i] for i in index.tolist()]
+        return ImageData(images, labels, self.class_names, self.name, captions=captions)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from difflab.data.imagedata import ImageData
 from difflab.errors import UsageError
 from difflab.evaluate.inception import InceptionFeatures, missing_weights
 from difflab.evaluate.metrics import feature_stats, frechet_distance, kid
@@ -57,8 +58,8 @@ class TrainingEval:
 def plan(cfg, data, device: torch.device, draw: Callable[[int, int], torch.Tensor],
          step_seconds: Callable[[], float]) -> tuple[TrainingEval | None, str]:
     """(the evaluator or None, the line the run starts with saying which and why). ``cfg``: the run's
-    TrainConfig (eval_every, eval_metric, eval_n, steps, time_limit); ``data``: its training data (an object
-    with ``subset(n)``, ``fingerprint`` and ``len``); ``step_seconds()``: a measure of one training step.
+    TrainConfig (eval_every, eval_metric, eval_n, steps, time_limit); ``data``: its training data (any
+    :class:`~difflab.data.source.ImageSource`); ``step_seconds()``: a measure of one training step.
     An explicit ``--eval-every`` without the Inception weights is a UsageError (before training)."""
     if cfg.eval_every == 0:
         return None, ""
@@ -67,7 +68,8 @@ def plan(cfg, data, device: torch.device, draw: Callable[[int, int], torch.Tenso
         if cfg.eval_every != AUTO:
             raise UsageError(f"--eval-every {cfg.eval_every}: {problem}")
         return None, f"evaluation: off ({problem})"
-    reference = data.subset(min(len(data), REFERENCE_N))
+    n = min(len(data), REFERENCE_N)  # the first images of any source, streamed or in memory
+    reference = ImageData(data.read(np.arange(n)), None, None, data.name)
     if cfg.eval_every != AUTO:
         return (TrainingEval(cfg.eval_every, cfg.eval_metric, cfg.eval_n, reference, make_extractor(device), draw),
                 f"evaluation: {cfg.eval_metric.upper()} of {cfg.eval_n} samples every {cfg.eval_every} steps")

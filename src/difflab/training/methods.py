@@ -320,7 +320,7 @@ class ColdMethod(_BatchSeeded):
         self.reference: torch.Tensor | None = None  # dataset images for priors that need them
 
     def prepare(self, data: ImageData) -> None:
-        self.reference = to_model(data.images[:512])  # the prior degrades dataset images
+        self.reference = to_model(data.read(range(min(512, len(data)))))  # the prior degrades dataset images
 
     def describe(self, data: ImageData | None = None) -> str:
         return f"cold diffusion with degradation {self.degradation!r}"

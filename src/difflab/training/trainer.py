@@ -30,13 +30,17 @@ from torch import nn
 from difflab import grid_bottom, nets, recipe, runlock, runtime, threads
 from difflab.conditioning import Conditioner
 from difflab.config import TrainConfig, save_json
-from difflab.data import ImageData, to_model
+from difflab.data import to_model
+from difflab.data.augment import RandomCrops
+from difflab.data.captions import caption_ids
+from difflab.data.loader import BatchLoader, BatchOrder
+from difflab.data.source import ImageSource
 from difflab.ema_lengths import parse_lengths
 from difflab.errors import CheckpointError, TrainingDiverged, UsageError
 from difflab.figures import grid, plot_loss, save_image
 from difflab.files import OutputError, check_run_folder, write_text
 from difflab.nets.fit import network_config, speed_warning
-from difflab.runs import RESUME_OVERRIDES, describe_run, load_data, make_conditioner, pick_device, prompt_cache
+from difflab.runs import RESUME_OVERRIDES, describe_run, make_conditioner, open_data, pick_device, prompt_cache
 from difflab.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -70,7 +74,7 @@ class Trainer:
     (default: ``cfg.data`` as the run layer loads it) is the same on every resume."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print,
-                 data: ImageData | None = None, evaluation=None):
+                 data: ImageSource | None = None, evaluation=None):
         cfg.validate()
         self.log = log
         self.out = Path(cfg.out)
@@ -98,11 +102,9 @@ class Trainer:
         self.progress = progress and self.dist.main
         self.logger = RunLogger(self.out, cfg.logger)  # loss.csv (+ TensorBoard events); checks its package now
 
-        data = load_data(cfg) if data is None else data
+        data = open_data(cfg) if data is None else data
         self.data = data
-        self.images = data.images.to(self.device)
-        self.labels = data.labels.to(self.device) if data.labels is not None else None
-        self.shape = tuple(data.images.shape[1:])
+        self.shape = data.shape
         self.method: Method = make_method(cfg)
         self.method.prepare(data)  # (impossible settings fail before anything is written)
         self.conditioner = self._conditioner(data)
@@ -130,7 +132,12 @@ class Trainer:
                 raise
         self._train_net: nn.Module | None = self._wrap_for_training()  # DDP broadcasts rank 0's weights
         self.autocast = self._autocast()
-        self._perm_cache: dict[int, torch.Tensor] = {}
+        self.order = BatchOrder(len(data), cfg.seed, cfg.batch_size, cfg.grad_accum, self.dist.world, self.dist.rank)
+        self._crops = data if isinstance(data, RandomCrops) else None  # the loader reads the larger images
+        self.loader = BatchLoader(data.source if self._crops else data, self.order, self.method.batch_index, self.device,
+                                  cfg.grad_accum)
+        # a text run on its images' captions is conditioned on each image's caption (an index into the distinct ones)
+        self._caption_ids = caption_ids(data.captions)[1] if cfg.conditioning == "text" and data.captions else None
         self._pending = 0  # a signal received on this rank and not yet acted on
         self._signal = 0  # the signal number that stopped the run (agreed by all ranks), 0 if none
         # "loop", then "final" (the last save and grid): a repeated Ctrl-C aborts only the loop. A signal during
@@ -197,9 +204,9 @@ class Trainer:
                                  "only steps, time limit, logging, sampling and checkpoint settings may change")
         return saved.validate()
 
-    def _conditioner(self, data: ImageData) -> Conditioner:
+    def _conditioner(self, data: ImageSource) -> Conditioner:
         return make_conditioner(self.cfg, data.num_classes or 0, data.class_names, data.name,
-                                lambda: prompt_cache(self.out))
+                                lambda: prompt_cache(self.out), data.captions)
 
     def _autocast(self):
         if self.cfg.precision != "bf16":  # (auto was resolved when the network was built)
@@ -230,41 +237,24 @@ class Trainer:
             self.log(f"resumed {self.out} at step {self.step}{procs}")
 
     # --- data -----------------------------------------------------------------------------------
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perm_cache:
-            g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-            if len(self._perm_cache) > 1:  # keep the current and the next epoch
-                self._perm_cache.pop(min(self._perm_cache))
-            self._perm_cache[epoch] = torch.randperm(len(self.images), generator=g).to(self.device)
-        return self._perm_cache[epoch]
-
     def batch(self, step: int, micro: int):
         """This rank's share of micro-batch ``micro`` of the global batch of ``step``: (x, labels, seeds)."""
-        cfg, n = self.cfg, len(self.images)
-        b = self.method.batch_index(step)
-        per_micro = cfg.batch_size // cfg.grad_accum
-        per_rank = per_micro // self.dist.world
-        lo = micro * per_micro + self.dist.rank * per_rank
-        pos = torch.arange(lo, lo + per_rank, device=self.device)
-        # the global positions are contiguous, so the indices are slices of the epochs' permutations
-        # (computed in Python integers: no host-device sync)
-        first = b * cfg.batch_size + lo
-        parts, p = [], first
-        while p < first + per_rank:
-            e, off = divmod(p, n)
-            take = min(n - off, first + per_rank - p)
-            parts.append(self._perm(e)[off:off + take])
-            p += take
-        idx = parts[0] if len(parts) == 1 else torch.cat(parts)
-        x = to_model(self.images[idx])
+        cfg = self.cfg
+        images, labels, idx = self.loader.get(step, micro)
+        if self._caption_ids is not None:
+            labels = self._caption_ids[idx].to(self.device)
+        lo = self.order.first_position(micro)
+        pos = torch.arange(lo, lo + self.order.per_rank, device=self.device)
         seeds = pos.to(torch.int64) + cfg.seed * (1 << 32)
+        if self._crops is not None:
+            images = self._crops.crop(images, seeds, step)
+        x = to_model(images)
         if cfg.hflip:
             from difflab.noise import seeded_uniform
 
             flip = seeded_uniform(seeds, step, (), self.device, salt=0xF11F) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         x = nets.match_layout(x)
-        labels = self.labels[idx] if self.labels is not None else None
         return x, labels, seeds
 
     # --- the loop -------------------------------------------------------------------------------
@@ -402,6 +392,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self.loader.close()
             self.release_process_group()
         self._phase = "final"  # from here a repeated Ctrl-C no longer aborts: the last save completes
         if last_ckpt != self.step:
@@ -413,8 +404,8 @@ class Trainer:
         grid = None
         if main:
             if stopped_by != "signal" and not self._pending:  # a signal asks for a quick exit
-                grid_bottom.measure_training(self.out, self.method, self.ema.model, self.images, self.labels,
-                                             self.conditioner, self.step)
+                grid_bottom.measure_training(self.out, self.method, self.ema.model, self.data, self.conditioner,
+                                             self.step, self.device)
                 grid = self.sample_grid(self.out / "samples" / "final.png")
             if (self.out / "loss.csv").exists():
                 plot_loss(self.out / "loss.csv", self.out / "loss.png")
