@@ -1,0 +1,145 @@
+"""Rectified flow as a Gaussian process (issue 26): z_t = (1 - t) x + t s, the velocity target, logit-normal
+training times with SD3's shift, and sampling from pure noise at t = 1 (sigma_ve = inf)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from difflab.denoiser import Denoiser
+from difflab.processes import make_process
+from difflab.samplers import FROM_PURE_NOISE, SAMPLERS, generate, sampler_sigmas
+from difflab.training.noise_levels import training_times
+
+MU, STD = 0.3, 0.5  # data N(MU, STD^2) per pixel
+
+
+class GaussianVelocity(torch.nn.Module):
+    """The exact velocity E[s - x | z_t] of N(MU, STD^2) data on the flow process, called as a network
+    (z, 1000 t); as diffusers calls a transformer with timestep = 1000 sigma."""
+
+    def forward(self, z, t_net):
+        t = (t_net.double() / 1000).reshape(-1, *[1] * (z.ndim - 1))
+        a, b = 1 - t, t
+        x0 = MU + a * STD**2 * (z.double() - a * MU) / (a**2 * STD**2 + b**2)
+        return ((z.double() - x0) / b).to(z.dtype)
+
+
+def flow():
+    return make_process({"kind": "flow"})
+
+
+def test_marginal_by_simulation():
+    p = flow()
+    g = torch.Generator().manual_seed(0)
+    x = MU + STD * torch.randn(200_000, generator=g, dtype=torch.float64)
+    for t in (0.1, 0.5, 0.9):
+        z = p.marginal(x, torch.full((len(x),), t, dtype=torch.float64), torch.randn(len(x), generator=g, dtype=torch.float64))
+        assert abs(float(z.mean()) - (1 - t) * MU) < 0.01
+        assert abs(float(z.std()) - math.sqrt(((1 - t) * STD) ** 2 + t**2)) < 0.01
+
+
+def test_sigma_and_time_are_inverses_up_to_pure_noise():
+    p = flow()
+    t = torch.tensor([1e-3, 0.25, 0.5, 0.9, 0.999, 1.0], dtype=torch.float64)
+    sigma = p.sigma_ve(t)
+    assert torch.allclose(sigma[:-1], t[:-1] / (1 - t[:-1]), rtol=1e-12)
+    assert math.isinf(float(sigma[-1]))
+    assert torch.allclose(p.t_of(sigma), t, rtol=1e-12, atol=0)
+    assert torch.allclose(p.signal_scale(t), 1 - t) and torch.allclose(p.noise_scale(t), t)
+    assert make_process(p.config()).config() == {"kind": "flow", "t_min": 1e-3}
+
+
+def test_velocity_prediction_against_its_definition():
+    p = flow()
+    g = torch.Generator().manual_seed(1)
+    out = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, z, t_net):
+            return out
+
+    den = Denoiser(Fixed(), p, "velocity")
+    t = torch.tensor([0.2, 0.7, 1.0], dtype=torch.float64)
+    z = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    sigma = p.sigma_ve(t)
+    held = torch.where(torch.isinf(sigma), 1.0, 1 / (1 - t)).view(-1, 1, 1, 1)  # y, or y / sigma = z at t = 1
+    x0 = den(z * held, sigma)
+    assert torch.allclose(x0, z - t.view(-1, 1, 1, 1) * out, atol=1e-12)  # x0 = z_t - t v
+    assert torch.allclose(den.x0_per_output(sigma, t), -t)
+    x, s = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    assert torch.equal(den.target(x, s, t[:2]), s - x)
+
+
+def test_logit_normal_quantiles_and_sd3_shift():
+    p = flow()
+    u = torch.tensor([0.025, 0.16, 0.5, 0.84, 0.975], dtype=torch.float64)
+    n = math.sqrt(2) * torch.erfinv(2 * u - 1)
+    for mean, std in ((0.0, 1.0), (0.5, 0.7)):
+        t = training_times(p, u, "logit-normal", mean, std)
+        assert torch.allclose(t, torch.sigmoid(mean + std * n), rtol=1e-12)
+    t1 = training_times(p, u, "logit-normal")
+    t3 = training_times(p, u, "logit-normal", shift=3.0)
+    assert torch.allclose(t3, 3 * t1 / (1 + 2 * t1), rtol=1e-12)  # SD3's t' = shift t / (1 + (shift - 1) t)
+    assert float(training_times(p, torch.zeros(1, dtype=torch.float64))) < 1  # never t = 1 (sigma_ve = inf)
+    vp = make_process({"kind": "vp"})  # the same noise levels on any process
+    assert torch.allclose(vp.sigma_ve(training_times(vp, u[1:4], "logit-normal")), torch.exp(n[1:4]), rtol=1e-6)
+
+
+def test_flow_config_defaults_and_refusals():
+    from difflab.config import config_from_values
+    from difflab.errors import UsageError
+
+    cfg = config_from_values({"process": "flow"}).validate()
+    assert (cfg.prediction, cfg.noise_sampling) == ("velocity", "logit-normal")
+    assert config_from_values({"process": "flow", "prediction": "x0"}).validate().prediction == "x0"
+    with pytest.raises(UsageError, match="cannot take --prediction eps"):
+        config_from_values({"process": "flow", "prediction": "eps"}).validate()
+
+
+def _den():
+    return Denoiser(GaussianVelocity(), flow(), "velocity")
+
+
+def test_euler_from_pure_noise_is_ddim_step_for_step():
+    den = _den()
+    sig = sampler_sigmas(den.process, "euler", 6, "uniform").double()
+    assert math.isinf(float(sig[0]))
+    noise = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    paths = {}
+    for name in ("euler", "ddim"):
+        seen = []
+        SAMPLERS[name](den, noise.clone(), sig, callback=lambda info, seen=seen: seen.append(info["x"].clone()))
+        paths[name] = seen
+    for a, b in zip(paths["euler"], paths["ddim"]):
+        assert torch.allclose(a, b, atol=1e-12)
+    # the first step: x0_hat = z_1 - v, then y' = x0_hat + sigma' z_1
+    v = GaussianVelocity()(noise, torch.full((4,), 1000.0))
+    assert torch.allclose(paths["ddim"][0], noise - v + float(sig[1]) * noise, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,spacing", [(name, None) for name in SAMPLERS] + [(name, "uniform") for name in FROM_PURE_NOISE])
+def test_every_sampler_draws_the_gaussian_data(name, spacing):
+    """Each sampler on its own grid (the uniform grid of the flow's time starts at t = 1 for DDIM and
+    DDPM, at SIGMA_TOP for the SDE samplers), and the samplers that take t = 1 on that grid."""
+    opts = {"steps_per_level": 20, "step_scale": 1e-4} if name == "langevin" else {}  # as in test_guidance
+    x = generate(_den(), 2000, (1, 1, 1), sampler=name, steps=30, spacing=spacing, seed=3, **opts).double()
+    assert torch.isfinite(x).all()
+    assert abs(float(x.mean()) - MU) < 0.06, float(x.mean())
+    assert abs(float(x.std()) - STD) < 0.08, float(x.std())
+
+
+def test_euler_equals_diffusers_flow_match_euler():
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+    steps = 8
+    sched.set_timesteps(steps)
+    net = GaussianVelocity()
+    noise = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    x = noise.clone()
+    for t in sched.timesteps:
+        x = sched.step(net(x, t.expand(len(x))), t, x).prev_sample
+    ours = generate(_den(), 4, (1, 4, 4), sampler="euler", steps=steps, spacing="uniform", init_noise=noise)
+    assert float((ours - x).abs().max()) < 1e-5
