@@ -143,3 +143,49 @@ def test_euler_equals_diffusers_flow_match_euler():
         x = sched.step(net(x, t.expand(len(x))), t, x).prev_sample
     ours = generate(_den(), 4, (1, 4, 4), sampler="euler", steps=steps, spacing="uniform", init_noise=noise)
     assert float((ours - x).abs().max()) < 1e-5
+
+
+# --- a trained flow run ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    from difflab.config import config_from_values
+    from difflab.training.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("flow") / "run"
+    cfg = config_from_values({"data": "digits", "out": str(out), "process": "flow", "model": "mnist-small",
+                              "channels_mult": "32,64", "steps": 6, "batch_size": 8, "log_every": 3,
+                              "checkpoint_every": 6, "sample_every": 0, "sample_steps": 2, "warmup": 1,
+                              "lr": 3e-3}).validate()
+    Trainer(cfg, progress=False, log=lambda *a: None).run()
+    return out
+
+
+def test_a_flow_run_samples_with_every_sampler(flow_run):
+    from difflab.sampling import load_run
+
+    run = load_run(flow_run)
+    assert (run.cfg.prediction, run.cfg.noise_sampling) == ("velocity", "logit-normal")
+    for name in SAMPLERS:
+        for spacing in ("uniform", None):
+            x = run.sample(2, sampler=name, steps=4, spacing=spacing, autoguidance=1.0)
+            assert x.shape == (2, 1, 8, 8) and x.dtype == torch.uint8, name
+            if name in FROM_PURE_NOISE and spacing == "uniform":  # the steps from t = 1 give images, not a blank
+                assert float(x.float().std()) > 0, name
+
+
+def test_exported_flow_folder_samples_equal_difflab(flow_run, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    import numpy as np
+
+    from difflab.cli import main
+    from difflab.sampling import load_run
+
+    assert main(["export", "--run", str(flow_run), "--to", "diffusers", str(tmp_path / "hub")]) == 0
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "hub")
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    ref = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=10, output_type="np").images
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = load_run(flow_run).sample(4, sampler="euler", steps=10, spacing="uniform", clip="none", autoguidance=1.0,
+                                     init_noise=noise)
+    want = torch.from_numpy(np.round(ref * 255)).permute(0, 3, 1, 2).int()
+    assert int((ours.int() - want).abs().max()) <= 1
