@@ -16,14 +16,22 @@ from difflab.training.noise_levels import training_times
 MU, STD = 0.3, 0.5  # data N(MU, STD^2) per pixel
 
 
+K, SHIFT = 3, 0.4  # classes of the conditional model: class c has mean MU + SHIFT c; label K is the null
+
+
 class GaussianVelocity(torch.nn.Module):
     """The exact velocity E[s - x | z_t] of N(MU, STD^2) data on the flow process, called as a network
-    (z, 1000 t); as diffusers calls a transformer with timestep = 1000 sigma."""
+    (z, 1000 t); as diffusers calls a transformer with timestep = 1000 sigma. With class labels the data
+    of class c is N(MU + SHIFT c, STD^2) (the null label: the mean of the class means)."""
 
-    def forward(self, z, t_net):
+    def forward(self, z, t_net, class_labels=None):
         t = (t_net.double() / 1000).reshape(-1, *[1] * (z.ndim - 1))
+        mu = torch.full_like(t, MU)
+        if class_labels is not None:
+            c = torch.where(class_labels == K, (K - 1) / 2, class_labels.double())
+            mu = MU + SHIFT * c.reshape(t.shape)
         a, b = 1 - t, t
-        x0 = MU + a * STD**2 * (z.double() - a * MU) / (a**2 * STD**2 + b**2)
+        x0 = mu + a * STD**2 * (z.double() - a * mu) / (a**2 * STD**2 + b**2)
         return ((z.double() - x0) / b).to(z.dtype)
 
 
@@ -189,3 +197,54 @@ def test_exported_flow_folder_samples_equal_difflab(flow_run, tmp_path):
                                      init_noise=noise)
     want = torch.from_numpy(np.round(ref * 255)).permute(0, 3, 1, 2).int()
     assert int((ours.int() - want).abs().max()) <= 1
+
+
+def test_guidance_on_the_flow_process_starts_from_pure_noise():
+    from difflab.guidance import Autoguidance, ClassifierFreeGuidance
+
+    den, n = _den(), 6
+    labels = {"class_labels": torch.tensor([0, 1, 2, 0, 1, 2])}
+    cfg = ClassifierFreeGuidance(den, {"class_labels": torch.full((n,), K)}, 3.0)
+    x = torch.randn(n, 1, 2, 2, dtype=torch.float64)
+    inf = torch.full((n,), math.inf, dtype=torch.float64)
+    # at t = 1 each estimate is its mean: m_null + g (m_c - m_null)
+    want = MU + SHIFT * (1 + 3.0 * (labels["class_labels"].double() - 1))
+    assert torch.allclose(cfg(x, inf, labels), want.view(-1, 1, 1, 1).expand(n, 1, 2, 2), atol=1e-12)
+    cond_fn = lambda sl: {"class_labels": labels["class_labels"][sl]}  # noqa: E731
+    plain = generate(den, n, (1, 2, 2), seed=1, sampler="ddim", steps=8, cond_fn=cond_fn)
+    same = generate(ClassifierFreeGuidance(den, {"class_labels": torch.full((n,), K)}, 1.0), n, (1, 2, 2), seed=1,
+                    sampler="ddim", steps=8, cond_fn=cond_fn)
+    assert torch.equal(plain, same)  # g = 1 is plain conditional sampling
+    guided = generate(cfg, n, (1, 8, 8), seed=1, sampler="euler", steps=20, spacing="uniform", batch_size=n,
+                      cond_fn=lambda sl: {"class_labels": torch.full((n,), 2)})
+    assert float(guided.mean()) > MU + 2 * SHIFT + 0.3  # pushed past the class's own mean, away from the null
+    bad = Denoiser(GaussianVelocity(), flow(), "x0")  # a guide that predicts the raw velocity as x0
+    auto = Autoguidance(den, bad, 2.0, (1.0, 20.0))
+    assert torch.equal(auto(x, inf), den(x, inf))  # outside the guide's interval: the network alone
+    assert torch.isfinite(generate(auto, 4, (1, 2, 2), sampler="ddim", steps=8)).all()
+
+
+def test_inversion_round_trip_from_pure_noise():
+    from difflab.latents import invert, reconstruct
+
+    den = _den()
+    x0 = (MU + STD * torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(4))).double()
+    latent = invert(den, x0, 20, refine=30)
+    assert torch.isfinite(latent).all() and abs(float(latent.std()) - 1) < 0.4  # the noise z_1 = s
+    back = reconstruct(den, latent, 20)
+    assert float((back - x0).abs().max()) < 1e-9  # exact with the refined steps, the one to t = 1 included
+
+
+def test_likelihood_equals_the_gaussian_and_the_vp_process():
+    from difflab.analytic import GaussianDataNet, gaussian_bpd
+    from difflab.likelihood import log_likelihood
+
+    x = (MU + STD * torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(6))).double()
+    dims = x[0].numel()
+    exact = gaussian_bpd(MU, STD, x)
+    flow_bpd = -log_likelihood(_den(), x, steps=64, exact=True) / (dims * math.log(2))
+    vp = make_process({"kind": "vp"})
+    vp_bpd = -log_likelihood(Denoiser(GaussianDataNet(vp, MU, STD), vp, "eps"), x, steps=64, exact=True) / (dims * math.log(2))
+    assert torch.isfinite(flow_bpd).all()
+    assert abs(float(flow_bpd.mean()) - exact) < 2e-3, (float(flow_bpd.mean()), exact)
+    assert torch.allclose(flow_bpd, vp_bpd, atol=2e-3)  # the same data, the same ODE in VE coordinates
