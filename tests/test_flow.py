@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -248,3 +249,58 @@ def test_likelihood_equals_the_gaussian_and_the_vp_process():
     assert torch.isfinite(flow_bpd).all()
     assert abs(float(flow_bpd.mean()) - exact) < 2e-3, (float(flow_bpd.mean()), exact)
     assert torch.allclose(flow_bpd, vp_bpd, atol=2e-3)  # the same data, the same ODE in VE coordinates
+
+
+def test_the_explorer_draws_a_flow_run_from_pure_noise(flow_run):
+    import threading
+
+    from serve_helpers import events, png_array, request
+
+    from difflab.sampling import load_run
+    from difflab.serve import ExplorerServer
+
+    srv = ExplorerServer(flow_run.parent, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        status, answer = request(srv, "/api/sample", {"run": flow_run.name, "sampler": "ddim", "steps": 4, "count": 3,
+                                                     "seed": 2})
+        assert status == 202, answer
+        evs = events(srv, answer["job"])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    steps = [e for e in evs if e["type"] == "step"]
+    assert len(steps) == 4 and steps[0]["sigma"] is None  # t = 1: JSON has no infinity
+    assert all(math.isfinite(e["sigma"]) for e in steps[1:])
+    images = np.stack([png_array(e["png"]) for e in evs if e["type"] == "image"])
+    assert np.array_equal(images, load_run(flow_run).sample(3, seed=2, steps=4, sampler="ddim").numpy())
+
+
+def test_cli_likelihood_of_a_flow_run(flow_run, tmp_path, capsys):
+    import json
+
+    from difflab.cli import main
+
+    code = main(["likelihood", "--run", str(flow_run), "--data", "digits", "--split", "test", "--n", "4", "--steps", "2",
+                 "--json", str(tmp_path / "bpd.json")])
+    assert code == 0, capsys.readouterr().err
+    bpd = json.loads((tmp_path / "bpd.json").read_text())["bits_per_dim"]
+    assert math.isfinite(bpd) and 7 < bpd < 64
+
+
+def test_a_class_conditional_flow_run_samples_with_guidance(tmp_path):
+    from difflab.config import config_from_values
+    from difflab.sampling import load_run
+    from difflab.training.trainer import Trainer
+
+    cfg = config_from_values({"data": "digits", "out": str(tmp_path / "run"), "process": "flow", "model": "tiny",
+                              "conditioning": "class", "steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 4,
+                              "sample_every": 0, "sample_steps": 3, "warmup": 1, "lr": 1e-3}).validate()
+    Trainer(cfg, progress=False, log=lambda *a: None).run()
+    run = load_run(tmp_path / "run")
+    labels = torch.tensor([0, 3, 7])
+    for sampler, spacing in (("ddim", None), ("euler", "uniform"), ("dpmpp-2m", None)):
+        plain = run.sample(3, sampler=sampler, steps=4, spacing=spacing, labels=labels, guidance=1.0)
+        guided = run.sample(3, sampler=sampler, steps=4, spacing=spacing, labels=labels, guidance=3.0)
+        assert plain.shape == guided.shape == (3, 1, 8, 8) and not torch.equal(plain, guided), sampler
