@@ -182,6 +182,11 @@ def test_a_flow_run_samples_with_every_sampler(flow_run):
                 assert float(x.float().std()) > 0, name
 
 
+def _save_noise(folder, noise):
+    np.save(folder / "noise.npy", noise.numpy())
+    return folder / "noise.npy"
+
+
 def test_exported_flow_folder_samples_equal_difflab(flow_run, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     import numpy as np
@@ -198,6 +203,32 @@ def test_exported_flow_folder_samples_equal_difflab(flow_run, tmp_path):
                                      init_noise=noise)
     want = torch.from_numpy(np.round(ref * 255)).permute(0, 3, 1, 2).int()
     assert int((ours.int() - want).abs().max()) <= 1
+    # the folder read back: diffusers' own loop, and difflab's grids on the same network
+    from difflab.figures import to_uint8
+    from difflab.interop import generate_like_diffusers, load_diffusers_unet
+
+    den, shape = load_diffusers_unet(tmp_path / "hub")
+    assert shape == (1, 8, 8) and den.prediction == "velocity" and den.process.config() == {"kind": "flow", "t_min": 1e-3}
+    theirs = to_uint8(generate_like_diffusers(den, 4, shape, sampler="euler", steps=10, init_noise=noise)).int()
+    assert int((theirs - want).abs().max()) <= 1
+    again = to_uint8(generate(den, 4, shape, sampler="euler", steps=10, spacing="uniform", init_noise=noise)).int()
+    assert int((again - ours.int()).abs().max()) <= 1
+    from difflab.errors import UsageError
+
+    ddim = to_uint8(generate_like_diffusers(den, 4, shape, sampler="ddim", steps=10, init_noise=noise)).int()
+    assert int((ddim - want).abs().max()) <= 1  # (a folder's default sampler)
+    with pytest.raises(UsageError, match="flow-matching folder samples with euler or ddim"):
+        generate_like_diffusers(den, 1, shape, sampler="heun", steps=4)
+    npz = tmp_path / "s.npz"  # difflab sample --diffusers-model: the folder's default sampler, diffusers' grid
+    code = main(["sample", "--diffusers-model", str(tmp_path / "hub"), "--steps", "10", "--n", "4",
+                 "--init-noise", str(_save_noise(tmp_path, noise)), "--save-npz", str(npz), "--out", str(tmp_path / "g.png")])
+    assert code == 0
+    got = torch.from_numpy(np.load(npz)["images"]).permute(0, 3, 1, 2).int()
+    assert int((got - want).abs().max()) <= 1
+    with pytest.raises(UsageError, match="shift=3.0"):
+        from difflab.interop.schedulers import flow_process
+
+        flow_process({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
 
 
 def test_guidance_on_the_flow_process_starts_from_pure_noise():

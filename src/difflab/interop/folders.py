@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from difflab.errors import CheckpointError, UsageError
-from difflab.interop.schedulers import DiffusersDenoiser
+from difflab.interop.schedulers import DiffusersDenoiser, flow_process, is_flow
 from difflab.processes.gaussian import DiscreteSchedule, cosine_schedule, register_schedule
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -66,9 +66,9 @@ class DiffusersUNet(nn.Module):
     """A diffusers ``UNet2DModel`` with difflab's network call ``net(z, t, class_labels=None, ...)``,
     t the difflab step (1..T), returning the output tensor (not diffusers' ``.sample`` wrapper)."""
 
-    def __init__(self, unet: nn.Module, folder: str = ""):
+    def __init__(self, unet: nn.Module, folder: str = "", time_offset: int = 1):
         super().__init__()
-        self.unet = unet
+        self.unet, self.time_offset = unet, time_offset  # difflab's time minus diffusers' timestep
         self.channels = int(unet.config.in_channels)
         self.num_classes = int(unet.config.num_class_embeds or 0)
         self.config = {"kind": "diffusers", "folder": folder}
@@ -80,7 +80,7 @@ class DiffusersUNet(nn.Module):
             raise UsageError("a diffusers UNet2DModel takes no text condition")
         if class_labels is None and self.num_classes:
             raise UsageError(f"this UNet2DModel is class-conditional ({self.num_classes} classes): give --class")
-        out = self.unet(z.to(self.unet.dtype), t - 1, class_labels=class_labels).sample
+        out = self.unet(z.to(self.unet.dtype), t - self.time_offset, class_labels=class_labels).sample
         # learned-variance models (improved-diffusion) stack the variance after the prediction
         return out[:, : self.channels].to(z.dtype)
 
@@ -125,6 +125,9 @@ def load_diffusers_unet(folder: str | Path, device: str | torch.device = "cpu"
         raise CheckpointError(f"cannot load the UNet2DModel in {unet_dir} ({str(e).splitlines()[0]})") from e
 
     sched = _read_json(sched_file) if sched_file.exists() else {}
+    if is_flow(sched):  # difflab's flow process, the velocity target, diffusers' timestep = difflab's time
+        net = DiffusersUNet(unet, str(unet_dir), time_offset=0).to(device).eval().requires_grad_(False)
+        return DiffusersDenoiser(net, flow_process(sched), "velocity", sched), _shape(unet)
     prediction_type = sched.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise UsageError(f"unsupported prediction_type '{prediction_type}' in {sched_file}; "
@@ -137,7 +140,11 @@ def load_diffusers_unet(folder: str | Path, device: str | torch.device = "cpu"
                                  float(sched.get("beta_start", 1e-4)), float(sched.get("beta_end", 0.02)),
                                  sched.get("trained_betas"))
     net = DiffusersUNet(unet, str(unet_dir)).to(device).eval().requires_grad_(False)
+    return DiffusersDenoiser(net, process, PREDICTION_TYPES[prediction_type], sched), _shape(unet)
+
+
+def _shape(unet) -> tuple[int, int, int]:
+    """The image shape (C, H, W) a UNet2DModel draws."""
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (int(unet.config.in_channels), int(h), int(w))
-    return DiffusersDenoiser(net, process, PREDICTION_TYPES[prediction_type], sched), shape
+    return int(unet.config.in_channels), int(h), int(w)
