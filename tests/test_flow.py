@@ -95,6 +95,8 @@ def test_logit_normal_quantiles_and_sd3_shift():
     assert float(training_times(p, torch.zeros(1, dtype=torch.float64))) < 1  # never t = 1 (sigma_ve = inf)
     vp = make_process({"kind": "vp"})  # the same noise levels on any process
     assert torch.allclose(vp.sigma_ve(training_times(vp, u[1:4], "logit-normal")), torch.exp(n[1:4]), rtol=1e-6)
+    shifted = vp.sigma_ve(training_times(vp, u[1:4], "logit-normal", shift=2.0))
+    assert torch.allclose(shifted, 2 * torch.exp(n[1:4]), rtol=1e-6)  # the shift multiplies sigma_ve
 
 
 def test_flow_config_defaults_and_refusals():
