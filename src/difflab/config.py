@@ -16,7 +16,10 @@ from difflab.errors import CheckpointError, UsageError
 
 METHODS = ("gaussian", "naive1", "naive2", "cold", "noisy-classifier", "classifier")
 CLASS_LEARNERS = ("gaussian", "noisy-classifier", "classifier")  # the methods that take class labels
-PROCESSES = ("linear", "cosine", "sigmoid", "constant", "vp", "vp-cosine", "ve")
+PROCESSES = ("linear", "cosine", "sigmoid", "constant", "vp", "vp-cosine", "ve", "flow")
+# what a new run of a process gets for the settings it was not given (SD3, Esser et al. 2024: rectified flow
+# learns the velocity, and its gain over eps/linear comes from logit-normal training times)
+PROCESS_DEFAULTS: dict[str, dict[str, Any]] = {"flow": {"prediction": "velocity", "noise_sampling": "logit-normal"}}
 CONDITIONING = ("none", "class", "text")
 
 
@@ -45,14 +48,16 @@ class TrainConfig:
                    "(for classifier guidance), classifier (clean images, for evaluation)", METHODS)
     degradation: str = _option("fade-colour", "cold diffusion: fade-colour, fade-black, mask, blur, pixelate")
     process: str = _option("cosine", "Gaussian noise process: discrete schedules linear/cosine/sigmoid/constant, "
-                      "continuous vp/vp-cosine/ve", PROCESSES)
+                      "continuous vp/vp-cosine/ve, flow (rectified flow: z_t = (1 - t) x + t s; predicts the velocity and trains at "
+                      "logit-normal times unless told)", PROCESSES)
     T: int = _option(1000, "number of discrete steps (naive1: noising steps, default 60 there)")
     gamma: float = _option(0.9, "per-step gamma of the constant schedule")
     k: int = _option(32, "naive1: pixels noised per step")
     replace: bool = _option(True, "naive1: pixels may be picked again in later steps (--no-replace walks a "
                        "random order, so T*k must not exceed the pixel count)")
-    prediction: str = _option("v", "what the network predicts: eps, x0, v, zprev (series v1), edm",
-                         ("eps", "x0", "v", "zprev", "edm"))
+    prediction: str = _option("v", "what the network predicts: eps, x0, v, zprev (series v1), edm, velocity (s - x, "
+                         "flow matching's target; the default of --process flow)",
+                         ("eps", "x0", "v", "zprev", "edm", "velocity"))
     model: str = _option("auto", "network preset (see difflab.nets.presets) or 'auto' for the method's default")
     channels_mult: str = _option("", "override the UNet's channels, e.g. '32,64,64' (CoordConv: its widths)")
     dropout: float = _option(-1.0, "dropout (-1: the preset's)")
@@ -77,7 +82,13 @@ class TrainConfig:
                         "post-hoc EMA ('difflab ema'); '' for none")
     ema_snapshot_every: int = _option(200, "steps between snapshots of the --ema-track EMAs in RUN/ema-snapshots (0: none)")
     noise_sampling: str = _option("uniform", "training noise levels: uniform in t, or lognormal (EDM: log sigma ~ "
-                             "N(-1.2, 1.2^2), mapped to t; discrete schedules round t to a step)", ("uniform", "lognormal"))
+                             "N(-1.2, 1.2^2), mapped to t; discrete schedules round t to a step), or logit-normal (SD3: "
+                             "log(sigma_flow / (1 - sigma_flow)) ~ N(--logit-mean, --logit-std^2), the flow process's "
+                             "default)", ("uniform", "lognormal", "logit-normal"))
+    logit_mean: float = _option(0.0, "mean of --noise-sampling logit-normal (SD3: 0)")
+    logit_std: float = _option(1.0, "std of --noise-sampling logit-normal (SD3: 1)")
+    time_shift: float = _option(1.0, "resolution shift of the training noise levels: sigma_ve times this (on the flow "
+                           "process SD3's t' = shift t / (1 + (shift - 1) t)); 1: none")
     loss_weighting: str = _option("none", "per-sample loss weight: none (plain MSE of the network output), min-snr "
                              "(Hang et al.: min(SNR, gamma) on the x0 error) or edm ((sigma^2 + sigma_data^2) / "
                              "(sigma sigma_data)^2 on the x0 error)", ("none", "min-snr", "edm"))
@@ -164,8 +175,12 @@ class TrainConfig:
         parse_lengths(self.ema_track)
         if self.ema_snapshot_every < 0:
             raise UsageError(f"--ema-snapshot-every must be 0 (off) or a number of steps, got {self.ema_snapshot_every}")
-        if self.method != "gaussian" and (self.noise_sampling != "uniform" or self.loss_weighting != "none"):
-            raise UsageError("--noise-sampling and --loss-weighting apply to --method gaussian")
+        if self.method != "gaussian" and (self.noise_sampling != "uniform" or self.loss_weighting != "none"
+                                          or self.time_shift != 1):
+            raise UsageError("--noise-sampling, --time-shift and --loss-weighting apply to --method gaussian")
+        if self.process == "flow" and self.prediction in ("eps", "zprev") and self.method == "gaussian":
+            raise UsageError(f"--process flow cannot take --prediction {self.prediction}: its sampling starts at t = 1, "
+                             "where the noise alone gives no image estimate; use velocity (its default), v, x0 or edm")
         if self.image_channels not in (0, 1, 3):
             raise UsageError(f"--image-channels must be 1 or 3, got {self.image_channels}")
         if self.conditioning != "none" and self.method not in CLASS_LEARNERS:
@@ -210,12 +225,13 @@ _RANGES: dict[str, tuple] = {
     "min_snr_gamma": (0, 1e6, {"open_lo": True}),
     "told_noise": (0, 1, {"open_lo": True}),
     "eval_every": (-1, 10**10), "eval_n": (2, 100_000),
+    "logit_mean": (-10, 10), "logit_std": (0, 10, {"open_lo": True}), "time_shift": (0.01, 100),
 }
 
 
 def process_config(cfg: TrainConfig) -> dict[str, Any]:
     """The Gaussian process a run trains with, as a config dict."""
-    if cfg.process in ("vp", "vp-cosine", "ve"):
+    if cfg.process in ("vp", "vp-cosine", "ve", "flow"):
         return {"kind": cfg.process}
     params: dict[str, Any] = {"T": cfg.T}
     if cfg.process == "constant":
@@ -306,6 +322,9 @@ def config_from_values(values: dict[str, Any], base: TrainConfig | None = None,
         from difflab.recipe import apply_method_defaults
 
         apply_method_defaults(cfg, given)
+        for name, v in PROCESS_DEFAULTS.get(cfg.process, {}).items():
+            if name not in given and cfg.method == "gaussian":
+                setattr(cfg, name, v)
     return cfg
 
 

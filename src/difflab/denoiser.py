@@ -11,6 +11,12 @@ turns the network's output into x0_hat (NVlabs/edm's preconditioning idea):
 - ``v``: v = gammabar s - sigmabar x (Salimans & Ho): x0 = (gammabar z - sigmabar v) / (gammabar^2 + sigmabar^2)
 - ``zprev``: the series' version 1, the network predicts the mean of z_{t-1} (discrete T only)
 - ``edm``: D = c_skip y + c_out F(c_in y, t) with sigma_data = 0.5 (Karras et al.)
+- ``velocity``: the flow-matching target v = s - x (Lipman et al., Liu et al.; dz/dt on the flow process):
+  z = gammabar x + sigmabar (v + x), so x0 = (z - sigmabar v) / (gammabar + sigmabar) (z - t v on the flow)
+
+At an infinite noise level (the flow process's t = 1) a sample is held as y / sigma (= z_1, the noise):
+the network's input is then sigmabar y / sigma for every parameterisation but edm's (whose c_in y / sigma
+tends to 1), and x0 is finite for x0, v, velocity and edm (not for eps).
 
 :class:`ClipX0` limits any denoiser's x0_hat to the data range (clipping, or Imagen's dynamic
 thresholding) with the same call, so every sampler, guidance rule and inversion gets it.
@@ -27,7 +33,7 @@ from difflab.broadcast import broadcast_to_batch
 from difflab.errors import UsageError
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
 
-PREDICTIONS = ("eps", "x0", "v", "zprev", "edm")
+PREDICTIONS = ("eps", "x0", "v", "zprev", "edm", "velocity")
 CLIP_MODES = ("none", "clip", "dynamic")
 SIGMA_DATA = 0.5
 
@@ -51,10 +57,13 @@ class Denoiser(nn.Module):
         return self.x0_from_output(x, sigma, t, self.net_output(x, sigma, t, cond))
 
     def net_input(self, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the network sees: z_t = gammabar y, or c_in y for EDM."""
+        """What the network sees: z_t = gammabar y, or c_in y for EDM (from y / sigma at an infinite level)."""
+        held = torch.isinf(sigma)
         if self.prediction == "edm":
-            return x * broadcast_to_batch(1 / torch.sqrt(sigma.double() ** 2 + SIGMA_DATA**2), x)
-        return x * broadcast_to_batch(self.process.signal_scale(t), x)
+            scale = torch.where(held, 1.0, 1 / torch.sqrt(sigma.double() ** 2 + SIGMA_DATA**2))
+        else:
+            scale = torch.where(held, self.process.noise_scale(t), self.process.signal_scale(t))
+        return x * broadcast_to_batch(scale, x)
 
     def net_output(self, x, sigma, t, cond: Cond | None = None) -> torch.Tensor:
         # the network may run in another precision (pure bf16 weights for fast sampling)
@@ -72,8 +81,10 @@ class Denoiser(nn.Module):
         if p == "eps":
             return x - broadcast_to_batch(sigma, x) * out
         a, s = self.process.signal_scale(t), self.process.noise_scale(t)
-        if p == "v":
-            z = x * broadcast_to_batch(a, x)
+        if p in ("v", "velocity"):
+            z = self.net_input(x, sigma, t)
+            if p == "velocity":
+                return (z - broadcast_to_batch(s, x) * out) / broadcast_to_batch(a + s, x)
             return (broadcast_to_batch(a, x) * z - broadcast_to_batch(s, x) * out) / broadcast_to_batch(a**2 + s**2, x)
         if p == "zprev":
             proc: DiscreteSchedule = self.process  # type: ignore[assignment]
@@ -84,13 +95,14 @@ class Denoiser(nn.Module):
         # edm
         s2 = sigma.double() ** 2
         c_skip = SIGMA_DATA**2 / (s2 + SIGMA_DATA**2)
-        c_out = sigma.double() * SIGMA_DATA / torch.sqrt(s2 + SIGMA_DATA**2)
+        c_out = torch.where(torch.isinf(sigma), SIGMA_DATA, sigma.double() * SIGMA_DATA / torch.sqrt(s2 + SIGMA_DATA**2))
         return broadcast_to_batch(c_skip, x) * x + broadcast_to_batch(c_out, x) * out
 
     def x0_per_output(self, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """d x0_hat / d output per sample [B] (float64): every parameterisation is affine in the network's
         output, so an output error e moves x0_hat by this times e (-sigma for eps, 1 for x0,
-        -sigmabar / (gammabar^2 + sigmabar^2) for v, c_out for edm). Read off x0_from_output itself."""
+        -sigmabar / (gammabar^2 + sigmabar^2) for v, -sigmabar / (gammabar + sigmabar) for velocity, c_out
+        for edm). Read off x0_from_output itself."""
         sigma, t = torch.as_tensor(sigma, dtype=torch.float64), torch.as_tensor(t, dtype=torch.float64)
         zero = torch.zeros(sigma.numel(), 1, dtype=torch.float64, device=sigma.device)
         return (self.x0_from_output(zero, sigma, t, zero + 1) - self.x0_from_output(zero, sigma, t, zero)).reshape(-1)
@@ -105,6 +117,8 @@ class Denoiser(nn.Module):
         a, s = broadcast_to_batch(self.process.signal_scale(t), x0), broadcast_to_batch(self.process.noise_scale(t), x0)
         if p == "v":
             return a * noise - s * x0
+        if p == "velocity":
+            return noise - x0
         if p == "zprev":
             return z_prev
         sigma = self.process.sigma_ve(t)

@@ -23,7 +23,9 @@ prior's standard-normal units: latent = y_T / prior_std, where the prior in VE c
 N(0, prior_std^2 I) (``process.prior_std()``: sqrt(sigma_max^2 + 1) for VP processes,
 sigma_max for VE). So a latent is what ``difflab sample --init-noise`` and
 ``difflab.samplers.generate(init_noise=...)`` take: the DDIM sampler on the same grid maps it
-back to the image.
+back to the image. On a grid that reaches pure noise (the flow process's t = 1, sigma = inf) the
+last step lands on the sample held as y / sigma (:mod:`difflab.samplers`): its limit is the noise
+estimate eps(y, sigma) (refined: the u that solves y = D(u, inf) + sigma u), and the prior's std is 1.
 """
 
 from __future__ import annotations
@@ -61,9 +63,14 @@ def invert(denoiser, x0: torch.Tensor, steps: int, cond: dict | None = None, *, 
         # the explicit step reads the noise at the point and level it knows (the very first step,
         # from the clean image, at the level it steps to); each refinement at (x_next, s_next)
         level = s if s > 0 else s_next
-        x_next = x + (s_next - s) * (x - denoiser(x, level * ones, cond)) / level
-        for _ in range(refine):
-            x_next = x + (s_next - s) * (x_next - denoiser(x_next, s_next * ones, cond)) / s_next
+        if math.isinf(s_next) and s > 0:  # to pure noise: the limit of y' / sigma' (module docstring)
+            x_next = (x - denoiser(x, s * ones, cond)) / s
+            for _ in range(refine):
+                x_next = (x - denoiser(x_next, s_next * ones, cond)) / s
+        else:
+            x_next = x + (s_next - s) * (x - denoiser(x, level * ones, cond)) / level
+            for _ in range(refine):
+                x_next = x + (s_next - s) * (x_next - denoiser(x_next, s_next * ones, cond)) / s_next
         x = x_next
     return x / denoiser.process.prior_std()
 

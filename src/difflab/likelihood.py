@@ -15,7 +15,9 @@ that carries each marginal p_sigma to the next. Integrating from the data end to
 with y(sigma_min) = x and d the number of dimensions. The integral runs over the process's own noise range
 [sigma_min, sigma_max] (:func:`noise_range`; step t = 1 to T of a discrete schedule): what is computed is
 the density of the data smoothed by N(0, sigma_min^2), as in score-SDE's likelihood with its
-small t_min. The prior is the process's, ``N(0, prior_std^2)`` in VE coordinates.
+small t_min. The prior is the process's, ``N(0, prior_std^2)`` in VE coordinates. A process that reaches
+pure noise (the flow process, sigma_max = inf) is integrated up to :data:`PURE_NOISE_TOP` instead, where its
+marginal is N(0, sigma^2) up to the data's spread (SNR 1e-8 for data of unit std), the prior taken there.
 
 **Method.** Classical fourth-order Runge-Kutta on ``steps`` equal steps in log sigma (4 network
 calls, each with its divergence, per step); the image and the log-density change are integrated
@@ -53,6 +55,7 @@ from difflab.noise import sample_seeds, seeded_normal, seeded_uniform
 
 DEQUANTIZATION_BITS = math.log2(128.0)  # -log2 of the bin width 2/256 of 8-bit data in model units
 PROBES = ("rademacher", "gaussian")
+PURE_NOISE_TOP = 1e4
 _DEQUANT_SALT, _PROBE_SALT = 0x6A09E667, 0x3C6EF372
 
 
@@ -85,7 +88,7 @@ def noise_range(process) -> tuple[float, float]:
     schedule the smallest level is that of step t = 1 (t = 0 is the data, never trained on)."""
     if process.discrete:
         return float(process.sigma_ve(torch.tensor(1.0, dtype=torch.float64))), process.sigma_max()
-    return process.sigma_min(), process.sigma_max()
+    return process.sigma_min(), min(process.sigma_max(), PURE_NOISE_TOP)
 
 
 def _probes(seeds: torch.Tensor, like: torch.Tensor, count: int, kind: str) -> list[torch.Tensor]:
@@ -133,7 +136,7 @@ def log_likelihood(denoiser, x: torch.Tensor, *, steps: int = 32, cond: dict | N
         k4, d4 = rhs(y + h * k3, lam + h)
         y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
         delta = delta + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
-    prior = process.prior_std()
+    prior = process.prior_std() if hi == process.sigma_max() else hi
     yf = y.flatten(1).double()
     log_prior = -0.5 * (yf / prior).pow(2).sum(1) - dims * (math.log(prior) + 0.5 * math.log(2 * math.pi))
     return log_prior + delta

@@ -14,6 +14,7 @@ split into parts (Gaussian runs; part-1 methods draw their noise per call). The 
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 
@@ -83,7 +84,8 @@ def stream(d, *, chunk: int = 4, on_step: Callable[[dict], None] | None = None,
 
     ``on_step(dict(i, steps, sigma, t, xt, x0))`` is called after every step of the first sample: ``xt``
     the network's input z_t and ``x0`` its prediction, uint8 [C, H, W]; ``sigma`` is the VE noise level
-    (None for part-1 methods, which give their step ``t``). ``stop()`` true raises :class:`Cancelled`
+    (None for part-1 methods, which give their step ``t``, and at pure noise, the flow process's t = 1: JSON has
+    no infinity). ``stop()`` true raises :class:`Cancelled`
     from the next network call.
 
     On a CPU every part runs with one torch thread, and the parts after the first run as many side by
@@ -99,7 +101,8 @@ def stream(d, *, chunk: int = 4, on_step: Callable[[dict], None] | None = None,
 
     def callback(info: dict) -> None:
         xt = watched.take_input()
-        on_step({"i": int(info["i"]), "steps": req.steps, "sigma": float(info["sigma"]) if "sigma" in info else None,
+        sigma = float(info["sigma"]) if "sigma" in info else None
+        on_step({"i": int(info["i"]), "steps": req.steps, "sigma": sigma if sigma is None or math.isfinite(sigma) else None,
                  "t": None if info.get("t") is None else float(info["t"]),
                  "xt": to_uint8(xt[0].float().cpu()) if xt is not None else None,
                  "x0": to_uint8(info["x0"][:1].float().cpu())[0]})

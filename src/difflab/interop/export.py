@@ -15,6 +15,11 @@ lists its betas (``trained_betas``) otherwise; ``timestep_spacing="trailing"`` w
 is difflab's uniform grid; the run's ``--clip`` becomes ``clip_sample`` (or dynamic ``thresholding``
 with no upper bound, as difflab's), and DDIM then needs ``use_clipped_model_output=True`` (the model card
 says so) to renoise with the noise of the clipped x0 as difflab does.
+
+A run of the flow process with the velocity target exports with its twin, ``FlowMatchEulerDiscreteScheduler``
+(shift 1, 1000 training timesteps): diffusers gives the UNet the timestep 1000 t, difflab's own network time,
+so no shift of the time embedding; its Euler loop from t = 1 down to t_min = 1e-3 is difflab's Euler on the
+uniform grid, and it never clips x0 (difflab's ``--clip none``). ``DDPMPipeline`` runs that loop.
 """
 
 from __future__ import annotations
@@ -42,9 +47,14 @@ def check_exportable(run) -> None:
     if run.net.config.get("kind") != "unet":
         _refuse(f"its network is a {run.net.config.get('kind')} (CoordConv inputs have no UNet2DModel layer)")
     process = run.denoiser().process
-    if not getattr(process, "discrete", False):
+    if cfg.process == "flow":
+        if cfg.prediction != "velocity":
+            _refuse(f"diffusers' flow-matching scheduler takes the velocity, not prediction '{cfg.prediction}'")
+        if process.t_min != 1e-3:
+            _refuse(f"its flow process ends at t_min = {process.t_min:g}; diffusers' flow-matching grid ends at 1e-3")
+    elif not getattr(process, "discrete", False):
         _refuse("its process is continuous-time (diffusers' DDPM/DDIM schedulers have discrete steps)")
-    if cfg.prediction not in PIPELINE_PREDICTION:
+    elif cfg.prediction not in PIPELINE_PREDICTION:
         _refuse(f"prediction '{cfg.prediction}' has no diffusers prediction_type (epsilon, v_prediction, "
                 "sample); EDM preconditioning and z_{t-1} prediction are difflab's own")
     if cfg.conditioning == "text":
@@ -68,8 +78,9 @@ def _time_shift(weight: torch.Tensor) -> torch.Tensor:
     return (weight.double() @ shift).to(weight.dtype)
 
 
-def diffusers_state_dict(net) -> dict[str, torch.Tensor]:
-    """The tensors of a difflab ``UNet`` under its UNet2DModel twin's names (the same layers)."""
+def diffusers_state_dict(net, time_shift: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a difflab ``UNet`` under its UNet2DModel twin's names (the same layers); ``time_shift``:
+    composed with the shift of diffusers' discrete timestep tau to difflab's step tau + 1."""
     sd: dict[str, torch.Tensor] = {}
 
     def put(name, module):
@@ -115,7 +126,8 @@ def diffusers_state_dict(net) -> dict[str, torch.Tensor]:
     put("conv_norm_out", net.out[0])
     put("conv_out", net.out[2])
     sd = {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
-    sd["time_embedding.linear_1.weight"] = _time_shift(sd["time_embedding.linear_1.weight"])
+    if time_shift:
+        sd["time_embedding.linear_1.weight"] = _time_shift(sd["time_embedding.linear_1.weight"])
     return sd
 
 
@@ -136,6 +148,11 @@ def scheduler_config(process, prediction: str, clip: str = "none") -> dict:
     return cfg
 
 
+def flow_scheduler_config() -> dict:
+    """FlowMatchEulerDiscreteScheduler arguments of difflab's flow process (shift 1, 1000 timesteps)."""
+    return {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
+
+
 def model_card(run, pipeline: str, sample_file: str) -> str:
     """README.md with the Hub's YAML metadata for the exported folder."""
     cfg = run.cfg
@@ -147,10 +164,16 @@ def model_card(run, pipeline: str, sample_file: str) -> str:
              f"A {h[1]}x{h[2]}x{h[0]} image diffusion model trained with difflab on `{cfg.data}` for "
              f"{run.step} steps (batch {cfg.batch_size}, lr {cfg.lr}); the EMA weights, "
              f"{cfg.process} schedule over T = {cfg.T} steps, {cfg.prediction} prediction.", "",
-             f"![samples]({sample_file})", "", "```python", "from diffusers import DDIMPipeline",
-             "pipe = DDIMPipeline.from_pretrained(\"PATH_OR_REPO\")",
-             "images = pipe(batch_size=16, num_inference_steps=50, eta=0.0"
-             + (", use_clipped_model_output=True" if cfg.clip != "none" else "") + ").images", "```", ""]
+             f"![samples]({sample_file})", "", "```python"]
+    if cfg.process == "flow":  # the flow-matching scheduler's Euler loop, which never clips x0
+        lines[2] = lines[2].replace(f"{cfg.process} schedule over T = {cfg.T} steps", "rectified-flow process")
+        lines += ["from diffusers import DDPMPipeline  # with its FlowMatchEulerDiscreteScheduler",
+                  "pipe = DDPMPipeline.from_pretrained(\"PATH_OR_REPO\")",
+                  "images = pipe(batch_size=16, num_inference_steps=20).images", "```", ""]
+    else:
+        lines += ["from diffusers import DDIMPipeline", "pipe = DDIMPipeline.from_pretrained(\"PATH_OR_REPO\")",
+                  "images = pipe(batch_size=16, num_inference_steps=50, eta=0.0"
+                  + (", use_clipped_model_output=True" if cfg.clip != "none" else "") + ").images", "```", ""]
     if run.conditioner.kind == "class":
         lines += [f"Class-conditional ({run.conditioner.num_classes} classes, label "
                   f"{run.conditioner.num_classes} is the null class): call the UNet with `class_labels`; "
@@ -180,8 +203,12 @@ def export_diffusers(run_dir: str | Path, out: str | Path, ema: bool = True, n_s
     except ValueError as e:
         _refuse(str(e))
     unet = diffusers.UNet2DModel(**kwargs)
-    unet.load_state_dict(diffusers_state_dict(run.net), strict=True)
-    sched = diffusers.DDPMScheduler(**scheduler_config(run.denoiser().process, run.cfg.prediction, run.cfg.clip))
+    flow = run.cfg.process == "flow"
+    unet.load_state_dict(diffusers_state_dict(run.net, time_shift=not flow), strict=True)
+    if flow:
+        sched = diffusers.FlowMatchEulerDiscreteScheduler(**flow_scheduler_config())
+    else:
+        sched = diffusers.DDPMScheduler(**scheduler_config(run.denoiser().process, run.cfg.prediction, run.cfg.clip))
     samples = run.sample(n_samples, seed=0, steps=run.cfg.sample_steps)
 
     def fill(folder: Path) -> None:

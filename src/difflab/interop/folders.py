@@ -20,7 +20,7 @@ from torch import nn
 
 from difflab.checks import check_range
 from difflab.errors import CheckpointError, UsageError
-from difflab.interop.schedulers import DiffusersDenoiser
+from difflab.interop.schedulers import DiffusersDenoiser, flow_process, is_flow
 from difflab.processes.gaussian import DiscreteSchedule, cosine_schedule, register_schedule
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -67,9 +67,9 @@ class DiffusersUNet(nn.Module):
     """A diffusers ``UNet2DModel`` with difflab's network call ``net(z, t, class_labels=None, ...)``,
     t the difflab step (1..T), returning the output tensor (not diffusers' ``.sample`` wrapper)."""
 
-    def __init__(self, unet: nn.Module, folder: str = ""):
+    def __init__(self, unet: nn.Module, folder: str = "", time_offset: int = 1):
         super().__init__()
-        self.unet = unet
+        self.unet, self.time_offset = unet, time_offset  # difflab's time minus diffusers' timestep
         self.channels = int(unet.config.in_channels)
         self.num_classes = int(unet.config.num_class_embeds or 0)
         self.config = {"kind": "diffusers", "folder": folder}
@@ -81,7 +81,7 @@ class DiffusersUNet(nn.Module):
             raise UsageError("a diffusers UNet2DModel takes no text condition")
         if class_labels is None and self.num_classes:
             raise UsageError(f"this UNet2DModel is class-conditional ({self.num_classes} classes): give --class")
-        out = self.unet(z.to(self.unet.dtype), t - 1, class_labels=class_labels).sample
+        out = self.unet(z.to(self.unet.dtype), t - self.time_offset, class_labels=class_labels).sample
         # learned-variance models (improved-diffusion) stack the variance after the prediction
         return out[:, : self.channels].to(z.dtype)
 
@@ -247,6 +247,9 @@ def load_diffusers_unet(folder: str | Path, device: str | torch.device = "cpu"
                                            use_safetensors=True)
     except Exception as e:  # diffusers' and safetensors' own error types
         raise CheckpointError(f"cannot load the UNet2DModel in {unet_dir} ({str(e).splitlines()[0][:200] if str(e) else e!r})") from e
+    if is_flow(sched):  # difflab's flow process, the velocity target, diffusers' timestep = difflab's time
+        net = DiffusersUNet(unet, str(unet_dir), time_offset=0).to(device).eval().requires_grad_(False)
+        return DiffusersDenoiser(net, flow_process(sched), "velocity", sched), shape
     process = diffusers_schedule(sched.get("beta_schedule", "linear"), sched.get("num_train_timesteps", 1000),
                                  sched.get("beta_start", 1e-4), sched.get("beta_end", 0.02), sched.get("trained_betas"))
     net = DiffusersUNet(unet, str(unet_dir)).to(device).eval().requires_grad_(False)

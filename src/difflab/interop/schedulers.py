@@ -22,6 +22,11 @@ levels diffusers evaluates at, and DDIM's ``landing`` option says where each ste
 diffusers' reading rescales it, so the images are diffusers' own. And DDIM with ``clip_sample``
 renoises with the network's raw noise estimate next to the clipped x0, where difflab's DDIM uses the
 noise implied by the clipped x0 (diffusers' ``use_clipped_model_output=True``).
+
+A ``FlowMatchEulerDiscreteScheduler`` config (shift 1, no dynamic shifting) is difflab's flow process
+(:func:`flow_process`) with the velocity target: its loop is difflab's Euler on diffusers' grid of t (from
+t = 1, sigma_ve = inf), or DDIM's, the same steps; the UNet is given diffusers' timestep 1000 t, which is
+difflab's network time.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 
 from difflab.denoiser import Denoiser
 from difflab.errors import UsageError
+from difflab.processes.flow import Flow
 
 # difflab sampler -> the diffusers scheduler whose loop it reproduces
 SCHEDULER_CLASSES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
@@ -41,6 +47,27 @@ SCHEDULER_CLASSES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": 
 # settings that make a scheduler class the named difflab sampler, whatever the folder's config says
 FIXED = {"dpmpp-2m": {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}}
 CLIPPING = {"ddpm": ("clip", "threshold"), "ddim": ("clip", "threshold"), "dpmpp-2m": ("threshold",)}
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+FLOW_SAMPLERS = ("euler", "ddim")  # on the flow process DDIM (eta 0) is Euler step for step
+# options of the flow scheduler that move its grid away from difflab's flow process (their neutral values)
+_FLOW_NEUTRAL = {"shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None, "use_karras_sigmas": False,
+                 "use_exponential_sigmas": False, "use_beta_sigmas": False, "invert_sigmas": False,
+                 "stochastic_sampling": False}
+
+
+def is_flow(config: dict) -> bool:
+    """Whether a scheduler config is diffusers' flow-matching Euler scheduler's."""
+    return config.get("_class_name") == FLOW_SCHEDULER
+
+
+def flow_process(config: dict) -> Flow:
+    """The flow process of a FlowMatchEulerDiscreteScheduler config: t_min = 1 / num_train_timesteps, the
+    bottom of its grid; a UsageError names an option difflab's flow process does not follow."""
+    for key, neutral in _FLOW_NEUTRAL.items():
+        if config.get(key) is not None and config[key] != neutral:
+            raise UsageError(f"the folder's {FLOW_SCHEDULER} has {key}={config[key]!r}; difflab reads it with "
+                             f"{key}={neutral!r} only")
+    return Flow(t_min=1 / int(config.get("num_train_timesteps", 1000)))
 
 
 @dataclass(frozen=True)
@@ -54,17 +81,21 @@ class SchedulerPlan:
     clip: float | None = None
     threshold: tuple[float, float] | None = None  # (quantile ratio, largest threshold)
     options: dict = field(default_factory=dict)  # sampler options (the DDPM variance, DDIM's landing)
+    time_offset: int = 1  # difflab's network time minus diffusers' timestep (discrete steps: t = tau + 1)
 
 
 def make_scheduler(config: dict, sampler: str, steps: int):
     """diffusers' scheduler for ``sampler`` built from a scheduler config (of any class: the keys that
     class does not take are dropped, as a diffusers user swapping schedulers gets), after set_timesteps."""
+    if is_flow(config) and sampler not in FLOW_SAMPLERS:
+        raise UsageError(f"a flow-matching folder samples with euler or ddim (the same steps) in diffusers' own "
+                         f"grid; '{sampler}' has none (give --spacing for difflab's grids)")
     if sampler not in SCHEDULER_CLASSES:
         raise UsageError(f"a diffusers folder samples with {', '.join(SCHEDULER_CLASSES)} in diffusers' "
                          f"own grids; '{sampler}' has none (give --spacing for difflab's grids)")
     import diffusers
 
-    cls = getattr(diffusers, SCHEDULER_CLASSES[sampler])
+    cls = getattr(diffusers, FLOW_SCHEDULER if is_flow(config) else SCHEDULER_CLASSES[sampler])
     accepted = set(inspect.signature(cls.__init__).parameters)
     kwargs = {k: v for k, v in config.items() if k in accepted}
     kwargs.update(FIXED.get(sampler, {}))
@@ -91,6 +122,9 @@ def scheduler_plan(config: dict, sampler: str, steps: int) -> SchedulerPlan:
     sched = make_scheduler(config, sampler, steps)
     c = sched.config
     taus = sched.timesteps.double()
+    if is_flow(config):  # its sigmas are the flow's t; it starts from z_1 = s, held as y / sigma (std 1)
+        t = sched.sigmas.double()
+        return SchedulerPlan(sampler, t / (1 - t), taus, 1.0, time_offset=0)
     if sampler in ("ddpm", "ddim"):
         abar = sched.alphas_cumprod
         final = 1.0 if sampler == "ddpm" else float(sched.final_alpha_cumprod)
@@ -160,15 +194,17 @@ class DiffusersDenoiser(Denoiser):
                                  self.scheduler_config, plan)
 
     def _net_time(self, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """difflab network time (diffusers' timestep + 1): the plan's timestep on its levels, else t."""
-        t = t.double()
+        """difflab network time (diffusers' timestep + the plan's offset): the plan's timestep on its levels,
+        else the process's (t for discrete steps, 1000 t for the flow process)."""
+        t = t.double() if self.process.discrete else 1000 * t.double()
         if self.plan is None:
             return t
         levels, taus = self.plan.sigmas[:-1].to(sigma.device), self.plan.timesteps.to(sigma.device)
         rel = (sigma.double()[:, None] / levels[None, :] - 1).abs()
+        rel = torch.where(torch.isinf(sigma)[:, None] & torch.isinf(levels)[None, :], 0.0, rel)  # (inf / inf)
         best, idx = rel.min(dim=1)
         # samplers pass the level in the sample's precision: float32 rounding is a 6e-8 relative error
-        return torch.where(best < 1e-6, taus[idx] + 1, t)
+        return torch.where(best < 1e-6, taus[idx] + self.plan.time_offset, t)
 
     def net_output(self, x, sigma, t, cond=None) -> torch.Tensor:
         p = next(self.net.parameters(), None)

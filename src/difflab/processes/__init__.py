@@ -20,6 +20,7 @@ from difflab.processes.degradations import (
     Pixelate,
     get_degradation,
 )
+from difflab.processes.flow import Flow
 from difflab.processes.gaussian import (
     DiscreteSchedule,
     GaussianProcess,
@@ -32,6 +33,7 @@ from difflab.processes.gaussian import (
 
 __all__ = [
     "VE",
+    "Flow",
     "DiscreteSchedule",
     "GaussianProcess",
     "VPCosine",

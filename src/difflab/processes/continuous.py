@@ -4,6 +4,7 @@
   beta(t) = beta_min + t (beta_max - beta_min), so log gammabar(t) = -int_0^t beta / 2.
 - VP cosine: gammabar(t) = cos((t + s)/(1 + s) pi/2) / cos(s/(1 + s) pi/2).
 - VE (Song's NCSN++ SDE): z_t = x + sigma(t) s, sigma(t) = sigma_min (sigma_max/sigma_min)^t.
+- Flow (rectified flow, :mod:`difflab.processes.flow`): z_t = (1 - t) x + t s.
 
 Each keeps the :class:`~difflab.processes.gaussian.GaussianProcess` contract, so
 every sampler, the probability-flow ODE and the likelihood work for each. The
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from difflab.errors import UsageError
+from difflab.processes.flow import Flow
 from difflab.processes.gaussian import GaussianProcess
 
 
@@ -130,7 +132,7 @@ def sde_coefficients(process: GaussianProcess, t: torch.Tensor) -> tuple[torch.T
     return f.detach(), (ds2 - 2 * f * s2).detach()
 
 
-CONTINUOUS = {"vp": VPLinear, "vp-cosine": VPCosine, "ve": VE}
+CONTINUOUS = {"vp": VPLinear, "vp-cosine": VPCosine, "ve": VE, "flow": Flow}
 
 
 def make_process(config: dict[str, Any]) -> GaussianProcess:

@@ -99,10 +99,26 @@ def get_sigmas(process: GaussianProcess, steps: int, spacing: str = "uniform",
     raise UsageError(f"unknown --spacing '{spacing}'; choose uniform, karras or geometric")
 
 
+# the samplers that step exactly from an infinite level (the flow process's t = 1, where the uniform grid
+# starts): the others' updates (multistep differences in log sigma, SDE increments) have no finite limit there
+FROM_PURE_NOISE = ("ddpm", "ddim", "euler", "heun")
+
+
 def sampler_sigmas(process: GaussianProcess, sampler: str, steps: int, spacing: str | None = None,
                    sigma_min: float | None = None) -> torch.Tensor:
-    """The grid ``sampler`` steps through: ``spacing`` or the sampler's own (:data:`DEFAULT_SPACING`)."""
-    return get_sigmas(process, steps, spacing or DEFAULT_SPACING.get(sampler, "uniform"), sigma_min)
+    """The grid ``sampler`` steps through: ``spacing`` or the sampler's own (:data:`DEFAULT_SPACING`).
+    A grid from an infinite level starts, for a sampler not in :data:`FROM_PURE_NOISE`, at the largest
+    finite level instead: ``SIGMA_TOP`` in place of the infinite one (the same number of levels) when the
+    next level is below it, else the grid of one more level without its first; :func:`generate` starts
+    there from N(0, sigma^2), the data's spread neglected (SNR at most 1.6e-4) as for VE processes."""
+    spacing = spacing or DEFAULT_SPACING.get(sampler, "uniform")
+    sigmas = get_sigmas(process, steps, spacing, sigma_min)
+    if math.isinf(float(sigmas[0])) and sampler not in FROM_PURE_NOISE:
+        if len(sigmas) > 2 and float(sigmas[1]) >= SIGMA_TOP:
+            return get_sigmas(process, steps + 1, spacing, sigma_min)[1:]
+        sigmas = sigmas.clone()
+        sigmas[0] = SIGMA_TOP
+    return sigmas
 
 
 def _once_per_level(steps: int, options: dict) -> int:
@@ -168,7 +184,9 @@ def generate(
         raise UsageError(f"sampler '{sampler}' takes no option {', '.join(unknown)}")
     if sigmas is None:
         sigmas = sampler_sigmas(denoiser.process, sampler, steps, spacing, sigma_min)
-    if prior is None:  # start from the prior when the grid starts at the top, else at its first level
+    # start from the prior when the grid starts at the top (at an infinite level, y / sigma ~ N(0, I)),
+    # else at its first level
+    if prior is None:
         prior = denoiser.process.prior_std() if float(sigmas[0]) >= denoiser.process.sigma_max() * 0.999 \
             else float(sigmas[0])
     n_steps = len(sigmas) - 1

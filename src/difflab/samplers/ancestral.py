@@ -4,7 +4,9 @@ With y = z / gammabar and sigma = sigmabar / gammabar the DDIM update
 z_{t'} = gammabar_{t'} x_hat + sqrt(sigmabar_{t'}^2 - c^2) f + c s becomes
 y' = x_hat + sqrt(sigma'^2 - c^2) eps_hat + c s with c = eta sigma' sqrt(sigma^2 - sigma'^2) / sigma,
 which is the same for every Gaussian process. eta = 1 on every step is DDPM's
-ancestral sampler with the "small" posterior variance.
+ancestral sampler with the "small" posterior variance. Both step exactly from an infinite level
+(the flow process's t = 1, the sample held as y / sigma): there y' = x_hat + sigma' s_hat (DDIM) and
+y' = x_hat + sigma' s_fresh (DDPM), the limits of their updates.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import torch
 
 from difflab.errors import UsageError
-from difflab.samplers.steps import levels, per_sample, step_noise
+from difflab.samplers.steps import levels, noise_estimate, per_sample, step_noise
 
 
 @torch.no_grad()
@@ -30,8 +32,8 @@ def sample_ddim(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, et
         s, s_next = sig[i], sig[i + 1]
         s_land, scale = landing[i] if landing is not None else (s_next, 1.0)
         x0 = denoiser(x, per_sample(s, x), cond)
-        eps = (x - x0) / s
-        c = eta * s_land * math.sqrt(max(s**2 - s_land**2, 0.0)) / s
+        eps = noise_estimate(x, x0, s)
+        c = eta * s_land * math.sqrt(max(1 - (s_land / s) ** 2, 0.0))
         x = x0 + math.sqrt(max(s_land**2 - c**2, 0.0)) * eps
         if eta > 0 and s_land > 0:
             x = x + c * step_noise(noise, i, x)
@@ -57,7 +59,7 @@ def sample_ddpm(denoiser, x, sigmas, *, cond=None, noise=None, callback=None, va
         x = x0 + (s_next**2 / s**2) * (x - x0)
         if s_next > 0:
             if variance == "small":
-                var = s_next**2 * (s**2 - s_next**2) / s**2
+                var = s_next**2 * (1 - (s_next / s) ** 2)
             else:  # beta of the (respaced) step, (1 - gammabar_t^2 / gammabar_t'^2), in VE units
                 var = (s**2 - s_next**2) * (1 + s_next**2) / (1 + s**2)
             x = x + math.sqrt(var) * step_noise(noise, i, x)

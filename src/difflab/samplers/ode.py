@@ -1,7 +1,9 @@
 """Solvers of the probability-flow ODE dy/dsigma = (y - D(y, sigma)) / sigma (part 4).
 
 Euler and Heun follow EDM's Algorithm 2 (with optional churn, which makes them
-stochastic). The multistep solvers in lambda = -log sigma (DPM-Solver++, UniPC) are in
+stochastic). From an infinite level (the flow process's t = 1, the sample held as y / sigma) the
+step is Euler's limit y' = x_hat + sigma' (y / sigma), DDIM's: no churn there, and Heun adds no
+correction. The multistep solvers in lambda = -log sigma (DPM-Solver++, UniPC) are in
 :mod:`difflab.samplers.multistep`. Euler on the ODE, DDIM with eta = 0 and DPM-Solver++ of
 order 1 are the same update.
 """
@@ -12,7 +14,7 @@ import math
 
 import torch
 
-from difflab.samplers.steps import levels, per_sample, step_noise
+from difflab.samplers.steps import levels, noise_estimate, per_sample, step_noise
 
 
 def _heun_family(denoiser, x, sigmas, cond, noise, callback, second_order, churn, s_tmin, s_tmax, s_noise):
@@ -20,14 +22,17 @@ def _heun_family(denoiser, x, sigmas, cond, noise, callback, second_order, churn
     n = len(sigmas) - 1
     for i in range(n):
         s = sigmas[i]
-        gamma = min(churn / n, math.sqrt(2) - 1) if (churn > 0 and s_tmin <= s <= s_tmax) else 0.0
+        gamma = min(churn / n, math.sqrt(2) - 1) if (churn > 0 and s_tmin <= s <= s_tmax and not math.isinf(s)) else 0.0
         s_hat = s * (1 + gamma)
         if gamma > 0:
             x = x + math.sqrt(s_hat**2 - s**2) * s_noise * step_noise(noise, i, x)
         x0 = denoiser(x, per_sample(s_hat, x), cond)
-        d = (x - x0) / s_hat
-        x_next = x + (sigmas[i + 1] - s_hat) * d
-        if second_order and sigmas[i + 1] > 0:
+        d = noise_estimate(x, x0, s_hat)
+        if math.isinf(s_hat):
+            x_next = x0 + sigmas[i + 1] * d
+        else:
+            x_next = x + (sigmas[i + 1] - s_hat) * d
+        if second_order and sigmas[i + 1] > 0 and not math.isinf(s_hat):
             d2 = (x_next - denoiser(x_next, per_sample(sigmas[i + 1], x), cond)) / sigmas[i + 1]
             x_next = x + (sigmas[i + 1] - s_hat) * (d + d2) / 2
         x = x_next

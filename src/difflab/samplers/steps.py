@@ -3,6 +3,8 @@ noise of a step."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -16,6 +18,12 @@ def per_sample(sigma: float, x: torch.Tensor) -> torch.Tensor:
     """The noise level ``sigma`` once for each sample of batch ``x`` ([B], ``x``'s dtype and device):
     what a denoiser takes."""
     return sigma * x.new_ones(x.shape[0])
+
+
+def noise_estimate(x: torch.Tensor, x0: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The noise estimate (y - x0_hat) / sigma of a sample at level ``sigma``; at an infinite level (the flow
+    process's t = 1) the sample is held as y / sigma, which is that estimate in the limit."""
+    return x if math.isinf(sigma) else (x - x0) / sigma
 
 
 def step_noise(noise, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,9 @@ class GaussianMethod:
     def loss(self, net, x: torch.Tensor, cond: dict | None, step: int, seeds: torch.Tensor) -> torch.Tensor:
         den = self.denoiser(net)
         p, dev = self.process, x.device
-        t = training_times(p, seeded_uniform(seeds, step, (), dev), self.cfg.noise_sampling)
+        cfg = self.cfg
+        t = training_times(p, seeded_uniform(seeds, step, (), dev), cfg.noise_sampling, cfg.logit_mean, cfg.logit_std,
+                           cfg.time_shift)
         noise = seeded_normal(seeds, step, x.shape[1:], dev)
         z_prev = None
         if self.cfg.prediction == "zprev":  # the series' version 1: z_{t-1}, then one step to z_t
