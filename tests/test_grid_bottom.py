@@ -9,8 +9,8 @@ import torch
 
 from difflab import grid_bottom
 from difflab.analytic import GaussianDataNet
-from difflab.config import TrainConfig
-from difflab.data import ImageData, add_config_arguments, config_from_args
+from difflab.config import TrainConfig, add_config_arguments, config_from_args
+from difflab.data import ImageData
 from difflab.denoiser import Denoiser
 from difflab.errors import CheckpointError, UsageError
 from difflab.processes.continuous import VE
