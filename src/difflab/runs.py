@@ -66,14 +66,15 @@ def pad_as_trained(data: ImageData, name: str, split: str, target: int | None = 
 
 
 def open_data(cfg: TrainConfig, split: str = "train", stream: bool = True, crops: bool = True,
-              name: str | None = None) -> ImageSource:
+              name: str | None = None, labels: bool = False) -> ImageSource:
     """The run's dataset (or dataset ``name``, transformed as this run's) as it trains: ``--image-size`` when
     given, else padded by :func:`padded_size` (the built-in 28x28 sets) or resized up to a multiple of
     ``SIZE_MULTIPLE`` (folders); square images only. The one transform of training and evaluation.
     ``stream``: large sets are read batch by batch (see :func:`difflab.data.open_source`), else every image is
-    in memory. ``crops`` (with ``--crop``): the data decoded larger, as :class:`difflab.data.augment.RandomCrops`."""
+    in memory. ``crops`` (with ``--crop``): the data decoded larger, as :class:`difflab.data.augment.RandomCrops`.
+    ``labels``: a folder's sub-folders as classes even when the run did not ask for them (evaluation's judge)."""
     name = cfg.data if name is None else name
-    kw: dict[str, Any] = {"labels": cfg.labels or cfg.conditioning == "class", "background": cfg.background}
+    kw: dict[str, Any] = {"labels": labels or cfg.labels or cfg.conditioning == "class", "background": cfg.background}
     if cfg.image_size:
         kw["image_size"] = cfg.image_size
     if cfg.image_channels:
@@ -96,15 +97,18 @@ def open_data(cfg: TrainConfig, split: str = "train", stream: bool = True, crops
 
 def load_as_trained(name: str, split: str, cfg: TrainConfig) -> ImageData:
     """``split`` of dataset or folder ``name`` in memory (uint8 tensors), transformed as run ``cfg`` trains
-    (:func:`open_data`, without the random crops): what its samples are compared with."""
-    data = open_data(cfg, split, stream=False, crops=False, name=name)
+    (:func:`open_data`, without the random crops): what its samples are compared with, with a folder's
+    sub-folders as classes when it has them (the evaluation classifier and accuracy need them)."""
+    data = open_data(cfg, split, stream=False, crops=False, name=name, labels=True)
     assert isinstance(data, ImageData)
     return data
 
 
 def load_data(cfg: TrainConfig, split: str = "train") -> ImageData:
     """The run's dataset in memory (uint8 tensors), as it trains (see :func:`open_data`)."""
-    return load_as_trained(cfg.data, split, cfg)
+    data = open_data(cfg, split, stream=False, crops=False)
+    assert isinstance(data, ImageData)
+    return data
 
 
 def reference_data(name: str, split: str, like: TrainConfig | tuple[int, ...], notes: list[str] | None = None) -> ImageData:

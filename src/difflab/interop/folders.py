@@ -140,6 +140,8 @@ def _check_number(where: str, value, kind: type, lo: float, hi: float) -> None:
     """A whole number in [lo, hi], or a number in (lo, hi] ((0, 1) open at both ends: betas, ratios)."""
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise CheckpointError(f"{where} must be a whole number, got {value!r}"[:300])
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):  # null, text, a list
+        raise CheckpointError(f"{where} must be a number, got {value!r}"[:300])
     try:
         check_range(where, value, lo, hi, open_lo=kind is float, open_hi=kind is float and (lo, hi) == (0, 1))
     except UsageError as e:
