@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from difflab.data.source import count_classes
 from difflab.errors import DataError
 
 
@@ -90,11 +91,7 @@ class ImageData:
     @property
     def num_classes(self) -> int | None:
         """Number of classes (labels run 0..num_classes-1); None for unlabelled data."""
-        if self.labels is None:
-            return None
-        if self.class_names is not None:
-            return len(self.class_names)
-        return int(self.labels.max()) + 1 if len(self) else 0
+        return count_classes(self.labels, self.class_names)
 
     def read(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> torch.Tensor:
         """The images at ``indices`` (in that order) as uint8 [B, C, H, W]."""

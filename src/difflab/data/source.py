@@ -79,11 +79,16 @@ class StreamedSource:
     @property
     def num_classes(self) -> int | None:
         """Number of classes (labels run 0..num_classes-1); None for unlabelled data."""
-        if self.labels is None:
-            return None
-        if self.class_names is not None:
-            return len(self.class_names)
-        return int(self.labels.max()) + 1 if len(self.labels) else 0
+        return count_classes(self.labels, self.class_names)
+
+
+def count_classes(labels: torch.Tensor | None, class_names: list[str] | None) -> int | None:
+    """The number of classes of a source: its class names, else one past its largest label; None unlabelled."""
+    if labels is None:
+        return None
+    if class_names is not None:
+        return len(class_names)
+    return int(labels.max()) + 1 if len(labels) else 0
 
 
 def as_index(indices: Indices) -> np.ndarray:
