@@ -205,3 +205,17 @@ def test_a_request_checks_itself_and_fills_the_models_defaults():
     with pytest.raises(UsageError, match="conditioning and guidance need a Gaussian run, this one is naive1"):
         SampleRequest(n=2, labels=1, classifier="clf").resolve(naive)
     assert SampleRequest(sampler="heun", steps=5).evaluations() == 9
+
+
+def test_unipc_lower_order_final_travels_from_the_cli_and_python(model, tmp_path):
+    on = model.sample(3, seed=1, steps=6, sampler="unipc", lower_order_final=True)
+    off = model.sample(3, seed=1, steps=6, sampler="unipc")
+    assert torch.equal(off, model.sample(3, seed=1, steps=6, sampler="unipc", lower_order_final=False))
+    assert not torch.equal(on, off)  # the last steps' order differs
+    cli("sample", "--run", model.path, "--n", 3, "--seed", 1, "--steps", 6, "--sampler", "unipc", "--lower-order-final",
+        "--save-npz", tmp_path / "s.npz", "--out", tmp_path / "g.png")
+    assert torch.equal(on, npz_images(tmp_path / "s.npz"))
+    with pytest.raises(UsageError, match="takes no option lower_order_final"):
+        model.sample(2, steps=3, sampler="ddim", lower_order_final=True)
+    with pytest.raises(UsageError, match="lower_order_final must be True or False"):
+        SampleRequest(n=2, lower_order_final="yes")

@@ -33,7 +33,8 @@ CLIPS = ("none", "clip", "dynamic")
 PRECISIONS = ("fp32", "bf16")
 CHOICES = {"clip": CLIPS, "precision": PRECISIONS, "variance": ("small", "large"),
            "spacing": ("uniform", "karras", "geometric")}
-SAMPLER_OPTIONS = ("eta", "order", "variance", "spacing", "sigma_min", "churn")  # passed on to the sampler when given
+# passed on to the sampler when given
+SAMPLER_OPTIONS = ("eta", "order", "variance", "spacing", "sigma_min", "churn", "lower_order_final")
 FLAGS = {"n": "--n", "seed": "--seed", "start": "--start", "steps": "--steps", "eta": "--eta", "churn": "--churn",
          "order": "--order", "guidance": "--guidance", "autoguidance": "--autoguidance", "classifier_scale": "--classifier-scale",
          "batch_size": "--batch-size", "labels": "--class", "clip": "--clip", "precision": "--precision",
@@ -98,6 +99,7 @@ class SampleRequest:
     spacing: str | None = None
     sigma_min: float | None = None
     churn: float | None = None
+    lower_order_final: bool | None = None  # unipc: diffusers' rule, the predictor's order at most the steps left
     cold_update: bool | None = None
     told_noise: float | None = None
     classifier: Any = None
@@ -142,6 +144,8 @@ class SampleRequest:
         if self.apg_eta is None and (self.apg_threshold is not None or self.apg_momentum is not None):
             raise UsageError("--apg-threshold and --apg-momentum are options of APG: give --apg-eta too (0: the "
                              "paper's, only the orthogonal part of the update)")
+        if self.lower_order_final is not None and not isinstance(self.lower_order_final, bool):
+            raise UsageError(f"lower_order_final must be True or False, got {self.lower_order_final!r}")
         if self.guide_sigmas is not None:
             lo, hi = _pair(self.guide_sigmas)
             object.__setattr__(self, "guide_sigmas", (lo, hi))

@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM / DPM-Solver++ SDE eta (0 deterministic, 1 = DDPM's noise)")
     p.add_argument("--order", type=int, default=None, help="order of the dpmpp-* and unipc solvers (1 to 3)")
+    p.add_argument("--lower-order-final", action=argparse.BooleanOptionalAction, default=None,
+                   help="unipc: lower the order at the last steps as diffusers' UniPCMultistepScheduler does "
+                        "(default off: 4x closer to the exact answer at 10 and 20 steps, bench/RESULTS.md)")
     p.add_argument("--variance", choices=["small", "large"], default=None, help="DDPM variance")
     p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default=None,
                    help="noise-level grid (default: the sampler's own)")
@@ -93,6 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def request_from_args(args: argparse.Namespace) -> SampleRequest:
     """The flags as a :class:`~difflab.request.SampleRequest` (checked; --init-noise read once --n is)."""
     same = ("seed", "sampler", "steps", "guidance", "autoguidance", "prompt", "clip", "eta", "order", "variance", "spacing", "churn",
+            "lower_order_final",
             "sigma_min", "guide_sigmas", "guidance_rescale", "apg_eta", "apg_threshold", "apg_momentum",
             "cold_update", "told_noise",
             "classifier", "classifier_scale", "classifier_sigma_max", "batch_size")
