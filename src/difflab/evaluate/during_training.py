@@ -79,14 +79,15 @@ def plan(cfg, data, device: torch.device, draw: Callable[[int, int], torch.Tenso
     every = max(1, math.ceil(steps / AUTO_EVALUATIONS))
     count = steps // every
     # the sampling alone first: when it is over budget, the Inception network is not even loaded
-    cost = _seconds_per_image(lambda k: draw(k, 0)) * cfg.eval_n
+    (cost,) = _seconds_for(lambda k: draw(k, 0), cfg.eval_n)
     extractor, once = None, 0.0
     if cost * count <= BUDGET_SHARE * budget:
         extractor = make_extractor(device)
         shape = tuple(reference.images.shape[1:])
-        per_image = _seconds_per_image(lambda k: extractor(torch.zeros(k, *shape, dtype=torch.uint8)))
-        cost += per_image * cfg.eval_n
-        once = 0.0 if cache_path(reference, extractor).exists() else per_image * len(reference)
+        each_eval, reference_once = _seconds_for(lambda k: extractor(torch.zeros(k, *shape, dtype=torch.uint8)),
+                                                 cfg.eval_n, len(reference))
+        cost += each_eval
+        once = 0.0 if cache_path(reference, extractor).exists() else reference_once
     total = cost * count + once
     each = f"about {cost:.0f} s each" if extractor is not None else f"their sampling alone about {cost:.0f} s each"
     why = (f"{count} evaluations of {cfg.eval_n} samples, {each}, {total / 60:.1f} min in all against a budget of "
@@ -98,9 +99,17 @@ def plan(cfg, data, device: torch.device, draw: Callable[[int, int], torch.Tenso
             f"evaluation: {cfg.eval_metric.upper()} every {every} steps ({why})")
 
 
-def _seconds_per_image(work: Callable[[int], object], k: int = 2) -> float:
-    """Seconds per image of ``work(k)`` (k images), timed on its second call (the first warms caches up)."""
-    work(k)
+def _seconds_for(work: Callable[[int], object], *counts: int, small: int = 2, large: int = 8) -> list[float]:
+    """Seconds ``work(n)`` will take for each n of ``counts``, from two timed calls of ``small`` and ``large``
+    images after a warm-up: a fixed cost plus one per image, so a call's own overheads are not counted once per
+    image (a CPU draws a batch of 256 much faster per image than a batch of 2)."""
+    work(small)
     start = time.perf_counter()
-    work(k)
-    return (time.perf_counter() - start) / k
+    work(small)
+    t_small = time.perf_counter() - start
+    start = time.perf_counter()
+    work(large)
+    per_image = max(time.perf_counter() - start - t_small, 0.0) / (large - small)
+    fixed = max(t_small - per_image * small, 0.0)
+    return [fixed + per_image * n for n in counts]
+
