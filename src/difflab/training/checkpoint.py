@@ -136,8 +136,8 @@ def _verified(json_path: Path) -> tuple[dict, Path]:
     if not st.is_file():
         raise CheckpointError(f"checkpoint {json_path.name} has no tensor file {st.name}; delete the JSON to use an older one")
     if meta.get("sha256") != sha256_file(st):
-        raise CheckpointError(f"checkpoint {st} is corrupt (checksum mismatch); delete it and its JSON "
-                              "to resume from an older one")
+        raise CheckpointError(f"checkpoint {json_path}: its tensor file {st.name} is corrupt (checksum mismatch); "
+                              "delete both to resume from an older one")
     vouched = _header(st).get(META_DIGEST)  # (absent in checkpoints written before it was)
     if vouched is not None and vouched != _digest_or_none(meta):
         raise CheckpointError(f"checkpoint {json_path} was edited after it was written (its tensor file vouches "
