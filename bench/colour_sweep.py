@@ -23,9 +23,9 @@ from sampling_sweep import parse
 def main(argv=None) -> int:
     from difflab.evaluate import evaluate_images
     from difflab.evaluate.colour import describe
-    from difflab.request import SampleRequest
-    from difflab.runs import reference_data
-    from difflab.sampling import load_run, request_evaluations
+    from difflab.runs.data import reference_data
+    from difflab.runs.draw import load_run, request_evaluations
+    from difflab.runs.request import SampleRequest
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")

@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from difflab.evaluate import evaluate_images
-    from difflab.runs import pick_device, reference_data
+    from difflab.runs.data import pick_device, reference_data
+    from difflab.runs.draw import load_run
     from difflab.samplers import evaluations
-    from difflab.sampling import load_run
 
     device = pick_device(args.device)
     run = load_run(args.run, device)

@@ -147,7 +147,7 @@ def train_difflab(out: Path, minutes: float, *flags: str, data: str = "mnist") -
 
 
 def sample_difflab(run_dir: Path, n: int, **kw) -> tuple[torch.Tensor, float]:
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
 
     run = load_run(run_dir)
     t0 = time.monotonic()
@@ -286,9 +286,9 @@ def quality_vs_steps(run_dir: Path, judge: Judge, n: int, samplers, nfes, defaul
     sample, as ``request_evaluations`` counts them: autoguidance, the default of unconditional runs, calls the guide
     too at the steps inside its noise interval; Heun twice a step but once at the end): the most steps within
     each NFE. The run's default sampler also without autoguidance, when it has it."""
-    from difflab.request import SampleRequest
+    from difflab.runs.draw import load_run, request_evaluations
+    from difflab.runs.request import SampleRequest
     from difflab.samplers import SAMPLERS
-    from difflab.sampling import load_run, request_evaluations
 
     run = load_run(run_dir)
     default = run.cfg.sampler

@@ -58,8 +58,8 @@ def difflab_sampler(preset, batch, steps, device, variant):
     from difflab import nets
     from difflab.denoiser import Denoiser
     from difflab.processes.gaussian import linear_schedule
+    from difflab.runs.draw import compile_for_sampling
     from difflab.samplers import generate
-    from difflab.sampling import compile_for_sampling
 
     dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
     net = nets.from_preset(preset).to(device, dtype).eval().requires_grad_(False).to(memory_format=torch.channels_last)

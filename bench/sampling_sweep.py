@@ -36,8 +36,8 @@ def parse(settings: str) -> dict:
 
 
 def main(argv=None) -> int:
-    from difflab.request import SampleRequest
-    from difflab.sampling import load_run, request_evaluations
+    from difflab.runs.draw import load_run, request_evaluations
+    from difflab.runs.request import SampleRequest
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")

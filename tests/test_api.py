@@ -15,7 +15,7 @@ import torch
 import difflab
 from difflab.cli import main
 from difflab.errors import CheckpointError, UsageError
-from difflab.request import ModelTraits, SampleRequest
+from difflab.runs.request import ModelTraits, SampleRequest
 
 TINY = {"data": "digits", "model": "tiny", "batch_size": 8, "log_every": 1, "checkpoint_every": 2,
         "sample_every": 0, "sample_steps": 2, "warmup": 1}

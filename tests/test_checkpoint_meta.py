@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from test_reliability import TINY, assert_refused, cli
 
 from difflab.errors import CheckpointError
-from difflab.training.checkpoint import META_DIGEST, list_checkpoints, load_checkpoint, save_checkpoint, sha256_file
+from difflab.runs.checkpoint import META_DIGEST, list_checkpoints, load_checkpoint, save_checkpoint, sha256_file
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difflab import runs
 from difflab.cli import main
 from difflab.data import DATASETS
 from difflab.data import folder as folder_module
 from difflab.data.fashion_mnist import DEBIAN_DIR
 from difflab.data.shards import pack
+from difflab.runs import data as runs
 
 FAST = ["--model", "tiny", "--steps", "2", "--batch-size", "4", "--sample-every", "0", "--sample-steps", "2",
         "--checkpoint-every", "2", "--log-every", "1"]

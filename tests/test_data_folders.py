@@ -14,7 +14,7 @@ from difflab.cli.sample import class_index
 from difflab.config import TrainConfig
 from difflab.data import load, open_source
 from difflab.errors import DataError, UsageError
-from difflab.runs import load_data, padded_size
+from difflab.runs.data import load_data, padded_size
 
 
 def _save(path: Path, im: Image.Image, **kw) -> Path:

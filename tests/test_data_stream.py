@@ -15,7 +15,7 @@ from difflab.data import ImageData, load, open_source
 from difflab.data import folder as folder_module
 from difflab.data.folder import FolderSource
 from difflab.errors import DataError
-from difflab.training.checkpoint import latest_checkpoint
+from difflab.runs.checkpoint import latest_checkpoint
 from difflab.training.trainer import Trainer
 
 QUIET = dict(progress=False, log=lambda *a: None)

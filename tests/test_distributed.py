@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from difflab.config import TrainConfig
-from difflab.training.checkpoint import latest_checkpoint
-from difflab.training.distributed import DistContext, sample_sharded, shard
+from difflab.runs.checkpoint import latest_checkpoint
+from difflab.runs.distributed import DistContext, sample_sharded, shard
 from difflab.training.trainer import Trainer
 
 # float32 on every CPU: with bf16 autocast (auto where the CPU has AVX-512 BF16 or AMX) each rank's half batch

@@ -206,3 +206,69 @@ def test_cli_edit_bad_inputs_are_one_line_exit_2(model, capsys, tmp_path):
         rc, _, err = _cli(capsys, *base, *args)
         assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "o.png").exists()
+
+
+class _StepNoiseZero(SeededNoise):
+    """Seeded starting noise, but no fresh noise in the steps: the known region's, the jumps' (the test below
+    compares two walks whose only randomness is then the shared start)."""
+
+    def __call__(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(like)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny run with T = 20, exported to diffusers (diffusers' RePaint undo step adds one training step's
+    noise per inference step, so it walks the grid's levels only with as many steps as T)."""
+    pytest.importorskip("diffusers")
+    from difflab.cli import main
+    from difflab.config import TrainConfig
+    from difflab.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("repaint")
+    cfg = TrainConfig(data="digits", out=str(root / "run"), steps=2, batch_size=4, model="mnist-small",
+                      channels_mult="32,64", sample_every=0, process="cosine", T=20, prediction="eps", warmup=1)
+    Trainer(cfg, progress=False, log=lambda *a: None).run()
+    assert main(["export", "--run", cfg.out, "--to", "diffusers", str(root / "hub")]) == 0
+    return root / "hub"
+
+
+@pytest.mark.parametrize("jump_length,resample", [(20, 1), (5, 3), (3, 2)])
+def test_repaint_walks_as_diffusers_repaint_scheduler(exported, monkeypatch, jump_length, resample):
+    """Our RePaint on an exported run is diffusers' RePaintScheduler (eta 0, the known region noised, jumps
+    back up and down on the paper's schedule) step for step: same levels, same order, same images."""
+    import diffusers
+    from diffusers.schedulers import scheduling_repaint
+
+    from difflab import editing
+    from difflab.interop import load_diffusers_unet
+
+    den, shape = load_diffusers_unet(exported)
+    unet = diffusers.UNet2DModel.from_pretrained(exported / "unet").eval()
+    sched = diffusers.RePaintScheduler.from_pretrained(exported / "scheduler", eta=0.0, clip_sample=False)
+
+    images = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = torch.zeros(1, 1, *shape[1:], dtype=torch.bool)
+    mask[..., 2:6, 1:5] = True  # repaint a square
+    abar = sched.alphas_cumprod.double()
+    sigmas = torch.cat([((1 - abar) / abar).sqrt().flip(0), torch.zeros(1, dtype=torch.float64)]).float()
+    seeds = sample_seeds(0, 2)
+    monkeypatch.setattr(editing, "SeededNoise", _StepNoiseZero)
+    ours = editing.repaint(den, images, mask, sigmas, seeds, sampler="ddim", jump_length=jump_length, resample=resample)
+
+    monkeypatch.setattr(scheduling_repaint, "randn_tensor", lambda shape, **kw: torch.zeros(shape, dtype=kw.get("dtype")))
+    sched.set_timesteps(20, jump_length=jump_length, jump_n_sample=resample)
+    top = float(abar[-1].sqrt())  # the start: ours noised to the top, its known region replaced at the first call
+    start = editing._start(den, images, sigmas, 0, seeds) * top
+    x, keep = torch.where(mask, start, top * images), (~mask).float()
+    t_last = int(sched.timesteps[0]) + 1
+    with torch.no_grad():
+        for t in sched.timesteps.tolist():
+            if t < t_last:
+                x = sched.step(unet(x, t).sample, t, x, images, keep).prev_sample
+            else:
+                x = sched.undo_step(x, t_last)
+            t_last = t
+    assert len(sched.timesteps) == 20 + (resample - 1) * jump_length * 2 * ((20 - 1) // jump_length)
+    assert torch.allclose(ours, x, atol=2e-4), float((ours - x).abs().max())
+    assert float((ours - images).abs()[mask.expand_as(images)].mean()) > 0.05  # the square was repainted

@@ -17,10 +17,11 @@ from difflab.cli import main
 from difflab.config import TrainConfig, load_run_config
 from difflab.ema_lengths import SIGMA_REL_MAX, gamma_of_sigma_rel, parse_lengths, sigma_rel_of_gamma
 from difflab.errors import UsageError
-from difflab.sampling import load_run
-from difflab.training.checkpoint import latest_checkpoint, list_checkpoints, split_prefix
-from difflab.training.ema import PowerEMA, build_emas, posthoc_coefficients, power_profile, profile_inner
-from difflab.training.posthoc_ema import (
+from difflab.nets import split_prefix
+from difflab.runs.checkpoint import latest_checkpoint, list_checkpoints
+from difflab.runs.draw import load_run
+from difflab.runs.ema import PowerEMA, build_emas, posthoc_coefficients, power_profile, profile_inner
+from difflab.runs.posthoc_ema import (
     guide_snapshot,
     load_guide,
     load_posthoc_ema,
@@ -321,9 +322,9 @@ def test_runs_without_early_snapshots_sample_unguided(tmp_path):
 
 
 def test_runs_sample_down_to_their_sigma_min_and_guide_in_their_interval(trained):
-    from difflab import grid_bottom
-    from difflab.request import SampleRequest
-    from difflab.sampling import request_evaluations
+    from difflab.runs import grid_bottom
+    from difflab.runs.draw import request_evaluations
+    from difflab.runs.request import SampleRequest
 
     run = load_run(trained)
     d = run.sampling_defaults()

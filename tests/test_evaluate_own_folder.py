@@ -46,7 +46,7 @@ def _main(capsys, *args):
 
 
 def test_reference_is_the_folder_as_the_run_trained(folder_run):
-    from difflab.runs import load_data, reference_data
+    from difflab.runs.data import load_data, reference_data
 
     data, _, cfg = folder_run
     notes = []

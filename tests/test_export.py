@@ -57,7 +57,7 @@ def test_folder_has_the_hub_layout_and_loads_without_warnings(exported, caplog, 
 
 def test_diffusers_pipeline_images_equal_difflab(exported):
     from difflab.figures import to_uint8
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
 
     run, out = exported
     pipe = diffusers.DDIMPipeline.from_pretrained(out)

@@ -20,7 +20,7 @@ import torch
 
 from difflab.config import TrainConfig
 from difflab.errors import CheckpointError
-from difflab.training.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint
+from difflab.runs.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint
 from difflab.training.trainer import Trainer
 
 RUN = {"data": "digits", "model": "tiny", "batch_size": 16, "log_every": 5, "checkpoint_every": 5,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from difflab.denoiser import Denoiser
+from difflab.methods.noise_levels import training_times
 from difflab.processes import make_process
 from difflab.samplers import FROM_PURE_NOISE, SAMPLERS, generate, sampler_sigmas
-from difflab.training.noise_levels import training_times
 
 MU, STD = 0.3, 0.5  # data N(MU, STD^2) per pixel
 
@@ -172,7 +172,7 @@ def flow_run(tmp_path_factory):
 
 
 def test_a_flow_run_samples_with_every_sampler(flow_run):
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
 
     run = load_run(flow_run)
     assert (run.cfg.prediction, run.cfg.noise_sampling) == ("velocity", "logit-normal")
@@ -194,7 +194,7 @@ def test_exported_flow_folder_samples_equal_difflab(flow_run, tmp_path):
     import numpy as np
 
     from difflab.cli import main
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
 
     assert main(["export", "--run", str(flow_run), "--to", "diffusers", str(tmp_path / "hub")]) == 0
     pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "hub")
@@ -289,7 +289,7 @@ def test_the_explorer_draws_a_flow_run_from_pure_noise(flow_run):
 
     from serve_helpers import events, png_array, request
 
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
     from difflab.serve import ExplorerServer
 
     srv = ExplorerServer(flow_run.parent, "127.0.0.1", 0)
@@ -324,7 +324,7 @@ def test_cli_likelihood_of_a_flow_run(flow_run, tmp_path, capsys):
 
 def test_a_class_conditional_flow_run_samples_with_guidance(tmp_path):
     from difflab.config import config_from_values
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
     from difflab.training.trainer import Trainer
 
     cfg = config_from_values({"data": "digits", "out": str(tmp_path / "run"), "process": "flow", "model": "tiny",

@@ -1,4 +1,4 @@
-"""The data-following grid bottom (difflab.grid_bottom): exact on Gaussian data, stored with the run, read as
+"""The data-following grid bottom (difflab.runs.grid_bottom): exact on Gaussian data, stored with the run, read as
 the default of --sample-sigma-min auto."""
 
 import json
@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from difflab import grid_bottom
 from difflab.analytic import GaussianDataNet
 from difflab.config import TrainConfig, add_config_arguments, config_from_args
 from difflab.data import ImageData
 from difflab.denoiser import Denoiser
 from difflab.errors import CheckpointError, UsageError
 from difflab.processes.continuous import VE
+from difflab.runs import grid_bottom
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,7 +89,7 @@ def test_config_auto_numbers_and_old_runs():
 
 
 def test_training_measures_and_sampling_reads_it(tmp_path):
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
     from difflab.training.trainer import Trainer
 
     out = tmp_path / "run"

@@ -15,22 +15,22 @@ from torch import nn
 
 from difflab import nets
 from difflab.analytic import GaussianDataNet
-from difflab.classifier_guidance import (
-    GuidanceClassifier,
-    NoisyClassifier,
-    load_classifier,
-    noisy_accuracy,
-)
 from difflab.classifier_training import train_classifier_run
 from difflab.cli import main
 from difflab.data import load
 from difflab.denoiser import Denoiser
 from difflab.errors import CheckpointError, UsageError
 from difflab.guidance import Autoguidance, ClassifierFreeGuidance, ClassifierGuidance
+from difflab.methods.method import GaussianMethod
 from difflab.processes.continuous import VPCosine
 from difflab.processes.gaussian import cosine_schedule, linear_schedule
+from difflab.runs.classifier import (
+    GuidanceClassifier,
+    NoisyClassifier,
+    load_classifier,
+    noisy_accuracy,
+)
 from difflab.samplers import evaluations, generate
-from difflab.training.methods import GaussianMethod
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
@@ -152,7 +152,7 @@ def test_cfg_noise_estimate_is_the_guidance_formula(g):
 
 def test_cfg_g1_is_plain_conditional_sampling_exactly():
     from difflab.conditioning import Conditioner
-    from difflab.sampling import sample_images
+    from difflab.runs.draw import sample_images
 
     den = conditional(cosine_schedule())
 
@@ -334,7 +334,7 @@ def test_noisy_classifier_trains_round_trips_and_reports_accuracy(tmp_path):
 
 def test_older_classifier_folders_still_load(tmp_path):
     """The checkpoint format before the Trainer trained classifiers: ``"kind": "noisy-classifier"``."""
-    from difflab.training.checkpoint import save_checkpoint
+    from difflab.runs.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     net = NoisyClassifier(1, 10, 8, (1, 2), norm_groups=8)
@@ -456,7 +456,7 @@ def test_cli_train_classifier_refuses_a_folder_in_use_and_leaves_it_untouched(ca
     import socket
     import subprocess
 
-    from difflab import runlock
+    from difflab.runs import lock as runlock
 
     out = tmp_path / "clf"
     out.mkdir()
@@ -575,7 +575,7 @@ def test_autoguidance_only_inside_its_noise_interval():
 
 
 def test_request_counts_the_guide_only_inside_its_interval():
-    from difflab.request import SampleRequest
+    from difflab.runs.request import SampleRequest
 
     levels = [80.0, 30.0, 10.0, 2.0, 0.5]
     req = SampleRequest(sampler="dpmpp-2m", steps=5, autoguidance=3.0, guide_sigmas=(1, 20))
@@ -618,9 +618,9 @@ def test_cfg_guides_only_inside_its_interval_with_one_unguided_call_outside():
 
 def test_a_class_run_guides_in_the_requested_interval_and_counts_its_evaluations():
     from difflab.conditioning import Conditioner
-    from difflab.request import SampleRequest
+    from difflab.runs.draw import sample_images
+    from difflab.runs.request import SampleRequest
     from difflab.samplers import sampler_sigmas
-    from difflab.sampling import sample_images
 
     proc = cosine_schedule()
     counter = CountingNet(GaussianDataNet(proc, MEAN, STD, num_classes=K, class_shift=SHIFT))
@@ -752,7 +752,7 @@ def test_autoguidance_takes_the_same_rules():
     ({"guide_sigmas": (2.0, 1.0)}, "--guide-sigmas"),
 ])
 def test_guidance_rule_settings_are_checked(settings, msg):
-    from difflab.request import SampleRequest
+    from difflab.runs.request import SampleRequest
 
     with pytest.raises(UsageError) as e:
         SampleRequest.of(n=2, **settings)

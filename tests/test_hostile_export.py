@@ -16,7 +16,7 @@ from test_reliability import TINY, assert_refused, cli, files
 
 from difflab.errors import UsageError
 from difflab.files import OutputError, atomic_folder, atomic_write
-from difflab.training.checkpoint import list_checkpoints, verify_checkpoint
+from difflab.runs.checkpoint import list_checkpoints, verify_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 from safetensors import SafetensorError  # noqa: E402

@@ -11,7 +11,7 @@ from difflab.config import TrainConfig
 from difflab.data import ImageData, load
 from difflab.data.loader import BatchLoader, BatchOrder
 from difflab.data.source import ImageSource, StreamedSource
-from difflab.training.checkpoint import latest_checkpoint
+from difflab.runs.checkpoint import latest_checkpoint
 from difflab.training.trainer import Trainer
 
 QUIET = dict(progress=False, log=lambda *a: None)

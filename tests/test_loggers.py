@@ -79,7 +79,7 @@ def test_tensorboard_rows_before_the_checkpoint_survive_a_resume(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from difflab.training.checkpoint import list_checkpoints
+    from difflab.runs.checkpoint import list_checkpoints
 
     out = tmp_path / "run"
     kw = dict(steps=4, log_every=1, checkpoint_every=2, keep=5, sample_every=1, logger="tensorboard")

@@ -13,12 +13,12 @@ import torch
 from difflab.config import TrainConfig
 from difflab.data import ImageData
 from difflab.errors import UsageError
+from difflab.methods.method import METHOD_CLASSES, Method, make_method, method_class
 from difflab.processes.binomial import NoiseSettingsError
-from difflab.training.methods import METHOD_CLASSES, Method, make_method, method_class
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "difflab"
 # where a method's name may be compared: the methods themselves, and the config and recipe that choose them
-OWNERS = {"training/methods.py", "training/classification.py", "config.py", "recipe.py"}
+OWNERS = {"methods/method.py", "methods/classification.py", "config.py", "recipe.py"}
 # comparisons left in files this change may not edit (the page's catalog and requests, hardened elsewhere):
 # each becomes method_class(info.method).conditional / .samplers / .denoises, and this list empty
 
@@ -91,7 +91,7 @@ def _name_checks(path: Path) -> list[str]:
 
 
 def test_no_caller_asks_which_method_it_is():
-    assert _name_checks(SRC / "training" / "methods.py") == []  # (the checker runs: methods.py has none either)
+    assert _name_checks(SRC / "methods" / "method.py") == []  # (the checker runs: methods.py has none either)
     found = Counter()
     for path in sorted(SRC.rglob("*.py")):
         rel = path.relative_to(SRC).as_posix()
@@ -121,7 +121,7 @@ def test_a_method_answers_what_callers_asked_its_name(name):
     assert cls.denoises == (name == "gaussian") == isinstance(den, Denoiser)
     assert set(cls.samplers) <= set(SAMPLERS) and bool(cls.samplers) == cls.denoises
     defaults = method.sampling_defaults()
-    from difflab.request import SampleRequest
+    from difflab.runs.request import SampleRequest
 
     SampleRequest.of(**defaults)  # every default is a request's setting, with a valid value
     assert ("sampler" in defaults) == cls.denoises and ("steps" in defaults) == cls.draws_samples
@@ -140,8 +140,8 @@ def test_every_sampler_counts_its_evaluations_in_the_table():
 
 def test_a_method_of_a_foreign_network_samples_like_the_trained_one():
     from difflab import nets
-    from difflab.sampling import sample_images
-    from difflab.training.methods import GaussianMethod
+    from difflab.methods.method import GaussianMethod
+    from difflab.runs.draw import sample_images
 
     trained = make_method(TrainConfig(process="linear", T=50, prediction="eps"))
     conf = dict(nets.PRESETS["tiny"], in_channels=1, out_channels=1, image_size=8)

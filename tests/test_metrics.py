@@ -241,7 +241,7 @@ def test_classifier_learns_sklearn_digits_quickly():
 
 def test_classifier_is_cached_as_a_checksummed_run_folder(tmp_path, monkeypatch):
     from difflab.data.imagedata import ImageData
-    from difflab.training.checkpoint import list_checkpoints, verify_checkpoint
+    from difflab.runs.checkpoint import list_checkpoints, verify_checkpoint
 
     images, labels = digits_data()
     data = ImageData(images, labels, [str(i) for i in range(10)], "digits")

@@ -14,8 +14,8 @@ from difflab.cli import build_parser, main
 from difflab.cli.figures import noising_chain
 from difflab.config import TrainConfig, config_from_args
 from difflab.recipe import METHOD_DEFAULTS, apply_method_defaults
-from difflab.sampling import load_run
-from difflab.training.checkpoint import latest_checkpoint
+from difflab.runs.checkpoint import latest_checkpoint
+from difflab.runs.draw import load_run
 
 # a few steps on the 8x8 digits; k * T fits 8x8 (naive1: 4 steps of 8 of the 64 pixels)
 COMMON = ["--data", "digits", "--steps", "6", "--batch-size", "8", "--log-every", "3", "--checkpoint-every", "6",

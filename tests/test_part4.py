@@ -28,8 +28,8 @@ from difflab.likelihood import (
 from difflab.noise import SeededNoise, sample_seeds
 from difflab.processes.continuous import VE, VPLinear
 from difflab.processes.gaussian import linear_schedule
+from difflab.runs.draw import load_run
 from difflab.samplers import generate
-from difflab.sampling import load_run
 from difflab.training.trainer import Trainer
 
 MEAN, STD = 0.3, 0.5

@@ -18,8 +18,8 @@ from test_reliability import TINY, assert_refused, cli
 
 from difflab.ema_lengths import SIGMA_REL_MIN, gamma_of_sigma_rel, sigma_rel_of_gamma
 from difflab.errors import UsageError
-from difflab.training.ema import PowerEMA, posthoc_coefficients, profile_inner
-from difflab.training.posthoc_ema import reconstruct_ema
+from difflab.runs.ema import PowerEMA, posthoc_coefficients, profile_inner
+from difflab.runs.posthoc_ema import reconstruct_ema
 
 
 def _profiles(steps: int, every: int, lengths=(0.05, 0.1)) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +82,7 @@ def test_random_walk_reconstruction_is_closer_than_the_plain_solve():
 
 
 def test_weights_held_constant_come_back_exactly(tmp_path):
-    from difflab.training.posthoc_ema import save_snapshot
+    from difflab.runs.posthoc_ema import save_snapshot
 
     net = torch.nn.Linear(3, 2)
     with torch.no_grad():

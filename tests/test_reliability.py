@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from difflab import runlock
 from difflab.cli import main
 from difflab.errors import CheckpointError, UsageError
 from difflab.files import atomic_write, check_output, temp_path
-from difflab.training.checkpoint import list_checkpoints, sha256_file, verify_checkpoint
+from difflab.runs import lock as runlock
+from difflab.runs.checkpoint import list_checkpoints, sha256_file, verify_checkpoint
 
 TINY = ["--data", "digits", "--model", "tiny", "--batch-size", "8", "--log-every", "1", "--checkpoint-every", "2",
         "--sample-every", "0", "--sample-steps", "1", "--warmup", "1", "--quiet"]
@@ -414,7 +414,7 @@ def test_check_output_rules(tmp_path, tiny_run):
 
 
 def test_checkpoint_meta_paths_are_confined(tmp_path):
-    from difflab.training.checkpoint import load_checkpoint, save_checkpoint
+    from difflab.runs.checkpoint import load_checkpoint, save_checkpoint
 
     js = save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
     for tensors in ("..", "/etc/passwd", "step-0000002.safetensors"):
@@ -424,6 +424,6 @@ def test_checkpoint_meta_paths_are_confined(tmp_path):
 
 
 def test_non_finite_checkpoint_is_never_written(tmp_path):
-    from difflab.training.checkpoint import non_finite
+    from difflab.runs.checkpoint import non_finite
 
     assert non_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("inf")]), "c": torch.arange(3)}) == ["b"]

@@ -45,7 +45,7 @@ def _job(server, path, body) -> list[dict]:  # noqa: F811 - the fixture, passed 
 
 @pytest.fixture(scope="module")
 def tiny(runs_dir):  # noqa: F811
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
 
     return load_run(runs_dir / "tiny")
 
@@ -88,7 +88,7 @@ def test_the_final_grid_is_what_difflab_sample_draws(runs_dir, tmp_path):  # noq
 def test_the_sample_panel_draws_with_the_runs_own_settings(runs_dir, tiny):  # noqa: F811
     """A request that leaves sampler, steps and guidance to the run draws what run.sample draws (the one path),
     and says so in its start event."""
-    from difflab.request import SampleRequest
+    from difflab.runs.request import SampleRequest
     from difflab.serve.catalog import Catalog
     from difflab.serve.jobs import Job
     from difflab.serve.panels import Panels
@@ -206,7 +206,7 @@ def test_a_first_request_draws_with_the_runs_sampler_steps_and_guidance(server, 
 def test_the_page_draws_a_diffusers_folder_as_python_does(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     import difflab
-    from difflab.request import SampleRequest
+    from difflab.runs.request import SampleRequest
     from difflab.serve.catalog import Catalog
     from difflab.serve.jobs import Job
     from difflab.serve.panels import Panels
@@ -371,7 +371,7 @@ def test_monitor_streams_the_loss_and_newest_grid(server, runs_dir):  # noqa: F8
 
 
 def test_a_run_still_training_is_sampled_from_its_newest_checkpoint(server, runs_dir, tiny):  # noqa: F811
-    from difflab.training.checkpoint import latest_checkpoint, save_checkpoint
+    from difflab.runs.checkpoint import latest_checkpoint, save_checkpoint
 
     tensors, meta = latest_checkpoint(runs_dir / "tiny" / "checkpoints")
     g = torch.Generator().manual_seed(0)

@@ -198,8 +198,8 @@ def two_runs(runs_dir, tmp_path_factory):  # noqa: F811
 def test_fuzz_run_json_fields_never_break_the_listing(two_runs, config, meta):
     """Any values in a run's config.json and newest checkpoint JSON: the listing answers, the good run is in it
     unchanged, and the odd run is either a run or damaged with one line."""
+    from difflab.runs.checkpoint import list_checkpoints
     from difflab.serve.catalog import Catalog
-    from difflab.training.checkpoint import list_checkpoints
 
     odd, good = two_runs / "odd", two_runs / "good"
     original = json.loads((good / "config.json").read_text())

@@ -69,7 +69,7 @@ def one_line(answer) -> str:
 
 
 def newest_json(run: Path) -> Path:
-    from difflab.training.checkpoint import list_checkpoints
+    from difflab.runs.checkpoint import list_checkpoints
 
     return list_checkpoints(run / "checkpoints")[-1]
 

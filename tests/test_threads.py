@@ -116,7 +116,7 @@ def test_cpu_compiled_compiles_new_inputs_alone_with_its_settings():
 
     import torch._inductor.config as inductor_config
 
-    from difflab.sampling import CpuCompiled, _signature
+    from difflab.runs.draw import CpuCompiled, _signature
 
     before = (inductor_config.freezing, inductor_config.cpp_wrapper)
     lock, state, seen = threading.Lock(), {"now": 0, "peak": 0}, []

@@ -10,8 +10,8 @@ import torch
 
 from difflab.config import TrainConfig
 from difflab.errors import CheckpointError, TrainingDiverged, UsageError
-from difflab.sampling import load_run
-from difflab.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from difflab.runs.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from difflab.runs.draw import load_run
 from difflab.training.trainer import Trainer
 
 quiet = dict(progress=False, log=lambda *a: None)
@@ -226,7 +226,7 @@ def test_cli_train_and_sample_npz(tmp_path):
 
 def test_optimizer_state_keeps_the_memory_format_of_channels_last_weights():
     """Fused AdamW reads state and weight as flat buffers: restored moments must share the weight's strides."""
-    from difflab.training.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+    from difflab.runs.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 
     def make():
         torch.manual_seed(0)

@@ -8,12 +8,12 @@ import torch
 from difflab.config import TrainConfig
 from difflab.denoiser import SIGMA_DATA, Denoiser
 from difflab.errors import UsageError
+from difflab.methods.noise_levels import P_MEAN, P_STD, lognormal_sigma, training_times
+from difflab.methods.weighting import loss_weight, weighted_mse
 from difflab.noise import seeded_normal, seeded_uniform
 from difflab.processes.continuous import make_process
 from difflab.processes.gaussian import make_schedule
-from difflab.training.noise_levels import P_MEAN, P_STD, lognormal_sigma, training_times
 from difflab.training.trainer import Trainer
-from difflab.training.weighting import loss_weight, weighted_mse
 
 PROCESSES = {"linear": lambda: make_schedule("linear", T=1000), "vp": lambda: make_process({"kind": "vp"}),
              "ve": lambda: make_process({"kind": "ve"})}

@@ -19,7 +19,7 @@ def __getattr__(name: str):
     """``difflab.train``, ``difflab.load``, ``difflab.Model``, ``difflab.SampleRequest``: imported on first
     use, so that ``import difflab`` (and every command) does not load torch and the trainer up front."""
     if name == "SampleRequest":
-        from difflab.request import SampleRequest
+        from difflab.runs.request import SampleRequest
 
         return SampleRequest
     if name in ("Model", "load", "to_pil", "train"):

@@ -1,7 +1,7 @@
 """Training the noisy classifier that classifier guidance differentiates (part 5): a run folder of
 ``--method noisy-classifier`` trained by the one Trainer, then its accuracy on noisy test images.
 
-Above both the Trainer and :mod:`difflab.classifier_guidance` (which loads and uses a classifier), so
+Above both the Trainer and :mod:`difflab.runs.classifier` (which loads and uses a classifier), so
 that sampling, which loads classifiers, never imports the Trainer through it."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from difflab.classifier_guidance import ACCURACY, KIND, load_classifier, noisy_accuracy
 from difflab.config import TrainConfig, load_run_config, save_json
 from difflab.data import ImageData
 from difflab.errors import DataError, UsageError
-from difflab.training.classification import classifier_config, held_out_split
-from difflab.training.methods import method_class
+from difflab.methods.classification import classifier_config, held_out_split
+from difflab.methods.method import method_class
+from difflab.runs.classifier import ACCURACY, KIND, load_classifier, noisy_accuracy
 from difflab.training.trainer import Trainer
 
 
@@ -48,7 +48,7 @@ def _data_config(run: str | Path | None, data: str | None, process: str, T: int,
 
 
 def _splits(cfg: TrainConfig) -> tuple[ImageData, ImageData]:
-    from difflab.runs import load_data
+    from difflab.runs.data import load_data
 
     train = load_data(cfg)
     try:

@@ -129,7 +129,7 @@ class TrainConfig:
     sample_sigma_min: float | str = _option("auto", "the lowest noise level of the karras and geometric sampling grids "
                                             "(VE units): the last step denoises from there; 0: the process's own; auto: "
                                             "where the EMA denoiser's x0 error falls below 0.04 of the data variance, "
-                                            "measured when training ends (difflab.grid_bottom; 0.5 until then)",
+                                            "measured when training ends (difflab.runs.grid_bottom; 0.5 until then)",
                                             parse=_sigma_or_auto)
     clip: str = _option("clip", "x0 estimates while sampling: clip to the data range, dynamic (Imagen's thresholding) "
                    "or none", ("none", "clip", "dynamic"))

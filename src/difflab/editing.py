@@ -9,9 +9,10 @@ ODE's map from the noised image; for Gaussian data N(mu, s0^2) that is mu + (y -
 RePaint (Lugmayr et al. 2022) fills a masked region: at every network call the known pixels are replaced by
 the original noised to that level, x + sigma eps (fresh eps), so the network sees the whole image as a sample
 of its level; the samplers' updates act pixel by pixel, so the region kept is never moved by the sampler's own
-values there, and the result is the sampled region pasted into the original. With ``resample`` r > 1, every
-``jump_length`` j steps go back up j levels by the forward process, y' = y + sqrt(sigma'^2 - sigma^2) eps, and
-down again, r times in all, which lets the filled region agree with the kept one (the paper's time-travel).
+values there, and the result is the sampled region pasted into the original. With ``resample`` r > 1, at every
+``jump_length``-th level j counted from the clean end the walk goes back up j levels by the forward process,
+y' = y + sqrt(sigma'^2 - sigma^2) eps, and down again, r times in all, which lets the filled region agree with
+the kept one (the paper's time-travel; the paper's and diffusers' schedule: no jump reaches the grid's top).
 """
 
 from __future__ import annotations
@@ -87,28 +88,37 @@ def repaint(denoiser, images: torch.Tensor, mask: torch.Tensor, sigmas: torch.Te
             strength: float = 1.0, sampler: str = "ddpm", jump_length: int = 10, resample: int = 1,
             cond: dict | None = None, callback=None, **options) -> torch.Tensor:
     """RePaint: ``images`` (model units, [B, C, H, W]) with the pixels where ``mask`` (bool, broadcastable to
-    the images) is True drawn anew, on the grid ``sigmas`` with ``sampler``; every ``jump_length`` steps the
-    last ones are redone ``resample`` - 1 more times after a jump back up. ``strength`` < 1 starts as SDEdit
-    does, from the image noised to a lower level (the masked region then keeps some of the original).
+    the images) is True drawn anew, on the grid ``sigmas`` with ``sampler``; the ``jump_length`` steps before
+    every ``jump_length``-th level (from the clean end) are redone ``resample`` - 1 more times after a jump back
+    up. ``strength`` < 1 starts as SDEdit does, from the image noised to a lower level (the masked region then
+    keeps some of the original).
     ``seeds`` [B]: per-sample seeds. Returns model units, the kept pixels exactly the originals."""
     if int(jump_length) != jump_length or jump_length < 1 or int(resample) != resample or resample < 1:
         raise UsageError(f"--jump-length and --resample must be whole numbers >= 1, got {jump_length} and {resample}")
     mask = mask.to(device=images.device, dtype=torch.bool).expand_as(images)
     den = KnownRegion(denoiser, images, mask, seeds)
-    jumps = SeededNoise(seeds, _JUMP)
-    steps, passes = len(sigmas) - 1, 0
-    i = start_index(steps, strength)
-    x = _start(denoiser, images, sigmas, i, seeds) if i < steps else images
-    while i < steps:
-        j = min(int(jump_length), steps - i)
-        for r in range(int(resample)):
-            x = SAMPLERS[sampler](den, x, sigmas[i:i + j + 1], cond=cond, noise=SeededNoise(seeds, 1 + passes * _PASS),
-                                  callback=callback, **options)
-            passes += 1
-            if r < resample - 1:  # back up j levels by the forward process
-                lo, hi = float(sigmas[i + j]), float(sigmas[i])
-                x = x + math.sqrt(hi**2 - lo**2) * jumps(passes, x)
-        i += j
+    jumps, passes = SeededNoise(seeds, _JUMP), 0
+    steps = len(sigmas) - 1
+    start = level = start_index(steps, strength)
+
+    def walk(x: torch.Tensor, a: int, b: int) -> torch.Tensor:  # grid levels a -> b, one sampler pass
+        nonlocal passes
+        passes += 1
+        return SAMPLERS[sampler](den, x, sigmas[a:b + 1], cond=cond, noise=SeededNoise(seeds, passes * _PASS),
+                                 callback=callback, **options)
+
+    x = _start(denoiser, images, sigmas, start, seeds) if start < steps else images
+    # the levels where the walk jumps back up: every jump_length-th counted from the clean end, as in the
+    # paper's schedule, except where the jump would reach the grid's top (or above the start)
+    length = int(jump_length)
+    for b in [b for b in range(steps, 0, -length) if b - length >= max(start, 1)][::-1]:
+        x = walk(x, level, b)
+        for _ in range(int(resample) - 1):
+            hi, lo = float(sigmas[b - length]), float(sigmas[b])
+            x = walk(x + math.sqrt(hi**2 - lo**2) * jumps(passes, x), b - length, b)
+        level = b
+    if level < steps:
+        x = walk(x, level, steps)
     return torch.where(mask, x, images)
 
 

@@ -1,7 +1,7 @@
 """The lengths of EDM2's power-function EMA (Karras et al. 2024, sec. 3): the relative std sigma_rel of the
 profile tau^gamma and its exponent gamma, and the checks of the lengths a run asks for.
 
-Beneath the config (which checks ``--ema-length``/``--ema-track``) and :mod:`difflab.training.ema` (which
+Beneath the config (which checks ``--ema-length``/``--ema-track``) and :mod:`difflab.runs.ema` (which
 averages with them).
 """
 

@@ -174,7 +174,7 @@ class ClassifierGuidance(nn.Module):
     ``cond["classifier_labels"]`` (int64 [B]) is the class c to steer towards; it is removed before
     the denoiser is called, so the rest of ``cond`` (a class label or a prompt, possibly under
     classifier-free guidance) still reaches the network. ``classifier.log_prob(x, sigma, labels)``
-    gives log p(c | x, sigma) [B] in VE coordinates (``difflab.classifier_guidance``); its gradient
+    gives log p(c | x, sigma) [B] in VE coordinates (``difflab.runs.classifier``); its gradient
     is taken with autograd even inside the samplers' ``no_grad``."""
 
     def __init__(self, denoiser, classifier, scale: float, sigma_max: float = CLASSIFIER_SIGMA_MAX):

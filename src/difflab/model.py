@@ -20,8 +20,8 @@ from difflab.errors import UsageError
 from difflab.figures import to_uint8
 from difflab.interop.folder_model import FolderModel
 from difflab.noise import sample_seeds
-from difflab.request import SampleRequest
-from difflab.sampling import Run, drawing, load_run, sample_request
+from difflab.runs.draw import Run, drawing, load_run, sample_request
+from difflab.runs.request import SampleRequest
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", *, ema_length: float | None = None) -> Model:
@@ -82,7 +82,7 @@ class Model:
                prompt: str | None = None, pil: bool = False, **settings: Any) -> torch.Tensor | list:
         """n samples as uint8 [n, C, H, W] (``pil``: a list of PIL images), the same images as ``difflab sample``
         with the same settings; sample j depends only on (seed, j). ``settings``: the other fields of
-        :class:`~difflab.request.SampleRequest` (start, clip, eta, init_noise, classifier, precision, ...).
+        :class:`~difflab.runs.request.SampleRequest` (start, clip, eta, init_noise, classifier, precision, ...).
         Unset settings take the run's own (its sampler, step count, clipping and guidance scale)."""
         check_whole({"--n": (n, 1, MAX_SAMPLES), "--seed": (seed, 0, MAX_SEED),  # (the request's own names)
                      "--start": (settings.get("start", 0), 0, MAX_SEED)})
@@ -104,7 +104,7 @@ class Model:
         0: the image back). With ``mask`` (True, or white in a uint8 image: repaint; [H, W], [1 or C, H, W] or
         [N, 1 or C, H, W]), RePaint: the masked pixels drawn anew, the others kept, with ``resample`` passes over
         every ``jump_length`` steps (default ``strength`` 1). ``settings``: the other fields of
-        :class:`~difflab.request.SampleRequest` (guidance, clip, eta, ...). See :mod:`difflab.editing`."""
+        :class:`~difflab.runs.request.SampleRequest` (guidance, clip, eta, ...). See :mod:`difflab.editing`."""
         from difflab.editing import edit_images
 
         run = self._edit_run()
@@ -206,7 +206,7 @@ class Model:
         :meth:`sample` (seed, sampler, steps, guidance, ...)."""
         check_whole({"--n": (n, 1, MAX_SAMPLES)})
         from difflab.evaluate import evaluate_images
-        from difflab.runs import reference_data
+        from difflab.runs.data import reference_data
 
         name = data or (self.run.cfg.data if self.run is not None and self.run.cfg is not None else None)
         if name is None:

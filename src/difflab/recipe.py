@@ -39,7 +39,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "naive2": _NAIVE2,
     "cold": dict(_SERIES),
 }
-# classifiers learn the class labels (never dropped) and draw no samples (difflab.training.classification)
+# classifiers learn the class labels (never dropped) and draw no samples (difflab.methods.classification)
 CLASSIFIERS = ("noisy-classifier", "classifier")
 _CLASSIFIER = {"conditioning": "class", "cond_drop": 0.0, "sample_every": 0, "ema_track": "", "ema_snapshot_every": 0}
 METHOD_DEFAULTS.update({name: dict(_CLASSIFIER) for name in CLASSIFIERS})

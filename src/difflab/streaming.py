@@ -1,7 +1,7 @@
 """Sampling that shows its work as it goes: images as soon as they are finished, the denoising path
 of one sample step by step, and a stop button (used by ``difflab serve``; as useful in a notebook).
 
->>> from difflab.sampling import load_run
+>>> from difflab.runs.draw import load_run
 >>> from difflab.streaming import stream_samples
 >>> run = load_run("runs/demo")
 >>> for first, images in stream_samples(run, 16, on_step=print, sampler="ddim", steps=10):
@@ -9,7 +9,7 @@ of one sample step by step, and a stop button (used by ``difflab serve``; as use
 
 Per-sample seeds make the images the same as one ``run.sample(16, ...)`` call, however they are
 split into parts (Gaussian runs; part-1 methods draw their noise per call). The request is resolved once
-(:func:`difflab.sampling.drawing`): the run's defaults apply as in ``difflab sample``.
+(:func:`difflab.runs.draw.drawing`): the run's defaults apply as in ``difflab sample``.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def chunks(n: int, size: int) -> list[tuple[int, int]]:
 def stream_samples(model, n: int, *, start: int = 0, chunk: int = 4, on_step: Callable[[dict], None] | None = None,
                    stop: Callable[[], bool] | None = None, **settings) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(index, images)`` for samples ``start .. start + n - 1`` of ``model`` (a
-    :class:`difflab.sampling.Run` or a diffusers folder's model) part by part: :func:`stream` of the request
+    :class:`difflab.runs.draw.Run` or a diffusers folder's model) part by part: :func:`stream` of the request
     with the settings of :meth:`Run.sample` (seed, sampler, steps, guidance, labels, prompt, ...)."""
-    from difflab.request import SampleRequest
-    from difflab.sampling import drawing
+    from difflab.runs.draw import drawing
+    from difflab.runs.request import SampleRequest
 
     return stream(drawing(model, SampleRequest.of(n=n, start=start, **settings)), chunk=chunk, on_step=on_step,
                   stop=stop)
@@ -78,7 +78,7 @@ def stream_samples(model, n: int, *, start: int = 0, chunk: int = 4, on_step: Ca
 
 def stream(d, *, chunk: int = 4, on_step: Callable[[dict], None] | None = None,
            stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(index, images)`` for the samples of ``d`` (a resolved :class:`difflab.sampling.Drawing`) part
+    """Yield ``(index, images)`` for the samples of ``d`` (a resolved :class:`difflab.runs.draw.Drawing`) part
     by part, uint8 [k, C, H, W] each, index counted from the request's ``start``: the same images as
     ``d.images()``.
 

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import difflab
     from difflab.figures import save_grid, save_image
-    from difflab.runs import pick_device
+    from difflab.runs.data import pick_device
 
     check_values({"--n": (args.n, 1, 10_000), "--strength": (args.strength, 0, 1),
                   "--jump-length": (args.jump_length, 1, 100_000), "--resample": (args.resample, 1, 1000)})

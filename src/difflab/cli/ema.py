@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from difflab.config import load_run_config
     from difflab.ema_lengths import check_ema_length
-    from difflab.training.posthoc_ema import save_posthoc_ema
+    from difflab.runs.posthoc_ema import save_posthoc_ema
 
     check_ema_length(args.ema_length)
     load_run_config(args.run)  # a missing or foreign folder fails with its own message

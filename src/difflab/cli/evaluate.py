@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from difflab.evaluate import evaluate_images
-    from difflab.runs import pick_device
+    from difflab.runs.data import pick_device
 
     if sum(a is not None for a in (args.run, args.samples, args.diffusers_model)) != 1:
         raise UsageError("give exactly one of --run DIR, --diffusers-model DIR or --samples FILE.npz")
@@ -115,7 +115,7 @@ def _reference(name: str, split: str, like, metrics: list[str], features: str, n
     checking that every piece the metrics need is there: one line naming all that is missing, before any sample
     is drawn; what only drops a metric is said in one ``note:`` line."""
     from difflab.evaluate import check_evaluation
-    from difflab.runs import reference_data
+    from difflab.runs.data import reference_data
 
     notes: list[str] = []
     reference = reference_data(name, split, like, notes)
@@ -144,7 +144,7 @@ def _load(args: argparse.Namespace, device):
         from difflab.interop.folder_model import FolderModel
 
         return FolderModel.load(args.diffusers_model, device)
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
 
     return load_run(args.run, device)
 
@@ -153,7 +153,7 @@ def _draw(args: argparse.Namespace, model):
     """(uint8 samples, labels) of ``model``, sharded over ranks (None samples on the ranks that do not compute
     the metrics); the sampler, steps and guidance used are set on ``args``."""
     from difflab.model import samples_for_evaluation
-    from difflab.training.distributed import DistContext
+    from difflab.runs.distributed import DistContext
 
     images, labels, req = samples_for_evaluation(model, args.n, DistContext.from_env(model.device.type), seed=args.seed,
                                                  sampler=args.sampler, steps=args.steps, guidance=args.guidance,

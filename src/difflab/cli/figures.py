@@ -79,8 +79,8 @@ def noising_chain(run, x: torch.Tensor, columns: int, generator: torch.Generator
 def sampling_run(run, n: int, *, seed: int, steps: int | None, **settings):
     """Sample n images as ``difflab sample`` does with these settings (the run's own for the others), recording
     each step: (samples uint8, network inputs [S, n, ...], x_hats [S, n, ...])."""
-    from difflab.request import SampleRequest
-    from difflab.sampling import drawing
+    from difflab.runs.draw import drawing
+    from difflab.runs.request import SampleRequest
 
     recorder = _InputRecorder(run.net)
     x0s: list[torch.Tensor] = []
@@ -107,10 +107,10 @@ def check_counts(n: int, grid: int, columns: int) -> None:
 
 def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 64, steps: int | None = None,
                  seed: int = 0, log=print) -> list[Path]:
-    """Write the figures of ``run`` (a :class:`difflab.sampling.Run`) into ``out``; returns the paths."""
+    """Write the figures of ``run`` (a :class:`difflab.runs.draw.Run`) into ``out``; returns the paths."""
     from difflab.data import to_model
     from difflab.figures import save_grid, save_rows
-    from difflab.runs import load_data
+    from difflab.runs.data import load_data
 
     check_counts(n, grid, columns)
     method = run.method
@@ -146,8 +146,8 @@ def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 6
 
 
 def run(args: argparse.Namespace) -> int:
-    from difflab.runs import pick_device
-    from difflab.sampling import load_run
+    from difflab.runs.data import pick_device
+    from difflab.runs.draw import load_run
 
     check_counts(args.n, args.grid, args.columns)  # before the (slow) loading of the run
     check_values({"--n": (args.n, 1, 10_000), "--grid": (args.grid, 1, 10_000), "--columns": (args.columns, 1, 10_000),

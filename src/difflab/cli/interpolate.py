@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from difflab.cli.rundata import gaussian_run
     from difflab.figures import save_rows
     from difflab.model import Model
-    from difflab.runs import pick_device
+    from difflab.runs.data import pick_device
 
     check_values({"--n": (args.n, 2, 10_000), "--steps": (args.steps, 1, 100_000),
                   **{f"--seeds {ab}": (s, 0, MAX_SEED) for ab, s in zip("AB", args.seeds or ())}})

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from difflab.figures import save_rows
     from difflab.latents import invert_images, reconstruction_error
-    from difflab.runs import pick_device
+    from difflab.runs.data import pick_device
 
     check_values({"--n": (args.n, 1, MAX_SAMPLES), "--steps": (args.steps, 1, 100_000), "--refine": (args.refine, 0, 1000),
                   "--batch-size": (args.batch_size, 1, 1 << 16)})

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from difflab.config import save_json
     from difflab.likelihood import bits_per_dim
-    from difflab.runs import pick_device
+    from difflab.runs.data import pick_device
 
     check_values({"--n": (args.n, 1, MAX_SAMPLES), "--steps": (args.steps, 1, 100_000),
                   "--hutchinson-samples": (args.hutchinson_samples, 1, 10_000), "--seed": (args.seed, 0, MAX_SEED),

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from difflab.config import TrainConfig
     from difflab.data import shards
     from difflab.errors import UsageError
-    from difflab.runs import open_data
+    from difflab.runs.data import open_data
 
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

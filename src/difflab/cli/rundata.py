@@ -52,7 +52,7 @@ def gaussian_model(args: argparse.Namespace, device: torch.device, command: str)
 
 def gaussian_run(path: str, device: torch.device, command: str):
     """The run at ``path``, which must be a Gaussian-diffusion run (the others have no ODE)."""
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
 
     loaded_run = load_run(path, device)
     if not loaded_run.method.denoises:
@@ -71,7 +71,7 @@ def default_split(data: str) -> str:
 def run_images(data: str, split: str, shape: tuple[int, int, int], n: int):
     """The first ``n`` images of a dataset or folder as an ImageData fitted to a run's (C, H, W):
     MNIST-sized 28x28 sets are padded to 32 as in training, other sizes resized."""
-    from difflab.runs import load_fitted
+    from difflab.runs.data import load_fitted
 
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")

@@ -13,7 +13,7 @@ import torch
 from difflab.checks import check_values
 from difflab.errors import UsageError
 from difflab.files import atomic_write, check_output
-from difflab.request import SampleRequest, read_noise
+from difflab.runs.request import SampleRequest, read_noise
 
 GUIDANCE_HELP = ("classifier-free guidance scale g: f_hat = f(z, null) + g (f(z, c) - f(z, null)); "
                  "g = 1 + w with w the weight of Ho & Salimans; g = 1 is plain conditional sampling, "
@@ -94,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def request_from_args(args: argparse.Namespace) -> SampleRequest:
-    """The flags as a :class:`~difflab.request.SampleRequest` (checked; --init-noise read once --n is)."""
+    """The flags as a :class:`~difflab.runs.request.SampleRequest` (checked; --init-noise read once --n is)."""
     same = ("seed", "sampler", "steps", "guidance", "autoguidance", "prompt", "clip", "eta", "order", "variance", "spacing", "churn",
             "lower_order_final",
             "sigma_min", "guide_sigmas", "guidance_rescale", "apg_eta", "apg_threshold", "apg_momentum",
@@ -106,8 +106,8 @@ def request_from_args(args: argparse.Namespace) -> SampleRequest:
 
 
 def run(args: argparse.Namespace) -> int:
-    from difflab.runs import pick_device
-    from difflab.training.distributed import DistContext
+    from difflab.runs.data import pick_device
+    from difflab.runs.distributed import DistContext
 
     if (args.run is None) == (args.diffusers_model is None):
         raise UsageError("give exactly one of --run DIR or --diffusers-model DIR")
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir = prepare_out_dir(args.out_dir, args.force) if args.out_dir and ctx.main else None
     path_cb = Trajectory() if args.trajectory else None  # keeps whole batches (one batch per frame row)
-    from difflab.sampling import drawing
+    from difflab.runs.draw import drawing
 
     model = _load(args, pick_device(args.device, ctx.local_rank))
     if args.class_label is not None:
@@ -170,17 +170,17 @@ def _load(args: argparse.Namespace, device):
         from difflab.interop.folder_model import FolderModel
 
         return FolderModel.load(args.diffusers_model, device)
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
 
     return load_run(args.run, device, ema_length=args.ema_length)
 
 
 def _draw(d, ctx, path_cb) -> torch.Tensor:
-    """The images of a :class:`~difflab.sampling.Drawing` on every rank, with rank 0's progress bar over its share."""
+    """The images of a :class:`~difflab.runs.draw.Drawing` on every rank, with rank 0's progress bar over its share."""
     from tqdm.auto import tqdm
 
-    from difflab.sampling import shard_block
-    from difflab.training.distributed import shard
+    from difflab.runs.distributed import shard
+    from difflab.runs.draw import shard_block
 
     bar = None
     if ctx.main:

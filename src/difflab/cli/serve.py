@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from difflab.errors import UsageError
-    from difflab.runs import pick_device
+    from difflab.runs.data import pick_device
     from difflab.serve import ExplorerServer
 
     if not 0 <= args.port <= 65535:

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _launch(n: int) -> int:
     """Re-run this command under torchrun's launcher with n processes (without --nproc)."""
-    from difflab.training.distributed import launch
+    from difflab.runs.distributed import launch
 
     argv, skip = [], False
     for a in sys.argv[1:]:

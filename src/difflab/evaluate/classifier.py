@@ -2,8 +2,8 @@
 features of the fast "classifier FID" (its 128-d penultimate layer instead of Inception's 2048-d).
 
 This is not the noisy, time-conditioned classifier of classifier guidance
-(``difflab.classifier_guidance``): it sees clean uint8 images only. It is trained by the one Trainer
-(``--method classifier``, ``difflab.training.classification``), and a trained one is cached as that
+(``difflab.runs.classifier``): it sees clean uint8 images only. It is trained by the one Trainer
+(``--method classifier``, ``difflab.methods.classification``), and a trained one is cached as that
 run folder (checksummed safetensors + JSON checkpoints, never pickle) under
 ``<cache>/classifier-<name>-<fingerprint>-<settings>/``, keyed by the fingerprint of the training
 data, so each dataset is trained once.
@@ -28,9 +28,9 @@ from difflab.data import ImageData, to_model
 from difflab.errors import CheckpointError, DataError, UsageError
 from difflab.evaluate.inception import check_images
 from difflab.files import OutputError
+from difflab.methods.classification import classifier_config, held_out_split, trained_network
 from difflab.nets.small_cnn import FEATURE_DIM, SmallCNN
-from difflab.training.checkpoint import latest_checkpoint
-from difflab.training.classification import classifier_config, held_out_split, trained_network
+from difflab.runs.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
 

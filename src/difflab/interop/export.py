@@ -187,7 +187,7 @@ def export_diffusers(run_dir: str | Path, out: str | Path, ema: bool = True, n_s
     """Write the run as a diffusers pipeline folder at ``out`` (new, or an empty folder; never inside a run
     folder), atomically: the folder is written beside ``out`` and renamed into place when complete."""
     from difflab.files import atomic_folder, check_output_folder
-    from difflab.sampling import load_run
+    from difflab.runs.draw import load_run
 
     check_output_folder(out, "--to diffusers")
     run = load_run(run_dir, "cpu", ema=ema)

@@ -1,5 +1,5 @@
-"""A diffusers ``UNet2DModel`` folder as a model that takes a :class:`~difflab.request.SampleRequest`, beside
-:class:`difflab.sampling.Run` (``difflab sample --diffusers-model``, ``difflab.load``)."""
+"""A diffusers ``UNet2DModel`` folder as a model that takes a :class:`~difflab.runs.request.SampleRequest`, beside
+:class:`difflab.runs.draw.Run` (``difflab sample --diffusers-model``, ``difflab.load``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from difflab.figures import to_uint8
 from difflab.interop.folders import load_diffusers_unet
 from difflab.interop.schedulers import DiffusersDenoiser, SchedulerPlan, sample_folder
-from difflab.request import ModelTraits, SampleRequest
+from difflab.runs.request import ModelTraits, SampleRequest
 
 FOLDER_DEFAULTS = {"sampler": "ddim", "steps": 50}  # what a folder samples with unless told
 

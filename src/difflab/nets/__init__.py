@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from ..errors import UsageError
@@ -81,3 +82,9 @@ def from_preset(name: str, **overrides: Any) -> nn.Module:
 def count_parameters(net: nn.Module) -> int:
     """The number of parameters (each shared tensor counted once)."""
     return sum(p.numel() for p in net.parameters())
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix.`` with the prefix removed."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}

@@ -1,6 +1,6 @@
 """The noisy, time-conditioned classifier p(c | z_t, t) of classifier guidance (part 5).
 
-``difflab.classifier_guidance`` binds it to its process; ``difflab.training.classification`` trains it.
+``difflab.runs.classifier`` binds it to its process; ``difflab.methods.classification`` trains it.
 """
 
 from __future__ import annotations

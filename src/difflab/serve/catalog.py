@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from difflab.errors import CheckpointError, DataError, UsageError
+from difflab.methods.method import method_class
 from difflab.recipe import CLASSIFIERS
-from difflab.request import ModelTraits
-from difflab.training.checkpoint import _check_meta, list_checkpoints
-from difflab.training.methods import method_class
+from difflab.runs.checkpoint import _check_meta, list_checkpoints
+from difflab.runs.request import ModelTraits
 
 if TYPE_CHECKING:
     from difflab.config import TrainConfig
@@ -64,7 +64,7 @@ class RunInfo:
     guidance: float = 1.0  # the run's own guidance scale (class and text runs)
 
     def traits(self) -> ModelTraits:
-        """What a sampling request is checked against (:meth:`difflab.request.SampleRequest.resolve`)."""
+        """What a sampling request is checked against (:meth:`difflab.runs.request.SampleRequest.resolve`)."""
         return ModelTraits(self.method, method_class(self.method).conditional, self.conditioning, len(self.class_names),
                            self.shape, classifier_guidance=False)  # the page has no classifier to send
 
@@ -434,7 +434,7 @@ class Catalog:
         """The training data of run ``name`` as it trained, only when its fingerprint is the one the run's
         checkpoint recorded: a config.json may name any folder, and only the run's own data is shown."""
         from difflab.data import dataset_key
-        from difflab.runs import load_data
+        from difflab.runs.data import load_data
 
         entry = self._named(name)
         info = self.info(name)
@@ -454,7 +454,7 @@ class Catalog:
 
     # --- models --------------------------------------------------------------------------------------
     def model(self, name: str, precision: str = "fp32"):
-        """The loaded run (a :class:`difflab.sampling.Run`), loaded again when it has a newer checkpoint."""
+        """The loaded run (a :class:`difflab.runs.draw.Run`), loaded again when it has a newer checkpoint."""
         info = self.info(name)
         key = (name, precision)
         with self._lock:
@@ -468,10 +468,10 @@ class Catalog:
             return model
 
     def _load(self, name: str, path: Path, info: RunInfo):
-        from difflab.sampling import load_run
+        from difflab.runs.draw import load_run
 
         if info.kind == "run":
-            from difflab.training.methods import METHOD_CLASSES
+            from difflab.methods.method import METHOD_CLASSES
 
             if METHOD_CLASSES[info.method].samples_from_data:
                 self.training_data(name)  # its samples start from data images: only its own data

@@ -16,8 +16,8 @@ import torch
 from difflab.data import to_model
 from difflab.errors import DataError
 from difflab.figures import pil_image, to_uint8
-from difflab.request import SampleRequest
-from difflab.sampling import drawing
+from difflab.runs.draw import drawing
+from difflab.runs.request import SampleRequest
 from difflab.serve.catalog import MAX_GRID, MAX_LOG, Catalog
 from difflab.serve.jobs import Job
 from difflab.serve.requests import CompareRequest, ForwardRequest, InterpolateRequest, InvertRequest

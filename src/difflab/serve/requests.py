@@ -2,7 +2,7 @@
 by ``from_json(body, info)`` from the JSON a client sent and the run it names. Anything wrong is a
 :class:`BadRequest` with one line for the page (HTTP 400), before any model work is queued.
 
-The sample panel's request is the library's :class:`~difflab.request.SampleRequest` (:func:`sample_request`
+The sample panel's request is the library's :class:`~difflab.runs.request.SampleRequest` (:func:`sample_request`
 adds the page's limits); the compare and interpolate panels are built from it.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from difflab.errors import UsageError
-from difflab.request import PRECISIONS, SampleRequest
+from difflab.methods.method import method_class
+from difflab.runs.request import PRECISIONS, SampleRequest
 from difflab.serve.catalog import RunInfo
-from difflab.training.methods import method_class
 
 MAX_COUNT = 64
 MAX_SEED = 2**31 - 1
@@ -103,7 +103,7 @@ def run_name(body: dict) -> str:
 
 def sample_request(body: dict, info: RunInfo) -> SampleRequest:
     """The sample panel's request: the page's own limits checked here (JSON types, count, prompt length, the
-    run's step and class ranges), then the library's :class:`~difflab.request.SampleRequest` checks it
+    run's step and class ranges), then the library's :class:`~difflab.runs.request.SampleRequest` checks it
     against the run. A guidance of 1 leaves the run's own scale (as ``difflab sample`` without --guidance)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")

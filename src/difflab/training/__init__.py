@@ -1,2 +1,2 @@
-"""Training: one loop for every method (trainer), what is trained (methods, classification), atomic
-safetensors checkpoints, the EMA of the weights, and PyTorch's distributed engine."""
+"""Training: one loop for every method (``trainer``) and its loggers; what is trained lives in
+:mod:`difflab.methods`, the run folder it writes in :mod:`difflab.runs.data`."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from difflab import grid_bottom, nets, recipe, runlock, runtime, threads
+from difflab import nets, recipe, runtime, threads
 from difflab.conditioning import Conditioner
 from difflab.config import TrainConfig, save_json
 from difflab.data import to_model
@@ -39,23 +39,24 @@ from difflab.ema_lengths import parse_lengths
 from difflab.errors import CheckpointError, TrainingDiverged, UsageError
 from difflab.figures import grid, plot_loss, save_image
 from difflab.files import OutputError, check_run_folder, write_text
+from difflab.methods.method import Method, make_method
 from difflab.nets.fit import network_config, speed_warning
-from difflab.runs import RESUME_OVERRIDES, describe_run, make_conditioner, open_data, pick_device, prompt_cache
-from difflab.training.checkpoint import (
+from difflab.runs import grid_bottom
+from difflab.runs import lock as runlock
+from difflab.runs.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     non_finite,
     optimizer_from_tensors,
     optimizer_to_tensors,
     save_checkpoint,
-    split_prefix,
     verify_checkpoint,
 )
-from difflab.training.distributed import DistContext
-from difflab.training.ema import build_emas
+from difflab.runs.data import RESUME_OVERRIDES, describe_run, make_conditioner, open_data, pick_device, prompt_cache
+from difflab.runs.distributed import DistContext
+from difflab.runs.ema import build_emas
+from difflab.runs.posthoc_ema import drop_snapshots_after, save_snapshot
 from difflab.training.loggers import RunLogger
-from difflab.training.methods import Method, make_method
-from difflab.training.posthoc_ema import drop_snapshots_after, save_snapshot
 
 
 @dataclass
@@ -222,11 +223,11 @@ class Trainer:
         tensors, meta = found
         saved_world = int(meta.get("world_size", 1))
         try:
-            self.net.load_state_dict(split_prefix(tensors, "model"))
-            self.ema.load_state_dict(split_prefix(tensors, "ema"), meta["ema_updates"])
+            self.net.load_state_dict(nets.split_prefix(tensors, "model"))
+            self.ema.load_state_dict(nets.split_prefix(tensors, "ema"), meta["ema_updates"])
             for i, e in enumerate(self._emas[1:]):
-                e.load_state_dict(split_prefix(tensors, f"ema-tracked{i}"), meta["ema_tracked_updates"][i])
-            optimizer_from_tensors(self.opt, split_prefix(tensors, "opt"), meta["optimizer"])
+                e.load_state_dict(nets.split_prefix(tensors, f"ema-tracked{i}"), meta["ema_tracked_updates"][i])
+            optimizer_from_tensors(self.opt, nets.split_prefix(tensors, "opt"), meta["optimizer"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoint step {meta.get('step')} in {self.out} does not fit this network "
                                   f"({str(e).splitlines()[0]})") from e
@@ -464,15 +465,15 @@ class Trainer:
     @torch.no_grad()
     def _eval_samples(self, n: int, seed: int) -> torch.Tensor:
         """n EMA samples (uint8), drawn as ``difflab sample --run OUT --n N --seed SEED`` draws them."""
-        from difflab.request import SampleRequest
-        from difflab.sampling import drawing
+        from difflab.runs.draw import drawing
+        from difflab.runs.request import SampleRequest
 
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             return drawing(self._as_run(), SampleRequest(n=n, seed=seed)).images()
 
     def _as_run(self):
-        """This run as :func:`difflab.sampling.load_run` would load it now: its EMA network and its settings."""
-        from difflab.sampling import Run
+        """This run as :func:`difflab.runs.draw.load_run` would load it now: its EMA network and its settings."""
+        from difflab.runs.draw import Run
 
         return Run(self.out, self.cfg, self.method, self.ema.model, self.conditioner, self.shape, self.data.class_names,
                    self.step, self.device, network=self.net_config)
@@ -550,8 +551,8 @@ class Trainer:
     def sample_grid(self, path: Path, n: int = 64) -> Path | None:
         """A grid of n EMA samples of seed 0 drawn as ``difflab sample --run OUT --n N --seed 0`` draws them
         (the run's own settings, the same grid layout); None for a method that draws no samples (a classifier)."""
-        from difflab.request import SampleRequest
-        from difflab.sampling import drawing
+        from difflab.runs.draw import drawing
+        from difflab.runs.request import SampleRequest
 
         if not self.method.draws_samples:
             return None

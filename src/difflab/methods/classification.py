@@ -7,7 +7,7 @@
   ``difflab.evaluate.classifier``.
 
 Both take the labels from the class condition (``conditioning="class"`` with ``cond_drop=0``: no null
-labels), draw their noise per sample like :class:`~difflab.training.methods.GaussianMethod`, and draw no
+labels), draw their noise per sample like :class:`~difflab.methods.method.GaussianMethod`, and draw no
 samples: the trainer writes checkpoints, the log and the loss curve, never a sample grid.
 """
 
@@ -24,11 +24,10 @@ from difflab import nets
 from difflab.config import TrainConfig, channel_widths, process_config
 from difflab.data import ImageData
 from difflab.errors import CheckpointError, UsageError
+from difflab.methods.noise_levels import training_times
 from difflab.noise import seeded_normal, seeded_uniform
 from difflab.processes.continuous import make_process
 from difflab.processes.gaussian import GaussianProcess
-from difflab.training.checkpoint import split_prefix
-from difflab.training.noise_levels import training_times
 
 NOISY_WIDTHS = "32,64,64"  # the noisy classifier's default level widths (``--channels 32``)
 
@@ -161,7 +160,7 @@ def trained_network(tensors: dict[str, torch.Tensor], meta: dict, where: str,
     in eval mode, on ``device``."""
     try:
         net = nets.build(meta["network"])
-        net.load_state_dict(split_prefix(tensors, "model"))
+        net.load_state_dict(nets.split_prefix(tensors, "model"))
     except (RuntimeError, TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint in {where} does not match its network config "
                               f"({str(e).splitlines()[0]})") from e

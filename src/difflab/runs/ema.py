@@ -11,7 +11,7 @@
   the same at every t, so a short run never averages in its untrained start.
 
 The profile maths (inner products of two profiles; sigma_rel <-> gamma is in :mod:`difflab.ema_lengths`)
-serves the post-hoc reconstruction in :mod:`difflab.training.posthoc_ema`.
+serves the post-hoc reconstruction in :mod:`difflab.runs.posthoc_ema`.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ from difflab.config import TrainConfig, process_config  # (process_config: impor
 from difflab.data.imagedata import to_model
 from difflab.denoiser import Denoiser
 from difflab.errors import UsageError
+from difflab.methods.classification import CLASSIFIER_METHODS
+from difflab.methods.noise_levels import training_times
+from difflab.methods.weighting import loss_weight, weighted_mse
 from difflab.noise import seeded_normal, seeded_uniform
 from difflab.processes.binomial import BinomialNoise, PixelNoise
 from difflab.processes.continuous import make_process
@@ -26,9 +29,6 @@ from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
 from difflab.recipe import guide_interval
 from difflab.samplers import SAMPLERS
-from difflab.training.classification import CLASSIFIER_METHODS
-from difflab.training.noise_levels import training_times
-from difflab.training.weighting import loss_weight, weighted_mse
 
 if TYPE_CHECKING:
     from difflab.data import ImageData
@@ -54,7 +54,7 @@ class Method(Protocol):
 
     def sampling_defaults(self) -> dict:
         """What a run of this method samples with unless told (its config's settings, the fields of a
-        :class:`~difflab.request.SampleRequest`); empty for a method without a config."""
+        :class:`~difflab.runs.request.SampleRequest`); empty for a method without a config."""
 
     def prepare(self, data: ImageData) -> None:
         """Check the settings against the run's data (before anything is written) and keep what

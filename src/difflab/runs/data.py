@@ -1,5 +1,5 @@
-"""The run layer: what training and sampling a run both need, built one way for the trainer,
-:func:`difflab.sampling.load_run`, the CLI and the web page.
+"""A run's inputs: what training and sampling a run both need, built one way for the trainer,
+:func:`difflab.runs.draw.load_run`, the CLI and the web page.
 
 - the device (:func:`pick_device`),
 - the data with the one shape rule (:func:`load_data`, :func:`load_fitted`; :func:`padded_size`,
@@ -8,7 +8,7 @@
 - the one-line description of a run (:func:`describe_run`),
 - which settings a resumed run may change (:data:`RESUME_OVERRIDES`).
 
-It sits beneath ``training/`` and ``sampling.py`` (they import it, it imports neither).
+It sits beneath ``training/`` and ``runs.draw`` (they import it, it imports neither).
 """
 
 from __future__ import annotations

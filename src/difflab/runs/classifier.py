@@ -8,7 +8,7 @@ grad log p(c | y, sigma) in the samplers' VE coordinates y = z / gammabar, sigma
 and autograd supplies the chain rule (grad_y = gammabar grad_z).
 
 A classifier folder is a run folder of ``--method noisy-classifier``, trained by the one Trainer
-(``difflab.training.classification``): ``config.json``, ``loss.csv``, the run lock and the checkpoints
+(``difflab.methods.classification``): ``config.json``, ``loss.csv``, the run lock and the checkpoints
 (atomic, checksummed safetensors + JSON), plus ``accuracy.json``, the noisy test accuracy.
 Folders of the older format (checkpoint JSON ``"kind": "noisy-classifier"`` naming its process) still load.
 """
@@ -24,11 +24,11 @@ from torch import nn
 from difflab.config import TrainConfig, process_config
 from difflab.data import to_model
 from difflab.errors import CheckpointError, UsageError
+from difflab.methods.classification import trained_network
 from difflab.nets.noisy_classifier import NoisyClassifier
 from difflab.processes.continuous import make_process
 from difflab.processes.gaussian import GaussianProcess
-from difflab.training.checkpoint import latest_checkpoint
-from difflab.training.classification import trained_network
+from difflab.runs.checkpoint import latest_checkpoint
 
 __all__ = ["REPORT_SIGMAS", "GuidanceClassifier", "NoisyClassifier", "load_classifier", "noisy_accuracy"]
 

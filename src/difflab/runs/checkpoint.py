@@ -247,12 +247,6 @@ def latest_checkpoint(folder: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{e} ({older})") from e
 
 
-def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries under ``prefix.`` with the prefix removed."""
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten an optimiser's state into tensors (for safetensors) and JSON-able hyper-parameters."""
     sd = opt.state_dict()

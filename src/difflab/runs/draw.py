@@ -1,6 +1,7 @@
-"""Sampling from trained runs: the Python API behind ``difflab sample``.
+"""A run loaded for drawing (:class:`Run`) and the one drawing path (:func:`drawing`) that ``difflab sample``,
+:class:`difflab.Model`, the explorer, the trainer's grids and the figures all go through.
 
->>> from difflab.sampling import load_run
+>>> from difflab.runs.draw import load_run
 >>> run = load_run("runs/demo")
 >>> images = run.sample(16, seed=0, sampler="ddim", steps=50)   # uint8 [16, C, H, W]
 """
@@ -22,10 +23,10 @@ from difflab.config import TrainConfig, load_run_config
 from difflab.denoiser import ClipX0
 from difflab.errors import CheckpointError, UsageError
 from difflab.figures import to_uint8
-from difflab.request import ModelTraits, SampleRequest, cycled_labels
-from difflab.runs import RESUME_OVERRIDES, data_name, load_data, make_conditioner, prompt_cache
-from difflab.training.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
-from difflab.training.methods import Method, make_method
+from difflab.runs.request import ModelTraits, SampleRequest, cycled_labels
+from difflab.runs.data import RESUME_OVERRIDES, data_name, load_data, make_conditioner, prompt_cache
+from difflab.runs.checkpoint import latest_checkpoint, load_checkpoint
+from difflab.methods.method import Method, make_method
 
 
 @torch.no_grad()
@@ -39,10 +40,10 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
                   guidance_rescale: float = 0.0, apg_eta: float | None = None, apg_threshold: float | None = None,
                   apg_momentum: float | None = None, **options) -> torch.Tensor:
     """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j). The settings are
-    those of a :class:`~difflab.request.SampleRequest`, which checks them (:func:`sample_request`).
+    those of a :class:`~difflab.runs.request.SampleRequest`, which checks them (:func:`sample_request`).
 
     Conditional runs: ``labels`` (class indices) or ``prompt``; with neither, the classes in turn
-    (:func:`~difflab.request.cycled_labels`; text runs: each class's first caption). ``guidance`` is the
+    (:func:`~difflab.runs.request.cycled_labels`; text runs: each class's first caption). ``guidance`` is the
     classifier-free scale g (g = 1: no guidance). ``classifier`` + ``classifier_scale`` steer with
     a noisy classifier's gradient (classifier guidance; needs ``labels``), at noise levels up to
     ``classifier_sigma_max`` (default ``guidance.CLASSIFIER_SIGMA_MAX``; ``math.inf``: every level).
@@ -160,10 +161,10 @@ class Drawing:
 
     def sharded(self, ctx, *, progress=None, callback=None) -> torch.Tensor:
         """:meth:`images` with the n samples split over the ranks of ``ctx`` (a
-        :class:`~difflab.training.distributed.DistContext`; every rank gets all n, on the CPU). Methods that
+        :class:`~difflab.runs.distributed.DistContext`; every rank gets all n, on the CPU). Methods that
         seed per batch are split on batch ends, so the images do not depend on the number of ranks.
         ``callback`` follows the first part only (the part holding sample 0)."""
-        from difflab.training.distributed import sample_sharded
+        from difflab.runs.distributed import sample_sharded
 
         def draw(lo: int, count: int) -> torch.Tensor:
             return self.part(lo, count, progress=progress, callback=callback if lo == 0 else None)
@@ -221,7 +222,7 @@ class Run:
     _guide: torch.nn.Module | None = field(default=None, repr=False)
 
     def sample(self, n: int, *, progress=None, callback=None, **request) -> torch.Tensor:
-        """n samples as uint8 [n, C, H, W] of a :class:`~difflab.request.SampleRequest` with the settings
+        """n samples as uint8 [n, C, H, W] of a :class:`~difflab.runs.request.SampleRequest` with the settings
         ``request`` (seed, start, sampler, steps, guidance, labels, prompt, ...); the run's own sampler, step
         count, x0 clipping and (conditional runs) guidance scale unless given."""
         return sample_request(self, SampleRequest.of(run=self.path, n=n, **request), progress=progress,
@@ -241,7 +242,7 @@ class Run:
     def autoguidable(self) -> bool:
         """Whether the run has a weaker version of itself to guide with: an EMA snapshot from the first half of
         its loaded step (fixed for a loaded run, so looked up once)."""
-        from difflab.training.posthoc_ema import guide_snapshot
+        from difflab.runs.posthoc_ema import guide_snapshot
 
         return self.method.conditional and self.cfg is not None and guide_snapshot(self.path, self.cfg.guide_at, self.step) is not None
 
@@ -252,7 +253,7 @@ class Run:
         if autoguidance is None or autoguidance == 1.0:
             return None
         if self._guide is None:
-            from difflab.training.posthoc_ema import load_guide
+            from difflab.runs.posthoc_ema import load_guide
 
             weights, _ = load_guide(self.path, self.cfg.guide_at, self.cfg.ema_length or 0.05, self.device, self.step)
             guide = nets.build(self.network).to(self.device)
@@ -266,7 +267,7 @@ class Run:
         precision applied (bf16: the weights are converted in place)."""
         req = request.resolve(self.traits())
         if isinstance(req.classifier, (str, Path)):
-            from difflab.classifier_guidance import load_classifier
+            from difflab.runs.classifier import load_classifier
 
             req = replace(req, classifier=load_classifier(req.classifier, self.device))
         if req.precision == "bf16":
@@ -317,16 +318,16 @@ class Run:
 
     def grid_bottom(self) -> float:
         """The bottom of the karras and geometric grids unless told: ``--sample-sigma-min``, or for ``auto`` the level
-        measured when training ended (:mod:`difflab.grid_bottom`)."""
-        from difflab.grid_bottom import run_bottom
+        measured when training ended (:mod:`difflab.runs.grid_bottom`)."""
+        from difflab.runs.grid_bottom import run_bottom
 
         return run_bottom(self.path, self.cfg.sample_sigma_min)
 
     def measure_grid_bottom(self) -> dict | None:
-        """Measure the run's grid bottom now (:func:`difflab.grid_bottom.measure_training`) from its loaded EMA
+        """Measure the run's grid bottom now (:func:`difflab.runs.grid_bottom.measure_training`) from its loaded EMA
         weights and its training data, and save it; for runs trained before the measurement existed."""
-        from difflab.grid_bottom import measure_training
-        from difflab.runs import load_fitted
+        from difflab.runs.grid_bottom import measure_training
+        from difflab.runs.data import load_fitted
 
         data = load_fitted(self.cfg.data, "train", tuple(self.shape))
         return measure_training(self.path, self.method, self.net, data, self.conditioner, self.step, self.device)
@@ -428,7 +429,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
              ema: bool = True, ema_length: float | None = None) -> Run:
     """Load a run folder written by ``difflab train`` (the latest verified checkpoint, EMA weights).
     ``ema_length``: the post-hoc power EMA of that relative length instead (``difflab ema`` saved it,
-    or it is built now from the run's EMA snapshots; see :mod:`difflab.training.posthoc_ema`)."""
+    or it is built now from the run's EMA snapshots; see :mod:`difflab.runs.posthoc_ema`)."""
     path = Path(path)
     if ema_length is not None and not ema:
         raise UsageError("ema=False (the raw weights) and an ema_length exclude each other")
@@ -443,9 +444,9 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", checkpoint: s
     _check_config_matches(path, cfg, meta)
     try:
         net = nets.build(meta["network"]).to(device)
-        weights, step = split_prefix(tensors, "ema" if ema else "model"), int(meta["step"])
+        weights, step = nets.split_prefix(tensors, "ema" if ema else "model"), int(meta["step"])
         if ema_length is not None:
-            from difflab.training.posthoc_ema import load_posthoc_ema
+            from difflab.runs.posthoc_ema import load_posthoc_ema
 
             weights, info = load_posthoc_ema(path, ema_length, device)
             step = int(info["step"])

@@ -218,7 +218,7 @@ class SampleRequest:
         return {k: getattr(self, k) for k in SAMPLER_OPTIONS if getattr(self, k) is not None}
 
     def sample_kwargs(self) -> dict:
-        """The keyword arguments of :func:`difflab.sampling.sample_images` (and ``Run.sample``,
+        """The keyword arguments of :func:`difflab.runs.draw.sample_images` (and ``Run.sample``,
         ``stream_samples``) for this request; settings still None are left out (the run's own apply)."""
         kw = {"seed": self.seed, "start": self.start, "sampler": self.sampler, "steps": self.steps,
               "guidance": self.guidance, "autoguidance": self.autoguidance, "guide_sigmas": self.guide_sigmas,

@@ -4,7 +4,7 @@ Models", sec. 3.2): the EMA of any relative length, built after training.
 During training the power EMAs of a few lengths (``--ema-track``) are saved every
 ``--ema-snapshot-every`` steps into ``RUN/ema-snapshots/step-NNNNNNN.safetensors`` (+ JSON, written
 and verified like checkpoints). A snapshot of exponent gamma_k after t_k updates is the average of
-the weights under the power profile p_k (see :mod:`difflab.training.ema`); sums of snapshots are
+the weights under the power profile p_k (see :mod:`difflab.runs.ema`); sums of snapshots are
 averages under sums of profiles, so the EMA of a target profile is sum_k x_k snapshot_k with x the
 least-squares fit of the target profile by the snapshots' profiles (their inner products have a
 closed form). The target ends at the latest snapshot. ``difflab ema`` writes the result to
@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab import nets
 from difflab.ema_lengths import check_ema_length, gamma_of_sigma_rel
 from difflab.errors import CheckpointError, UsageError
-from difflab.training.checkpoint import (
+from difflab.runs.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     read_meta,
     save_checkpoint,
-    split_prefix,
     write_tensor_file,
 )
-from difflab.training.ema import PowerEMA, posthoc_coefficients
+from difflab.runs.ema import PowerEMA, posthoc_coefficients
 
 SNAPSHOTS = "ema-snapshots"
 POSTHOC = "ema"
@@ -103,7 +103,7 @@ def _snapshot_emas(js: Path, meta: dict, layout: dict | None, device="cpu") -> l
     """The tracked EMAs of one snapshot (verified), one per entry of its JSON, each with the tensor names,
     shapes and dtypes of ``layout`` (those of the first snapshot; None: this is the first)."""
     tensors, _ = load_checkpoint(js, device)
-    emas = [split_prefix(tensors, f"ema{i}") for i in range(len(meta["updates"]))]
+    emas = [nets.split_prefix(tensors, f"ema{i}") for i in range(len(meta["updates"]))]
     held = {name.split(".", 1)[0] for name in tensors}
     if held != {f"ema{i}" for i in range(len(emas))}:
         raise CheckpointError(f"EMA snapshot {js} claims {len(emas)} EMAs but its tensors hold {len(held)}; "

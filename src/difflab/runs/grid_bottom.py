@@ -14,7 +14,7 @@ sigma^2 / (s^2 + sigma^2) and the bottom is the largest level under s sqrt(f / (
 It costs 1,600 network evaluations (64 images at 25 levels), about as many as the trainer's final grid.
 The measurement is kept in ``RUN/grid-bottom.json`` (written atomically, checked when read). A run without
 one (trained before it existed, or stopped by a signal) samples from :data:`FALLBACK`, the bottom chosen on
-MNIST before; :meth:`difflab.sampling.Run.measure_grid_bottom` measures an existing run on demand.
+MNIST before; :meth:`difflab.runs.draw.Run.measure_grid_bottom` measures an existing run on demand.
 """
 
 from __future__ import annotations
