@@ -116,10 +116,15 @@ def interpolate(denoiser, za: torch.Tensor, zb: torch.Tensor, n: int, steps: int
     """n images (model units, [n, C, H, W]) decoded by DDIM from latents slerped from ``za`` to
     ``zb`` (each [C, H, W] or [1, C, H, W], prior standard-normal units) at t = 0, 1/(n-1), ..., 1.
     ``cond`` is the condition of a batch of n."""
+    return reconstruct(denoiser, slerp_path(za, zb, n), steps, cond, spacing=spacing)
+
+
+def slerp_path(za: torch.Tensor, zb: torch.Tensor, n: int) -> torch.Tensor:
+    """n latents [n, C, H, W] slerped from ``za`` to ``zb`` (each [C, H, W] or [1, C, H, W]) at t = 0, 1/(n-1),
+    ..., 1."""
     za, zb = za.reshape(1, *za.shape[-3:]), zb.reshape(1, *zb.shape[-3:])
     t = torch.linspace(0, 1, n, dtype=za.dtype, device=za.device)
-    latents = slerp(za.expand(n, -1, -1, -1), zb.expand(n, -1, -1, -1), t)
-    return reconstruct(denoiser, latents, steps, cond, spacing=spacing)
+    return slerp(za.expand(n, -1, -1, -1), zb.expand(n, -1, -1, -1), t)
 
 
 def reconstruction_error(original: torch.Tensor, reconstructed: torch.Tensor) -> tuple[float, float]:
@@ -157,9 +162,10 @@ def invert_images(denoiser, x0: torch.Tensor, steps: int, cond_fn=None, *, spaci
 
 @torch.no_grad()
 def decode_latents(denoiser, latents: torch.Tensor, steps: int, cond_fn=None, *, spacing: str = "uniform",
-                   batch_size: int = 64, device=None) -> torch.Tensor:
+                   batch_size: int = 64, device=None, on_batch=None) -> torch.Tensor:
     """:func:`reconstruct` batch by batch: latents [N, C, H, W] to uint8 images [N, C, H, W] on the CPU, with
-    the denoiser, conditions (``cond_fn(slice)``) and grid they were inverted with."""
+    the denoiser, conditions (``cond_fn(slice)``) and grid they were inverted with; ``on_batch(first, images)``
+    as each batch is done."""
     from difflab.figures import to_uint8
 
     out = []
@@ -168,4 +174,6 @@ def decode_latents(denoiser, latents: torch.Tensor, steps: int, cond_fn=None, *,
         z = latents[sl].to(device) if device is not None else latents[sl]
         cond = cond_fn(sl) if cond_fn is not None else None
         out.append(to_uint8(reconstruct(denoiser, z, steps, cond, spacing=spacing).cpu()))
+        if on_batch is not None:
+            on_batch(lo, out[-1])
     return torch.cat(out)

@@ -124,32 +124,36 @@ class Model:
 
     # --- the deterministic DDIM round trip (Gaussian models) ----------------------------------------
     def invert(self, images: torch.Tensor, *, steps: int = 100, spacing: str = "uniform", refine: int = 0,
-               labels: torch.Tensor | Sequence[int] | None = None, batch_size: int = 64) -> torch.Tensor:
+               labels: torch.Tensor | Sequence[int] | None = None, batch_size: int = 64,
+               stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """DDIM-invert uint8 images [N, C, H, W] (this model's shape) to latents, float32 [N, C, H, W] in
         standard-normal units: :meth:`decode` with the same ``steps``, ``spacing`` and ``labels`` gives the images
         back (both with the network alone: no guidance, no x0 clipping). Measured on digits test images, tiny
         runs: ``steps=20, refine=3`` within a mean error of 0.8/255 (at most 1/255; trained 2 steps) and
         0.5/255 (at most 3/255; 200 steps); plain inversion (``refine=0``) at 10 steps 20/255 and 14/255.
         ``sample(init_noise=latents, sampler="ddim", steps=steps)`` decodes them with the run's own guidance and
-        clipping instead. ``labels``: the images' classes on conditional runs (default: the null condition)."""
+        clipping instead. ``labels``: the images' classes on conditional runs (default: the null condition;
+        :meth:`image_labels` picks a dataset's own). ``stop()`` true raises
+        :class:`~difflab.streaming.Cancelled` from the next network call (the page's stop button)."""
         check_whole({"steps": (steps, 1, 100_000), "refine": (refine, 0, 1000), "batch_size": (batch_size, 1, 1 << 16)})
         from difflab.latents import invert_images
 
-        den = self._denoiser("invert")
+        den = self._denoiser("invert", stop)
         x = self._images(images, "invert")
         latents, _ = invert_images(den, x, steps, self._condition(labels, len(x)), spacing=spacing, refine=refine,
                                    batch_size=_count(batch_size, "batch_size"), reconstruction=False)
         return latents
 
     def decode(self, latents: torch.Tensor, *, steps: int = 100, spacing: str = "uniform",
-               labels: torch.Tensor | Sequence[int] | None = None, batch_size: int = 64) -> torch.Tensor:
+               labels: torch.Tensor | Sequence[int] | None = None, batch_size: int = 64,
+               stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """The images (uint8 [N, C, H, W]) of latents from :meth:`invert`, by deterministic DDIM with the same
         settings: the network alone on the grid of ``steps`` and ``spacing``, each image under its ``labels``
-        (default: the null condition)."""
+        (default: the null condition). ``stop``: as in :meth:`invert`."""
         check_whole({"steps": (steps, 1, 100_000), "batch_size": (batch_size, 1, 1 << 16)})
         from difflab.latents import decode_latents
 
-        den = self._denoiser("decode")
+        den = self._denoiser("decode", stop)
         if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.ndim != 4 or \
                 tuple(latents.shape[1:]) != self.shape or len(latents) == 0 or not bool(latents.isfinite().all()):
             got = f"{latents.dtype} {list(latents.shape)}" if isinstance(latents, torch.Tensor) else type(latents).__name__
@@ -159,21 +163,25 @@ class Model:
                               spacing=spacing, batch_size=_count(batch_size, "batch_size"), device=self.source.device)
 
     def interpolate(self, a: int | torch.Tensor, b: int | torch.Tensor, n: int = 10, *, steps: int = 50,
-                    spacing: str = "uniform", label: int | None = None) -> torch.Tensor:
+                    spacing: str = "uniform", label: int | None = None, batch_size: int = 64,
+                    on_images: Callable[[int, torch.Tensor], None] | None = None,
+                    stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """n images (uint8 [n, C, H, W]) decoded by DDIM along the slerp between two latents: ``a`` and ``b``
         are two seeds (the starting noise of sample 0 of ``sample(seed=a)``) or two uint8 images [C, H, W],
-        DDIM-inverted first. ``label``: the class on conditional runs (default: the null condition)."""
-        check_whole({"steps": (steps, 1, 100_000), "label": (label, 0, 1_000_000),
+        DDIM-inverted first. ``label``: the class on conditional runs (default: the null condition).
+        ``on_images(first, images)`` is called as each batch of ``batch_size`` is decoded (the page shows them
+        as they come); ``stop``: as in :meth:`invert`."""
+        check_whole({"steps": (steps, 1, 100_000), "label": (label, 0, 1_000_000), "batch_size": (batch_size, 1, 1 << 16),
                      **{end: (v, 0, MAX_SEED) for end, v in (("a", a), ("b", b)) if not isinstance(v, torch.Tensor)}},
                     optional=("label",))
-        from difflab.figures import to_uint8
-        from difflab.latents import interpolate, invert, seed_latent
+        from difflab.latents import decode_latents, invert, seed_latent, slerp_path
 
         if _count(n, "n") < 2:
             raise UsageError(f"n must be at least 2 (the two ends), got {n}")
-        den = self._denoiser("interpolate")
-        labels = None if label is None else torch.full((max(n, 2),), int(label), dtype=torch.long)
-        cond = self._condition(labels, len(labels) if labels is not None else max(n, 2))
+        n = int(n)
+        den = self._denoiser("interpolate", stop)
+        labels = None if label is None else torch.full((n,), int(label), dtype=torch.long)
+        cond = self._condition(labels, n)
         if isinstance(a, int) and isinstance(b, int):
             za, zb = (seed_latent(s, self.shape, self.source.device) for s in (a, b))
         elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
@@ -181,22 +189,34 @@ class Model:
                             spacing=spacing)
         else:
             raise UsageError("interpolate between two seeds or two images")
-        return to_uint8(interpolate(den, za, zb, n, steps, cond(slice(0, n)), spacing=spacing).cpu())
+        return decode_latents(den, slerp_path(za, zb, n), steps, cond, spacing=spacing, batch_size=batch_size,
+                              on_batch=on_images)
 
     def likelihood(self, images: torch.Tensor, *, steps: int = 32, seed: int = 0, hutchinson_samples: int = 1,
                    probe: str = "rademacher", labels: torch.Tensor | Sequence[int] | None = None,
-                   batch_size: int = 64) -> torch.Tensor:
+                   batch_size: int = 64, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Bits per dimension (float64 [N]) of uint8 images [N, C, H, W] by the probability-flow ODE, as
-        ``difflab likelihood`` computes them (RK4 in log sigma, Hutchinson's trace estimator)."""
+        ``difflab likelihood`` computes them (RK4 in log sigma, Hutchinson's trace estimator). ``progress(k)``
+        is called with 0 once the arguments are checked, then with the count of each batch done."""
         check_whole({"steps": (steps, 1, 100_000), "seed": (seed, 0, MAX_SEED),
                      "hutchinson_samples": (hutchinson_samples, 1, 10_000), "batch_size": (batch_size, 1, 1 << 16)})
         from difflab.likelihood import bits_per_dim
 
         images = self._images(images, "likelihood", to_model=False)
-        return bits_per_dim(self._denoiser("likelihood"), images, steps=steps, seed=seed,
-                            hutchinson_samples=hutchinson_samples, probe=probe,
-                            cond_fn=self._condition(labels, len(images)), batch_size=_count(batch_size, "batch_size"),
-                            device=self.source.device)
+        den, cond_fn = self._denoiser("likelihood"), self._condition(labels, len(images))
+        if progress is not None:
+            progress(0)
+        return bits_per_dim(den, images, steps=steps, seed=seed, hutchinson_samples=hutchinson_samples, probe=probe,
+                            cond_fn=cond_fn, batch_size=_count(batch_size, "batch_size"), device=self.source.device,
+                            progress=progress)
+
+    def image_labels(self, labels: torch.Tensor | None, class_names: Sequence[str] | None) -> torch.Tensor | None:
+        """The ``labels`` argument for images labelled ``labels`` (of the classes ``class_names``, a dataset's):
+        those labels where this model is conditioned on the same classes (a diffusers folder, which names
+        none: on any), else None (the null condition)."""
+        if labels is None or self.source.traits().conditioning == "none":
+            return None
+        return labels if self.run is None or list(class_names or ()) == list(self.run.class_names or ()) else None
 
     def evaluate(self, n: int = 1000, *, data: str | None = None, split: str = "test",
                  metrics: Sequence[str] = ("fid", "kid", "precision", "recall", "accuracy"),
@@ -223,10 +243,12 @@ class Model:
         self._denoiser("edit")  # (a part-1 run has none: its error)
         return self.run
 
-    def _denoiser(self, what: str):
-        if self.run is None:
-            return self.source.denoiser
-        den = self.run.denoiser()
+    def _denoiser(self, what: str, stop: Callable[[], bool] | None = None):
+        """D(x, sigma) for the deterministic work (the network alone, no scheduler plan); with ``stop``, its
+        network checks it before every call."""
+        from difflab.streaming import WatchedNet
+
+        den = self.source.ode_denoiser(None if stop is None else WatchedNet(self.source.net, stop))
         if den is None:  # the part-1 methods have no D(x, sigma), no ODE
             raise UsageError(f"{what} needs a Gaussian run (--method gaussian); {self.path} is a "
                              f"{self.run.method.name} run")

@@ -1,4 +1,5 @@
-"""difflab invert: DDIM-invert dataset images to latents, reconstruct them, report the error."""
+"""difflab invert: DDIM-invert dataset images to latents, reconstruct them, report the error
+(:meth:`difflab.model.Model.invert` and :meth:`~difflab.model.Model.decode`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from difflab.checks import MAX_SAMPLES, check_values
 from difflab.cli.rundata import (
     add_run_images_arguments,
     check_one_model,
-    condition_fn,
     default_split,
     gaussian_model,
     run_images,
@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from difflab.figures import save_rows
-    from difflab.latents import invert_images, reconstruction_error
+    from difflab.latents import reconstruction_error
     from difflab.runs.data import pick_device
 
     check_values({"--n": (args.n, 1, MAX_SAMPLES), "--steps": (args.steps, 1, 100_000), "--refine": (args.refine, 0, 1000),
@@ -50,26 +50,26 @@ def run(args: argparse.Namespace) -> int:
                        own=args.out is None)
     if args.save_latents:
         check_output(args.save_latents, "--save-latents", force=args.force)
-    device = pick_device(args.device)
-    loaded_run, den, shape = gaussian_model(args, device, "invert")
-    name = args.data or loaded_run.cfg.data
-    data = run_images(name, args.split or default_split(name), shape, args.n)
-    cond_fn = condition_fn(loaded_run, data, device, den)
-    latents_t, recon_t = invert_images(den, data.to_model(device), args.steps, cond_fn, spacing=args.spacing,
-                                       refine=args.refine, batch_size=args.batch_size)
-    mse, psnr = reconstruction_error(data.images, recon_t)
+    model = gaussian_model(args, pick_device(args.device), "invert")
+    name = args.data or model.run.cfg.data
+    data = run_images(name, args.split or default_split(name), model.shape, args.n)
+    settings = dict(steps=args.steps, spacing=args.spacing, labels=model.image_labels(data.labels, data.class_names),
+                    batch_size=args.batch_size)
+    latents = model.invert(data.images, refine=args.refine, **settings)
+    recon = model.decode(latents, **settings)
+    mse, psnr = reconstruction_error(data.images, recon)
     print(f"reconstruction of {len(data)} images ({args.steps} DDIM steps each way): "
           f"MSE {mse:.3f}, PSNR {psnr:.2f} dB ([0, 255] units)")
-    out = save_rows([data.images, recon_t], out)
+    out = save_rows([data.images, recon], out)
     print(f"strip: {out} (originals above, reconstructions below)")
     if args.save_latents:
-        path = save_npy(latents_t.float().numpy(), args.save_latents)
+        path = save_npy(latents.float().numpy(), args.save_latents)
         # a diffusers folder samples on its scheduler's grid unless --spacing names difflab's
-        model = f"--run {args.run}" if loaded_run is not None else f"--diffusers-model {args.diffusers_model}"
-        spacing = "" if args.spacing == "uniform" and loaded_run is not None else f" --spacing {args.spacing}"
+        source = f"--run {args.run}" if model.run is not None else f"--diffusers-model {args.diffusers_model}"
+        spacing = "" if args.spacing == "uniform" and model.run is not None else f" --spacing {args.spacing}"
         # the inversion's own settings: the network alone (a run samples with its guidance and clipping)
-        alone = " --clip none --guidance 1 --autoguidance 1" if loaded_run is not None else ""
-        print(f"latents: {path} (float32 {list(latents_t.shape)}, standard normal units; decode with "
-              f"difflab sample {model} --init-noise {path} --n {len(data)} --sampler ddim "
+        alone = " --clip none --guidance 1 --autoguidance 1" if model.run is not None else ""
+        print(f"latents: {path} (float32 {list(latents.shape)}, standard normal units; decode with "
+              f"difflab sample {source} --init-noise {path} --n {len(data)} --sampler ddim "
               f"--steps {args.steps}{spacing}{alone})")
     return 0

@@ -1,4 +1,5 @@
-"""difflab likelihood: bits per dimension of 8-bit images under a run, by the probability-flow ODE."""
+"""difflab likelihood: bits per dimension of 8-bit images under a run, by the probability-flow ODE
+(:meth:`difflab.model.Model.likelihood`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import sys
 
 from difflab.checks import MAX_SAMPLES, MAX_SEED, check_values
-from difflab.cli.rundata import add_run_images_arguments, condition_fn, default_split, gaussian_model, run_images
+from difflab.cli.rundata import add_run_images_arguments, default_split, gaussian_model, run_images
 from difflab.files import check_output
 
 
@@ -31,7 +32,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from difflab.config import save_json
-    from difflab.likelihood import bits_per_dim
     from difflab.runs.data import pick_device
 
     check_values({"--n": (args.n, 1, MAX_SAMPLES), "--steps": (args.steps, 1, 100_000),
@@ -39,18 +39,23 @@ def run(args: argparse.Namespace) -> int:
                   "--batch-size": (args.batch_size, 1, 1 << 16)})
     if args.json:
         check_output(args.json, "--json", force=args.force)
-    device = pick_device(args.device)
-    loaded_run, den, shape = gaussian_model(args, device, "likelihood")
-    data_name = args.data or loaded_run.cfg.data
+    model = gaussian_model(args, pick_device(args.device), "likelihood")
+    data_name = args.data or model.run.cfg.data
     split = args.split or default_split(data_name)
-    data = run_images(data_name, split, shape, args.n)
-    cond_fn = condition_fn(loaded_run, data, device, den)  # (a bad condition fails before the bar is drawn)
-    bar = tqdm(total=len(data), unit="img", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
-    bpd = bits_per_dim(den, data.images, steps=args.steps, seed=args.seed,
-                       hutchinson_samples=args.hutchinson_samples, probe=args.probe,
-                       cond_fn=cond_fn, batch_size=args.batch_size, device=device,
-                       progress=bar.update)
-    bar.close()
+    data = run_images(data_name, split, model.shape, args.n)
+    bar = None
+
+    def progress(done: int) -> None:
+        nonlocal bar
+        if bar is None:  # drawn once the model has checked the images and their condition
+            bar = tqdm(total=len(data), unit="img", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+        bar.update(done)
+
+    bpd = model.likelihood(data.images, steps=args.steps, seed=args.seed, hutchinson_samples=args.hutchinson_samples,
+                           probe=args.probe, labels=model.image_labels(data.labels, data.class_names),
+                           batch_size=args.batch_size, progress=progress)
+    if bar is not None:
+        bar.close()
     mean = float(bpd.mean())
     stderr = float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
     print(f"bits/dim: {mean:.4f} +- {stderr:.4f} (mean +- standard error over {len(bpd)} images of "
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         save_json(args.json, {
             "bits_per_dim": mean, "standard_error": stderr, "n": len(bpd),
-            **({"run": str(args.run), "step": loaded_run.step} if loaded_run is not None else
+            **({"run": str(args.run), "step": model.run.step} if model.run is not None else
                {"diffusers_model": str(args.diffusers_model)}), "data": data_name, "split": split, "ode_steps": args.steps,
             "solver": "rk4-log-sigma", "hutchinson_samples": args.hutchinson_samples, "probe": args.probe,
             "seed": args.seed, "per_image": [float(b) for b in bpd],

@@ -1,6 +1,6 @@
 """What the commands that work on a trained run and real images share: their flags, the model (a
-Gaussian run or a diffusers UNet2DModel folder), the images fitted to it, their condition, and atomic
-.npy output."""
+Gaussian run or a diffusers UNet2DModel folder, as a :class:`~difflab.model.Model`), the images fitted to it,
+and atomic .npy output."""
 
 from __future__ import annotations
 
@@ -36,18 +36,18 @@ def check_one_model(args: argparse.Namespace) -> None:
 
 
 def gaussian_model(args: argparse.Namespace, device: torch.device, command: str):
-    """(run or None, denoiser, image shape (C, H, W)) of exactly one of ``--run`` (a Gaussian run) and
-    ``--diffusers-model`` (whose images must be named with ``--data``)."""
+    """The :class:`~difflab.model.Model` of exactly one of ``--run`` (a Gaussian run) and ``--diffusers-model``
+    (whose images must be named with ``--data``)."""
+    from difflab.model import Model
+
     check_one_model(args)
     if args.diffusers_model is None:
-        loaded_run = gaussian_run(args.run, device, command)
-        return loaded_run, loaded_run.denoiser(), loaded_run.shape
+        return Model(gaussian_run(args.run, device, command))
     if args.data is None:
         raise UsageError("with --diffusers-model, name the images with --data")
-    from difflab.interop import load_diffusers_unet
+    from difflab.interop.folder_model import FolderModel
 
-    den, shape = load_diffusers_unet(args.diffusers_model, device)
-    return None, den, shape
+    return Model(FolderModel.load(args.diffusers_model, device))
 
 
 def gaussian_run(path: str, device: torch.device, command: str):
@@ -76,18 +76,6 @@ def run_images(data: str, split: str, shape: tuple[int, int, int], n: int):
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     return load_fitted(data, split, shape).subset(n)
-
-
-def condition_fn(loaded_run, data, device, denoiser=None):
-    """cond_fn(slice) for ``data`` under a conditional run: the images' own classes when the data
-    carries the run's class names, else the null condition; None for unconditional runs. Without a run
-    (``loaded_run`` None), the same for the diffusers UNet ``denoiser``, which has no null class."""
-    from difflab.model import folder_condition, run_condition
-
-    if loaded_run is None:
-        return folder_condition(getattr(denoiser.net, "num_classes", 0), data.labels, device)
-    same = data.labels is not None and data.class_names == loaded_run.class_names
-    return run_condition(loaded_run.conditioner, data.labels if same else None, device)
 
 
 def save_npy(array: np.ndarray, path: str | Path) -> Path:

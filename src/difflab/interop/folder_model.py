@@ -52,12 +52,6 @@ class FolderModel:
     def class_names(self) -> None:
         return None  # a UNet2DModel folder names no classes
 
-    def condition(self, label: int | None, n: int) -> dict | None:
-        """The condition of ``n`` images of class ``label``; a folder has no null class, so None is no label."""
-        if label is None or not self.num_classes:
-            return None
-        return {"class_labels": torch.full((n,), label, dtype=torch.long, device=self.device)}
-
     def traits(self) -> ModelTraits:
         """A class-conditional UNet2DModel takes labels but has no null class (no guidance)."""
         k = self.num_classes

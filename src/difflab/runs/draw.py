@@ -350,12 +350,6 @@ class Run:
         """D(x, sigma) for deterministic DDIM work (inversion, interpolation): :meth:`denoiser`."""
         return self.denoiser(net)
 
-    def condition(self, label: int | None, n: int):
-        """The condition of ``n`` images of class ``label`` (None: the null condition)."""
-        if label is None:
-            return self.conditioner.null(n, self.device)
-        return self.conditioner.for_labels(torch.full((n,), label, dtype=torch.long), self.device)
-
     def speed_up(self, bf16: bool = False, compile: bool = False) -> Run:
         """Make sampling faster, in place: pure bf16 weights (GPUs, and CPUs with AMX) and/or
         ``torch.compile`` (see :func:`compile_for_sampling`). Returns ``self``."""

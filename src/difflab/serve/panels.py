@@ -16,12 +16,13 @@ import torch
 from difflab.data import to_model
 from difflab.errors import DataError
 from difflab.figures import pil_image, to_uint8
+from difflab.model import Model
 from difflab.runs.draw import drawing
 from difflab.runs.request import SampleRequest
 from difflab.serve.catalog import MAX_GRID, MAX_LOG, Catalog
 from difflab.serve.jobs import Job
 from difflab.serve.requests import CompareRequest, ForwardRequest, InterpolateRequest, InvertRequest
-from difflab.streaming import WatchedNet, chunks, stream
+from difflab.streaming import stream
 from difflab.training.loggers import EVAL_COLUMNS
 
 
@@ -126,43 +127,41 @@ class Panels:
         return work
 
     def interpolate(self, req: InterpolateRequest):
-        from difflab.latents import reconstruct, slerp
-        from difflab.noise import SeededNoise, sample_seeds
-
+        """:meth:`Model.interpolate <difflab.model.Model.interpolate>` of the request, image by image as they come."""
         def work(job: Job) -> None:
-            run = self.catalog.model(req.run)
-            den = run.ode_denoiser(WatchedNet(run.net, job.cancelled))
-            za, zb = (SeededNoise(sample_seeds(s, 1)).initial(run.shape, device=run.device) for s in (req.seed_a, req.seed_b))
-            t = torch.linspace(0, 1, req.n, device=run.device)
-            latents = slerp(za.expand(req.n, -1, -1, -1), zb.expand(req.n, -1, -1, -1), t)
-            job.emit({"type": "start", "n": req.n, "t": t.tolist()})
-            for lo, k in chunks(req.n, 4):
-                x = reconstruct(den, latents[lo:lo + k], req.steps, run.condition(req.label, k))
-                for j, im in enumerate(to_uint8(x.cpu())):
-                    job.emit({"type": "image", "index": lo + j, "t": float(t[lo + j]), "png": png_url(im)})
+            model = Model(self.catalog.model(req.run))
+            t = torch.linspace(0, 1, req.n).tolist()
+            job.emit({"type": "start", "n": req.n, "t": t})
+
+            def show(first: int, images: torch.Tensor) -> None:
+                for j, im in enumerate(images):
+                    job.emit({"type": "image", "index": first + j, "t": t[first + j], "png": png_url(im)})
+
+            # (4 images a batch: each batch is shown as soon as it is decoded)
+            model.interpolate(req.seed_a, req.seed_b, req.n, steps=req.steps, label=req.label, batch_size=4,
+                              on_images=show, stop=job.cancelled)
 
         return work
 
     def invert(self, req: InvertRequest):
-        from difflab.latents import invert, reconstruct, reconstruction_error
+        """:meth:`Model.invert <difflab.model.Model.invert>` of one image, then its
+        :meth:`~difflab.model.Model.decode` with the same settings."""
+        from difflab.latents import reconstruction_error
 
         def work(job: Job) -> None:
-            run = self.catalog.model(req.run)
-            label = None
+            model = Model(self.catalog.model(req.run))
+            labels = None
             if req.image is not None:
                 image = req.image
             else:
-                image, label = self._image(req.run, req.index)
-                label = label if run.class_names else None
+                image, label = self._image(req.run, req.index)  # (the run's own data: its own classes)
+                labels = None if label is None else model.image_labels(torch.tensor([label]), model.source.class_names)
             job.emit({"type": "start", "original": png_url(image)})
-            den = run.ode_denoiser(WatchedNet(run.net, job.cancelled))
-            cond = run.condition(label, 1)
-            x = to_model(image[None], run.device)
-            latent = invert(den, x, req.steps, cond)
+            latent = model.invert(image[None], steps=req.steps, labels=labels, stop=job.cancelled)
             # the latent is standard normal: +-3 fills the grey range
-            job.emit({"type": "latent", "png": png_url((latent[0] / 3).cpu()),
-                      "std": float(latent.std()), "mean": float(latent.mean())})
-            recon = to_uint8(reconstruct(den, latent, req.steps, cond).cpu())
+            job.emit({"type": "latent", "png": png_url(latent[0] / 3), "std": float(latent.std()),
+                      "mean": float(latent.mean())})
+            recon = model.decode(latent, steps=req.steps, labels=labels, stop=job.cancelled)
             mse, psnr = reconstruction_error(image[None], recon)
             job.emit({"type": "reconstruction", "png": png_url(recon[0]), "mse": mse,
                       "psnr": None if psnr == float("inf") else psnr, "steps": req.steps})

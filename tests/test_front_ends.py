@@ -1,0 +1,123 @@
+"""The thin front ends: ``difflab invert``, ``likelihood`` and ``interpolate``, and the page's invert and
+interpolate panels, answer what the :class:`difflab.Model` call with the same arguments returns, pixel for
+pixel and number for number (on the class-conditional tiny run of the explorer's tests, so the images' own
+classes are part of what must agree)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serve_helpers import png_array, runs_dir  # noqa: F401 - fixture
+
+import difflab
+from difflab.cli import main
+from difflab.figures import save_rows
+
+
+@pytest.fixture(scope="module")
+def model(runs_dir):  # noqa: F811
+    return difflab.load(runs_dir / "tiny")
+
+
+@pytest.fixture(scope="module")
+def digits(model):
+    """The first 3 digits test images, fitted to the run, as the commands read them."""
+    from difflab.runs.data import load_fitted
+
+    return load_fitted("digits", "test", model.shape).subset(3)
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def _strip(rows, path) -> np.ndarray:
+    """The pixels of the strip the commands draw of ``rows``."""
+    return _pixels(save_rows(rows, path))
+
+
+def test_cli_invert_is_model_invert_then_decode(model, digits, runs_dir, tmp_path, capsys):  # noqa: F811
+    settings = dict(steps=5, spacing="karras", batch_size=2)
+    assert main(["invert", "--run", str(runs_dir / "tiny"), "--data", "digits", "--n", "3", "--refine", "1",
+                 "--steps", "5", "--spacing", "karras", "--batch-size", "2", "--out", str(tmp_path / "cli.png"),
+                 "--save-latents", str(tmp_path / "z.npy")]) == 0, capsys.readouterr().err
+    assert model.image_labels(digits.labels, digits.class_names) is digits.labels  # the run's own classes
+    latents = model.invert(digits.images, refine=1, labels=digits.labels, **settings)
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "z.npy")), latents)
+    recon = model.decode(latents, labels=digits.labels, **settings)
+    assert np.array_equal(_pixels(tmp_path / "cli.png"), _strip([digits.images, recon], tmp_path / "py.png"))
+    # (the labels count: the null condition decodes other images)
+    assert not torch.equal(model.decode(latents, **settings), recon)
+
+
+def test_cli_likelihood_is_model_likelihood(model, digits, runs_dir, tmp_path, capsys):  # noqa: F811
+    assert main(["likelihood", "--run", str(runs_dir / "tiny"), "--data", "digits", "--n", "3", "--steps", "2",
+                 "--seed", "5", "--hutchinson-samples", "2", "--probe", "gaussian", "--batch-size", "2",
+                 "--json", str(tmp_path / "b.json")]) == 0, capsys.readouterr().err
+    done = []
+    want = model.likelihood(digits.images, steps=2, seed=5, hutchinson_samples=2, probe="gaussian",
+                            labels=digits.labels, batch_size=2, progress=done.append)
+    assert json.loads((tmp_path / "b.json").read_text())["per_image"] == want.tolist()
+    assert done == [0, 2, 1]  # started, then each batch
+
+
+@pytest.mark.parametrize("ends", ["seeds", "images"])
+def test_cli_interpolate_is_model_interpolate(model, digits, runs_dir, tmp_path, capsys, ends):  # noqa: F811
+    if ends == "seeds":
+        flags, a, b = ["--seeds", "4", "7"], 4, 7
+    else:
+        for i in range(2):
+            Image.fromarray(digits.images[i, 0].numpy()).save(tmp_path / f"{i}.png")
+        flags, (a, b) = ["--images", str(tmp_path / "0.png"), str(tmp_path / "1.png")], digits.images[:2]
+    assert main(["interpolate", "--run", str(runs_dir / "tiny"), *flags, "--n", "4", "--steps", "3", "--class", "2",
+                 "--spacing", "geometric", "--out", str(tmp_path / "cli.png")]) == 0, capsys.readouterr().err
+    want = model.interpolate(a, b, 4, steps=3, label=2, spacing="geometric")
+    assert np.array_equal(_pixels(tmp_path / "cli.png"), _strip([want], tmp_path / "py.png"))
+
+
+def _panel_events(runs_dir, kind: str, body: dict):  # noqa: F811
+    """(The events of one panel job, run here without a server, and the panels.)"""
+    from difflab.serve.catalog import Catalog
+    from difflab.serve.jobs import Job
+    from difflab.serve.panels import Panels
+    from difflab.serve.requests import InterpolateRequest, InvertRequest
+
+    catalog = Catalog(runs_dir)
+    info = catalog.info("tiny")
+    req = InterpolateRequest.from_json(body, info) if kind == "interpolate" else InvertRequest.from_json(body, info, 1 << 20)
+    panels = Panels(catalog)
+    job = Job("j", kind, getattr(panels, kind)(req))
+    job.work(job)
+    return job.events, panels
+
+
+def test_the_interpolate_panel_shows_model_interpolate(model, runs_dir):  # noqa: F811
+    evs, _ = _panel_events(runs_dir, "interpolate", {"run": "tiny", "seed_a": 4, "seed_b": 7, "n": 6, "steps": 4,
+                                                     "label": 1})
+    images = [e for e in evs if e["type"] == "image"]
+    assert [e["index"] for e in images] == list(range(6))
+    want = model.interpolate(4, 7, 6, steps=4, label=1)
+    assert np.array_equal(np.stack([png_array(e["png"]) for e in images]), want.numpy())
+    assert [e["t"] for e in images] == torch.linspace(0, 1, 6).tolist()
+
+
+def test_the_invert_panel_shows_model_invert_and_decode(model, runs_dir):  # noqa: F811
+    from difflab.figures import to_uint8
+    from difflab.latents import reconstruction_error
+
+    evs, panels = _panel_events(runs_dir, "invert", {"run": "tiny", "index": 3, "steps": 6})
+    image, label = panels._image("tiny", 3)
+    assert np.array_equal(png_array(evs[0]["original"]), image.numpy())
+    latent = model.invert(image[None], steps=6, labels=[label])
+    shown = next(e for e in evs if e["type"] == "latent")
+    assert np.array_equal(png_array(shown["png"]), to_uint8(latent[0] / 3).numpy())
+    assert shown["std"] == float(latent.std()) and shown["mean"] == float(latent.mean())
+    recon = model.decode(latent, steps=6, labels=[label])
+    rec = next(e for e in evs if e["type"] == "reconstruction")
+    assert np.array_equal(png_array(rec["png"]), recon[0].numpy())
+    assert rec["mse"] == reconstruction_error(image[None], recon)[0]
+    assert not torch.equal(model.decode(latent, steps=6), recon)  # (decoded under the image's own class)
