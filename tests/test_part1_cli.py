@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+import difflab
 from difflab.cli import build_parser, main
 from difflab.cli.figures import noising_chain
 from difflab.config import TrainConfig, config_from_args
+from difflab.figures import save_grid
 from difflab.recipe import METHOD_DEFAULTS, apply_method_defaults
 from difflab.runs.checkpoint import latest_checkpoint
 from difflab.runs.draw import load_run
@@ -120,6 +122,9 @@ def test_figures_cli_writes_the_series_figures(runs, tmp_path, name, files, traj
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
     assert png_size(tmp_path / "noising.png") == strip_size(3, 5)
     assert png_size(tmp_path / "samples.png") == strip_size(1, 4)
+    # samples.png: what difflab.load(RUN).sample draws (the one drawing path), tiled
+    want = save_grid(difflab.load(folder).sample(4, seed=0, steps=4), tmp_path / "want.png", nrow=4, scale=SCALE)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "samples.png")), np.asarray(Image.open(want)))
     steps = 5 if name == "naive1" else 4  # naive1 draws z_T .. z_0 (T = 4); the others one column a step
     assert png_size(tmp_path / "trajectory.png") == strip_size(3 * trajectory_rows, steps)
     if "mean-image.png" in files:

@@ -110,6 +110,7 @@ def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 6
     """Write the figures of ``run`` (a :class:`difflab.runs.draw.Run`) into ``out``; returns the paths."""
     from difflab.data import to_model
     from difflab.figures import save_grid, save_rows
+    from difflab.model import Model
     from difflab.runs.data import load_data
 
     check_counts(n, grid, columns)
@@ -134,8 +135,8 @@ def make_figures(run, out: Path, *, n: int = 6, columns: int = 11, grid: int = 6
         means = torch.stack([data_mean, x0s[0, :MEAN_SEEDS].mean(0)])
         emit(save_grid(means, out / "mean-image.png", nrow=2, scale=scale))
 
-    emit(save_grid(run.sample(grid, seed=seed, steps=steps), out / "samples.png",
-                   nrow=min(grid, 8), scale=scale))
+    emit(save_grid(Model(run).sample(grid, seed=seed, steps=steps), out / "samples.png", nrow=min(grid, 8),
+                   scale=scale))
 
     for suffix, options in method.trajectories().items():
         _, inputs, x0s = sampling_run(run, n, seed=seed, steps=steps, **options)
