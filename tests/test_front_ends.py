@@ -121,3 +121,57 @@ def test_the_invert_panel_shows_model_invert_and_decode(model, runs_dir):  # noq
     assert np.array_equal(png_array(rec["png"]), recon[0].numpy())
     assert rec["mse"] == reconstruction_error(image[None], recon)[0]
     assert not torch.equal(model.decode(latent, steps=6), recon)  # (decoded under the image's own class)
+
+
+# --- one forward chain per process family: the page's forward panel and `difflab figures` ------------------
+def _method_of(name: str):
+    """The method whose run draws the forward process ``name`` of the page (an entry of FORWARD_PROCESSES)."""
+    from difflab.config import TrainConfig
+    from difflab.forward import BINOMIAL_K, BINOMIAL_T, FORWARD_PROCESSES
+    from difflab.methods.method import make_method
+
+    family = FORWARD_PROCESSES[name][0]
+    if family == "binomial":  # (16x16: without replacement, T = 256 / 32 = 8 steps)
+        cfg = TrainConfig(method="naive1", k=BINOMIAL_K, T=BINOMIAL_T if name == "binomial" else 8,
+                          replace=name == "binomial")
+    elif family == "pixel":
+        cfg = TrainConfig(method="naive2")
+    elif family == "degradation":
+        cfg = TrainConfig(method="cold", degradation=name)
+    elif name.startswith("constant-"):
+        cfg = TrainConfig(process="constant", gamma=float(name.split("-")[1]), T=120)
+    else:
+        cfg = TrainConfig(process=name)
+    return make_method(cfg)
+
+
+def test_every_forward_view_is_the_chain_its_method_draws():
+    from difflab.figures import to_uint8
+    from difflab.forward import FORWARD_PROCESSES, forward_view
+
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    for name in FORWARD_PROCESSES:
+        view = forward_view(name, x, levels=6, seed=4)
+        chain = _method_of(name).noising_chain(x, 6, torch.Generator().manual_seed(4))
+        assert torch.equal(view.frames, to_uint8(chain[:, 0])), name
+        assert len(view.t) == len(chain), name
+    # (another seed, another chain)
+    assert not torch.equal(forward_view("cosine", x, levels=6, seed=5).frames, forward_view("cosine", x, levels=6).frames)
+
+
+def test_the_forward_panel_shows_the_noising_figure(runs_dir, tmp_path, capsys):  # noqa: F811
+    """The page's forward panel on image 0 of a run's data is row 0 of `difflab figures`' noising.png (the run's
+    own process, cosine; the panel's 41 levels as 41 columns), for the same seed."""
+    from difflab.serve.catalog import Catalog
+    from difflab.serve.panels import Panels
+    from difflab.serve.requests import ForwardRequest
+
+    catalog = Catalog(runs_dir)
+    view = Panels(catalog).forward(ForwardRequest.from_json({"run": "tiny", "process": "cosine", "seed": 6},
+                                                            catalog.info("tiny")))
+    assert main(["figures", "--run", str(runs_dir / "tiny"), "--out", str(tmp_path / "f"), "--n", "1", "--columns",
+                 "41", "--grid", "1", "--seed", "6"]) == 0, capsys.readouterr().err
+    frames = torch.from_numpy(np.stack([png_array(f) for f in view["frames"]]))
+    assert len(frames) == 41
+    panel = save_rows([frames], tmp_path / "panel.png", scale=8)  # (figures draw 8x8 images 8 times larger)
+    assert np.array_equal(_pixels(tmp_path / "f" / "noising.png"), _pixels(panel))

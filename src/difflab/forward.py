@@ -1,6 +1,6 @@
 """The forward process to look at: any process of the series applied to one image at a range of
 levels, with the curve that describes it (used by ``difflab serve``'s forward panel; as useful in a
-notebook).
+notebook). The states are the chains of :mod:`difflab.processes.chains`, which ``difflab figures`` draws too.
 
 >>> from difflab.forward import FORWARD_PROCESSES, forward_view
 >>> view = forward_view("binomial", x, levels=61, seed=0)   # x: [1, C, H, W] in [-1, 1]
@@ -21,7 +21,8 @@ import torch
 
 from difflab.errors import UsageError
 from difflab.figures import to_uint8
-from difflab.processes import BinomialNoise, PixelNoise, get_degradation, make_process
+from difflab.processes import BinomialNoise, get_degradation, make_process
+from difflab.processes.chains import degradation_chain, gaussian_chain, pixel_chain
 from difflab.processes.degradations import DEGRADATIONS
 from difflab.processes.gaussian import GaussianProcess
 
@@ -73,11 +74,6 @@ def gaussian_process(name: str) -> GaussianProcess:
     return make_process(GAUSSIAN_CONFIGS[name])
 
 
-def unit_variance(process: GaussianProcess, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """z_t / sqrt(gammabar_t^2 + sigmabar_t^2): the marginal at unit variance (VP: z_t itself)."""
-    return z / torch.sqrt(process.signal_scale(t) ** 2 + process.noise_scale(t) ** 2).float()
-
-
 def forward_view(name: str, x: torch.Tensor, levels: int = 41, seed: int = 0) -> ForwardView:
     """The forward process ``name`` on one image ``x`` ([1, C, H, W], model units): ``levels`` frames
     from t = 0 to the end (binomial noise: every one of its T + 1 steps)."""
@@ -97,31 +93,27 @@ def _binomial(name, x, levels, seed) -> ForwardView:
     steps = BINOMIAL_T if replace else max(1, min(BINOMIAL_T, h * w // BINOMIAL_K))
     noise = BinomialNoise(BINOMIAL_K, steps, replace=replace)
     noise.check(h, w)
-    frames = list(noise.walk(x, torch.Generator().manual_seed(seed)))
+    frames = noise.chain(x, torch.Generator().manual_seed(seed))
     # the same draws on a marker image (0 is never a noise bit): pixels still 0 were never touched
-    marks = list(noise.walk(torch.zeros_like(x[:, :1]), torch.Generator().manual_seed(seed)))
+    marks = noise.chain(torch.zeros_like(x[:, :1]), torch.Generator().manual_seed(seed))
     measured = [float((m == 0).float().mean()) for m in marks]
     n = h * w
     expected = [(1 - noise.k / n) ** t if noise.replace else max(0.0, 1 - t * noise.k / n) for t in range(noise.T + 1)]
-    return ForwardView(name, to_uint8(torch.cat(frames)), [t / noise.T for t in range(noise.T + 1)],
+    return ForwardView(name, to_uint8(frames.flatten(0, 1)), [t / noise.T for t in range(noise.T + 1)],
                        "expected fraction of pixels never touched", expected, noise.summary(h, w), measured)
 
 
 def _pixel(name, x, levels, seed) -> ForwardView:
-    noise = PixelNoise(*x.shape[-2:])
-    state = noise.prepare(x, torch.Generator().manual_seed(seed))
-    steps = [round(noise.T * i / (levels - 1)) for i in range(levels)]
-    frames = torch.cat([noise.apply(x, t, state) for t in steps])
-    untouched = [1 - t / noise.T for t in steps]
-    return ForwardView(name, to_uint8(frames), [t / noise.T for t in steps], "fraction of pixels never touched",
-                       untouched, f"pixel noise: T = h w = {noise.T} steps, z_t drawn directly", untouched)
+    steps, frames = pixel_chain(x, levels, torch.Generator().manual_seed(seed))
+    T = x.shape[-2] * x.shape[-1]
+    untouched = [1 - t / T for t in steps]
+    return ForwardView(name, to_uint8(frames.flatten(0, 1)), [t / T for t in steps], "fraction of pixels never touched",
+                       untouched, f"pixel noise: T = h w = {T} steps, z_t drawn directly", untouched)
 
 
 def _degradation(name, x, levels, seed) -> ForwardView:
-    d = get_degradation(name)
-    state = d.prepare(x, torch.Generator().manual_seed(seed))
-    ts = [i / (levels - 1) for i in range(levels)]
-    frames = torch.cat([d.degrade(x, t, state) for t in ts])
+    ts, frames = degradation_chain(get_degradation(name), x, levels, torch.Generator().manual_seed(seed))
+    frames = frames.flatten(0, 1)
     dist = [float((f - x[0]).abs().mean()) for f in frames]
     note = " (every image ends the same: cold sampling collapses)" if name == "fade-black" else ""
     return ForwardView(name, to_uint8(frames), ts, "mean |z_t - x| (model units)", dist,
@@ -130,14 +122,10 @@ def _degradation(name, x, levels, seed) -> ForwardView:
 
 def _gaussian(name, x, levels, seed) -> ForwardView:
     process = gaussian_process(name)
-    ts = torch.linspace(process.t_min, process.t_max, levels, dtype=torch.float64)
-    if process.discrete:
-        ts = ts.round()
-    s = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-    frames = torch.cat([unit_variance(process, process.marginal(x, t.reshape(1), s), t) for t in ts])
+    ts, frames = gaussian_chain(process, x, levels, torch.Generator().manual_seed(seed))
     # SNR is infinite at t = 0 of discrete schedules: the curve starts at the first step
     snr = process.snr(ts.clamp_min(process.t_min if not process.discrete else 1.0))
     span = process.t_max - process.t_min
     summary = process.describe() if process.discrete else f"{FORWARD_PROCESSES[name][1]}: SNR at t_max = {float(snr[-1]):.3g}"
-    return ForwardView(name, to_uint8(frames), [float((t - process.t_min) / span) for t in ts], "log10 SNR(t)",
-                       [float(v) for v in torch.log10(snr)], summary, log_scale=True)
+    return ForwardView(name, to_uint8(frames.flatten(0, 1)), [float((t - process.t_min) / span) for t in ts],
+                       "log10 SNR(t)", [float(v) for v in torch.log10(snr)], summary, log_scale=True)

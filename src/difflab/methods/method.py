@@ -24,6 +24,7 @@ from difflab.methods.noise_levels import training_times
 from difflab.methods.weighting import loss_weight, weighted_mse
 from difflab.noise import seeded_normal, seeded_uniform
 from difflab.processes.binomial import BinomialNoise, PixelNoise
+from difflab.processes.chains import degradation_chain, gaussian_chain, pixel_chain
 from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
@@ -79,7 +80,8 @@ class Method(Protocol):
 
     def noising_chain(self, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
         """The forward process on clean images x: [K, B, C, H, W], x first; ``columns`` states, or every
-        step of a chain that has no states between its steps."""
+        step of a chain that has no states between its steps: the chain of its process family
+        (:mod:`difflab.processes.chains`), as the page's forward panel shows it."""
 
     def trajectories(self) -> dict[str, dict]:
         """The sampling trajectories the figures draw: file-name suffix -> sampling options."""
@@ -177,18 +179,7 @@ class GaussianMethod:
                         steps=steps, batch_size=batch_size, device=device, start=start, callback=callback, **options)
 
     def noising_chain(self, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
-        process = self.process
-        ts = torch.linspace(process.t_min, process.t_max, columns, dtype=torch.float64)
-        if process.discrete:
-            ts = ts.round()
-        s = torch.randn(x.shape, generator=generator)  # one noise image per row, growing along it
-        out = []
-        for t in ts:
-            z = process.marginal(x, t.expand(len(x)), s)
-            # unit variance, so that VE processes (gammabar = 1, sigmabar up to 50) stay visible
-            scale = torch.sqrt(process.signal_scale(t) ** 2 + process.noise_scale(t) ** 2).float()
-            out.append(z / scale)
-        return torch.stack(out)
+        return gaussian_chain(self.process, x, columns, generator)[1]
 
     def trajectories(self) -> dict[str, dict]:
         return {"-ddpm": {"sampler": "ddpm"}, "-ddim": {"sampler": "ddim"}}
@@ -287,10 +278,7 @@ class Naive2Method(_BatchSeeded):
         return naive.naive2_loss(net, x, _generator(self.cfg.seed, step, "cpu"), PixelNoise(*x.shape[-2:]))
 
     def noising_chain(self, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
-        noise = PixelNoise(*x.shape[-2:])
-        state = noise.prepare(x, generator)  # one pixel order per image: the strip shows one chain
-        ts = [round(noise.T * i / (columns - 1)) for i in range(columns)]
-        return torch.stack([noise.apply(x, t, state) for t in ts])
+        return pixel_chain(x, columns, generator)[1]
 
     def sampling_defaults(self) -> dict:
         """Also the run's own naive2 settings: the cold-diffusion update and the noise level it is told."""
@@ -334,8 +322,7 @@ class ColdMethod(_BatchSeeded):
         return naive.cold_loss(net, x, self.degradation, _generator(self.cfg.seed, step, "cpu"))
 
     def noising_chain(self, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
-        state = self.degradation.prepare(x, generator)
-        return torch.stack([self.degradation.degrade(x, i / (columns - 1), state) for i in range(columns)])
+        return degradation_chain(self.degradation, x, columns, generator)[1]
 
     def sample_batch(self, net, n, shape, *, seed=0, steps=50, device="cpu", callback=None, improved=True, **_):
         if steps < 1:
