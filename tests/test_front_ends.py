@@ -79,6 +79,21 @@ def test_cli_interpolate_is_model_interpolate(model, digits, runs_dir, tmp_path,
     assert np.array_equal(_pixels(tmp_path / "cli.png"), _strip([want], tmp_path / "py.png"))
 
 
+def test_stop_cancels_model_work_at_the_next_network_call(model, digits):
+    """The page's stop button: ``stop()`` is asked before every network call."""
+    from difflab.streaming import Cancelled
+
+    asked = []
+    with pytest.raises(Cancelled):
+        model.invert(digits.images, steps=20, stop=lambda: asked.append(1) or len(asked) > 3)
+    assert len(asked) == 4
+    shown = []
+    with pytest.raises(Cancelled):
+        model.interpolate(1, 2, 6, steps=2, batch_size=2, on_images=lambda first, images: shown.append(first),
+                          stop=lambda: len(shown) == 2)
+    assert shown == [0, 2]
+
+
 def _panel_events(runs_dir, kind: str, body: dict):  # noqa: F811
     """(The events of one panel job, run here without a server, and the panels.)"""
     from difflab.serve.catalog import Catalog
