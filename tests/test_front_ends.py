@@ -15,6 +15,7 @@ from serve_helpers import png_array, runs_dir  # noqa: F401 - fixture
 
 import difflab
 from difflab.cli import main
+from difflab.errors import UsageError
 from difflab.figures import save_rows
 
 
@@ -92,6 +93,11 @@ def test_stop_cancels_model_work_at_the_next_network_call(model, digits):
         model.interpolate(1, 2, 6, steps=2, batch_size=2, on_images=lambda first, images: shown.append(first),
                           stop=lambda: len(shown) == 2)
     assert shown == [0, 2]
+    for call in (lambda: model.invert(digits.images, steps=1, stop=True),
+                 lambda: model.interpolate(1, 2, 3, steps=1, on_images="show"),
+                 lambda: model.likelihood(digits.images, steps=1, progress=[])):
+        with pytest.raises(UsageError, match="must be a function or None"):
+            call()
 
 
 def _panel_events(runs_dir, kind: str, body: dict):  # noqa: F811

@@ -179,6 +179,7 @@ class Model:
         if _count(n, "n") < 2:
             raise UsageError(f"n must be at least 2 (the two ends), got {n}")
         n = int(n)
+        _check_callable("on_images", on_images)
         den = self._denoiser("interpolate", stop)
         labels = None if label is None else torch.full((n,), int(label), dtype=torch.long)
         cond = self._condition(labels, n)
@@ -203,6 +204,7 @@ class Model:
         from difflab.likelihood import bits_per_dim
 
         images = self._images(images, "likelihood", to_model=False)
+        _check_callable("progress", progress)
         den, cond_fn = self._denoiser("likelihood"), self._condition(labels, len(images))
         if progress is not None:
             progress(0)
@@ -248,6 +250,7 @@ class Model:
         network checks it before every call."""
         from difflab.streaming import WatchedNet
 
+        _check_callable("stop", stop)
         den = self.source.ode_denoiser(None if stop is None else WatchedNet(self.source.net, stop))
         if den is None:  # the part-1 methods have no D(x, sigma), no ODE
             raise UsageError(f"{what} needs a Gaussian run (--method gaussian); {self.path} is a "
@@ -340,6 +343,11 @@ def edit_mask(mask, shape: tuple[int, int, int, int]) -> torch.Tensor:
     if not bool(m.isfinite().all()) or float(m.min()) < 0 or float(m.max()) > 1:
         raise UsageError("a float mask must hold values in [0, 1] (1: repaint)")
     return m >= 0.5
+
+
+def _check_callable(name: str, fn: object) -> None:
+    if fn is not None and not callable(fn):
+        raise UsageError(f"{name} must be a function or None, got {fn!r}"[:200])
 
 
 def _count(value: int, name: str) -> int:
