@@ -26,10 +26,11 @@ from serve_helpers import SECRET, runs_dir, snapshot  # noqa: F401 - fixture
 
 TALLY: Counter = Counter()
 POSTS = ["/api/sample", "/api/compare", "/api/interpolate", "/api/invert", "/api/forward", "/api/load",
-         "/api/jobs/1/cancel", "/api/nothing"]
+         "/api/edit", "/api/fewstep", "/api/jobs/1/cancel", "/api/nothing"]
 RUN_NAMES = ["good", "bad", "fifo", "linked", "../good", "/etc", "good/../bad", "", "good\x00", "g" * 300]
 KEYS = ["run", "sampler", "steps", "count", "seed", "first", "guidance", "label", "prompt", "precision", "columns",
-        "seed_a", "seed_b", "n", "index", "image", "process"]
+        "seed_a", "seed_b", "n", "index", "image", "process", "strength", "mask", "jump_length", "resample",
+        "budgets", "samplers"]
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
 

@@ -391,7 +391,8 @@ BAD_BODIES = {
 
 
 @pytest.mark.parametrize("raw", list(BAD_BODIES))
-@pytest.mark.parametrize("path", ["/api/sample", "/api/compare", "/api/forward", "/api/jobs/1/cancel"])
+@pytest.mark.parametrize("path", ["/api/sample", "/api/compare", "/api/forward", "/api/edit", "/api/fewstep",
+                                  "/api/jobs/1/cancel"])
 def test_strict_json_bodies_are_one_line_400s(hostile, served, capfd, raw, path):
     root, _ = hostile
     srv = served(root)
@@ -654,3 +655,114 @@ def test_load_from_many_clients_on_the_loopback(hostile, served, capsys):
     assert snapshot(root) == before
     with capsys.disabled():
         print(f"\nload test, 16 clients x 15 s: answers by status {dict(sorted(statuses.items()))}")
+
+
+# --- the edit and few-step panels' requests ----------------------------------------------------------------
+def png_url(array: np.ndarray, fmt: str = "PNG") -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def b64_url(raw: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+LOWER_HALF = np.zeros((8, 8), np.uint8)
+LOWER_HALF[4:] = 255
+BAD_EDITS = [
+    ({"strength": 0}, "strength must be in (0, 1]"),
+    ({"strength": 1.5}, "strength must be between 0 and 1"),
+    ({"strength": -0.1}, "strength must be between 0 and 1"),
+    ({"strength": "high"}, "strength must be a number"),
+    ({"strength": True}, "strength must be a number"),
+    ({"mask": png_url(np.full((16, 16), 255, np.uint8))}, "the mask is 16x16 pixels; this run's images are 8x8"),
+    ({"mask": png_url(np.full((8, 8), 255, np.uint8), "JPEG")}, "the mask must be a PNG"),
+    ({"mask": png_url(np.zeros((8, 8), np.uint8))}, "the mask has no white pixel"),
+    ({"mask": b64_url(b"\x89PNG\r\n\x1a\n broken")}, "cannot read the mask"),
+    ({"mask": "%%%"}, "the mask is not valid base64"),
+    ({"mask": [1, 0, 1]}, "the mask must be a data URL"),
+    ({"mask": "A" * 5_700_000}, "the mask is over 4 MiB"),
+    ({"image": "A" * 5_700_000, "index": None}, "the image is over 4 MiB"),
+    ({"image": b64_url(b"GIF89a broken"), "index": None}, "cannot read the upload as an image"),
+    ({"image": b64_url(b"\x00" * 64), "index": None}, "cannot read the upload as an image"),
+    ({"image": png_url(LOWER_HALF)}, "either an uploaded image or a dataset index"),
+    ({"index": None}, "either an uploaded image or a dataset index"),
+    ({"index": -1}, "index must be between 0 and"),
+    ({"count": 17}, "count must be between 1 and 16"),
+    ({"count": 0}, "count must be between 1 and"),
+    ({"resample": 0, "mask": png_url(LOWER_HALF)}, "resample must be between 1 and 20"),
+    ({"resample": 21}, "resample must be between 1 and 20"),
+    ({"jump_length": 0}, "jump_length must be between 1 and"),
+    ({"jump_length": 2.5}, "jump_length must be a whole number"),
+    ({"sampler": "nope"}, "sampler must be one of"),
+    ({"steps": 0}, "steps must be between 1 and"),
+    ({"label": 10}, "label must be between 0 and 9"),
+    ({"prompt": "a cat"}, "prompt needs a run trained with --conditioning text"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_EDITS, ids=[m for _, m in BAD_EDITS])
+def test_bad_edit_requests_are_one_line_400s(hostile, served, capfd, change, message):
+    """A strength outside (0, 1], a mask of the wrong size, kind or content, a huge or corrupt upload, bad
+    counts and RePaint settings: a one-line 400 before any work is queued; nothing in the runs folder changes."""
+    root, _ = hostile
+    srv = served(root)
+    before = snapshot(root)
+    body = {k: v for k, v in {"run": "good", "index": 0, "strength": 0.5, **change}.items() if v is not None}
+    status, answer = request(srv, "/api/edit", body)
+    assert status == 400 and message in one_line(answer), answer
+    assert "Traceback" not in capfd.readouterr().err
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("raw", [b'{"run": "good", "index": 0, "strength": NaN}',
+                                 b'{"run": "good", "index": 0, "strength": Infinity}',
+                                 b'{"run": "good", "index": 0, "strength": 1e400}'])
+def test_a_strength_that_is_not_a_number_is_a_400(hostile, served, raw):
+    srv = served(hostile[0])
+    status, answer = request(srv, "/api/edit", raw=raw)
+    assert status == 400 and "strength must be a number" in one_line(answer)
+
+
+def test_an_edit_body_over_the_limit_is_a_413_and_a_bad_index_an_error_event(hostile, served):
+    from serve_helpers import events
+
+    srv = served(hostile[0])
+    status, answer = request(srv, "/api/edit", raw=b"{}", headers={"Content-Length": str(7 << 20)})  # (not sent)
+    assert status == 413 and "the limit is 6 MiB" in one_line(answer)
+    status, answer = request(srv, "/api/edit", {"run": "good", "index": 10**6})  # known only once the data is read
+    assert status == 202
+    last = events(srv, answer["job"])[-1]
+    assert last["type"] == "error" and "index must be in" in last["message"] and "\n" not in last["message"]
+
+
+BAD_FEW_STEPS = [
+    ({"budgets": []}, "budgets must be a list of 1 to 8"),
+    ({"budgets": list(range(1, 10))}, "budgets must be a list of 1 to 8"),
+    ({"budgets": "1,2"}, "budgets must be a list of 1 to 8"),
+    ({"budgets": [0]}, "budgets must be between 1 and 100"),
+    ({"budgets": [101]}, "budgets must be between 1 and 100"),
+    ({"budgets": [1.5]}, "budgets must be a whole number"),
+    ({"budgets": [[1]]}, "budgets must be a whole number"),
+    ({"samplers": ["nope"]}, "sampler must be one of"),
+    ({"samplers": []}, "samplers must be a list of 1 to 6"),
+    ({"samplers": ["ddim"] * 7}, "samplers must be a list of 1 to 6"),
+    ({"samplers": "ddim"}, "samplers must be a list of 1 to 6"),
+    ({"count": 17}, "count must be between 1 and 16"),
+    ({"seed": -1}, "seed must be between 0 and"),
+    ({"label": -1}, "label must be between 0 and 9"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_FEW_STEPS, ids=[m for _, m in BAD_FEW_STEPS])
+def test_bad_few_step_requests_are_one_line_400s(hostile, served, capfd, change, message):
+    srv = served(hostile[0])
+    status, answer = request(srv, "/api/fewstep", {"run": "good", **change})
+    assert status == 400 and message in one_line(answer), answer
+    assert "Traceback" not in capfd.readouterr().err

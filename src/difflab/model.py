@@ -96,7 +96,7 @@ class Model:
     def edit(self, images: torch.Tensor, *, strength: float | None = None, mask: torch.Tensor | None = None,
              seed: int = 0, sampler: str | None = None, steps: int | None = None, jump_length: int = 10,
              resample: int = 1, labels: int | Sequence[int] | torch.Tensor | None = None, prompt: str | None = None,
-             pil: bool = False, **settings: Any) -> torch.Tensor | list:
+             pil: bool = False, callback: Callable[[dict], None] | None = None, **settings: Any) -> torch.Tensor | list:
         """Edited uint8 images [N, C, H, W] of uint8 ``images`` [N, C, H, W] (this model's shape; ``pil``: a list
         of PIL images), drawn as :meth:`sample` draws with the same settings (the run's sampler, steps, guidance and
         clipping unless given; image j depends only on (seed, j)). Without ``mask``, SDEdit: the image noised to
@@ -104,7 +104,9 @@ class Model:
         0: the image back). With ``mask`` (True, or white in a uint8 image: repaint; [H, W], [1 or C, H, W] or
         [N, 1 or C, H, W]), RePaint: the masked pixels drawn anew, the others kept, with ``resample`` passes over
         every ``jump_length`` steps (default ``strength`` 1). ``settings``: the other fields of
-        :class:`~difflab.runs.request.SampleRequest` (guidance, clip, eta, ...). See :mod:`difflab.editing`."""
+        :class:`~difflab.runs.request.SampleRequest` (guidance, clip, eta, start, ...). ``callback(dict(i, sigma, x, x0))``
+        after every sampler step of every batch (model units; RePaint's ``i`` counts within each pass). See
+        :mod:`difflab.editing`."""
         from difflab.editing import edit_images
 
         run = self._edit_run()
@@ -118,7 +120,7 @@ class Model:
         strength = (1.0 if m is not None else 0.5) if strength is None else strength
         out = edit_images(den, x, sigmas.to(device=x.device, dtype=x.dtype), sample_seeds(req.seed, len(x), req.start),
                           strength=strength, mask=m, sampler=req.sampler, cond_fn=cond_fn, batch_size=req.batch_size,
-                          jump_length=jump_length, resample=resample, **options)
+                          jump_length=jump_length, resample=resample, callback=callback, **options)
         images = to_uint8(out.cpu())
         return to_pil(images) if pil else images
 

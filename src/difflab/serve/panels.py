@@ -10,6 +10,7 @@ import io
 import math
 import threading
 import time
+from dataclasses import replace
 
 import torch
 
@@ -17,12 +18,19 @@ from difflab.data import to_model
 from difflab.errors import DataError
 from difflab.figures import pil_image, to_uint8
 from difflab.model import Model
-from difflab.runs.draw import drawing
+from difflab.runs.draw import Drawing, drawing
 from difflab.runs.request import SampleRequest
 from difflab.serve.catalog import MAX_GRID, MAX_LOG, Catalog
 from difflab.serve.jobs import Job
-from difflab.serve.requests import CompareRequest, ForwardRequest, InterpolateRequest, InvertRequest
-from difflab.streaming import stream
+from difflab.serve.requests import (
+    CompareRequest,
+    EditRequest,
+    FewStepRequest,
+    ForwardRequest,
+    InterpolateRequest,
+    InvertRequest,
+)
+from difflab.streaming import Cancelled, chunks, stream
 from difflab.training.loggers import EVAL_COLUMNS
 
 
@@ -194,6 +202,89 @@ class Panels:
                 out["grid"] = {"key": grid[1], "name": grid[0],
                                "png": "data:image/png;base64," + base64.b64encode(png).decode()}
         return out
+
+    # --- editing and few-step drawing ----------------------------------------------------------------
+    def edit(self, req: EditRequest):
+        """SDEdit or RePaint of one image by :meth:`difflab.Model.edit`: the edits stream in parts (the first
+        alone, its path shown step by step), each part the same images as one call for all of them."""
+        from difflab.editing import start_index
+
+        def work(job: Job) -> None:
+            model = Model(self.catalog.model(req.run))
+            image = req.image if req.image is not None else self._image(req.run, req.index)[0]
+            passes = req.resample if req.mask is not None else 1
+            total = (req.steps - start_index(req.steps, req.strength)) * passes
+            job.emit({"type": "start", "original": png_url(image), "count": req.n, "steps": total,
+                      "method": "repaint" if req.mask is not None else "sdedit", "checkpoint": model.source.step,
+                      "mask": None if req.mask is None else png_url(req.mask[None].to(torch.uint8) * 255)})
+            t0, frames = time.perf_counter(), [0]
+
+            def stop(info: dict) -> None:
+                if job.cancelled():
+                    raise Cancelled("cancelled")
+
+            def on_step(info: dict) -> None:  # edit 0: its state after each step, at unit variance, and its x0
+                stop(info)
+                sigma = float(info["sigma"])
+                finite = math.isfinite(sigma)
+                job.emit({"type": "step", "index": 0, "i": frames[0], "steps": total, "sigma": sigma if finite else None,
+                          "xt": png_url(info["x"][0].float().cpu() / math.sqrt(1 + sigma**2)) if finite else None,
+                          "x0": png_url(info["x0"][0].float().cpu()), "ms": 1000 * (time.perf_counter() - t0)})
+                frames[0] += 1
+
+            images = image[None].expand(req.n, -1, -1, -1)
+            for lo, k in chunks(req.n, 4):
+                out = model.edit(images[lo:lo + k], strength=req.strength, mask=req.mask, seed=req.seed, start=lo,
+                                 sampler=req.sampler, steps=req.steps, guidance=req.guidance, labels=req.label,
+                                 prompt=req.prompt, jump_length=req.jump_length, resample=req.resample,
+                                 callback=on_step if lo == 0 else stop)
+                ms = 1000 * (time.perf_counter() - t0)
+                for j, im in enumerate(out):
+                    job.emit({"type": "image", "index": lo + j, "png": png_url(im), "ms": ms})
+
+        return work
+
+    def fewstep(self, req: FewStepRequest):
+        """The same seeds within each budget of network evaluations, one row per sampler, each cell drawn by the one
+        drawing path at the most steps its budget allows (a cell no step count fits says what it needs)."""
+        def work(job: Job) -> None:
+            model = self.catalog.model(req.base.run, req.base.precision)
+            rows = [[_within_budget(model, replace(req.base, sampler=s), b) for b in req.budgets] for s in req.samplers]
+            job.emit({"type": "start", "count": req.base.n, "budgets": list(req.budgets),
+                      "rows": [next((d.request.sampler for d, _ in row if d is not None), s) for s, row in zip(req.samplers, rows)]})
+            for r, row in enumerate(rows):
+                drawn: dict[int, tuple[int, list[str]]] = {}  # steps -> (the cell that drew them, its images)
+                for c, (d, least) in enumerate(row):
+                    cell = {"type": "cell", "row": r, "column": c, "budget": req.budgets[c]}
+                    if d is None:
+                        job.emit({**cell, "needs": least})
+                        continue
+                    cell.update(sampler=d.request.sampler, steps=d.request.steps, evaluations=d.evaluations())
+                    if d.request.steps in drawn:  # a larger budget that fits no more steps: the same images
+                        first, pngs = drawn[d.request.steps]
+                        job.emit({**cell, "same_as": first, "images": pngs})
+                        continue
+                    t0, pngs = time.perf_counter(), []
+                    for _, images in stream(d, stop=job.cancelled):
+                        pngs += [png_url(im) for im in images]
+                    drawn[d.request.steps] = (c, pngs)
+                    job.emit({**cell, "seconds": time.perf_counter() - t0, "images": pngs})
+
+        return work
+
+
+def _within_budget(model, request: SampleRequest, budget: int) -> tuple[Drawing | None, int]:
+    """(the drawing of ``request`` at the most steps whose network evaluations per sample fit in ``budget``, or
+    None when one step does not fit; the evaluations of one step)."""
+    best, least = None, None
+    for steps in range(1, budget + 1):  # evaluations grow with the steps, by at least one a step
+        d = drawing(model, replace(request, steps=steps))
+        evaluations = d.evaluations()
+        least = evaluations if least is None else least
+        if evaluations > budget:
+            break
+        best = d
+    return best, least
 
 
 def _number(text: str | None) -> float | None:

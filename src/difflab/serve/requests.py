@@ -236,3 +236,136 @@ class ForwardRequest:
 def _gaussian(info: RunInfo, what: str) -> None:
     if not method_class(info.method).denoises:
         raise BadRequest(f"{what} needs a Gaussian run (deterministic DDIM); this one is {info.method}")
+
+
+# --- the edit and few-step panels ---------------------------------------------------------------------
+MAX_EDITS = 16  # edits of one image per request
+MAX_RESAMPLE = 20  # RePaint passes over each jump (the paper's 10)
+FEW_STEP_BUDGETS = (1, 2, 4, 6, 10)  # network evaluations per sample the few-step panel draws at unless told
+MAX_BUDGET = 100
+
+
+def _base64(body: dict, key: str, max_bytes: int) -> bytes | None:
+    """The bytes of ``body[key]``, a data URL or base64 text of at most ``max_bytes`` bytes (None when absent)."""
+    import base64
+    import binascii
+
+    text = body.get(key)
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise BadRequest(f"the {key} must be a data URL or base64 text")
+    text = text.split(",", 1)[1] if text.startswith("data:") else text
+    if len(text) > (max_bytes * 4) // 3 + 8:
+        raise BadRequest(f"the {key} is over {max_bytes / 2**20:.0f} MiB")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"the {key} is not valid base64") from None
+
+
+def _mask(raw: bytes, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A painted mask's PNG as bool [H, W] (white: repaint): exactly the run's size, read from its header before
+    any pixel is decoded, and with at least one white pixel."""
+    import io
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    _, h, w = shape
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.format != "PNG":
+                raise BadRequest(f"the mask must be a PNG, got {im.format}")
+            if im.size != (w, h):
+                raise BadRequest(f"the mask is {im.width}x{im.height} pixels; this run's images are {w}x{h}: paint it "
+                                 "on the page's canvas, which has the run's size")
+            painted = np.asarray(im.convert("L")) >= 128
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRequest(f"cannot read the mask as a PNG ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    if not painted.any():
+        raise BadRequest("the mask has no white pixel: paint the region to repaint, or send no mask for SDEdit")
+    return torch.from_numpy(painted.copy())
+
+
+def _editable(info: RunInfo) -> None:
+    if info.kind != "run":
+        raise BadRequest(f"editing needs a difflab run; {info.name} is a diffusers folder")
+    if not method_class(info.method).denoises:
+        raise BadRequest(f"editing needs a Gaussian run (a denoiser to edit with); this one is {info.method}")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """``n`` edits of one image (uploaded, fitted to the run, or dataset image ``index``), as
+    :meth:`difflab.Model.edit` draws them: SDEdit at ``strength``, or with a ``mask`` (bool [H, W], True:
+    repaint) RePaint with ``jump_length`` and ``resample``."""
+
+    run: str
+    n: int
+    seed: int
+    sampler: str | None  # None: the run's own
+    steps: int
+    guidance: float | None
+    label: int | None  # None: class runs cycle through their classes
+    prompt: str | None
+    strength: float
+    jump_length: int
+    resample: int
+    index: int | None
+    image: torch.Tensor | None  # uint8 [C, H, W], fitted to the run
+    mask: torch.Tensor | None
+
+    @classmethod
+    def from_json(cls, body: dict, info: RunInfo, max_bytes: int) -> EditRequest:
+        from difflab.data.upload import decode_image_bytes
+
+        _editable(info)
+        one = sample_request({**body, "count": body.get("count", 4)}, info)
+        if one.n > MAX_EDITS:
+            raise BadRequest(f"count must be between 1 and {MAX_EDITS} edits, got {one.n}")
+        strength = _float(body, "strength", 0.5, 0.0, 1.0)
+        if strength == 0:
+            raise BadRequest("strength must be in (0, 1]: 0 gives the image back unchanged, 1 a fresh sample")
+        raw, index = _base64(body, "image", max_bytes), body.get("index")
+        if (raw is None) == (index is None):
+            raise BadRequest("give either an uploaded image or a dataset index")
+        image = None
+        if raw is not None:
+            try:  # decoded here, so that a bad file is a 400 before any work is queued
+                image = decode_image_bytes(raw, info.shape, max_bytes=max_bytes)
+            except UsageError as e:
+                raise BadRequest(str(e)) from e
+        mask = _base64(body, "mask", max_bytes)
+        return cls(info.name, one.n, one.seed, one.sampler, one.steps, one.guidance,
+                   None if body.get("label") is None else int(one.labels[0]), one.prompt, strength,
+                   _int(body, "jump_length", 10, 1, info.max_steps), _int(body, "resample", 1, 1, MAX_RESAMPLE),
+                   None if index is None else _int(body, "index", 0, 0, 10**7), image,
+                   None if mask is None else _mask(mask, info.shape))
+
+
+@dataclass(frozen=True)
+class FewStepRequest:
+    """The same seeds drawn within each of ``budgets`` network evaluations per sample, by each of ``samplers``
+    (None: the run's own), each at the most steps its budget allows."""
+
+    base: SampleRequest  # the seeds, count and condition; its sampler and steps are set per cell
+    samplers: tuple[str | None, ...]
+    budgets: tuple[int, ...]
+
+    @classmethod
+    def from_json(cls, body: dict, info: RunInfo) -> FewStepRequest:
+        base = sample_request({k: v for k, v in {**body, "count": body.get("count", 4)}.items()
+                               if k not in ("sampler", "steps")}, info)
+        if base.n > 16:
+            raise BadRequest(f"count must be between 1 and 16 for the few-step panel, got {base.n}")
+        budgets = body.get("budgets", list(FEW_STEP_BUDGETS))
+        if not isinstance(budgets, list) or not 1 <= len(budgets) <= 8:
+            raise BadRequest("budgets must be a list of 1 to 8 numbers of network evaluations")
+        budgets = sorted({_int({"budgets": b}, "budgets", None, 1, MAX_BUDGET) for b in budgets})
+        samplers = body.get("samplers", [None])
+        if not isinstance(samplers, list) or not 1 <= len(samplers) <= 6:
+            raise BadRequest("samplers must be a list of 1 to 6 sampler names (null: the run's own)")
+        chosen = tuple(dict.fromkeys(sample_request({"sampler": s}, info).sampler for s in samplers))
+        return cls(base, chosen, tuple(budgets))

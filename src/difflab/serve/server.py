@@ -35,6 +35,8 @@ from difflab.serve.panels import Panels
 from difflab.serve.requests import (
     BadRequest,
     CompareRequest,
+    EditRequest,
+    FewStepRequest,
     ForwardRequest,
     InterpolateRequest,
     InvertRequest,
@@ -257,6 +259,10 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/api/load":
             precision = sample_request({"precision": body.get("precision", "fp32")}, info).precision
             kind, work = "load", panels.warm(info.name, precision)
+        elif path == "/api/edit":
+            kind, work = "edit", panels.edit(EditRequest.from_json(body, info, MAX_UPLOAD))
+        elif path == "/api/fewstep":
+            kind, work = "fewstep", panels.fewstep(FewStepRequest.from_json(body, info))
         else:
             self._send_json({"error": f"no such endpoint {path}"}, HTTPStatus.NOT_FOUND)
             return

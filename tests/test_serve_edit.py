@@ -1,0 +1,131 @@
+"""The explorer's edit panel (SDEdit and RePaint of an uploaded or dataset image, by Model.edit) and few-step
+panel (the same seeds at a few network-evaluation budgets, by the one drawing path), over HTTP on the tiny run:
+each equal pixel for pixel to what Python and ``difflab sample`` draw with the same settings."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serve_helpers import events, png_array, request, runs_dir, server  # noqa: F401 - fixtures
+
+import difflab
+
+
+def data_url(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def job(server, path, body) -> list[dict]:  # noqa: F811 - the fixture, passed on
+    status, answer = request(server, path, body)
+    assert status == 202, answer
+    evs = events(server, answer["job"])
+    assert evs[-1]["type"] == "done", evs[-1]
+    return evs
+
+
+@pytest.fixture(scope="module")
+def model(runs_dir):  # noqa: F811
+    return difflab.load(runs_dir / "tiny")
+
+
+def edits(evs: list[dict]) -> torch.Tensor:
+    shown = sorted((e["index"], png_array(e["png"])) for e in evs if e["type"] == "image")
+    assert [i for i, _ in shown] == list(range(len(shown)))
+    return torch.from_numpy(np.stack([a for _, a in shown]))
+
+
+def test_the_edit_panel_is_model_edit_of_the_fitted_upload(server, model):  # noqa: F811
+    """SDEdit of an uploaded image (fitted to the run as the invert panel fits it): the streamed edits are
+    Model.edit's, and edit 0's path shows each of the round(strength steps) steps it ran."""
+    from difflab.data.upload import decode_image_bytes
+
+    upload = np.full((24, 24), 20, np.uint8)
+    upload[4:20, 9:15] = 230
+    url = data_url(upload)
+    evs = job(server, "/api/edit", {"run": "tiny", "image": url, "strength": 0.6, "count": 5, "seed": 3,
+                                    "sampler": "ddim", "steps": 8, "label": 2})
+    image = decode_image_bytes(base64.b64decode(url.split(",", 1)[1]), model.shape)
+    want = model.edit(image[None].expand(5, -1, -1, -1), strength=0.6, seed=3, sampler="ddim", steps=8, labels=2)
+    assert torch.equal(edits(evs), want)
+    start = next(e for e in evs if e["type"] == "start")
+    assert np.array_equal(png_array(start["original"]), image.numpy()) and start["method"] == "sdedit"
+    steps = [e for e in evs if e["type"] == "step"]
+    assert start["steps"] == len(steps) == 5 and [e["i"] for e in steps] == list(range(5))
+    assert all(e["sigma"] > 0 and png_array(e["x0"]).shape == (1, 8, 8) for e in steps)
+    assert [e["sigma"] for e in steps] == sorted((e["sigma"] for e in steps), reverse=True)
+
+
+def test_the_edit_panel_repaints_a_painted_mask_of_a_dataset_image(server, model, runs_dir):  # noqa: F811
+    """RePaint of dataset image 4 under a painted mask with resampling: Model.edit's images (the classes cycled
+    as in Model.edit), the unpainted pixels exactly the original's, every pass's steps on the path."""
+    from difflab.serve.catalog import Catalog
+
+    image = Catalog(runs_dir).training_data("tiny").images[4]
+    painted = np.zeros((8, 8), np.uint8)
+    painted[4:, :] = 255  # the lower half
+    evs = job(server, "/api/edit", {"run": "tiny", "index": 4, "mask": data_url(painted), "strength": 1, "count": 3,
+                                    "seed": 1, "sampler": "ddpm", "steps": 6, "jump_length": 2, "resample": 2})
+    mask = torch.from_numpy(painted >= 128)
+    want = model.edit(image[None].expand(3, -1, -1, -1), mask=mask, strength=1.0, seed=1, sampler="ddpm", steps=6,
+                      jump_length=2, resample=2)
+    got = edits(evs)
+    assert torch.equal(got, want)
+    assert torch.equal(got[:, :, :4], image[None, :, :4].expand(3, -1, -1, -1))
+    start = next(e for e in evs if e["type"] == "start")
+    assert start["method"] == "repaint" and np.array_equal(png_array(start["mask"])[0] >= 128, painted >= 128)
+    assert start["steps"] == 12 == len([e for e in evs if e["type"] == "step"])
+
+
+def test_cancel_stops_an_edit(server):  # noqa: F811
+    status, answer = request(server, "/api/edit", {"run": "tiny", "index": 0, "strength": 1, "count": 16,
+                                                   "sampler": "ddpm", "steps": 1000})
+    assert status == 202
+    seen = []
+
+    def on_event(ev):
+        if ev["type"] == "step" and len(seen) == 0:
+            seen.append(ev)
+            request(server, f"/api/jobs/{answer['job']}/cancel", {})
+
+    evs = events(server, answer["job"], on_event=on_event)
+    assert evs[-1]["type"] == "cancelled" and len([e for e in evs if e["type"] == "step"]) < 1000
+
+
+def test_the_few_step_panel_is_difflab_sample_at_each_budget(server, runs_dir, tmp_path):  # noqa: F811
+    """Each cell is `difflab sample --run R --steps k [--sampler S] --seed 0` at the most steps k whose network
+    evaluations fit its budget; the run's own sampler unless one is named; a budget that fits no more steps
+    than a smaller one repeats its images; one that fits no step says what it needs."""
+    from difflab.cli import main
+    from difflab.samplers import evaluations
+
+    evs = job(server, "/api/fewstep", {"run": "tiny", "samplers": [None, "heun", "langevin"], "budgets": [1, 2, 4],
+                                       "count": 3, "seed": 0})
+    start = next(e for e in evs if e["type"] == "start")
+    own = difflab.load(runs_dir / "tiny").run.cfg.sampler
+    assert start["rows"] == [own, "heun", "langevin"] and start["budgets"] == [1, 2, 4]
+    cells = {(e["row"], e["column"]): e for e in evs if e["type"] == "cell"}
+    assert len(cells) == 9
+    assert [cells[1, c]["steps"] for c in range(3)] == [1, 1, 2]  # heun: 2 steps - 1 evaluations
+    assert cells[1, 1]["same_as"] == 0 and cells[1, 1]["images"] == cells[1, 0]["images"]
+    assert all(cells[2, c]["needs"] == evaluations("langevin", 1) for c in range(3))
+    drawn = {}
+    for (row, _), cell in cells.items():
+        if "needs" in cell:
+            continue
+        assert cell["evaluations"] <= cell["budget"] and len(cell["images"]) == 3
+        key = (cell["sampler"], cell["steps"])
+        if key not in drawn:
+            flags = [] if row == 0 else ["--sampler", cell["sampler"]]
+            out = tmp_path / f"{cell['sampler']}-{cell['steps']}.npz"
+            assert main(["sample", "--run", str(runs_dir / "tiny"), "--steps", str(cell["steps"]), "--seed", "0",
+                         "--n", "3", "--out", str(tmp_path / "grid.png"), "--force", "--save-npz", str(out), *flags]) == 0
+            drawn[key] = np.load(out)["images"].transpose(0, 3, 1, 2)
+        assert np.array_equal(np.stack([png_array(p) for p in cell["images"]]), drawn[key]), key
+    assert cells[0, 2]["steps"] == 4 and cells[0, 2]["seconds"] > 0
