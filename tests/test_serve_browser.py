@@ -135,3 +135,100 @@ def test_click_through_every_panel(served, tmp_path):
     for name in ("sample", "compare", "forward", "forward-binomial", "interpolate", "invert", "monitor"):
         with Image.open(io.BytesIO((shots / f"serve-{name}.png").read_bytes())) as im:
             assert im.width >= 1000  # a real screenshot, not an empty file
+
+
+def test_edit_and_few_step_panels(served, runs_dir, tmp_path):  # noqa: F811
+    """Edit: a dataset image edited by SDEdit with its path shown, then its lower half painted and repainted (the
+    unpainted upper half of every edit is the original's), then an upload; few steps: the run's own sampler and a
+    second one at 1, 2, 4, 6 and 10 network evaluations, each cell with its steps, evaluations and time."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    from serve_helpers import png_array
+
+    from difflab.serve.catalog import Catalog
+
+    shots = Path(os.environ.get("DIFFLAB_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    upload = tmp_path / "upload.jpg"
+    a = np.zeros((48, 64, 3), np.uint8)
+    a[8:40, 26:38] = 255
+    Image.fromarray(a).save(upload)
+    with sync_api.sync_playwright() as p:
+        browser = launch_browser(p)
+        try:
+            page = guarded_page(browser, served)
+            page.goto(f"http://127.0.0.1:{served.port}/")
+            page.wait_for_selector("#run option", state="attached")
+            page.click("#tabs button[data-panel=edit]")
+            page.wait_for_selector("#edit-source:has-text('dataset image 0')")
+            shape = page.evaluate("state.run.shape")
+
+            # SDEdit of dataset image 0: the edits, and the path of the first, one frame per step run
+            page.locator("#edit-strength").fill("0.6")
+            assert page.inner_text("#edit-strength-value") == "0.60"
+            page.select_option("#edit-form select[name=sampler]", "ddim")
+            page.fill("#edit-form input[name=steps]", "8")
+            page.click("#edit-go")
+            page.wait_for_selector("#edit-grid img:nth-child(4)", timeout=60_000)
+            page.wait_for_selector("#edit-status:has-text('edits in')", timeout=60_000)
+            assert "SDEdit: 4 edits · 5 steps each" in page.inner_text("#edit-status")
+            assert page.get_attribute("#edit-path-slider", "max") == "4"
+            page.locator("#edit-path-slider").fill("1")
+            assert "step 2 of 5" in page.inner_text("#edit-path-label")
+
+            # paint the lower half with the 1-pixel brush, row by row: RePaint keeps the upper half
+            page.select_option("#edit-brush", "0")
+            box = page.locator("#edit-canvas").bounding_box()
+            cell = box["height"] / shape[1]
+            for y in range(shape[1] // 2, shape[1]):
+                page.mouse.move(box["x"] + 1, box["y"] + (y + 0.5) * cell)
+                page.mouse.down()
+                page.mouse.move(box["x"] + box["width"] - 1, box["y"] + (y + 0.5) * cell, steps=2 * shape[2])
+                page.mouse.up()
+            page.fill("#edit-form input[name=resample]", "2")
+            page.fill("#edit-form input[name=jump_length]", "2")
+            page.locator("#edit-strength").fill("1")
+            page.click("#edit-go")
+            page.wait_for_selector("#edit-status:has-text('RePaint')", timeout=60_000)
+            page.wait_for_selector("#edit-status:has-text('edits in')", timeout=60_000)
+            assert "16 steps each" in page.inner_text("#edit-status")  # 8 steps, twice each
+            original = Catalog(runs_dir).training_data("tiny").images[0].numpy()
+            edits = [png_array(page.get_attribute(f"#edit-grid img:nth-child({k})", "src")) for k in range(1, 5)]
+            half = shape[1] // 2
+            assert all(np.array_equal(e[:, :half], original[:, :half]) for e in edits)
+            assert any(not np.array_equal(e[:, half:], original[:, half:]) for e in edits)
+            page.screenshot(path=str(shots / "serve-edit.png"), full_page=True)
+
+            # an uploaded file (fitted to the run), no mask: SDEdit again
+            page.click("#edit-clear")
+            page.set_input_files("#edit-file", str(upload))
+            page.wait_for_selector("#edit-source:has-text('upload upload.jpg')")
+            page.locator("#edit-strength").fill("0.5")
+            page.click("#edit-go")
+            page.wait_for_selector("#edit-status:has-text('SDEdit')", timeout=60_000)
+            page.wait_for_selector("#edit-status:has-text('edits in')", timeout=60_000)
+
+            # a bad setting: one clear line
+            page.fill("#edit-form input[name=steps]", "0")
+            page.click("#edit-go")
+            page.wait_for_selector("#edit-error:not([hidden])")
+            assert "steps must be between 1 and" in page.inner_text("#edit-error")
+
+            # few steps: the run's own sampler and heun at each budget
+            page.click("#tabs button[data-panel=fewstep]")
+            page.click("#fewstep-add")
+            page.select_option("#fewstep-samplers span:nth-child(2) select", "heun")
+            page.click("#fewstep-go")
+            page.wait_for_selector("#fewstep-out tr:nth-child(3) td:nth-child(6) .note:has-text(' s')", timeout=120_000)
+            heads = page.locator("#fewstep-out tr:first-child th").all_inner_texts()
+            assert heads == ["", "1 evaluation", "2 evaluations", "4 evaluations", "6 evaluations", "10 evaluations"]
+            rows = page.locator("#fewstep-out tr th:first-child").all_inner_texts()[1:]
+            assert rows == [page.evaluate("state.run.sampler") + " (the run's own)", "heun"]
+            notes = page.locator("#fewstep-out tr:nth-child(3) .note").all_inner_texts()
+            assert notes[1] == "1 step · 1 evaluation · the images of 1" and notes[4].startswith("5 steps · 9 evaluations · ")
+            assert page.locator("#fewstep-out .cell img").count() == 2 * 5 * 4
+            page.screenshot(path=str(shots / "serve-fewstep.png"), full_page=True)
+
+            assert page.foreign == [], f"requests left the machine: {page.foreign}"
+            assert page.errors == [] or all("400" in e for e in page.errors), page.errors
+        finally:
+            browser.close()

@@ -60,6 +60,12 @@ def test_the_edit_panel_is_model_edit_of_the_fitted_upload(server, model):  # no
     assert start["steps"] == len(steps) == 5 and [e["i"] for e in steps] == list(range(5))
     assert all(e["sigma"] > 0 and png_array(e["x0"]).shape == (1, 8, 8) for e in steps)
     assert [e["sigma"] for e in steps] == sorted((e["sigma"] for e in steps), reverse=True)
+    # one edit alone (the page's replay of its path) is that edit of the whole request
+    again = job(server, "/api/edit", {"run": "tiny", "image": url, "strength": 0.6, "count": 1, "first": 2, "seed": 3,
+                                      "sampler": "ddim", "steps": 8, "label": 2})
+    (one,) = [e for e in again if e["type"] == "image"]
+    assert one["index"] == 2 and np.array_equal(png_array(one["png"]), want[2].numpy())
+    assert len([e for e in again if e["type"] == "step" and e["index"] == 2]) == 5
 
 
 def test_the_edit_panel_repaints_a_painted_mask_of_a_dataset_image(server, model, runs_dir):  # noqa: F811

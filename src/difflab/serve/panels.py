@@ -214,7 +214,7 @@ class Panels:
             image = req.image if req.image is not None else self._image(req.run, req.index)[0]
             passes = req.resample if req.mask is not None else 1
             total = (req.steps - start_index(req.steps, req.strength)) * passes
-            job.emit({"type": "start", "original": png_url(image), "count": req.n, "steps": total,
+            job.emit({"type": "start", "original": png_url(image), "count": req.n, "first": req.start, "steps": total,
                       "method": "repaint" if req.mask is not None else "sdedit", "checkpoint": model.source.step,
                       "mask": None if req.mask is None else png_url(req.mask[None].to(torch.uint8) * 255)})
             t0, frames = time.perf_counter(), [0]
@@ -223,24 +223,24 @@ class Panels:
                 if job.cancelled():
                     raise Cancelled("cancelled")
 
-            def on_step(info: dict) -> None:  # edit 0: its state after each step, at unit variance, and its x0
+            def on_step(info: dict) -> None:  # the first edit: its state after each step, at unit variance, and its x0
                 stop(info)
                 sigma = float(info["sigma"])
                 finite = math.isfinite(sigma)
-                job.emit({"type": "step", "index": 0, "i": frames[0], "steps": total, "sigma": sigma if finite else None,
+                job.emit({"type": "step", "index": req.start, "i": frames[0], "steps": total, "sigma": sigma if finite else None,
                           "xt": png_url(info["x"][0].float().cpu() / math.sqrt(1 + sigma**2)) if finite else None,
                           "x0": png_url(info["x0"][0].float().cpu()), "ms": 1000 * (time.perf_counter() - t0)})
                 frames[0] += 1
 
             images = image[None].expand(req.n, -1, -1, -1)
             for lo, k in chunks(req.n, 4):
-                out = model.edit(images[lo:lo + k], strength=req.strength, mask=req.mask, seed=req.seed, start=lo,
+                out = model.edit(images[lo:lo + k], strength=req.strength, mask=req.mask, seed=req.seed, start=req.start + lo,
                                  sampler=req.sampler, steps=req.steps, guidance=req.guidance, labels=req.label,
                                  prompt=req.prompt, jump_length=req.jump_length, resample=req.resample,
                                  callback=on_step if lo == 0 else stop)
                 ms = 1000 * (time.perf_counter() - t0)
                 for j, im in enumerate(out):
-                    job.emit({"type": "image", "index": lo + j, "png": png_url(im), "ms": ms})
+                    job.emit({"type": "image", "index": req.start + lo + j, "png": png_url(im), "ms": ms})
 
         return work
 

@@ -298,12 +298,13 @@ def _editable(info: RunInfo) -> None:
 
 @dataclass(frozen=True)
 class EditRequest:
-    """``n`` edits of one image (uploaded, fitted to the run, or dataset image ``index``), as
+    """Edits ``start .. start + n - 1`` of one image (uploaded, fitted to the run, or dataset image ``index``), as
     :meth:`difflab.Model.edit` draws them: SDEdit at ``strength``, or with a ``mask`` (bool [H, W], True:
     repaint) RePaint with ``jump_length`` and ``resample``."""
 
     run: str
     n: int
+    start: int
     seed: int
     sampler: str | None  # None: the run's own
     steps: int
@@ -338,7 +339,7 @@ class EditRequest:
             except UsageError as e:
                 raise BadRequest(str(e)) from e
         mask = _base64(body, "mask", max_bytes)
-        return cls(info.name, one.n, one.seed, one.sampler, one.steps, one.guidance,
+        return cls(info.name, one.n, one.start, one.seed, one.sampler, one.steps, one.guidance,
                    None if body.get("label") is None else int(one.labels[0]), one.prompt, strength,
                    _int(body, "jump_length", 10, 1, info.max_steps), _int(body, "resample", 1, 1, MAX_RESAMPLE),
                    None if index is None else _int(body, "index", 0, 0, 10**7), image,

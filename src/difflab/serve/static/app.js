@@ -54,7 +54,7 @@ function formValues(form) {
   const out = {};
   for (const el of form.elements) {
     if (!el.name || el.closest("[hidden]")) continue;
-    if (el.type === "number") out[el.name] = el.value === "" ? null : Number(el.value);
+    if (el.type === "number" || el.type === "range") out[el.name] = el.value === "" ? null : Number(el.value);
     else if (el.name === "label") { if (el.value !== "") out.label = Number(el.value); }
     else if (el.value !== "") out[el.name] = el.value;
   }
@@ -113,6 +113,11 @@ function selectRun(name) {
   show(".class-only", run.conditioning !== "none" && run.class_names.length > 0);
   show(".text-only", run.conditioning === "text");
   for (const input of document.querySelectorAll("input[name=steps]")) input.max = run.max_steps;
+  $("edit-form").elements.steps.value = run.sample_steps;
+  $("fewstep-samplers").innerHTML = "";
+  addFewstepSampler("");
+  editReset();
+  if (run.kind === "run") editUseIndex();
   state.dataStart = 0;
   state.dataIndex = 0;
   if (run.kind === "run") loadData().catch((e) => showError("forward-error", e.message));
@@ -127,35 +132,55 @@ function fillSamplers(sel, value) {
   sel.value = names.includes(value) ? value : names[0];
 }
 
+// ---------------------------------------------------------------- a denoising path, step by step
+// The frames of one sample's path in the elements PREFIX-xt, -x0, -slider, -label, -which and -play.
+function makePath(prefix) {
+  const el = (name) => $(`${prefix}-${name}`);
+  const p = { frames: [], follow: true, timer: null };
+  p.reset = (which) => {
+    p.frames = [];
+    p.follow = true;
+    el("slider").max = 0;
+    el("slider").value = 0;
+    el("xt").removeAttribute("src");
+    el("x0").removeAttribute("src");
+    el("label").textContent = "";
+    el("which").textContent = which;
+  };
+  p.show = (k) => {
+    const f = p.frames[k];
+    if (!f) return;
+    if (f.xt) el("xt").src = f.xt; else el("xt").removeAttribute("src");
+    el("x0").src = f.x0;
+    el("slider").value = k;
+    const sigma = f.sigma === null || f.sigma === undefined ? "" : `, σ = ${f.sigma.toPrecision(3)}`;
+    el("label").textContent = `step ${f.i + 1} of ${f.steps || p.frames.length}${sigma}`;
+  };
+  p.step = (ev) => {
+    p.frames.push(ev);
+    el("slider").max = p.frames.length - 1;
+    if (p.follow) p.show(p.frames.length - 1);
+  };
+  p.toggle = () => {
+    if (p.timer) { clearInterval(p.timer); p.timer = null; el("play").textContent = "Play"; return; }
+    if (!p.frames.length) return;
+    p.follow = false;
+    let k = Number(el("slider").value);
+    if (k >= p.frames.length - 1) k = -1;
+    el("play").textContent = "Pause";
+    p.timer = setInterval(() => {
+      k++;
+      if (k >= p.frames.length) { p.toggle(); return; }
+      p.show(k);
+    }, Math.max(60, 2000 / p.frames.length));
+  };
+  el("slider").addEventListener("input", (e) => { p.follow = false; p.show(Number(e.target.value)); });
+  el("play").addEventListener("click", p.toggle);
+  return p;
+}
+
 // ---------------------------------------------------------------- sample
-let path = { frames: [], index: 0, follow: true, timer: null };
-
-function resetPath(index) {
-  path.frames = [];
-  path.follow = true;
-  $("path-slider").max = 0;
-  $("path-slider").value = 0;
-  $("path-xt").removeAttribute("src");
-  $("path-x0").removeAttribute("src");
-  $("path-label").textContent = "";
-  $("path-which").textContent = `sample ${index}`;
-}
-
-function showFrame(k) {
-  const f = path.frames[k];
-  if (!f) return;
-  if (f.xt) $("path-xt").src = f.xt;
-  $("path-x0").src = f.x0;
-  $("path-slider").value = k;
-  const sigma = f.sigma === null || f.sigma === undefined ? "" : `, σ = ${f.sigma.toPrecision(3)}`;
-  $("path-label").textContent = `step ${f.i + 1} of ${path.frames.length}${sigma}`;
-}
-
-function onStep(ev) {
-  path.frames.push(ev);
-  $("path-slider").max = path.frames.length - 1;
-  if (path.follow) showFrame(path.frames.length - 1);
-}
+let path = null;
 
 async function startSample(e) {
   e.preventDefault();
@@ -171,7 +196,7 @@ async function startSample(e) {
     grid.append(cell);
     cells.push(cell);
   }
-  resetPath(body.seed !== undefined ? 0 : 0);
+  path.reset("sample 0");
   const t0 = performance.now();
   let first = null, shown = 0;
   $("sample-status").textContent = "queued…";
@@ -181,7 +206,7 @@ async function startSample(e) {
     await runJob("sample", "/api/sample", body, (ev) => {
       if (ev.type === "running") $("sample-status").textContent = "sampling…";
       if (ev.type === "start") $("sample-status").textContent = `sampling ${ev.count} · ${ev.evaluations} network evaluations each · checkpoint step ${ev.checkpoint}`;
-      if (ev.type === "step") onStep(ev);
+      if (ev.type === "step") path.step(ev);
       if (ev.type === "image") {
         if (first === null) first = (performance.now() - t0) / 1000;
         const el = img(ev.png);
@@ -208,27 +233,13 @@ async function startSample(e) {
 async function replayPath(index) {
   const body = { ...state.lastSample, count: 1, first: index };
   for (const el of $("sample-grid").children) el.classList.toggle("chosen", el.dataset && el.dataset.index === String(index));
-  resetPath(index);
+  path.reset(`sample ${index}`);
   try {
     await runJob("path", "/api/sample", body, (ev) => {
-      if (ev.type === "step") onStep(ev);
+      if (ev.type === "step") path.step(ev);
       if (ev.type === "error") showError("sample-error", ev.message);
     });
   } catch (err) { showError("sample-error", err.message); }
-}
-
-function togglePlay() {
-  if (path.timer) { clearInterval(path.timer); path.timer = null; $("path-play").textContent = "Play"; return; }
-  if (!path.frames.length) return;
-  path.follow = false;
-  let k = Number($("path-slider").value);
-  if (k >= path.frames.length - 1) k = -1;
-  $("path-play").textContent = "Pause";
-  path.timer = setInterval(() => {
-    k++;
-    if (k >= path.frames.length) { togglePlay(); return; }
-    showFrame(k);
-  }, Math.max(60, 2000 / path.frames.length));
 }
 
 // ---------------------------------------------------------------- compare
@@ -432,6 +443,222 @@ function invertFile(file) {
   reader.readAsDataURL(file);
 }
 
+// ---------------------------------------------------------------- edit
+// The image being edited at the run's size (an offscreen canvas), the painted mask (1: repaint) over it, and
+// what the request sends for it: a dataset index or the uploaded file (the server fits it as drawn here).
+const edit = { canvas: null, mask: null, w: 0, h: 0, source: null, painting: false, path: null };
+
+function editReset() {
+  const [, h, w] = state.run.shape;
+  edit.w = w; edit.h = h;
+  edit.canvas = document.createElement("canvas");
+  edit.canvas.width = w; edit.canvas.height = h;
+  edit.mask = new Uint8Array(w * h);
+  edit.source = null;
+  $("edit-source").textContent = "";
+  $("edit-grid").innerHTML = "";
+  $("edit-status").textContent = "";
+  editDraw();
+}
+
+function editDraw() {
+  const view = $("edit-canvas"), ctx = view.getContext("2d");
+  ctx.imageSmoothingEnabled = false;
+  ctx.fillStyle = "#e9ecf2";
+  ctx.fillRect(0, 0, view.width, view.height);
+  if (edit.source) ctx.drawImage(edit.canvas, 0, 0, view.width, view.height);
+  const sx = view.width / edit.w, sy = view.height / edit.h;
+  ctx.fillStyle = "rgba(217, 45, 32, 0.55)";
+  for (let y = 0; y < edit.h; y++) {
+    for (let x = 0; x < edit.w; x++) if (edit.mask[y * edit.w + x]) ctx.fillRect(x * sx, y * sy, sx, sy);
+  }
+}
+
+// Draw image element `im` onto the run-sized canvas: the shorter side fitted, the centre kept.
+function editSetImage(im, source, label) {
+  const ctx = edit.canvas.getContext("2d");
+  const side = Math.min(im.naturalWidth, im.naturalHeight);
+  ctx.clearRect(0, 0, edit.w, edit.h);
+  ctx.drawImage(im, (im.naturalWidth - side) / 2, (im.naturalHeight - side) / 2, side, side, 0, 0, edit.w, edit.h);
+  edit.source = source;
+  $("edit-source").textContent = label;
+  editDraw();
+}
+
+async function editUseIndex() {
+  showError("edit-error", "");
+  try {
+    const want = Number($("edit-index").value);
+    const data = await api(`/api/dataset?run=${encodeURIComponent(state.run.name)}&start=${want}&n=1`);
+    const d = data.images[0];
+    $("edit-index").value = d.index;
+    const im = new Image();
+    im.onload = () => editSetImage(im, { index: d.index }, `dataset image ${d.index}${d.label ? " (class " + d.label + ")" : ""}`);
+    im.src = d.png;
+  } catch (err) { showError("edit-error", err.message); }
+}
+
+function editFile(file) {
+  if (!file) return;
+  if (file.size > MAX_UPLOAD) { showError("edit-error", `the image is ${(file.size / 2 ** 20).toFixed(1)} MiB; the limit is 4 MiB`); return; }
+  showError("edit-error", "");
+  const reader = new FileReader();
+  reader.onload = () => {
+    const im = new Image();
+    im.onload = () => editSetImage(im, { image: reader.result }, `upload ${file.name}`);
+    im.onerror = () => showError("edit-error", "the browser cannot show this file as an image");
+    im.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+function editPaint(e) {
+  const view = $("edit-canvas"), r = view.getBoundingClientRect();
+  const cx = Math.floor((e.clientX - r.left) / r.width * edit.w), cy = Math.floor((e.clientY - r.top) / r.height * edit.h);
+  const rad = Number($("edit-brush").value), value = e.shiftKey ? 0 : 1;
+  for (let y = cy - rad; y <= cy + rad; y++) {
+    for (let x = cx - rad; x <= cx + rad; x++) if (x >= 0 && y >= 0 && x < edit.w && y < edit.h) edit.mask[y * edit.w + x] = value;
+  }
+  editDraw();
+}
+
+// The painted mask as a PNG of the run's size (white: repaint), or null when nothing is painted.
+function editMaskUrl() {
+  if (!edit.mask.some((v) => v)) return null;
+  const c = document.createElement("canvas");
+  c.width = edit.w; c.height = edit.h;
+  const ctx = c.getContext("2d"), px = ctx.createImageData(edit.w, edit.h);
+  edit.mask.forEach((v, i) => { px.data.fill(v ? 255 : 0, 4 * i, 4 * i + 3); px.data[4 * i + 3] = 255; });
+  ctx.putImageData(px, 0, 0);
+  return c.toDataURL("image/png");
+}
+
+async function startEdit(e) {
+  e.preventDefault();
+  showError("edit-error", "");
+  if (!edit.source) { showError("edit-error", "choose a dataset image or upload one first"); return; }
+  const body = { run: state.run.name, ...formValues($("edit-form")), ...edit.source };
+  if (body.sampler === "default") delete body.sampler;
+  const mask = editMaskUrl();
+  if (mask) body.mask = mask; else { delete body.jump_length; delete body.resample; }
+  const grid = $("edit-grid");
+  grid.innerHTML = "";
+  const cells = [];
+  for (let i = 0; i < body.count; i++) {
+    const cell = document.createElement("div");
+    cell.className = "pending";
+    grid.append(cell);
+    cells.push(cell);
+  }
+  edit.path.reset("edit 0");
+  const t0 = performance.now();
+  let shown = 0;
+  $("edit-status").textContent = "queued…";
+  $("edit-cancel").disabled = false;
+  edit.last = body;
+  try {
+    await runJob("edit", "/api/edit", body, (ev) => {
+      if (ev.type === "start") {
+        $("edit-status").textContent = ev.steps ? `${ev.method === "repaint" ? "RePaint" : "SDEdit"}: ${ev.count} edits · ${ev.steps} steps each · checkpoint step ${ev.checkpoint}`
+          : "strength × steps rounds to 0 steps: the image comes back unchanged (raise the strength or the steps)";
+      }
+      if (ev.type === "step") edit.path.step(ev);
+      if (ev.type === "image") {
+        const el = img(ev.png);
+        el.dataset.index = ev.index;
+        el.title = `edit ${ev.index}: click for its path`;
+        el.addEventListener("click", () => replayEdit(ev.index));
+        cells[ev.index].replaceWith(el);
+        cells[ev.index] = el;
+        if (ev.index === 0) el.classList.add("chosen");
+        shown++;
+      }
+      if (ev.type === "done") $("edit-status").textContent += ` · ${shown} edits in ${((performance.now() - t0) / 1000).toFixed(2)} s`;
+      if (ev.type === "cancelled") $("edit-status").textContent = `cancelled after ${shown} of ${body.count} edits`;
+      if (ev.type === "error") showError("edit-error", ev.message);
+    }, () => { $("edit-cancel").disabled = true; });
+  } catch (err) {
+    showError("edit-error", err.message);
+    $("edit-status").textContent = "";
+    $("edit-cancel").disabled = true;
+  }
+}
+
+// Edit k alone is edit k of the whole request (its seed is (seed, k)): its path, drawn again.
+async function replayEdit(index) {
+  const body = { ...edit.last, count: 1, first: index };
+  for (const el of $("edit-grid").children) el.classList.toggle("chosen", el.dataset && el.dataset.index === String(index));
+  edit.path.reset(`edit ${index}`);
+  try {
+    await runJob("edit-path", "/api/edit", body, (ev) => {
+      if (ev.type === "step") edit.path.step(ev);
+      if (ev.type === "error") showError("edit-error", ev.message);
+    });
+  } catch (err) { showError("edit-error", err.message); }
+}
+
+// ---------------------------------------------------------------- few steps
+function addFewstepSampler(value) {
+  const box = document.createElement("span");
+  box.className = "colspec";
+  const sel = document.createElement("select");
+  sel.append(new Option(`the run's own${state.run.sampler ? " (" + state.run.sampler + ")" : ""}`, ""));
+  for (const s of state.run.samplers) sel.append(new Option(s, s));
+  sel.value = value;
+  const rm = document.createElement("button");
+  rm.type = "button"; rm.textContent = "×"; rm.title = "remove";
+  rm.addEventListener("click", () => box.remove());
+  box.append(sel, rm);
+  $("fewstep-samplers").append(box);
+}
+
+async function startFewstep(e) {
+  e.preventDefault();
+  showError("fewstep-error", "");
+  const body = { run: state.run.name, ...formValues($("fewstep-form")) };
+  body.budgets = String(body.budgets || "").split(",").filter((t) => t.trim() !== "").map(Number);
+  body.samplers = [...$("fewstep-samplers").querySelectorAll("select")].map((sel) => sel.value || null);
+  const table = $("fewstep-out");
+  table.innerHTML = "";
+  let budgets = [];
+  $("fewstep-cancel").disabled = false;
+  try {
+    await runJob("fewstep", "/api/fewstep", body, (ev) => {
+      if (ev.type === "start") {
+        budgets = ev.budgets;
+        const head = table.insertRow();
+        head.append(document.createElement("th"));
+        for (const b of ev.budgets) head.append(Object.assign(document.createElement("th"), { textContent: `${b} evaluation${b > 1 ? "s" : ""}` }));
+        ev.rows.forEach((name, r) => {
+          const row = table.insertRow();
+          const own = body.samplers[r] === null ? " (the run's own)" : "";
+          row.append(Object.assign(document.createElement("th"), { textContent: (name || "its own algorithm") + own }));
+          for (let c = 0; c < ev.budgets.length; c++) {
+            const td = row.insertCell();
+            const cell = document.createElement("div");
+            cell.className = "cell";
+            for (let i = 0; i < ev.count; i++) { const p = document.createElement("div"); p.className = "pending"; cell.append(p); }
+            td.append(cell, Object.assign(document.createElement("div"), { className: "note", textContent: "…" }));
+          }
+        });
+      }
+      if (ev.type === "cell") {
+        const td = table.rows[1 + ev.row].cells[1 + ev.column];
+        const note = td.querySelector(".note");
+        if (ev.needs !== undefined) {
+          td.querySelector(".cell").innerHTML = "";
+          note.textContent = `one step needs ${ev.needs} evaluations`;
+          return;
+        }
+        td.querySelector(".cell").replaceChildren(...ev.images.map((png) => img(png)));
+        note.textContent = `${ev.steps} step${ev.steps > 1 ? "s" : ""} · ${ev.evaluations} evaluation${ev.evaluations > 1 ? "s" : ""} · ` +
+          (ev.same_as !== undefined ? `the images of ${budgets[ev.same_as]}` : `${ev.seconds.toFixed(2)} s`);
+      }
+      if (ev.type === "error") showError("fewstep-error", ev.message);
+    }, () => { $("fewstep-cancel").disabled = true; });
+  } catch (err) { showError("fewstep-error", err.message); $("fewstep-cancel").disabled = true; }
+}
+
 // ---------------------------------------------------------------- training monitor
 function startMonitor() {
   stopMonitor();
@@ -473,8 +700,21 @@ window.addEventListener("DOMContentLoaded", () => {
   $("run").addEventListener("change", (e) => selectRun(e.target.value));
   $("sample-form").addEventListener("submit", startSample);
   $("sample-cancel").addEventListener("click", () => state.jobs.sample && state.jobs.sample.cancel());
-  $("path-slider").addEventListener("input", (e) => { path.follow = false; showFrame(Number(e.target.value)); });
-  $("path-play").addEventListener("click", togglePlay);
+  path = makePath("path");
+  edit.path = makePath("edit-path");
+  $("edit-form").addEventListener("submit", startEdit);
+  $("edit-cancel").addEventListener("click", () => state.jobs.edit && state.jobs.edit.cancel());
+  $("edit-strength").addEventListener("input", (e) => { $("edit-strength-value").textContent = Number(e.target.value).toFixed(2); });
+  $("edit-use-index").addEventListener("click", editUseIndex);
+  $("edit-file").addEventListener("change", (e) => editFile(e.target.files[0]));
+  $("edit-clear").addEventListener("click", () => { edit.mask.fill(0); editDraw(); });
+  const paint = $("edit-canvas");
+  paint.addEventListener("pointerdown", (e) => { edit.painting = true; paint.setPointerCapture(e.pointerId); editPaint(e); });
+  paint.addEventListener("pointermove", (e) => { if (edit.painting) editPaint(e); });
+  paint.addEventListener("pointerup", () => { edit.painting = false; });
+  $("fewstep-form").addEventListener("submit", startFewstep);
+  $("fewstep-add").addEventListener("click", () => addFewstepSampler(state.run.samplers[0] || ""));
+  $("fewstep-cancel").addEventListener("click", () => state.jobs.fewstep && state.jobs.fewstep.cancel());
   $("compare-form").addEventListener("submit", startCompare);
   $("compare-add").addEventListener("click", () => addColumn("ddim", 25));
   $("compare-cancel").addEventListener("click", () => state.jobs.compare && state.jobs.compare.cancel());
