@@ -135,3 +135,41 @@ def test_the_few_step_panel_is_difflab_sample_at_each_budget(server, runs_dir, t
             drawn[key] = np.load(out)["images"].transpose(0, 3, 1, 2)
         assert np.array_equal(np.stack([png_array(p) for p in cell["images"]]), drawn[key]), key
     assert cells[0, 2]["steps"] == 4 and cells[0, 2]["seconds"] > 0
+
+
+@pytest.fixture(scope="module")
+def own_algorithm(tmp_path_factory):
+    """A runs folder with a naive2 run: a method that declares no samplers and draws with its own algorithm."""
+    from difflab.config import TrainConfig
+    from difflab.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("own")
+    cfg = TrainConfig(data="digits", out=str(root / "n2"), model="tiny", method="naive2", steps=2, batch_size=8,
+                      log_every=2, checkpoint_every=2, sample_every=0, sample_steps=3, warmup=1)
+    Trainer(cfg, progress=False, log=lambda *a: None).run()
+    return root
+
+
+def test_the_few_step_panel_follows_the_methods_declared_samplers(own_algorithm):
+    """A method with no sampler of the table (its own algorithm, one network call a step) gets one row, drawn with
+    its own algorithm at k = budget steps, the images of the run's own sample call; naming a sampler is refused,
+    and so is editing (no denoiser)."""
+    from difflab.serve.catalog import Catalog
+    from difflab.serve.jobs import Job
+    from difflab.serve.panels import Panels
+    from difflab.serve.requests import BadRequest, EditRequest, FewStepRequest
+
+    catalog = Catalog(own_algorithm)
+    info = catalog.info("n2")
+    req = FewStepRequest.from_json({"budgets": [1, 4], "count": 2, "seed": 5}, info)
+    job = Job("1", "fewstep", Panels(catalog).fewstep(req))
+    job.work(job)
+    start, *cells = job.events
+    assert start["rows"] == [None] and [(c["steps"], c["evaluations"]) for c in cells] == [(1, 1), (4, 4)]
+    run = difflab.load(own_algorithm / "n2")
+    for c in cells:
+        assert np.array_equal(np.stack([png_array(p) for p in c["images"]]), run.sample(2, seed=5, steps=c["steps"]))
+    with pytest.raises(BadRequest, match="samples with its own algorithm"):
+        FewStepRequest.from_json({"samplers": ["ddim"]}, info)
+    with pytest.raises(BadRequest, match="editing needs a Gaussian run"):
+        EditRequest.from_json({"index": 0}, info, 1 << 20)

@@ -249,7 +249,7 @@ class Panels:
         drawing path at the most steps its budget allows (a cell no step count fits says what it needs)."""
         def work(job: Job) -> None:
             model = self.catalog.model(req.base.run, req.base.precision)
-            rows = [[_within_budget(model, replace(req.base, sampler=s), b) for b in req.budgets] for s in req.samplers]
+            rows = [_within_budgets(model, replace(req.base, sampler=s), req.budgets) for s in req.samplers]
             job.emit({"type": "start", "count": req.base.n, "budgets": list(req.budgets),
                       "rows": [next((d.request.sampler for d, _ in row if d is not None), s) for s, row in zip(req.samplers, rows)]})
             for r, row in enumerate(rows):
@@ -264,27 +264,26 @@ class Panels:
                         first, pngs = drawn[d.request.steps]
                         job.emit({**cell, "same_as": first, "images": pngs})
                         continue
-                    t0, pngs = time.perf_counter(), []
-                    for _, images in stream(d, stop=job.cancelled):
-                        pngs += [png_url(im) for im in images]
+                    t0 = time.perf_counter()  # one call, as `difflab sample` draws (part-1 methods seed per call)
+                    pngs = [png_url(im) for im in d.images(net=WatchedNet(d.model.net, job.cancelled))]
                     drawn[d.request.steps] = (c, pngs)
                     job.emit({**cell, "seconds": time.perf_counter() - t0, "images": pngs})
 
         return work
 
 
-def _within_budget(model, request: SampleRequest, budget: int) -> tuple[Drawing | None, int]:
-    """(the drawing of ``request`` at the most steps whose network evaluations per sample fit in ``budget``, or
-    None when one step does not fit; the evaluations of one step)."""
-    best, least = None, None
-    for steps in range(1, budget + 1):  # evaluations grow with the steps, by at least one a step
+def _within_budgets(model, request: SampleRequest, budgets) -> list[tuple[Drawing | None, int]]:
+    """For each of ``budgets``: (the drawing of ``request`` at the most steps whose network evaluations per sample
+    fit in it, or None when one step does not fit; the evaluations of one step)."""
+    fitting: list[Drawing] = []
+    for steps in range(1, max(budgets) + 1):  # evaluations grow with the steps, by at least one a step
         d = drawing(model, replace(request, steps=steps))
-        evaluations = d.evaluations()
-        least = evaluations if least is None else least
-        if evaluations > budget:
+        if steps == 1:
+            least = d.evaluations()
+        if d.evaluations() > max(budgets):
             break
-        best = d
-    return best, least
+        fitting.append(d)
+    return [(next((d for d in reversed(fitting) if d.evaluations() <= b), None), least) for b in budgets]
 
 
 def _number(text: str | None) -> float | None:
