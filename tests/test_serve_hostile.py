@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import SECRET, guarded_page, launch_browser, request, runs_dir, snapshot  # noqa: F401 - fixtures
+from serve_helpers import SECRET, guarded_page, launch_browser, request, runs_dir, server, snapshot  # noqa: F401 - fixtures
 
 from difflab.errors import CheckpointError, DataError, UsageError
 
@@ -708,17 +708,15 @@ BAD_EDITS = [
 
 
 @pytest.mark.parametrize(("change", "message"), BAD_EDITS, ids=[m for _, m in BAD_EDITS])
-def test_bad_edit_requests_are_one_line_400s(hostile, served, capfd, change, message):
+def test_bad_edit_requests_are_one_line_400s(server, runs_dir, capfd, change, message):  # noqa: F811
     """A strength outside (0, 1], a mask of the wrong size, kind or content, a huge or corrupt upload, bad
     counts and RePaint settings: a one-line 400 before any work is queued; nothing in the runs folder changes."""
-    root, _ = hostile
-    srv = served(root)
-    before = snapshot(root)
-    body = {k: v for k, v in {"run": "good", "index": 0, "strength": 0.5, **change}.items() if v is not None}
-    status, answer = request(srv, "/api/edit", body)
+    before = snapshot(runs_dir)
+    body = {k: v for k, v in {"run": "tiny", "index": 0, "strength": 0.5, **change}.items() if v is not None}
+    status, answer = request(server, "/api/edit", body)
     assert status == 400 and message in one_line(answer), answer
     assert "Traceback" not in capfd.readouterr().err
-    assert snapshot(root) == before
+    assert snapshot(runs_dir) == before
 
 
 @pytest.mark.parametrize("raw", [b'{"run": "good", "index": 0, "strength": NaN}',
@@ -761,8 +759,7 @@ BAD_FEW_STEPS = [
 
 
 @pytest.mark.parametrize(("change", "message"), BAD_FEW_STEPS, ids=[m for _, m in BAD_FEW_STEPS])
-def test_bad_few_step_requests_are_one_line_400s(hostile, served, capfd, change, message):
-    srv = served(hostile[0])
-    status, answer = request(srv, "/api/fewstep", {"run": "good", **change})
+def test_bad_few_step_requests_are_one_line_400s(server, capfd, change, message):  # noqa: F811
+    status, answer = request(server, "/api/fewstep", {"run": "tiny", **change})
     assert status == 400 and message in one_line(answer), answer
     assert "Traceback" not in capfd.readouterr().err
