@@ -154,7 +154,8 @@ function makePath(prefix) {
     el("x0").src = f.x0;
     el("slider").value = k;
     const sigma = f.sigma === null || f.sigma === undefined ? "" : `, σ = ${f.sigma.toPrecision(3)}`;
-    el("label").textContent = `step ${f.i + 1} of ${f.steps || p.frames.length}${sigma}`;
+    // the planned steps while they stream in (a part-1 method plans its own: then the frames seen)
+    el("label").textContent = `step ${k + 1} of ${Math.max(f.steps || 0, p.frames.length)}${sigma}`;
   };
   p.step = (ev) => {
     p.frames.push(ev);
