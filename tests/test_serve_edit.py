@@ -173,3 +173,31 @@ def test_the_few_step_panel_follows_the_methods_declared_samplers(own_algorithm)
         FewStepRequest.from_json({"samplers": ["ddim"]}, info)
     with pytest.raises(BadRequest, match="editing needs a Gaussian run"):
         EditRequest.from_json({"index": 0}, info, 1 << 20)
+
+
+def test_a_diffusers_folder_draws_few_steps_with_its_scheduler_and_is_not_edited(tmp_path):
+    """A diffusers folder's own sampler (its scheduler's) at each budget is what Python draws at those steps;
+    editing it is refused with one line (Model.edit needs a difflab run)."""
+    diffusers = pytest.importorskip("diffusers")
+    from difflab.serve.catalog import Catalog
+    from difflab.serve.jobs import Job
+    from difflab.serve.panels import Panels
+    from difflab.serve.requests import BadRequest, EditRequest, FewStepRequest
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(tmp_path / "hub")
+    diffusers.DDIMScheduler(clip_sample=True).save_pretrained(tmp_path / "hub")
+    catalog = Catalog(tmp_path)
+    info = catalog.info("hub")
+    job = Job("1", "fewstep", Panels(catalog).fewstep(FewStepRequest.from_json({"budgets": [1, 3], "count": 2}, info)))
+    job.work(job)
+    cells = [e for e in job.events if e["type"] == "cell"]
+    assert [(c["steps"], c["evaluations"]) for c in cells] == [(1, 1), (3, 3)]
+    hub = difflab.load(tmp_path / "hub")
+    for c in cells:
+        assert np.array_equal(np.stack([png_array(p) for p in c["images"]]), hub.sample(2, seed=0, steps=c["steps"]))
+    with pytest.raises(BadRequest, match="editing needs a difflab run; hub is a diffusers folder"):
+        EditRequest.from_json({"index": 0}, info, 1 << 20)
