@@ -79,14 +79,17 @@ def test_the_edit_panel_repaints_a_painted_mask_of_a_dataset_image(server, model
     evs = job(server, "/api/edit", {"run": "tiny", "index": 4, "mask": data_url(painted), "strength": 1, "count": 3,
                                     "seed": 1, "sampler": "ddpm", "steps": 6, "jump_length": 2, "resample": 2})
     mask = torch.from_numpy(painted >= 128)
+    walked = []
     want = model.edit(image[None].expand(3, -1, -1, -1), mask=mask, strength=1.0, seed=1, sampler="ddpm", steps=6,
-                      jump_length=2, resample=2)
+                      jump_length=2, resample=2, callback=walked.append)
     got = edits(evs)
     assert torch.equal(got, want)
     assert torch.equal(got[:, :, :4], image[None, :, :4].expand(3, -1, -1, -1))
     start = next(e for e in evs if e["type"] == "start")
     assert start["method"] == "repaint" and np.array_equal(png_array(start["mask"])[0] >= 128, painted >= 128)
-    assert start["steps"] == 12 == len([e for e in evs if e["type"] == "step"])
+    steps = [e for e in evs if e["type"] == "step"]
+    assert start["steps"] is None and len(steps) == len(walked) > 6  # the sampler's steps, the jumps back included
+    assert [e["sigma"] for e in steps] == [float(w["sigma"]) for w in walked]
 
 
 def test_cancel_stops_an_edit(server):  # noqa: F811

@@ -212,8 +212,8 @@ class Panels:
         def work(job: Job) -> None:
             model = Model(self.catalog.model(req.run))
             image = req.image if req.image is not None else self._image(req.run, req.index)[0]
-            passes = req.resample if req.mask is not None else 1
-            total = (req.steps - start_index(req.steps, req.strength)) * passes
+            # SDEdit runs the last steps of the grid; RePaint's jumps back make its own count (the path shows it)
+            total = None if req.mask is not None else req.steps - start_index(req.steps, req.strength)
             job.emit({"type": "start", "original": png_url(image), "count": req.n, "first": req.start, "steps": total,
                       "method": "repaint" if req.mask is not None else "sdedit", "checkpoint": model.source.step,
                       "mask": None if req.mask is None else png_url(req.mask[None].to(torch.uint8) * 255)})

@@ -560,7 +560,8 @@ async function startEdit(e) {
   try {
     await runJob("edit", "/api/edit", body, (ev) => {
       if (ev.type === "start") {
-        $("edit-status").textContent = ev.steps ? `${ev.method === "repaint" ? "RePaint" : "SDEdit"}: ${ev.count} edits · ${ev.steps} steps each · checkpoint step ${ev.checkpoint}`
+        $("edit-status").textContent = ev.method === "repaint" ? `RePaint: ${ev.count} edits · checkpoint step ${ev.checkpoint}`
+          : ev.steps ? `SDEdit: ${ev.count} edits · ${ev.steps} steps each · checkpoint step ${ev.checkpoint}`
           : "strength × steps rounds to 0 steps: the image comes back unchanged (raise the strength or the steps)";
       }
       if (ev.type === "step") edit.path.step(ev);
@@ -574,7 +575,10 @@ async function startEdit(e) {
         if (ev.index === 0) el.classList.add("chosen");
         shown++;
       }
-      if (ev.type === "done") $("edit-status").textContent += ` · ${shown} edits in ${((performance.now() - t0) / 1000).toFixed(2)} s`;
+      if (ev.type === "done") {
+        const walk = body.mask ? ` · ${edit.path.frames.length} sampler steps each, the jumps back included` : "";
+        $("edit-status").textContent += `${walk} · ${shown} edits in ${((performance.now() - t0) / 1000).toFixed(2)} s`;
+      }
       if (ev.type === "cancelled") $("edit-status").textContent = `cancelled after ${shown} of ${body.count} edits`;
       if (ev.type === "error") showError("edit-error", ev.message);
     }, () => { $("edit-cancel").disabled = true; });
