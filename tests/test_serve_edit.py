@@ -204,3 +204,10 @@ def test_a_diffusers_folder_draws_few_steps_with_its_scheduler_and_is_not_edited
         assert np.array_equal(np.stack([png_array(p) for p in c["images"]]), hub.sample(2, seed=0, steps=c["steps"]))
     with pytest.raises(BadRequest, match="editing needs a difflab run; hub is a diffusers folder"):
         EditRequest.from_json({"index": 0}, info, 1 << 20)
+
+
+def test_model_edit_callback_must_be_a_function(model):
+    from difflab.errors import UsageError
+
+    with pytest.raises(UsageError, match="callback must be a function or None"):
+        model.edit(torch.zeros((1, *model.shape), dtype=torch.uint8), callback="print")

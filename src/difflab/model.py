@@ -109,6 +109,7 @@ class Model:
         :mod:`difflab.editing`."""
         from difflab.editing import edit_images
 
+        _check_callable("callback", callback)
         run = self._edit_run()
         x = self._images(images, "edit")
         m = None if mask is None else edit_mask(mask, tuple(x.shape)).to(x.device)

@@ -30,7 +30,7 @@ from difflab.serve.requests import (
     InterpolateRequest,
     InvertRequest,
 )
-from difflab.streaming import Cancelled, chunks, stream
+from difflab.streaming import Cancelled, WatchedNet, chunks, stream
 from difflab.training.loggers import EVAL_COLUMNS
 
 
