@@ -20,7 +20,7 @@ import urllib.request
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from serve_helpers import SECRET, runs_dir, snapshot  # noqa: F401 - fixture
 
@@ -196,6 +196,8 @@ def two_runs(runs_dir, tmp_path_factory):  # noqa: F811
        meta=st.dictionaries(st.sampled_from(["step", "tensors", "sha256", "image_shape", "class_names",
                                               "data_fingerprint", "config", "network", "x"]), field_values, max_size=3))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(config={"method": "\n"}, meta={})  # (once a traceback: the config's message held the raw newline)
+@example(config={"data": "a\nb"}, meta={})
 def test_fuzz_run_json_fields_never_break_the_listing(two_runs, config, meta):
     """Any values in a run's config.json and newest checkpoint JSON: the listing answers, the good run is in it
     unchanged, and the odd run is either a run or damaged with one line."""

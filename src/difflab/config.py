@@ -148,7 +148,7 @@ class TrainConfig:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got '{getattr(self, f.name)}'")
+                raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         for name, (lo, hi, *opts) in _RANGES.items():
             check_range(f"--{_flag(name)}", getattr(self, name), lo, hi, **(opts[0] if opts else {}))
         if self.sample_sigma_min != "auto":
@@ -169,7 +169,7 @@ class TrainConfig:
         from difflab.samplers import SAMPLERS  # (samplers import nothing of the run layer)
 
         if self.sampler not in SAMPLERS:
-            raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
+            raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.ema_length != 0:
             check_ema_length(self.ema_length)
         parse_lengths(self.ema_track)

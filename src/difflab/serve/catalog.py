@@ -310,8 +310,9 @@ def _read_entry(name: str, folder: Path) -> _Entry:
         return _Entry(folder, kind, info, cfg, seen=files.seen, listed=info.to_json(),
                       loss_mtime=loss[3] / 1e9 if loss is not None and stat.S_ISREG(loss[0]) else None)
     except UsageError as e:  # CheckpointError and the config's own checks
-        return _Entry(folder, kind or "run", error=str(e), seen=files.seen,
-                      listed={"name": name, "kind": kind or "run", "damaged": True, "error": str(e)})
+        reason = " ".join(str(e).split())  # one line, whatever the run's files hold
+        return _Entry(folder, kind or "run", error=reason, seen=files.seen,
+                      listed={"name": name, "kind": kind or "run", "damaged": True, "error": reason})
 
 
 def _count_entries(folder: Path, limit: int) -> None:
