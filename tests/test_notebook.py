@@ -147,3 +147,57 @@ def test_resuming_needs_the_same_images(run, digits, capsys):
     model = difflab.train(data=images.numpy(), labels=labels.tolist(), **settings, steps=4)
     assert model.run.step == 4
     assert capsys.readouterr() == ("", "")
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory, one_thread):
+    """A 2-step run with a diffusers twin (the tiny preset has none)."""
+    out = tmp_path_factory.mktemp("nb") / "unet"
+    return difflab.train(data="digits", steps=2, out=out, progress=False,
+                         **{**TINY, "model": "mnist-small", "channels_mult": "32,64"})
+
+
+def test_save_pretrained_as_a_run_folder_samples_the_same(unet_run, tmp_path):
+    path = unet_run.save_pretrained(tmp_path / "copy")
+    assert path == tmp_path / "copy"
+    assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == [
+        "checkpoints", "checkpoints/step-0000002.json", "checkpoints/step-0000002.safetensors", "config.json",
+        "grid-bottom.json", "loss.csv", "loss.png", "samples", "samples/final.png"]
+    copy = difflab.load(path)
+    assert copy.run.step == 2 and torch.equal(copy.sample(6, seed=1, steps=3), unet_run.sample(6, seed=1, steps=3))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_save_pretrained_as_diffusers_samples_the_same(unet_run, tmp_path):
+    path = unet_run.save_pretrained(tmp_path / "hub", format="diffusers")
+    assert (path / "unet" / "diffusion_pytorch_model.safetensors").is_file() and (path / "README.md").is_file()
+    hub = difflab.load(path)
+    assert hub.run is None
+    same = {"sampler": "ddim", "steps": 10, "spacing": "uniform", "clip": "none"}  # difflab's grid, as the run's
+    diff = (hub.sample(6, seed=1, **same).int() - unet_run.sample(6, seed=1, **same).int()).abs()
+    assert int(diff.max()) <= 1  # (the tolerance of test_export: float rounding in another UNet)
+    again = hub.save_pretrained(tmp_path / "hub2", format="diffusers")  # a diffusers folder is copied as it is
+    assert torch.equal(difflab.load(again).sample(2, seed=0, steps=2), hub.sample(2, seed=0, steps=2))
+
+
+def test_save_pretrained_refusals_are_one_line(unet_run, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    posthoc = difflab.load(unet_run.path, ema_length=0.1)  # weights no checkpoint holds
+    for call, message in [(lambda: unet_run.save_pretrained(tmp_path / "full"),
+                           f"save_pretrained {tmp_path / 'full'} already exists and is not an empty folder"),
+                          (lambda: unet_run.save_pretrained(unet_run.path / "inside"), "is inside the run folder"),
+                          (lambda: unet_run.save_pretrained(tmp_path / "x", format="onnx"),
+                           "format must be one of run, diffusers, got 'onnx'"),
+                          (lambda: unet_run.save_pretrained(None), "path must be a path"),
+                          (lambda: posthoc.save_pretrained(tmp_path / "p"), "this model's weights are not those of")]:
+        with pytest.raises(UsageError) as caught:
+            call()
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert (tmp_path / "full" / "x").read_text() == "mine" and not (tmp_path / "x").exists()
+    assert not (tmp_path / "p").exists() and not (unet_run.path / "inside").exists()
+    hub = difflab.load(posthoc.save_pretrained(tmp_path / "p", format="diffusers"))  # its own weights, exported
+    same = {"sampler": "ddim", "steps": 4, "spacing": "uniform", "clip": "none"}
+    assert int((hub.sample(3, **same).int() - posthoc.sample(3, **same).int()).abs().max()) <= 1
+    with pytest.raises(UsageError, match="is a diffusers folder, not a difflab run: save it with format='diffusers'"):
+        hub.save_pretrained(tmp_path / "r")

@@ -125,7 +125,7 @@ def diffusers_state_dict(net, time_shift: bool = True) -> dict[str, torch.Tensor
     res("mid_block.resnets.1", net.mid[1].res)
     put("conv_norm_out", net.out[0])
     put("conv_out", net.out[2])
-    sd = {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
+    sd = {k: v.detach().float().cpu().contiguous().clone() for k, v in sd.items()}
     if time_shift:
         sd["time_embedding.linear_1.weight"] = _time_shift(sd["time_embedding.linear_1.weight"])
     return sd
@@ -186,11 +186,18 @@ def model_card(run, pipeline: str, sample_file: str) -> str:
 def export_diffusers(run_dir: str | Path, out: str | Path, ema: bool = True, n_samples: int = 16) -> Path:
     """Write the run as a diffusers pipeline folder at ``out`` (new, or an empty folder; never inside a run
     folder), atomically: the folder is written beside ``out`` and renamed into place when complete."""
-    from difflab.files import atomic_folder, check_output_folder
+    from difflab.files import check_output_folder
     from difflab.runs.draw import load_run
 
     check_output_folder(out, "--to diffusers")
-    run = load_run(run_dir, "cpu", ema=ema)
+    return write_diffusers(load_run(run_dir, "cpu", ema=ema), out, "--to diffusers", n_samples)
+
+
+def write_diffusers(run, out: str | Path, flag: str, n_samples: int = 16) -> Path:
+    """Write loaded run ``run`` (its weights as loaded) as a diffusers pipeline folder at ``out``, atomically;
+    ``flag`` names ``out`` in errors."""
+    from difflab.files import atomic_folder
+
     check_exportable(run)
     try:
         import diffusers
@@ -218,4 +225,67 @@ def export_diffusers(run_dir: str | Path, out: str | Path, ema: bool = True, n_s
         save_grid(samples, folder / "samples.png")
         (folder / "README.md").write_text(model_card(run, "ddpm", "samples.png"))
 
-    return atomic_folder(out, fill, "--to diffusers")
+    return atomic_folder(out, fill, flag)
+
+
+# what a run folder's copy holds besides its config, checkpoint and samples: what sampling reads (the grid
+# bottom, a text run's prompts) and the training log
+RUN_FILES = ("grid-bottom.json", "prompts.safetensors", "loss.csv", "loss.png")
+
+
+def write_run(run, out: str | Path, flag: str) -> Path:
+    """A clean copy of loaded run ``run``'s folder at ``out`` (new or empty), atomically: its config, the
+    checkpoint its weights come from, its samples and :data:`RUN_FILES`; no older checkpoint, snapshot or lock.
+    Refused when the weights are not that checkpoint's (a post-hoc EMA, bf16, edited)."""
+    import shutil
+
+    from difflab.files import atomic_folder
+    from difflab.nets import split_prefix
+    from difflab.runs.checkpoint import load_checkpoint
+
+    src = Path(run.path)
+    stem = f"step-{run.step:07d}"
+    ckpt = src / "checkpoints" / f"{stem}.json"
+    tensors = load_checkpoint(ckpt)[0] if ckpt.is_file() else {}
+    weights = run.net.state_dict()
+    if not any(_same(split_prefix(tensors, part), weights) for part in ("ema", "model")):
+        raise UsageError(f"this model's weights are not those of {ckpt} (a post-hoc EMA, bf16 or edited weights): "
+                         "format='run' copies checkpoints; save it with format='diffusers'")
+
+    def fill(folder: Path) -> None:
+        (folder / "checkpoints").mkdir()
+        for name in (f"{stem}.json", f"{stem}.safetensors"):
+            shutil.copyfile(src / "checkpoints" / name, folder / "checkpoints" / name)
+        for name in ("config.json", *RUN_FILES):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, folder / name)
+        if (src / "samples").is_dir():
+            shutil.copytree(src / "samples", folder / "samples")
+
+    return atomic_folder(out, fill, flag)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+FORMATS = ("run", "diffusers")
+
+
+def save_model(source, out: str | Path, format: str) -> Path:
+    """``Model.save_pretrained``: a loaded run (a :class:`~difflab.runs.draw.Run`) or diffusers folder written to
+    a new folder ``out`` in ``format`` ("run": :func:`write_run`; "diffusers": :func:`write_diffusers`, a
+    diffusers folder copied as it is)."""
+    import shutil
+
+    from difflab.files import atomic_folder, check_output_folder
+
+    flag = "save_pretrained"
+    if format not in FORMATS:
+        raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    check_output_folder(out, flag)
+    if getattr(source, "cfg", None) is not None:  # a difflab run
+        return write_run(source, out, flag) if format == "run" else write_diffusers(source, out, flag)
+    if format == "run":
+        raise UsageError(f"{source.path} is a diffusers folder, not a difflab run: save it with format='diffusers'")
+    return atomic_folder(out, lambda folder: shutil.copytree(source.path, folder, dirs_exist_ok=True), flag)
