@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difflab.checks import check_device, check_flag
-from difflab.data.memory import PREFIX, from_memory, is_images
+from difflab.data.memory import PREFIX, from_memory
 from difflab.errors import UsageError
 from difflab.model import Model, load, to_pil
 
@@ -49,7 +49,7 @@ def train(*, resume: bool = False, progress: bool = True, device: str | None = N
     images = None
     if not isinstance(settings.get("data", ""), (str, type(None))):  # images (their reader says what it takes)
         images, labels = settings.pop("data"), settings.pop("labels", None)
-    elif is_images(settings.get("labels")):
+    elif settings.get("labels") is not None and not isinstance(settings["labels"], bool):
         raise UsageError("labels= as a list of classes goes with images given as data= (a tensor, array or PIL "
                          "images); with a folder, labels=True reads its sub-folders as classes")
     check_settings(settings, resume=resume, progress=progress, device=device)

@@ -34,11 +34,6 @@ def memory_name(print_: str) -> str:
     return PREFIX + print_
 
 
-def is_images(data: object) -> bool:
-    """Whether ``data`` is images in memory (not a dataset name or folder path)."""
-    return isinstance(data, (torch.Tensor, np.ndarray, list, tuple))
-
-
 def from_memory(images: Any, labels: Any = None, *, image_size: int | None = None, channels: int | None = None,
                 multiple: int = 1) -> ImageData:
     """``images`` (and ``labels``) by the module's rule as uint8 data, resized to ``image_size`` (without it:
