@@ -18,9 +18,8 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def _train(out, **kw):
-    kw = {"model": "mnist-small", "channels_mult": "32,64", **kw}
-    cfg = TrainConfig(data="digits", out=str(out), steps=6, batch_size=8, log_every=3, checkpoint_every=6,
-                      sample_every=0, sample_steps=2, warmup=1, lr=3e-3, **kw)
+    kw = {"model": "mnist-small", "channels_mult": "32,64", "data": "digits", "steps": 6, "checkpoint_every": 6, **kw}
+    cfg = TrainConfig(out=str(out), batch_size=8, log_every=3, sample_every=0, sample_steps=2, warmup=1, lr=3e-3, **kw)
     Trainer(cfg, progress=False, log=lambda *a: None).run()
     return out
 
@@ -110,3 +109,67 @@ def test_invert_likelihood_and_evaluate_of_the_exported_folder_equal_the_run(exp
     assert np.allclose(res["run"][0], res["hub"][0], atol=1e-3)
     assert res["run"][1]["bits_per_dim"] == pytest.approx(res["hub"][1]["bits_per_dim"], rel=1e-4)
     assert res["run"][2]["fid"] == pytest.approx(res["hub"][2]["fid"], rel=0.02)
+
+
+def _card(out):
+    """(the YAML header, the Python snippet, the text) of an exported folder's model card."""
+    import re
+
+    import yaml
+
+    card = (out / "README.md").read_text()
+    _, header, text = card.split("---\n", 2)
+    return yaml.safe_load(header), re.search(r"```python\n(.*?)```", text, re.S).group(1), text
+
+
+def _snippet_draws_the_card_image(out, tmp_path):
+    """Run the card's own snippet on the folder: its images are samples.png, pixel for pixel."""
+    from PIL import Image
+
+    from difflab.interop.export import save_snippet_grid
+
+    _, code, _ = _card(out)
+    scope: dict = {}
+    exec(code.replace("PATH_OR_REPO", str(out)), scope)  # noqa: S102 (the card's code, as a reader runs it)
+    drawn = save_snippet_grid(scope["images"], tmp_path / "drawn.png")
+    assert len(scope["images"]) == 16
+    assert np.array_equal(np.asarray(Image.open(drawn)), np.asarray(Image.open(out / "samples.png")))
+
+
+def test_the_card_names_the_data_its_license_and_draws_its_image_with_its_snippet(exported, tmp_path):
+    run, out = exported
+    meta, code, text = _card(out)
+    assert meta["license"] == "cc-by-4.0" and meta["datasets"] == ["digits"]  # the UCI digits' license
+    assert "generator=torch.Generator().manual_seed(0)" in code and "num_inference_steps=2," in code  # the run's --sample-steps
+    assert str(run) not in text and str(run.parent) not in text and "not known to difflab" not in text
+    _snippet_draws_the_card_image(out, tmp_path)
+
+
+def test_a_class_run_on_a_folder_exports_its_name_and_the_license_given(tmp_path, capsys):
+    from PIL import Image
+
+    from difflab.data import load
+    from difflab.interop.export import data_card
+
+    data = load("digits")
+    for i in range(40):  # a folder of images with class sub-folders
+        (tmp_path / "my digits" / str(int(data.labels[i]))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.images[i, 0].numpy()).save(tmp_path / "my digits" / str(int(data.labels[i])) / f"{i}.png")
+    run = _train(tmp_path / "run", data=str(tmp_path / "my digits"), conditioning="class", labels=True, steps=1,
+                 checkpoint_every=1)
+    assert main(["export", "--run", str(run), "--to", "diffusers", str(tmp_path / "a")]) == 0
+    meta, code, text = _card(tmp_path / "a")
+    assert meta["license"] == "unknown" and "`difflab export --license ID`" in text
+    assert meta["datasets"] == ["my digits"] and str(tmp_path) not in text
+    assert "class_labels=labels" in code
+    _snippet_draws_the_card_image(tmp_path / "a", tmp_path)
+    from difflab.interop.export import model_card, snippet
+    from difflab.runs.draw import load_run
+
+    loaded = load_run(run)
+    card = model_card(loaded, "ddpm", "samples.png", snippet(loaded, 16)[-1], license="cc0-1.0")
+    assert "\nlicense: cc0-1.0\n" in card and "not known to difflab" not in card
+    assert main(["export", "--run", str(run), "--to", "diffusers", str(tmp_path / "c"), "--license", "MIT; rm"]) == 2
+    assert "--license must be a license id such as mit" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert data_card("in-memory:0123456789abcdef") == (None, "unknown")
+    assert data_card("~/pictures/cats/") == ("cats", "unknown") and data_card("MNIST") == ("mnist", "mit")

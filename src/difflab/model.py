@@ -92,6 +92,15 @@ class Model:
         images = sample_request(self.source, req)
         return to_pil(images) if pil else images
 
+    def save_pretrained(self, path: str | Path, format: str = "run", *, license: str | None = None) -> Path:
+        """Write the model to a new (or empty) folder ``path``, atomically, and return it: ``format="run"``, a
+        clean copy of its run folder (config, the checkpoint of its weights, samples); ``"diffusers"``, the
+        pipeline folder ``difflab export`` writes, its model card under ``license`` (default: the data set's,
+        else unknown; a diffusers folder is copied). ``difflab.load(path)`` gives this model back."""
+        from difflab.interop.export import save_model
+
+        return save_model(self.source, check_path("path", path), format, license)
+
     # --- editing a given image (Gaussian runs) ---------------------------------------------------------
     def edit(self, images: torch.Tensor, *, strength: float | None = None, mask: torch.Tensor | None = None,
              seed: int = 0, sampler: str | None = None, steps: int | None = None, jump_length: int = 10,

@@ -24,6 +24,10 @@ __all__ = ["DATASETS", "ImageData", "ImageSource", "dataset_key", "fingerprint",
 
 DATASETS = ("mnist", "fashion-mnist", "digits", "emoji", "textures")
 SPLITS = ("train", "test")
+# the licenses of built-in sets as their sources state them (Hub license ids): Fashion-MNIST's repository and
+# Debian package (MIT), the Hub's card of MNIST (MIT), the UCI digits scikit-learn copies (CC BY 4.0); the emoji
+# (a font's or an npm package's artwork) and the textures (photos under several licenses) are not listed
+LICENSES = {"mnist": "mit", "fashion-mnist": "mit", "digits": "cc-by-4.0"}
 
 
 def _builtin(arrays: dict[str, np.ndarray], class_names: list[str], name: str, image_size: int | None,
