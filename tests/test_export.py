@@ -172,4 +172,4 @@ def test_a_class_run_on_a_folder_exports_its_name_and_the_license_given(tmp_path
     assert main(["export", "--run", str(run), "--to", "diffusers", str(tmp_path / "c"), "--license", "MIT; rm"]) == 2
     assert "--license must be a license id such as mit" in capsys.readouterr().err and not (tmp_path / "c").exists()
     assert data_card("in-memory:0123456789abcdef") == (None, "unknown")
-    assert data_card("~/pictures/cats/") == ("cats", "unknown") and data_card("MNIST") == ("mnist", "mit")
+    assert data_card("~/pictures/cats/") == ("cats", "unknown") and data_card("MNIST") == ("mnist", "cc-by-sa-3.0")

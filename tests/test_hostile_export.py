@@ -100,7 +100,7 @@ def snap_run(tmp_path_factory, one_thread):
 
 
 def test_full_disk_in_checkpoints_and_posthoc_ema_is_one_line(snap_run, tmp_path, monkeypatch):
-    from difflab.training import checkpoint
+    from difflab.runs import checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(snap_run, run)
@@ -118,7 +118,7 @@ def test_full_disk_in_checkpoints_and_posthoc_ema_is_one_line(snap_run, tmp_path
 def test_full_disk_while_writing_the_json_removes_the_tensor_file(tmp_path, monkeypatch):
     import torch
 
-    from difflab.training import checkpoint
+    from difflab.runs import checkpoint
 
     def full_json(path, text):
         raise OutputError(f"cannot write {path}: No space left on device")

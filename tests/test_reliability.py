@@ -182,7 +182,7 @@ def test_atomic_write_syncs_unless_told_not_to(tmp_path, monkeypatch):
 
 
 def test_disk_full_while_saving_keeps_last_good_checkpoint(run_copy, monkeypatch):
-    from difflab.training import checkpoint
+    from difflab.runs import checkpoint
 
     def full(tmp, tensors, header=None):
         raise OSError(28, "No space left on device")

@@ -24,10 +24,11 @@ __all__ = ["DATASETS", "ImageData", "ImageSource", "dataset_key", "fingerprint",
 
 DATASETS = ("mnist", "fashion-mnist", "digits", "emoji", "textures")
 SPLITS = ("train", "test")
-# the licenses of built-in sets as their sources state them (Hub license ids): Fashion-MNIST's repository and
-# Debian package (MIT), the Hub's card of MNIST (MIT), the UCI digits scikit-learn copies (CC BY 4.0); the emoji
-# (a font's or an npm package's artwork) and the textures (photos under several licenses) are not listed
-LICENSES = {"mnist": "mit", "fashion-mnist": "mit", "digits": "cc-by-4.0"}
+# the licenses of the built-in sets, as the exported model card names them (Hub license ids): MNIST's own page
+# gives CC BY-SA 3.0 (the Hub's card says MIT); Fashion-MNIST MIT; scikit-learn's digits (UCI) CC BY 4.0;
+# emoji (the font's OFL or the npm images' Apache 2.0, whichever is installed) and textures (scikit-image's
+# photos, each its own) are left unknown: the card then asks the user to set one
+LICENSES = {"mnist": "cc-by-sa-3.0", "fashion-mnist": "mit", "digits": "cc-by-4.0"}
 
 
 def _builtin(arrays: dict[str, np.ndarray], class_names: list[str], name: str, image_size: int | None,
