@@ -79,11 +79,11 @@ def test_method_defaults_are_the_clis(tmp_path, one_thread):
 
 
 def test_given_settings_win_over_the_method_defaults():
-    from difflab.config import config_from_values
+    from difflab.recipe import build_config
 
-    assert config_from_values({"method": "naive1", "T": 30}).T == 30
-    assert config_from_values({"method": "naive1"}).T == 60
-    assert config_from_values({}).T == 1000
+    assert build_config({"method": "naive1", "T": 30}).T == 30
+    assert build_config({"method": "naive1"}).T == 60
+    assert build_config({}).T == 1000
 
 
 def test_a_diffusers_folder_samples_as_the_cli_does(tmp_path, one_thread):

@@ -258,8 +258,7 @@ def test_old_run_folders_keep_the_classic_ema(tmp_path):
     assert (c.noise_sampling, c.loss_weighting) == ("uniform", "none")
     assert load_run(tmp_path / "run").sample(2, steps=2).shape == (2, 1, 8, 8)
     resumed = cfg(tmp_path, steps=6, checkpoint_every=4)
-    resumed._given = {"steps"}
-    tr = Trainer(resumed, resume=True, **quiet)
+    tr = Trainer(resumed, resume=True, given={"steps"}, **quiet)
     assert not isinstance(tr.ema, PowerEMA) and tr.tracked == [] and tr.step == 4
     tr.run()
     assert not (Path(tmp_path) / "run" / "ema-snapshots").exists()

@@ -211,7 +211,7 @@ def test_expected_speed_within_a_factor_of_two_of_a_short_run(one_thread):
     for step in range(2, 6):
         tr.train_step(step)
     measured = 4 * batch / (time.process_time() - cpu)
-    expected = fit.expected_images_per_second(fit.cost(tr.net_config, (3, 32, 32)).gflop, CPU, cfg.precision)
+    expected = fit.expected_images_per_second(fit.cost(tr.net_config, (3, 32, 32)).gflop, CPU, tr.cfg.precision)
     assert 0.5 < expected / measured < 2, (expected, measured)
 
 

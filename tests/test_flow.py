@@ -100,14 +100,14 @@ def test_logit_normal_quantiles_and_sd3_shift():
 
 
 def test_flow_config_defaults_and_refusals():
-    from difflab.config import config_from_values
     from difflab.errors import UsageError
+    from difflab.recipe import build_config
 
-    cfg = config_from_values({"process": "flow"}).validate()
+    cfg = build_config({"process": "flow"}).validate()
     assert (cfg.prediction, cfg.noise_sampling) == ("velocity", "logit-normal")
-    assert config_from_values({"process": "flow", "prediction": "x0"}).validate().prediction == "x0"
+    assert build_config({"process": "flow", "prediction": "x0"}).validate().prediction == "x0"
     with pytest.raises(UsageError, match="cannot take --prediction eps"):
-        config_from_values({"process": "flow", "prediction": "eps"}).validate()
+        build_config({"process": "flow", "prediction": "eps"}).validate()
 
 
 def _den():
@@ -159,11 +159,11 @@ def test_euler_equals_diffusers_flow_match_euler():
 # --- a trained flow run ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory):
-    from difflab.config import config_from_values
+    from difflab.recipe import build_config
     from difflab.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("flow") / "run"
-    cfg = config_from_values({"data": "digits", "out": str(out), "process": "flow", "model": "mnist-small",
+    cfg = build_config({"data": "digits", "out": str(out), "process": "flow", "model": "mnist-small",
                               "channels_mult": "32,64", "steps": 6, "batch_size": 8, "log_every": 3,
                               "checkpoint_every": 6, "sample_every": 0, "sample_steps": 2, "warmup": 1,
                               "lr": 3e-3}).validate()
@@ -323,11 +323,11 @@ def test_cli_likelihood_of_a_flow_run(flow_run, tmp_path, capsys):
 
 
 def test_a_class_conditional_flow_run_samples_with_guidance(tmp_path):
-    from difflab.config import config_from_values
+    from difflab.recipe import build_config
     from difflab.runs.draw import load_run
     from difflab.training.trainer import Trainer
 
-    cfg = config_from_values({"data": "digits", "out": str(tmp_path / "run"), "process": "flow", "model": "tiny",
+    cfg = build_config({"data": "digits", "out": str(tmp_path / "run"), "process": "flow", "model": "tiny",
                               "conditioning": "class", "steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 4,
                               "sample_every": 0, "sample_steps": 3, "warmup": 1, "lr": 1e-3}).validate()
     Trainer(cfg, progress=False, log=lambda *a: None).run()

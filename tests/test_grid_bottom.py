@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from difflab.analytic import GaussianDataNet
-from difflab.config import TrainConfig, add_config_arguments, config_from_args
+from difflab.config import TrainConfig, add_config_arguments, flags_given
 from difflab.data import ImageData
 from difflab.denoiser import Denoiser
 from difflab.errors import CheckpointError, UsageError
 from difflab.processes.continuous import VE
+from difflab.recipe import build_config
 from difflab.runs import grid_bottom
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,8 +75,8 @@ def test_config_auto_numbers_and_old_runs():
     p = argparse.ArgumentParser()
     add_config_arguments(p)
     assert "auto: where the EMA denoiser's x0 error falls below" in " ".join(p.format_help().split())
-    assert config_from_args(p.parse_args(["--sample-sigma-min", "0.25"])).validate().sample_sigma_min == 0.25
-    assert config_from_args(p.parse_args(["--sample-sigma-min", "auto"])).validate().sample_sigma_min == "auto"
+    assert build_config(flags_given(p.parse_args(["--sample-sigma-min", "0.25"]))).validate().sample_sigma_min == 0.25
+    assert build_config(flags_given(p.parse_args(["--sample-sigma-min", "auto"]))).validate().sample_sigma_min == "auto"
     with pytest.raises(SystemExit):
         p.parse_args(["--sample-sigma-min", "low"])
     for bad in ("low", 80.0, -1.0):

@@ -13,9 +13,10 @@ from PIL import Image
 import difflab
 from difflab.cli import build_parser, main
 from difflab.cli.figures import noising_chain
-from difflab.config import TrainConfig, config_from_args
+from difflab.cli.train import given_settings
+from difflab.config import TrainConfig
 from difflab.figures import save_grid
-from difflab.recipe import METHOD_DEFAULTS, apply_method_defaults
+from difflab.recipe import METHOD_DEFAULTS, build_config
 from difflab.runs.checkpoint import latest_checkpoint
 from difflab.runs.draw import load_run
 
@@ -167,25 +168,25 @@ def test_too_many_noised_pixels_for_8x8_is_one_line_and_exit_2(tmp_path):
 
 
 def parsed(*argv: str) -> TrainConfig:
-    return config_from_args(build_parser("train").parse_args(["train", *argv]))
+    return build_config(given_settings(build_parser("train").parse_args(["train", *argv])))
 
 
 def test_method_defaults_fill_only_the_flags_not_given():
-    cfg = apply_method_defaults(parsed("--method", "naive1", "--lr", "1e-3"))
+    cfg = parsed("--method", "naive1", "--lr", "1e-3")
     assert (cfg.T, cfg.k, cfg.batch_size, cfg.warmup, cfg.grad_clip, cfg.lr) == (60, 32, 16, 63, 1.0, 1e-3)
-    assert apply_method_defaults(parsed("--method", "naive1", "--T", "8")).T == 8
-    n2 = apply_method_defaults(parsed("--method", "naive2"))
+    assert parsed("--method", "naive1", "--T", "8").T == 8
+    n2 = parsed("--method", "naive2")
     assert (n2.lr, n2.batch_size, n2.sample_steps, n2.cold_update, n2.told_noise) == (1e-3, 64, 64, True, 0.6)
-    series = apply_method_defaults(parsed("--method", "naive2", "--no-cold-update", "--told-noise", "1"))
+    series = parsed("--method", "naive2", "--no-cold-update", "--told-noise", "1")
     assert (series.cold_update, series.told_noise) == (False, 1.0)
-    cold = apply_method_defaults(parsed("--method", "cold"))
+    cold = parsed("--method", "cold")
     assert (cold.lr, cold.batch_size, cold.degradation) == (3e-4, 16, "fade-colour")
-    gaussian = apply_method_defaults(parsed("--process", "cosine"))
+    gaussian = parsed("--process", "cosine")
     # Gaussian runs keep the dataclass defaults (the measured recipe; lr 0 is resolved by network size)
     assert (gaussian.T, gaussian.lr, gaussian.batch_size) == (1000, 0.0, 64) and METHOD_DEFAULTS["gaussian"] == {}
-    python = TrainConfig(method="naive1")  # built in Python: every field is taken as given
-    assert apply_method_defaults(python).T == 1000
-    assert apply_method_defaults(TrainConfig(method="naive1"), given={"method"}).T == 60
+    python = TrainConfig(method="naive1")  # made in Python: every field is what it says
+    assert python.T == 1000
+    assert build_config({"method": "naive1"}).T == 60
 
 
 def test_train_flags_get_the_method_defaults():

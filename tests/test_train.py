@@ -123,9 +123,8 @@ def test_refuses_to_overwrite_and_checks_resume_flags(tmp_path):
     with pytest.raises(UsageError, match="--resume"):
         Trainer(cfg(tmp_path, steps=8), **quiet)
     changed = cfg(tmp_path, steps=8, lr=5e-3)
-    changed._given = {"steps", "lr"}
     with pytest.raises(UsageError, match="--lr"):
-        Trainer(changed, resume=True, **quiet)
+        Trainer(changed, resume=True, given={"steps", "lr"}, **quiet)
 
 
 def test_time_limit_stops_and_saves(tmp_path):

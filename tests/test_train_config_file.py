@@ -7,12 +7,14 @@ import json
 import pytest
 
 from difflab.cli import build_parser, main
-from difflab.config import TrainConfig, config_from_args, read_config_file
+from difflab.cli.train import given_settings
+from difflab.config import TrainConfig
+from difflab.recipe import build_config
 
 
 def _cfg(argv):
     args = build_parser("train").parse_args(["train", *argv])
-    return config_from_args(args, defaults=read_config_file(args.config) if args.config else None)
+    return build_config(given_settings(args))
 
 
 def test_a_saved_config_is_the_run_again_with_the_flags_on_top(tmp_path):

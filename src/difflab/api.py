@@ -32,7 +32,7 @@ def train(*, resume: bool = False, progress: bool = True, device: str | None = N
     ``settings`` are the fields of :class:`~difflab.config.TrainConfig`, the ``difflab train`` flags with
     ``_`` for ``-`` (``data="digits"``, ``method="naive1"``, ``steps=200``, ``out="runs/x"``); the settings not
     given get the method's reference settings exactly as on the command line
-    (:func:`~difflab.config.config_from_values`). ``resume``: continue the latest checkpoint in ``out``.
+    (:func:`~difflab.recipe.build_config`). ``resume``: continue the latest checkpoint in ``out``.
 
     ``data`` may also be images in memory: a tensor or numpy array ([N, H, W], [N, C, H, W] or [N, H, W, C];
     uint8 0..255, or floats in [0, 1] or [-1, 1]) or a list of PIL images, with ``labels`` their classes (one
@@ -41,8 +41,8 @@ def train(*, resume: bool = False, progress: bool = True, device: str | None = N
 
     ``progress`` (default on): the run's description and a progress bar with the step, loss, images/s and the
     time left (tqdm; a widget in Jupyter when ipywidgets is installed); ``progress=False`` trains silently."""
-    from difflab.config import config_from_values
     from difflab.evaluate import during_training
+    from difflab.recipe import build_config
     from difflab.training.trainer import Trainer
 
     settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in settings.items()}  # out=Path(...)
@@ -56,12 +56,13 @@ def train(*, resume: bool = False, progress: bool = True, device: str | None = N
     if images is not None:
         images = _in_memory(images, labels, settings)
         settings["data"] = images.name
-    cfg = config_from_values({**settings, "device": device})
+    given = {**settings, **({"device": device} if device is not None else {})}
+    cfg = build_config(given)
     if images is not None:
         _check_in_memory(cfg)
     if resume:
         _check_resumed_data(cfg, images is not None)
-    trainer = Trainer(cfg, resume=resume, progress=progress, log=print if progress else _quiet, data=images,
+    trainer = Trainer(cfg, resume=resume, given=given, progress=progress, log=print if progress else _quiet, data=images,
                       evaluation=during_training.plan)
     trainer.run()
     trainer.dist.shutdown()

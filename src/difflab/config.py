@@ -1,11 +1,13 @@
-"""The single source of truth for a training run: one dataclass, saved as JSON
-beside the weights; the ``difflab train`` flags are derived from its fields."""
+"""The single source of truth for a training run: one frozen dataclass, valid by construction, saved as JSON
+beside the weights; the ``difflab train`` flags are derived from its fields. What a new run gets for the
+settings it was not given is :mod:`difflab.recipe`'s (which imports this module; this one never imports it)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,6 @@ from difflab.errors import CheckpointError, UsageError
 METHODS = ("gaussian", "naive1", "naive2", "cold", "noisy-classifier", "classifier")
 CLASS_LEARNERS = ("gaussian", "noisy-classifier", "classifier")  # the methods that take class labels
 PROCESSES = ("linear", "cosine", "sigmoid", "constant", "vp", "vp-cosine", "ve", "flow")
-# what a new run of a process gets for the settings it was not given (SD3, Esser et al. 2024: rectified flow
-# learns the velocity, and its gain over eps/linear comes from logit-normal training times)
-PROCESS_DEFAULTS: dict[str, dict[str, Any]] = {"flow": {"prediction": "velocity", "noise_sampling": "logit-normal"}}
 CONDITIONING = ("none", "class", "text")
 
 
@@ -38,9 +37,10 @@ def _sigma_or_auto(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"must be auto or a noise level, got '{text}'") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a training run."""
+    """Everything that defines a training run. Checked as it is made (:meth:`validate`, a UsageError naming the
+    flag), and never changed afterwards: a changed config is a new one (``dataclasses.replace``)."""
 
     data: str = _option("mnist", "dataset: mnist, fashion-mnist, digits, emoji, or a folder of images")
     out: str = _option("runs/demo", "run folder (checkpoints, samples, loss curve)")
@@ -143,8 +143,13 @@ class TrainConfig:
     keep: int = _option(3, "checkpoints kept")
     device: str = _option("auto", "auto, cpu, cuda or cuda:N")
 
-    # --- derived / validated --------------------------------------------------------------------
+    # --- validated ------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> TrainConfig:
+        """``self``, after the checks every config passes when it is made: choices, ranges and the
+        combinations of settings that cannot train (a UsageError naming the flag)."""
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -260,14 +265,16 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field, with its type, default and help (defaults are None so a resumed
-    run can tell which flags were given)."""
-    for f in fields(cls):
-        if f.name in skip:
+def add_config_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None,
+                         defaults: Mapping[str, Any] | None = None) -> None:
+    """One flag per field of TrainConfig (of ``names``, or every one), with its type, help and the default it
+    shows (``defaults``' value, else the field's); the parsed default is None, so :func:`flags_given` can tell
+    the flags typed (a method's defaults fill only the others; a resumed run may change only some)."""
+    for f in fields(TrainConfig):
+        if names is not None and f.name not in names:
             continue
         flag = "--" + _flag(f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {(defaults or {}).get(f.name, f.default)})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -293,39 +300,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return d
 
 
-def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None,
-                     defaults: dict[str, Any] | None = None) -> TrainConfig:
-    """The config of ``difflab train`` flags: :func:`config_from_values` of the flags given (not None)."""
-    return config_from_values({f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}, base, defaults)
-
-
-def config_from_values(values: dict[str, Any], base: TrainConfig | None = None,
-                       defaults: dict[str, Any] | None = None) -> TrainConfig:
-    """The defaults (or a saved run's config), then ``defaults`` (a ``--config`` file's values), overridden
-    by every value given (None: not given); the file's keys count as given (a method's defaults do not
-    replace them). The one way a config is made from what a user typed, flags or ``difflab.train(...)``."""
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UsageError(f"unknown training setting {unknown[0]!r}; the settings are the fields of TrainConfig "
-                         "(the flags of 'difflab train' with _ for -)")
-    cfg = dataclasses.replace(base) if base is not None else TrainConfig()
-    given = set(defaults or ())
-    for name, v in (defaults or {}).items():
-        setattr(cfg, name, v)
-    for name, v in values.items():
-        if v is not None:
-            setattr(cfg, name, v)
-            given.add(name)
-    cfg._given = given  # which flags the user typed (a resumed run may change only some)
-    if base is None:  # a new run: the method's reference settings fill the flags not given
-        from difflab.recipe import apply_method_defaults
-
-        apply_method_defaults(cfg, given)
-        for name, v in PROCESS_DEFAULTS.get(cfg.process, {}).items():
-            if name not in given and cfg.method == "gaussian":
-                setattr(cfg, name, v)
-    return cfg
+def flags_given(args: argparse.Namespace, names: Collection[str] | None = None) -> dict[str, Any]:
+    """The settings typed as flags (:func:`add_config_arguments`; None: not typed), of ``names`` or of
+    every field."""
+    return {f.name: v for f in fields(TrainConfig) if (names is None or f.name in names)
+            and (v := getattr(args, f.name, None)) is not None}
 
 
 def save_json(path: Path, obj: Any) -> None:
@@ -342,6 +321,6 @@ def load_run_config(run: str | Path) -> TrainConfig:
     if not p.exists():
         raise CheckpointError(f"'{run}' has no config.json: is it a difflab run folder?")
     try:
-        return TrainConfig.from_json(json.loads(p.read_text())).validate()
+        return TrainConfig.from_json(json.loads(p.read_text()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, UsageError) as e:
         raise CheckpointError(f"{p} is corrupt ({e}); restore it or start a new run") from e

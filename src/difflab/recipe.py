@@ -1,27 +1,30 @@
-"""What a new run gets for the settings it was not given, decided in one place.
+"""What a new run gets for the settings it was not given, decided in one place: :func:`build_config` makes
+the run's config, once, from what the user gave (flags, a ``--config`` file, ``difflab.train`` keywords).
 
-- Part-1 methods take the series' reference settings (:data:`METHOD_DEFAULTS`, applied by
-  :func:`apply_method_defaults` to the flags not typed).
+- Part-1 methods and the classifiers take their reference settings (:data:`METHOD_DEFAULTS`), the flow
+  process its own (:data:`PROCESS_DEFAULTS`), on the settings not given.
 - The guidance interval (``--guide-sigma-min/max`` -1) depends on the conditioning (:func:`guide_interval`).
 - Gaussian diffusion takes ``TrainConfig``'s own defaults, which are the recipe measured best for a short
   CPU budget (bench/RESULTS.md, "Defaults"), and :func:`resolve` fills the two settings that depend on the
-  machine and the network: the learning rate (``--lr 0``, auto) and the precision (``--precision auto``).
+  machine and the network, once it is built: the learning rate (``--lr 0``, auto) and the precision
+  (``--precision auto``).
 
 The resolved recipe is printed when a run starts (:func:`describe`) and saved in its config.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from difflab.config import TrainConfig
+from difflab.config import TrainConfig
+from difflab.errors import UsageError
 
 # The series' reference settings (SPEC part 1): Adam 3e-4, batch 16, warm-up over the first 1000
 # images (63 steps of 16), gradient clipping 1.0; algorithm 1 noises k = 32 pixels a step for T = 60
@@ -43,26 +46,39 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 CLASSIFIERS = ("noisy-classifier", "classifier")
 _CLASSIFIER = {"conditioning": "class", "cond_drop": 0.0, "sample_every": 0, "ema_track": "", "ema_snapshot_every": 0}
 METHOD_DEFAULTS.update({name: dict(_CLASSIFIER) for name in CLASSIFIERS})
+# what a new Gaussian run of a process gets for the settings it was not given (SD3, Esser et al. 2024: rectified
+# flow learns the velocity, and its gain over eps/linear comes from logit-normal training times)
+PROCESS_DEFAULTS: dict[str, dict[str, Any]] = {"flow": {"prediction": "velocity", "noise_sampling": "logit-normal"}}
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 # --lr 0 (auto): small networks train fastest at 1e-3 in a CPU budget (measured, RESULTS.md); above
 # LARGE_NETWORK parameters the DDPM paper's 2e-4 (Ho et al., 35.7M CIFAR-10 net; not measured here)
 LR_SMALL, LR_LARGE, LARGE_NETWORK = 1e-3, 2e-4, 5_000_000
 
 
-def apply_method_defaults(cfg: TrainConfig, given: Iterable[str] | None = None) -> TrainConfig:
-    """Set the method's reference settings (METHOD_DEFAULTS) on every field the user did not give.
+def build_config(values: Mapping[str, Any]) -> TrainConfig:
+    """The config of a new run from the settings the user gave (``values``: field -> value, None or absent: not
+    given): the given ones, over the method's and the process's defaults (:func:`defaults_for`), over
+    TrainConfig's own. A ``--config`` file's keys count as given, like flags. Pure (``values`` is left as it
+    is; equal values give equal configs) and checked once, as the config is made; ``lr`` 0 and ``precision``
+    auto are left for :func:`resolve`. The one way a config is made from what a user typed, on the command line
+    or in ``difflab.train(...)``."""
+    given = {k: v for k, v in values.items() if v is not None}
+    unknown = sorted(set(given) - set(_FIELD_DEFAULTS))
+    if unknown:
+        raise UsageError(f"unknown training setting {unknown[0]!r}; the settings are the fields of TrainConfig "
+                         "(the flags of 'difflab train' with _ for -)")
+    return TrainConfig(**{**defaults_for(given), **given})
 
-    ``given``: the fields the user set; by default ``cfg._given``, which ``config_from_args`` records
-    (the flags typed). A config without it (built in Python) is taken as fully specified and kept.
-    Changes ``cfg`` in place and returns it.
-    """
-    given = getattr(cfg, "_given", None) if given is None else set(given)
-    if given is None:
-        return cfg
-    for name, value in METHOD_DEFAULTS.get(cfg.method, {}).items():
-        if name not in given:
-            setattr(cfg, name, value)
-    return cfg
+
+def defaults_for(given: Mapping[str, Any]) -> dict[str, Any]:
+    """What the settings not in ``given`` become, besides TrainConfig's own defaults: the reference settings of
+    the method (:data:`METHOD_DEFAULTS`) and, for Gaussian runs, of the process (:data:`PROCESS_DEFAULTS`)."""
+    method = given.get("method", _FIELD_DEFAULTS["method"])
+    found = dict(METHOD_DEFAULTS.get(method, {}))
+    if method == "gaussian":
+        found.update(PROCESS_DEFAULTS.get(given.get("process", _FIELD_DEFAULTS["process"]), {}))
+    return found
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,12 +101,11 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve(cfg: TrainConfig, device: torch.device, n_params: int) -> TrainConfig:
-    """Fill the machine- and network-dependent settings: ``lr`` 0 and ``precision`` auto (in place)."""
-    if cfg.lr == 0:
-        cfg.lr = LR_LARGE if n_params > LARGE_NETWORK else LR_SMALL
-    if cfg.precision == "auto":
-        cfg.precision = "bf16" if native_bf16(device) else "fp32"
-    return cfg
+    """``cfg`` with its machine- and network-dependent settings filled: ``lr`` 0 by the network's size
+    (``n_params``), ``precision`` auto by the device (a new config; ``cfg`` is left as it is)."""
+    lr = (LR_LARGE if n_params > LARGE_NETWORK else LR_SMALL) if cfg.lr == 0 else cfg.lr
+    precision = ("bf16" if native_bf16(device) else "fp32") if cfg.precision == "auto" else cfg.precision
+    return dataclasses.replace(cfg, lr=lr, precision=precision)
 
 
 def describe(cfg: TrainConfig) -> str:
@@ -101,7 +116,7 @@ def describe(cfg: TrainConfig) -> str:
             samples += f"{', cold update' if cfg.cold_update else ''}, told {cfg.told_noise:g} of the noise"
         return (f"recipe: {cfg.method}, lr {cfg.lr:g}, batch {cfg.batch_size}, warm-up {cfg.warmup}, "
                 f"{cfg.precision}{samples}")
-    ema = (f"power EMA of {cfg.ema_length:g} of the run" if getattr(cfg, "ema_length", 0) > 0
+    ema = (f"power EMA of {cfg.ema_length:g} of the run" if cfg.ema_length > 0
            else f"EMA decay {cfg.ema_decay:g}")
     return (f"recipe: {cfg.process} process, predict {cfg.prediction}, lr {cfg.lr:g} (warm-up {cfg.warmup}), "
             f"batch {cfg.batch_size}, {ema}, {cfg.precision}; sampling {cfg.sampler} {cfg.sample_steps} steps "

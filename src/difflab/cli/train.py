@@ -6,8 +6,9 @@ import argparse
 import os
 import signal
 import sys
+from typing import Any
 
-from difflab.config import add_config_arguments, config_from_args, read_config_file
+from difflab.config import add_config_arguments, flags_given, read_config_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,10 +26,12 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc and "WORLD_SIZE" not in os.environ:
         return _launch(args.nproc)
     from difflab.evaluate import during_training
+    from difflab.recipe import build_config
     from difflab.training.trainer import Trainer
 
-    cfg = config_from_args(args, defaults=read_config_file(args.config) if args.config else None)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet, evaluation=during_training.plan)
+    given = given_settings(args)
+    trainer = Trainer(build_config(given), resume=args.resume, given=given, progress=not args.quiet,
+                      evaluation=during_training.plan)
     result = trainer.run()
     if trainer.dist.main:
         why = {"steps": "done", "time-limit": "time limit reached", "signal": "stopped by a signal"}[result.stopped_by]
@@ -41,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     if result.signal == signal.SIGINT:
         return 130
     return 0
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave: a ``--config`` file's keys, and the flags typed over them."""
+    return {**(read_config_file(args.config) if args.config else {}), **flags_given(args)}
 
 
 def _launch(n: int) -> int:

@@ -21,7 +21,8 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -71,17 +72,17 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains one run folder. ``resume=True`` continues the latest checkpoint in ``cfg.out``; ``data``
-    (default: ``cfg.data`` as the run layer loads it) is the same on every resume."""
+    """Trains one run folder. ``resume=True`` continues the latest checkpoint in ``cfg.out``: of the settings
+    ``given`` (by the user; None: every field of ``cfg``), only the ones a resumed run may change may differ
+    from the run's own. ``data`` (default: ``cfg.data`` as the run layer loads it) is the same on every resume."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print,
-                 data: ImageSource | None = None, evaluation=None):
-        cfg.validate()
+                 data: ImageSource | None = None, evaluation=None, given: Collection[str] | None = None):
         self.log = log
         self.out = Path(cfg.out)
         saved = None
         if resume and (self.out / "config.json").exists():
-            saved = self._merge_resume_config(cfg)
+            saved = self._merge_resume_config(cfg, given)
             cfg = saved
         elif not resume and list_checkpoints(self.out / "checkpoints"):
             raise UsageError(f"'{self.out}' already holds a trained run; pass --resume to continue it "
@@ -116,7 +117,7 @@ class Trainer:
                            or network_config(cfg, data, self.device, context_dim, self.method.preset))
         # channels-last convolutions are faster on GPUs and CPUs alike (see nets/layout.py)
         self.net = nets.build(self.net_config).to(self.device).to(memory_format=torch.channels_last)
-        recipe.resolve(cfg, self.device, nets.count_parameters(self.net))  # lr 0 and precision auto
+        self.cfg = cfg = recipe.resolve(cfg, self.device, nets.count_parameters(self.net))  # lr 0, precision auto
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type in ("cuda", "cpu"))
         # the main EMA (samples, ``ema.*`` in checkpoints) and the power EMAs snapshotted for post-hoc EMA
@@ -191,19 +192,19 @@ class Trainer:
             self._train_net = None
 
     # --- set-up ---------------------------------------------------------------------------------
-    def _merge_resume_config(self, cfg: TrainConfig) -> TrainConfig:
+    def _merge_resume_config(self, cfg: TrainConfig, given: Collection[str] | None) -> TrainConfig:
         from difflab.config import load_run_config
 
         saved = load_run_config(self.out)
-        given = getattr(cfg, "_given", None)  # flags typed on the command line; from Python: every field
+        changed = {}
         for name in (given if given is not None else cfg.to_json()):
             new, old = getattr(cfg, name), getattr(saved, name)
             if name in RESUME_OVERRIDES:
-                setattr(saved, name, new)
+                changed[name] = new
             elif new != old:
                 raise UsageError(f"--{name.replace('_', '-')} {new} differs from the run being resumed ({old}); "
                                  "only steps, time limit, logging, sampling and checkpoint settings may change")
-        return saved.validate()
+        return replace(saved, **changed)
 
     def _conditioner(self, data: ImageSource) -> Conditioner:
         return make_conditioner(self.cfg, data.num_classes or 0, data.class_names, data.name,
