@@ -1,5 +1,6 @@
 """One config construction (issue 24, step 4): ``recipe.build_config`` makes a run's config once, from what the
-user gave, and nothing changes it afterwards."""
+user gave, and nothing changes it afterwards; ``train-classifier`` and ``train --method noisy-classifier`` give
+the same config."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import torch
 
 from difflab import recipe
 from difflab.cli import build_parser
+from difflab.cli import train_classifier as cli_classifier
 from difflab.cli.train import given_settings
 from difflab.config import TrainConfig, load_run_config, save_json
 from difflab.errors import UsageError
-from difflab.recipe import build_config
+from difflab.recipe import METHOD_DEFAULTS, build_config
 
 
 def train_config(*argv) -> TrainConfig:
     return build_config(given_settings(build_parser("train").parse_args(["train", *map(str, argv)])))
+
+
+def classifier_config(*argv) -> TrainConfig:
+    return cli_classifier.config_of(build_parser("train-classifier").parse_args(["train-classifier", *map(str, argv)]))
 
 
 # --- build_config: pure, checked once, the given settings win ---------------------------------------------------
@@ -61,6 +67,8 @@ def test_explicit_settings_win_over_method_and_process_defaults(tmp_path):
     assert (cfg.T, cfg.batch_size, cfg.k, cfg.warmup) == (8, 4, 32, 63)  # typed, typed, then naive1's own
     flow = train_config("--process", "flow", "--noise-sampling", "uniform")
     assert (flow.prediction, flow.noise_sampling) == ("velocity", "uniform")
+    clf = train_config("--method", "noisy-classifier", "--precision", "auto", "--grad-clip", 0.5)
+    assert (clf.precision, clf.grad_clip, clf.lr, clf.batch_size) == ("auto", 0.5, 1e-3, 128)
     # a --config file's keys count as given (the method's defaults do not replace them); the flags win over it
     (tmp_path / "c.json").write_text(json.dumps({"method": "naive1", "T": 20, "batch_size": 8}))
     cfg = train_config("--config", tmp_path / "c.json", "--batch-size", 2)
@@ -73,3 +81,35 @@ def test_config_json_round_trip(tmp_path):
     save_json(tmp_path / "config.json", cfg.to_json())
     assert load_run_config(tmp_path) == cfg
     assert build_config(cfg.to_json()) == cfg  # every setting given: the saved run again, no default replaces one
+
+
+# --- train-classifier is train --method noisy-classifier --------------------------------------------------------
+def test_train_classifier_and_train_noisy_classifier_give_the_same_config(tmp_path):
+    out = tmp_path / "clf"
+    assert classifier_config("--data", "digits", "--out", out) == \
+        train_config("--method", "noisy-classifier", "--data", "digits", "--out", out)
+    flags = ("--steps", 5, "--batch-size", 32, "--lr", 2e-3, "--process", "linear", "--T", 500, "--seed", 4,
+             "--weight-decay", 0.0, "--warmup", 3, "--time-limit", 1.5, "--device", "cpu")
+    clf = classifier_config("--data", "digits", "--out", out, "--channels", 16, *flags)
+    assert clf == train_config("--method", "noisy-classifier", "--data", "digits", "--out", out,
+                               "--channels-mult", "16,32,32", *flags)
+    assert (clf.process, clf.T, clf.lr, clf.steps, clf.channels_mult) == ("linear", 500, 2e-3, 5, "16,32,32")
+    # the defaults of both: the one classifier table
+    plain = classifier_config("--data", "digits", "--out", out)
+    assert {k: getattr(plain, k) for k in METHOD_DEFAULTS["noisy-classifier"]} == METHOD_DEFAULTS["noisy-classifier"]
+    assert (plain.precision, plain.grad_clip, plain.lr, plain.weight_decay, plain.batch_size, plain.steps) == \
+        ("fp32", 0.0, 1e-3, 0.05, 128, 2000)
+
+
+def test_train_classifier_of_a_run_takes_its_data_and_process(tmp_path):
+    run = tmp_path / "run"
+    save_json(run / "config.json", TrainConfig(data="digits", process="sigmoid", T=300, image_size=16).to_json())
+    cfg = classifier_config("--run", run, "--out", tmp_path / "clf", "--steps", 7)
+    assert (cfg.method, cfg.data, cfg.process, cfg.T, cfg.image_size, cfg.steps) == \
+        ("noisy-classifier", "digits", "sigmoid", 300, 16, 7)
+    with pytest.raises(UsageError, match="--process goes with --data"):
+        classifier_config("--run", run, "--out", tmp_path / "clf", "--process", "linear")
+    with pytest.raises(UsageError, match="exactly one"):
+        classifier_config("--out", tmp_path / "clf")
+    with pytest.raises(UsageError, match="--channels must be at least 1"):
+        classifier_config("--data", "digits", "--out", tmp_path / "clf", "--channels", 0)

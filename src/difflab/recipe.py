@@ -42,9 +42,14 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "naive2": _NAIVE2,
     "cold": dict(_SERIES),
 }
-# classifiers learn the class labels (never dropped) and draw no samples (difflab.methods.classification)
+# Classifiers (difflab.methods.classification) learn the class labels (never dropped), draw no samples and
+# track no post-hoc EMAs. They train in fp32 without gradient clipping, AdamW 1e-3 with weight decay 0.05 at
+# batch 128 for 2000 steps: the settings of 'difflab train-classifier' (whose flags show these defaults) and of
+# 'difflab train --method noisy-classifier' alike.
 CLASSIFIERS = ("noisy-classifier", "classifier")
-_CLASSIFIER = {"conditioning": "class", "cond_drop": 0.0, "sample_every": 0, "ema_track": "", "ema_snapshot_every": 0}
+_CLASSIFIER = {"conditioning": "class", "cond_drop": 0.0, "sample_every": 0, "ema_track": "", "ema_snapshot_every": 0,
+               "precision": "fp32", "grad_clip": 0.0, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 128,
+               "steps": 2000, "keep": 2}
 METHOD_DEFAULTS.update({name: dict(_CLASSIFIER) for name in CLASSIFIERS})
 # what a new Gaussian run of a process gets for the settings it was not given (SD3, Esser et al. 2024: rectified
 # flow learns the velocity, and its gain over eps/linear comes from logit-normal training times)

@@ -28,8 +28,9 @@ from difflab.data import ImageData, to_model
 from difflab.errors import CheckpointError, DataError, UsageError
 from difflab.evaluate.inception import check_images
 from difflab.files import OutputError
-from difflab.methods.classification import classifier_config, held_out_split, trained_network
+from difflab.methods.classification import held_out_split, trained_network
 from difflab.nets.small_cnn import FEATURE_DIM, SmallCNN
+from difflab.recipe import build_config
 from difflab.runs.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -114,10 +115,9 @@ def train_classifier(
     if epochs is None:
         epochs = min(30, max(2, -(-900 // steps_per_epoch)))
     steps = max(1, epochs * steps_per_epoch)
-    cfg = classifier_config(method="classifier", data=train.name, out=str(out), steps=steps, batch_size=batch_size,
+    cfg = build_config(dict(method="classifier", data=train.name, out=str(out), steps=steps, batch_size=batch_size,
                             lr=lr, weight_decay=0.0, warmup=max(1, round(0.3 * steps)), lr_decay="cosine",
-                            seed=seed, device=str(device), checkpoint_every=steps, keep=1,
-                            log_every=min(50, steps))
+                            seed=seed, device=str(device), checkpoint_every=steps, keep=1, log_every=min(50, steps)))
     from difflab.training.trainer import Trainer
 
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone

@@ -131,17 +131,6 @@ class ImageClassifierMethod(_Classification):
 CLASSIFIER_METHODS = {m.name: m for m in (NoisyClassifierMethod, ImageClassifierMethod)}
 
 
-def classifier_config(**settings) -> TrainConfig:
-    """The TrainConfig of a classifier run: ``settings`` (method, data, out, steps, ...) over the
-    classifier methods' defaults (``recipe.METHOD_DEFAULTS``: class labels never dropped, no sample grids,
-    no post-hoc EMA tracking) and fp32 without gradient clipping, validated."""
-    from difflab.recipe import METHOD_DEFAULTS
-
-    base = dict(METHOD_DEFAULTS[settings["method"]], precision="fp32", grad_clip=0.0, hflip=False,
-                weight_decay=0.05, warmup=100, lr=1e-3)
-    return TrainConfig(**{**base, **settings}).validate()
-
-
 def held_out_split(train: ImageData, test: ImageData | None, seed: int) -> tuple[ImageData, ImageData]:
     """(train, test) of labelled data: ``test`` when it is a labelled set of its own, else a seeded 10% of
     the training data held out (and not trained on)."""
