@@ -1,6 +1,6 @@
 """One config construction (issue 24, step 4): ``recipe.build_config`` makes a run's config once, from what the
 user gave, and nothing changes it afterwards; ``train-classifier`` and ``train --method noisy-classifier`` give
-the same config."""
+the same config; MNIST is read once when padded."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,36 @@ def test_train_classifier_of_a_run_takes_its_data_and_process(tmp_path):
         classifier_config("--out", tmp_path / "clf")
     with pytest.raises(UsageError, match="--channels must be at least 1"):
         classifier_config("--data", "digits", "--out", tmp_path / "clf", "--channels", 0)
+
+
+# --- MNIST is read once when padded ------------------------------------------------------------------------------
+@pytest.fixture
+def mnist_reads(monkeypatch):
+    """MNIST replaced by 12 numbered 28x28 images; the list counts the reads."""
+    from difflab.data import mnist
+
+    reads = []
+
+    def fake(split="train", cache_dir=None):
+        reads.append(split)
+        images = (np.arange(12 * 28 * 28) % 251).astype(np.uint8).reshape(12, 1, 28, 28)
+        return {"images": images, "labels": np.arange(12, dtype=np.int64) % 10}
+
+    monkeypatch.setattr(mnist, "load_mnist", fake)
+    return reads
+
+
+def test_padded_mnist_is_read_once(mnist_reads):
+    from difflab.data import load
+    from difflab.runs.data import load_data, load_fitted, open_data
+
+    expected = load("mnist", pad_to=32)
+    mnist_reads.clear()
+    data = load_data(TrainConfig(data="mnist"))
+    assert mnist_reads == ["train"]
+    assert data.shape == (1, 32, 32) and torch.equal(data.images, expected.images)
+    assert torch.equal(data.labels, expected.labels) and data.fingerprint == expected.fingerprint
+    assert open_data(TrainConfig(data="mnist", image_channels=3)).shape == (3, 32, 32)
+    assert mnist_reads == ["train", "train"]
+    assert torch.equal(load_fitted("mnist", "test", (1, 32, 32)).images, expected.images)
+    assert mnist_reads == ["train", "train", "test"]

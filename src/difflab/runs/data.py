@@ -21,7 +21,7 @@ import torch
 
 from difflab.conditioning import Conditioner
 from difflab.config import DEVICE, TrainConfig
-from difflab.data import ImageData, dataset_key, load, open_source
+from difflab.data import ImageData, dataset_key, load, open_source, transforms
 from difflab.data.source import ImageSource
 from difflab.errors import DataError, UsageError
 from difflab.nets import fit
@@ -58,11 +58,13 @@ def padded_size(height: int, width: int, target: int | None = None, *, name: str
     return PADDED if builtin and (height, width) == (28, 28) and target in (None, PADDED) else None
 
 
-def pad_as_trained(data: ImageData, name: str, split: str, target: int | None = None, **kw: Any) -> ImageData:
-    """``data`` (``split`` of dataset or folder ``name``, loaded with ``kw``) padded by :func:`padded_size`
-    when the rule applies to it, else ``data`` itself."""
+def pad_as_trained(data: ImageData, name: str, target: int | None = None) -> ImageData:
+    """``data`` (of dataset or folder ``name``) padded by :func:`padded_size` when the rule applies to it (the
+    images in memory, not read again), else ``data`` itself."""
     pad = padded_size(data.height, data.width, target, name=name)
-    return load(name, split=split, pad_to=pad, **kw) if pad else data
+    if pad is None:
+        return data
+    return ImageData(transforms.pad(data.images, pad), data.labels, data.class_names, data.name, captions=data.captions)
 
 
 def open_data(cfg: TrainConfig, split: str = "train", stream: bool = True, crops: bool = True,
@@ -81,7 +83,7 @@ def open_data(cfg: TrainConfig, split: str = "train", stream: bool = True, crops
         kw["channels"] = cfg.image_channels
     data = open_source(name, split=split, stream=stream, **kw)
     if not cfg.image_size and isinstance(data, ImageData):
-        data = pad_as_trained(data, name, split, **kw)
+        data = pad_as_trained(data, name)
     if not cfg.image_size and data.height % SIZE_MULTIPLE and dataset_key(name) is None:
         kw["image_size"] = -(-data.height // SIZE_MULTIPLE) * SIZE_MULTIPLE  # resized, never padded with black
         data = open_source(name, split=split, stream=stream, **kw)
@@ -139,7 +141,7 @@ def load_fitted(name: str, split: str, shape: tuple[int, int, int]) -> ImageData
         return load(name, split=split, image_size=h, channels=c)
     found = load(name, split=split, channels=c)
     if h == w:
-        found = pad_as_trained(found, name, split, h, channels=c)
+        found = pad_as_trained(found, name, h)
     if (found.height, found.width) != (h, w):
         return load(name, split=split, channels=c, image_size=h)
     return found
