@@ -272,3 +272,14 @@ def test_repaint_walks_as_diffusers_repaint_scheduler(exported, monkeypatch, jum
     assert len(sched.timesteps) == 20 + (resample - 1) * jump_length * 2 * ((20 - 1) // jump_length)
     assert torch.allclose(ours, x, atol=2e-4), float((ours - x).abs().max())
     assert float((ours - images).abs()[mask.expand_as(images)].mean()) > 0.05  # the square was repainted
+
+
+def test_repaint_defaults_are_the_measured_ones(model):
+    """With a mask and nothing else, Model.edit repaints as editing.REPAINT_DEFAULTS says (bench/RESULTS.md)."""
+    from difflab.editing import REPAINT_DEFAULTS
+
+    x, mask = digits(2), torch.zeros(8, 8, dtype=torch.bool)
+    mask[4:] = True
+    assert REPAINT_DEFAULTS == {"sampler": "ddpm", "steps": 50, "resample": 4}
+    assert torch.equal(model.edit(x, mask=mask, seed=3), model.edit(x, mask=mask, seed=3, **REPAINT_DEFAULTS))
+    assert not torch.equal(model.edit(x, mask=mask, seed=3), model.edit(x, mask=mask, seed=3, resample=1))

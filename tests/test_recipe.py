@@ -104,3 +104,20 @@ def test_lr_zero_is_auto_and_negative_lr_is_refused():
     TrainConfig(lr=0.0).validate()
     with pytest.raises(UsageError, match="--lr"):
         TrainConfig(lr=-1e-3).validate()
+
+
+def test_apg_default_follows_the_kind_and_old_runs_keep_plain_guidance():
+    from difflab.methods.method import make_method
+
+    def defaults(**kw):
+        return make_method(TrainConfig(data="digits", out="/tmp/unused", **kw)).sampling_defaults()
+
+    assert defaults()["apg_eta"] == 0.0  # autoguidance: projected (measured on MNIST and textures)
+    assert "apg_eta" not in defaults(conditioning="class")  # classifier-free guidance: plain until measured
+    assert defaults(conditioning="class", apg_eta=0.5)["apg_eta"] == 0.5
+    assert "apg_eta" not in defaults(apg_eta=1.0)  # 1: plain guidance, no APG at all
+    legacy = TrainConfig.from_json({"data": "digits", "out": "/tmp/unused"})
+    assert legacy.apg_eta == 1.0 and recipe.guide_apg(legacy) is None  # runs saved before the field: unchanged
+    for bad in (-0.5, 1.5, float("nan")):
+        with pytest.raises(UsageError, match="--apg-eta"):
+            TrainConfig(data="digits", out="/tmp/unused", apg_eta=bad)

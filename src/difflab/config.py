@@ -122,6 +122,9 @@ class TrainConfig:
                                      "this (VE units; 0: from the bottom; -1: the run's kind's, recipe.guide_interval)")
     guide_sigma_max: float = _option(-1.0, "guidance only at noise levels sigma <= this (VE units; above, the network "
                                      "alone: one evaluation a step; -1: the run's kind's, recipe.guide_interval)")
+    apg_eta: float = _option(-1.0, "APG (Sadat et al. 2025) on the run's guidance: the weight of the guidance update's "
+                             "part parallel to the network's estimate (0: projected away, which keeps the data's "
+                             "colours; 1: plain guidance); -1: the run's kind's (recipe.guide_apg)")
     cold_update: bool = _option(False, "naive2: sample with the cold-diffusion update (pixels revealed keep their "
                                 "value; --no-cold-update: fresh random pixels every step, as in the series)")
     told_noise: float = _option(1.0, "naive2: the fraction of the noised pixels the network is told of while sampling "
@@ -165,6 +168,8 @@ class TrainConfig:
         for name in ("guide_sigma_min", "guide_sigma_max"):
             if getattr(self, name) != -1:
                 check_range(f"--{_flag(name)}", getattr(self, name), 0, 1e9)
+        if self.apg_eta != -1:
+            check_range("--apg-eta", self.apg_eta, 0, 1)
         if self.channels_mult:
             channel_widths(self.channels_mult)
         if not DEVICE.fullmatch(self.device):
@@ -257,7 +262,7 @@ def channel_widths(text: str) -> list[int]:
 
 # What a field missing from a saved run's config.json means: the behaviour from before it existed
 LEGACY_DEFAULTS: dict[str, Any] = {"ema_length": 0.0, "ema_track": "", "ema_snapshot_every": 0, "autoguidance": 1.0,
-                                   "guide_sigma_min": 0.0, "guide_sigma_max": 1e9, "sample_sigma_min": 0.0,
+                                   "guide_sigma_min": 0.0, "guide_sigma_max": 1e9, "apg_eta": 1.0, "sample_sigma_min": 0.0,
                                    "eval_every": 0}
 
 

@@ -104,7 +104,7 @@ class Model:
     # --- editing a given image (Gaussian runs) ---------------------------------------------------------
     def edit(self, images: torch.Tensor, *, strength: float | None = None, mask: torch.Tensor | None = None,
              seed: int = 0, sampler: str | None = None, steps: int | None = None, jump_length: int = 10,
-             resample: int = 1, labels: int | Sequence[int] | torch.Tensor | None = None, prompt: str | None = None,
+             resample: int | None = None, labels: int | Sequence[int] | torch.Tensor | None = None, prompt: str | None = None,
              pil: bool = False, callback: Callable[[dict], None] | None = None, **settings: Any) -> torch.Tensor | list:
         """Edited uint8 images [N, C, H, W] of uint8 ``images`` [N, C, H, W] (this model's shape; ``pil``: a list
         of PIL images), drawn as :meth:`sample` draws with the same settings (the run's sampler, steps, guidance and
@@ -112,13 +112,19 @@ class Model:
         the level at ``strength`` of the sampler's grid (default 0.5) and denoised from there (1: a fresh sample,
         0: the image back). With ``mask`` (True, or white in a uint8 image: repaint; [H, W], [1 or C, H, W] or
         [N, 1 or C, H, W]), RePaint: the masked pixels drawn anew, the others kept, with ``resample`` passes over
-        every ``jump_length`` steps (default ``strength`` 1). ``settings``: the other fields of
+        every ``jump_length`` steps (defaults: ``strength`` 1 and :data:`difflab.editing.REPAINT_DEFAULTS`, the
+        ancestral sampler, 50 steps, 4 passes). ``settings``: the other fields of
         :class:`~difflab.runs.request.SampleRequest` (guidance, clip, eta, start, ...). ``callback(dict(i, sigma, x, x0))``
         after every sampler step of every batch (model units; RePaint's ``i`` counts within each pass). See
         :mod:`difflab.editing`."""
-        from difflab.editing import edit_images
+        from difflab.editing import REPAINT_DEFAULTS, edit_images
 
         _check_callable("callback", callback)
+        if mask is not None:
+            sampler = REPAINT_DEFAULTS["sampler"] if sampler is None else sampler
+            steps = REPAINT_DEFAULTS["steps"] if steps is None and sampler == REPAINT_DEFAULTS["sampler"] else steps
+            resample = REPAINT_DEFAULTS["resample"] if resample is None else resample
+        resample = 1 if resample is None else resample
         run = self._edit_run()
         x = self._images(images, "edit")
         m = None if mask is None else edit_mask(mask, tuple(x.shape)).to(x.device)

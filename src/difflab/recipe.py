@@ -142,11 +142,25 @@ def guide_interval(cfg: TrainConfig) -> tuple[float, float]:
     return (lo if cfg.guide_sigma_min == -1 else cfg.guide_sigma_min, hi if cfg.guide_sigma_max == -1 else cfg.guide_sigma_max)
 
 
+# APG's eta a run samples with when its config says -1 (auto), by conditioning: autoguidance (unconditional runs)
+# projects the parallel part away, which keeps the data's colours on textures at no cost on MNIST (bench/RESULTS.md
+# "Guidance on colour data"); classifier-free guidance stays plain until measured. 1: plain guidance.
+GUIDE_APG = {"none": 0.0, "class": 1.0, "text": 1.0}
+
+
+def guide_apg(cfg: TrainConfig) -> float | None:
+    """APG's eta of the run's guidance (its apg_eta, -1 taking :data:`GUIDE_APG` of its conditioning); None
+    when it is 1, plain guidance."""
+    eta = GUIDE_APG.get(cfg.conditioning, 1.0) if cfg.apg_eta == -1 else cfg.apg_eta
+    return None if eta == 1 else eta
+
+
 def _guided(cfg: TrainConfig) -> str:
     if cfg.conditioning != "none":
         return f", guidance {cfg.guidance:g}"
     if cfg.autoguidance != 1.0 and cfg.ema_snapshot_every > 0:
         lo, hi = guide_interval(cfg)
+        apg = "" if guide_apg(cfg) is None else f", APG eta {guide_apg(cfg):g}"
         return (f", autoguidance {cfg.autoguidance:g} at sigma {lo:g}..{hi:g} "
-                f"(guide: the EMA at {cfg.guide_at:g} of the run)")
+                f"(guide: the EMA at {cfg.guide_at:g} of the run){apg}")
     return ""

@@ -25,12 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=None, help="how far to noise the image, as a share of the "
                    "sampler's grid: 0 gives the image back, 1 a fresh sample (default 0.5; with --mask 1)")
     p.add_argument("--jump-length", type=int, default=10, help="RePaint: steps between jumps back up (default 10)")
-    p.add_argument("--resample", type=int, default=1, help="RePaint: passes over each jump (1: no resampling; "
-                   "the paper's 10)")
+    p.add_argument("--resample", type=int, default=None, help="RePaint: passes over each jump (default 4; 1: no "
+                   "resampling; the paper's 10)")
     p.add_argument("--n", type=int, default=1, help="edits of the image to draw (default 1; edit j depends only on "
                    "(seed, j))")
     p.add_argument("--seed", type=int, default=0, help="seed")
-    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="sampler (default: the run's)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="sampler (default: the run's; with "
+                   "--mask ddpm, 50 steps)")
     p.add_argument("--steps", type=int, default=None, help="steps of the sampler's whole grid (default: the run's)")
     p.add_argument("--class", dest="class_label", type=int, default=None, help="class to edit towards (class runs)")
     p.add_argument("--prompt", default=None, help="text prompt (text runs)")

@@ -28,7 +28,7 @@ from difflab.processes.chains import degradation_chain, gaussian_chain, pixel_ch
 from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
-from difflab.recipe import guide_interval
+from difflab.recipe import guide_apg, guide_interval
 from difflab.samplers import SAMPLERS
 
 if TYPE_CHECKING:
@@ -137,13 +137,14 @@ class GaussianMethod:
         return Denoiser(net, self.process, self.prediction)
 
     def sampling_defaults(self) -> dict:
-        """The run's sampler, step count, x0 clipping, grid bottom and autoguidance interval (config.json)."""
+        """The run's sampler, step count, x0 clipping, grid bottom, guidance interval and APG (config.json)."""
         if self.cfg is None:  # a network trained elsewhere: its model's own defaults apply
             return {}
         cfg = self.cfg
         bottom = {} if cfg.sample_sigma_min == "auto" else {"sigma_min": cfg.sample_sigma_min}  # auto: the run measures it
+        apg = {} if guide_apg(cfg) is None else {"apg_eta": guide_apg(cfg)}
         return {"sampler": cfg.sampler, "steps": cfg.sample_steps, "clip": cfg.clip, **bottom,
-                "guide_sigmas": guide_interval(cfg)}
+                "guide_sigmas": guide_interval(cfg), **apg}
 
     def loss(self, net, x: torch.Tensor, cond: dict | None, step: int, seeds: torch.Tensor) -> torch.Tensor:
         den = self.denoiser(net)

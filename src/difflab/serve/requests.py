@@ -313,7 +313,7 @@ class EditRequest:
     prompt: str | None
     strength: float
     jump_length: int
-    resample: int
+    resample: int | None  # None: Model.edit's default
     index: int | None
     image: torch.Tensor | None  # uint8 [C, H, W], fitted to the run
     mask: torch.Tensor | None
@@ -341,7 +341,8 @@ class EditRequest:
         mask = _base64(body, "mask", max_bytes)
         return cls(info.name, one.n, one.start, one.seed, one.sampler, one.steps, one.guidance,
                    None if body.get("label") is None else int(one.labels[0]), one.prompt, strength,
-                   _int(body, "jump_length", 10, 1, info.max_steps), _int(body, "resample", 1, 1, MAX_RESAMPLE),
+                   _int(body, "jump_length", 10, 1, info.max_steps),
+                   None if body.get("resample") is None else _int(body, "resample", 1, 1, MAX_RESAMPLE),
                    None if index is None else _int(body, "index", 0, 0, 10**7), image,
                    None if mask is None else _mask(mask, info.shape))
 
