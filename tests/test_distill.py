@@ -191,6 +191,7 @@ def test_difflab_distill_end_to_end(base_run, tmp_path, capsys):
     # resumed: the same run goes on
     assert main([*args[:5], "--steps", "5", "--resume", "--quiet"]) == 0
     assert load_run(out).step == 5
+    _explorer_draws_it(tmp_path, load_run(out))
     capsys.readouterr()
     bad = {"a missing run": ["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
            "a tuned run as the base": ["--run", str(out), "--out", str(tmp_path / "y")],
@@ -202,6 +203,24 @@ def test_difflab_distill_end_to_end(base_run, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("difflab distill: error:"), (what, err)
     with pytest.raises(Exception, match="its own sampler"):
         run.sample(2, sampler="ddim")
+
+
+def _explorer_draws_it(runs_dir, run):
+    """The explorer's sample panel, with the run's own settings, draws what run.sample draws (2 steps)."""
+    import numpy as np
+    from serve_helpers import png_array
+
+    from difflab.request import SampleRequest
+    from difflab.serve.catalog import Catalog
+    from difflab.serve.jobs import Job
+    from difflab.serve.panels import Panels
+
+    job = Job("1", "sample", Panels(Catalog(runs_dir)).sample(SampleRequest(run="ect", n=3, seed=2)))
+    job.work(job)
+    start, *rest = job.events
+    assert start["steps"] == 2, start
+    images = np.stack([png_array(e["png"]) for e in rest if e["type"] == "image"])
+    assert np.array_equal(images, run.sample(3, seed=2).numpy())
 
 
 def test_the_tuned_network_starts_as_the_runs_denoiser(base_run):
