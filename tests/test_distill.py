@@ -13,10 +13,10 @@ from torch import nn
 
 from difflab.analytic import GaussianDataNet
 from difflab.denoiser import Denoiser
+from difflab.methods.consistency import SIGMA_MID, Tuning, ect_loss, tuning_levels
 from difflab.processes.continuous import make_process
 from difflab.samplers import CONSISTENCY_SAMPLERS, SAMPLERS, generate, sampler_sigmas
 from difflab.samplers.consistency import consistency_function, sample_consistency
-from difflab.methods.consistency import Tuning, ect_loss, tuning_levels
 
 MU, S = 0.3, 0.5
 
@@ -170,8 +170,8 @@ def base_run(tmp_path_factory):
 def test_difflab_distill_end_to_end(base_run, tmp_path, capsys):
     import difflab
     from difflab.cli import main
-    from difflab.runs.request import SampleRequest
     from difflab.runs.draw import load_run, request_evaluations
+    from difflab.runs.request import SampleRequest
 
     out = tmp_path / "ect"
     args = ["distill", "--run", str(base_run), "--out", str(out), "--steps", "3", "--batch-size", "8", "--quiet",
@@ -182,7 +182,7 @@ def test_difflab_distill_end_to_end(base_run, tmp_path, capsys):
     assert info["tuning"]["stage_steps"] == 2 and info["run_step"] == 4
     run = load_run(out)
     assert run.cfg.method == "consistency" and run.step == 3
-    assert run.sampling_defaults() == {"steps": 2, "clip": "clip", "sigma_min": 0.8}
+    assert run.sampling_defaults() == {"steps": 2, "clip": "clip", "sigma_min": SIGMA_MID}
     assert request_evaluations(run, SampleRequest()) == 2
     a = difflab.load(out).sample(3, seed=1)
     assert a.shape == (3, 1, 8, 8) and a.dtype == torch.uint8
@@ -208,9 +208,9 @@ def test_difflab_distill_end_to_end(base_run, tmp_path, capsys):
 def _explorer_draws_it(runs_dir, run):
     """The explorer's sample panel, with the run's own settings, draws what run.sample draws (2 steps)."""
     import numpy as np
+    from difflab.request import SampleRequest
     from serve_helpers import png_array
 
-    from difflab.request import SampleRequest
     from difflab.serve.catalog import Catalog
     from difflab.serve.jobs import Job
     from difflab.serve.panels import Panels
@@ -225,8 +225,8 @@ def _explorer_draws_it(runs_dir, run):
 
 def test_the_tuned_network_starts_as_the_runs_denoiser(base_run):
     from difflab.distill import _from_base
-    from difflab.runs.draw import load_run
     from difflab.methods.method import ConsistencyMethod
+    from difflab.runs.draw import load_run
     from difflab.training.trainer import Trainer
 
     cfg, weights, network, step = _from_base(base_run, base_run.parent / "start", 1, None, None, 8, 2, 0.8, None, None)
