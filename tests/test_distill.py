@@ -208,7 +208,7 @@ def test_difflab_distill_end_to_end(base_run, tmp_path, capsys):
 def _explorer_draws_it(runs_dir, run):
     """The explorer's sample panel, with the run's own settings, draws what run.sample draws (2 steps)."""
     import numpy as np
-    from difflab.request import SampleRequest
+    from difflab.runs.request import SampleRequest
     from serve_helpers import png_array
 
     from difflab.serve.catalog import Catalog
