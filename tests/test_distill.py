@@ -208,9 +208,9 @@ def test_difflab_distill_end_to_end(base_run, tmp_path, capsys):
 def _explorer_draws_it(runs_dir, run):
     """The explorer's sample panel, with the run's own settings, draws what run.sample draws (2 steps)."""
     import numpy as np
-    from difflab.runs.request import SampleRequest
     from serve_helpers import png_array
 
+    from difflab.runs.request import SampleRequest
     from difflab.serve.catalog import Catalog
     from difflab.serve.jobs import Job
     from difflab.serve.panels import Panels
