@@ -156,13 +156,13 @@ def test_tuning_the_exact_denoiser_makes_it_the_consistency_function():
 # --- end to end on a tiny run -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    from difflab.config import config_from_values
+    from difflab.recipe import build_config
     from difflab.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("distill") / "base"
-    cfg = config_from_values({"data": "digits", "out": str(out), "model": "mnist-small", "channels_mult": "16,32",
-                              "steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 4, "sample_every": 0,
-                              "sample_steps": 2, "warmup": 1, "lr": 3e-3, "ema_snapshot_every": 0}).validate()
+    cfg = build_config({"data": "digits", "out": str(out), "model": "mnist-small", "channels_mult": "16,32",
+                        "steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 4, "sample_every": 0,
+                        "sample_steps": 2, "warmup": 1, "lr": 3e-3, "ema_snapshot_every": 0})
     Trainer(cfg, progress=False, log=lambda *a: None).run()
     return out
 

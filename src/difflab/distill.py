@@ -84,7 +84,7 @@ def _from_base(run: Path, out: Path, steps, time_limit, lr, batch_size, sample_s
         # ECT's own: lognormal levels, no loss weighting of diffusion training's, no autoguidance guide
         noise_sampling="uniform", loss_weighting="none", time_shift=1.0, ema_track="", ema_snapshot_every=0,
         autoguidance=1.0, sample_steps=sample_steps, sample_sigma_min=float(sigma_mid), sample_every=0,
-        eval_every=0, checkpoint_every=200, keep=10, **given).validate()
+        eval_every=0, checkpoint_every=200, keep=10, **given)
     weights = {k: v.float().contiguous() for k, v in base.net.state_dict().items()}
     return cfg, weights, base.network, base.step
 
