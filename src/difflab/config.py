@@ -16,7 +16,7 @@ from difflab.checks import DEVICE, MAX_SEED, check_range
 from difflab.ema_lengths import check_ema_length, parse_lengths
 from difflab.errors import CheckpointError, UsageError
 
-METHODS = ("gaussian", "naive1", "naive2", "cold", "noisy-classifier", "classifier")
+METHODS = ("gaussian", "naive1", "naive2", "cold", "noisy-classifier", "classifier", "consistency")
 CLASS_LEARNERS = ("gaussian", "noisy-classifier", "classifier")  # the methods that take class labels
 PROCESSES = ("linear", "cosine", "sigmoid", "constant", "vp", "vp-cosine", "ve", "flow")
 CONDITIONING = ("none", "class", "text")
@@ -45,7 +45,8 @@ class TrainConfig:
     data: str = _option("mnist", "dataset: mnist, fashion-mnist, digits, emoji, or a folder of images")
     out: str = _option("runs/demo", "run folder (checkpoints, samples, loss curve)")
     method: str = _option("gaussian", "gaussian (DDPM and continuous time), naive1/naive2 (part 1), cold; noisy-classifier "
-                   "(for classifier guidance), classifier (clean images, for evaluation)", METHODS)
+                   "(for classifier guidance), classifier (clean images, for evaluation); consistency (ECT, as "
+                   "'difflab distill' tunes a run)", METHODS)
     degradation: str = _option("fade-colour", "cold diffusion: fade-colour, fade-black, mask, blur, pixelate")
     process: str = _option("cosine", "Gaussian noise process: discrete schedules linear/cosine/sigmoid/constant, "
                       "continuous vp/vp-cosine/ve, flow (rectified flow: z_t = (1 - t) x + t s; predicts the velocity and trains at "

@@ -25,7 +25,8 @@ from difflab.errors import UsageError
 # what a run folder holds (``difflab train`` writes these and nothing else)
 RUN_ENTRIES = frozenset({"config.json", "loss.csv", "loss.png", "samples", "checkpoints", "prompts.safetensors",
                          ".lock", "ema-snapshots", "ema", "tensorboard", "accuracy.json",  # (a classifier's)
-                         "grid-bottom.json"})  # (difflab.runs.grid_bottom)
+                         "grid-bottom.json",  # (difflab.runs.grid_bottom)
+                         "distill.json"})  # (difflab.distill: the run a consistency-tuned run started from)
 _TRAINING_PICTURES = ("step-", "final.png")  # the grids the trainer writes into samples/
 
 

@@ -23,6 +23,7 @@ from difflab.errors import TrainingDiverged, UsageError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a diffusion model (Gaussian, naive or cold) on a dataset"),
+    "distill": ("distill", "tune a trained run into a consistency model that draws in 1 or 2 steps (ECT)"),
     "sample": ("sample", "draw samples from a trained run (or a diffusers UNet) into a PNG grid / .npz"),
     "evaluate": ("evaluate", "FID, KID, precision/recall, accuracy and bits/dim of a run or a sample file"),
     "likelihood": ("likelihood", "bits per dimension of test images under a run (probability-flow ODE)"),

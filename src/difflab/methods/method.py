@@ -1,6 +1,7 @@
 """What the trainer trains: a method turns a batch into a loss, and a trained network into samples.
 
 - :class:`GaussianMethod`: parts 3 to 5, discrete (DDPM) or continuous time, any parameterisation.
+- :class:`ConsistencyMethod`: a Gaussian run consistency-tuned to draw in 1 or 2 steps (``difflab distill``).
 - :class:`Naive1Method`, :class:`Naive2Method`, :class:`ColdMethod`: part 1.
 
 Randomness is a pure function of (run seed, step, sample position in the global batch), so a
@@ -20,6 +21,7 @@ from difflab.data.imagedata import to_model
 from difflab.denoiser import Denoiser
 from difflab.errors import UsageError
 from difflab.methods.classification import CLASSIFIER_METHODS
+from difflab.methods.consistency import SIGMA_MID, Tuning, ect_loss, tuning_levels
 from difflab.methods.noise_levels import training_times
 from difflab.methods.weighting import loss_weight, weighted_mse
 from difflab.noise import seeded_normal, seeded_uniform
@@ -29,7 +31,7 @@ from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
 from difflab.recipe import guide_apg, guide_interval
-from difflab.samplers import SAMPLERS
+from difflab.samplers import SAMPLERS, SIGMA_TOP
 
 if TYPE_CHECKING:
     from difflab.data import ImageData
@@ -186,6 +188,70 @@ class GaussianMethod:
         return {"-ddpm": {"sampler": "ddpm"}, "-ddim": {"sampler": "ddim"}}
 
 
+class ConsistencyMethod(GaussianMethod):
+    """A Gaussian run consistency-tuned by ECT (:mod:`difflab.methods.consistency`, ``difflab distill``): the
+    run's network in its parameterisation, read as a consistency function f(x, sigma) and drawn with the
+    multistep consistency sampler in ``sample_steps`` (1 or 2) evaluations, the intermediate level being the
+    grid bottom ``sample_sigma_min``. Not an ODE denoiser: no other sampler, inversion or likelihood."""
+
+    name = "consistency"
+    conditional = False
+    denoises = False
+    samplers = ()
+
+    def __init__(self, cfg: TrainConfig, tuning: Tuning | None = None, network: dict | None = None):
+        super().__init__(cfg)
+        self.tuning, self._network = tuning or Tuning(), network
+
+    def consistency_function(self, net) -> Denoiser:
+        """f(x, sigma): the run's denoiser, whose x0 estimate the tuning makes a trajectory's end."""
+        return Denoiser(net, self.process, self.prediction)
+
+    def denoiser(self, net) -> None:
+        return None  # its x0 estimate is a trajectory's end, not the posterior mean an ODE solver needs
+
+    def sampling_defaults(self) -> dict:
+        """The run's step count, intermediate level and x0 clipping."""
+        bottom = self.cfg.sample_sigma_min
+        return {"steps": self.cfg.sample_steps, "clip": self.cfg.clip,
+                **({} if bottom == "auto" else {"sigma_min": float(bottom)})}
+
+    def describe(self, data: ImageData | None = None) -> str:
+        t = self.tuning
+        return (f"{super().describe(data)}; consistency tuning (ECT): log t ~ N({t.p_mean:g}, {t.p_std:g}^2), the gap "
+                f"t - r divided by {t.q:g} every {t.stage_steps} steps")
+
+    def network(self, data: ImageData) -> dict | None:
+        return self._network  # the tuned run's network (None: the one its config builds)
+
+    def loss(self, net, x: torch.Tensor, cond: dict | None, step: int, seeds: torch.Tensor) -> torch.Tensor:
+        lo, hi = max(self.process.sigma_min(), 1e-3), min(self.process.sigma_max(), SIGMA_TOP)
+        t, r = tuning_levels(self.tuning, seeded_uniform(seeds, step, (), x.device, salt=0xEC7), step, lo, hi)
+        noise = seeded_normal(seeds, step, x.shape[1:], x.device)
+        return ect_loss(self.consistency_function(net), x, t, r, noise, cond, self.tuning.huber_c)
+
+    @torch.no_grad()
+    def sample(self, net, n: int, shape, *, seed: int = 0, start: int = 0, steps: int = 2, batch_size: int = 256,
+               device="cpu", callback=None, sampler: str | None = None, wrap: Callable | None = None,
+               sigma_min: float | None = None, **options) -> torch.Tensor:
+        """``steps`` levels of the consistency sampler from the top of the grid down to ``sigma_min`` (the
+        intermediate level of 2 steps), one evaluation each; ``wrap`` adds the x0 clipping."""
+        from difflab.samplers import generate
+
+        if sampler not in (None, "consistency"):
+            raise UsageError(f"a consistency-tuned run draws with its own sampler, not {sampler}; leave --sampler out")
+        unknown = sorted(set(options) - {"cond_fn", "init_noise", "progress"})
+        if unknown:
+            raise UsageError(f"a consistency-tuned run takes no {unknown[0]} (its settings: --steps, --sigma-min)")
+        f = self.consistency_function(net)
+        return generate(wrap(f) if wrap is not None else f, n, shape, seed=seed, sampler="consistency", steps=steps,
+                        batch_size=batch_size, device=device, start=start, callback=callback,
+                        sigma_min=SIGMA_MID if sigma_min is None else sigma_min, **options)
+
+    def trajectories(self) -> dict[str, dict]:
+        return {"-1-step": {"steps": 1}, "-2-step": {"steps": 2}}
+
+
 class _BatchSeeded:
     """Part 1's methods: noise drawn per batch (one generator each), so a sample depends on its batch;
     unconditional; the network sees the series' inputs directly."""
@@ -338,7 +404,8 @@ class ColdMethod(_BatchSeeded):
         return naive.cold_sample(net, x_T, self.degradation, steps, state, improved=improved, callback=callback)
 
 
-METHOD_CLASSES = {"gaussian": GaussianMethod, "naive1": Naive1Method, "naive2": Naive2Method, "cold": ColdMethod,
+METHOD_CLASSES = {"gaussian": GaussianMethod, "consistency": ConsistencyMethod, "naive1": Naive1Method,
+                  "naive2": Naive2Method, "cold": ColdMethod,
                   **CLASSIFIER_METHODS}
 
 

@@ -77,7 +77,10 @@ class Trainer:
     from the run's own. ``data`` (default: ``cfg.data`` as the run layer loads it) is the same on every resume."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print,
-                 data: ImageSource | None = None, evaluation=None, given: Collection[str] | None = None):
+                 data: ImageSource | None = None, evaluation=None, given: Collection[str] | None = None,
+                 method: Method | None = None, initial: dict[str, torch.Tensor] | None = None):
+        """``method``: the method to train (default: ``cfg.method``'s); ``initial``: the network's starting
+        weights (a run tuned from another, :mod:`difflab.distill`), replaced by the checkpoint's on resume."""
         self.log = log
         self.out = Path(cfg.out)
         saved = None
@@ -107,7 +110,7 @@ class Trainer:
         data = open_data(cfg) if data is None else data
         self.data = data
         self.shape = data.shape
-        self.method: Method = make_method(cfg)
+        self.method: Method = method if method is not None else make_method(cfg)
         self.method.prepare(data)  # (impossible settings fail before anything is written)
         self.conditioner = self._conditioner(data)
         context_dim = self.conditioner.prompts.dim if cfg.conditioning == "text" else None
@@ -117,6 +120,8 @@ class Trainer:
                            or network_config(cfg, data, self.device, context_dim, self.method.preset))
         # channels-last convolutions are faster on GPUs and CPUs alike (see nets/layout.py)
         self.net = nets.build(self.net_config).to(self.device).to(memory_format=torch.channels_last)
+        if initial is not None:
+            self.net.load_state_dict(initial)
         self.cfg = cfg = recipe.resolve(cfg, self.device, nets.count_parameters(self.net))  # lr 0, precision auto
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type in ("cuda", "cpu"))
