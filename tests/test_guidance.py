@@ -644,7 +644,8 @@ def test_the_run_interval_defaults_by_conditioning_and_is_saved():
     from difflab.recipe import guide_interval
 
     assert guide_interval(TrainConfig()) == (1.0, 20.0)  # unconditional: autoguidance's measured interval
-    assert guide_interval(TrainConfig(conditioning="class")) == (0.0, math.inf)
+    assert guide_interval(TrainConfig(conditioning="class")) == (1.0, 10.0)  # class: measured (bench/RESULTS.md)
+    assert guide_interval(TrainConfig(conditioning="text")) == (0.0, math.inf)  # text: not measured yet
     assert guide_interval(TrainConfig(conditioning="text", guide_sigma_max=5.0)) == (0.0, 5.0)
     c = TrainConfig.from_json({**TrainConfig(conditioning="class").to_json(), "guide_sigma_min": 0.3,
                                "guide_sigma_max": 4.0})
