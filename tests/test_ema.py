@@ -296,8 +296,8 @@ def test_autoguidance_zero_samples_the_guide_and_one_the_run(trained):
     assert not torch.equal(plain, guided)
     only_guide = load_run(trained)
     only_guide.net.load_state_dict(weights)
-    # D_guide + 0 (D - D_guide) is the guide alone (guiding at every level)
-    assert torch.equal(run.sample(4, steps=3, autoguidance=0.0, guide_sigmas=(0, math.inf)),
+    # D_guide + 0 (D - D_guide) is the guide alone (guiding at every level, plain: APG's eta 1)
+    assert torch.equal(run.sample(4, steps=3, autoguidance=0.0, guide_sigmas=(0, math.inf), apg_eta=1.0),
                        only_guide.sample(4, steps=3, autoguidance=1.0))
 
 

@@ -769,7 +769,8 @@ def test_cli_class_run_guidance_interval_apg_and_rescale(class_run, capsys, tmp_
         return np.load(npz)["images"]
 
     default = draw()
-    assert np.array_equal(default, draw("--guide-sigmas", "0", "inf"))  # class runs: every level by default
+    assert np.array_equal(default, draw("--guide-sigmas", "1", "10"))  # class runs: 1..10 by default (measured)
+    assert not np.array_equal(default, draw("--guide-sigmas", "0", "inf"))
     assert np.array_equal(draw("--guide-sigmas", "1e6", "1e7"), draw("--guidance", "1"))  # nothing inside
     assert not np.array_equal(default, draw("--guide-sigmas", "0.5", "5"))
     assert np.array_equal(default, draw("--apg-eta", "1")) and np.array_equal(default, draw("--guidance-rescale", "0"))

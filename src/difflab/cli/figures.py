@@ -89,8 +89,9 @@ def sampling_run(run, n: int, *, seed: int, steps: int | None, **settings):
         x0s.append(d["x0"].detach().float().cpu())
 
     images = drawing(run, SampleRequest.of(n=n, seed=seed, steps=steps, **settings)).images(callback=keep, net=recorder)
-    # (classifier-free guidance calls the network on the conditional inputs and the null ones side by side)
-    return images, torch.stack(recorder.inputs)[:, :n], torch.stack(x0s)
+    # (classifier-free guidance calls the network on the conditional inputs and the null ones side by side, and
+    # outside its interval on the conditional ones alone)
+    return images, torch.stack([x[:n] for x in recorder.inputs]), torch.stack(x0s)
 
 
 def _rows(stacks: list[torch.Tensor], columns: int) -> list[torch.Tensor]:

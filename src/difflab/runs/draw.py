@@ -85,8 +85,9 @@ def guidance_wrap(method: Method, conditioner: Conditioner | None, n: int, *, de
     from difflab.guidance import APG, EVERYWHERE
 
     wraps = []  # around the method's denoiser, innermost first
-    apg = None if apg_eta is None else APG(apg_eta, math.inf if apg_threshold is None else apg_threshold,
-                                           apg_momentum or 0.0)
+    threshold = math.inf if apg_threshold is None else apg_threshold
+    plain = apg_eta is None or (apg_eta == 1 and threshold == math.inf and not apg_momentum)  # APG's identity
+    apg = None if plain else APG(apg_eta, threshold, apg_momentum or 0.0)
     rule = {"sigmas": guide_sigmas if guide_sigmas is not None else EVERYWHERE, "rescale": guidance_rescale, "apg": apg}
     if conditional and guidance != 1.0:
         from difflab.guidance import ClassifierFreeGuidance
