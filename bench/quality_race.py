@@ -6,6 +6,7 @@ same wall-clock minutes on the same machine one after the other, judged by one M
     python bench/quality_race.py --only naive2 --naive2-minutes 8   # part 1, denoise then renoise
     python bench/quality_race.py --only steps --run runs/race/difflab   # quality against NFE
     python bench/quality_race.py --data textures --image-size 32 --minutes 10 --n 2000 --peer-n 500   # colour
+    python bench/quality_race.py --data textures --baseline /work/wt/base135 ...   # and an earlier checkout
 
 Contestants (``--only`` picks some; default ``difflab,diffusers,lucidrains``):
 
@@ -153,6 +154,42 @@ def sample_difflab(run_dir: Path, n: int, **kw) -> tuple[torch.Tensor, float]:
     t0 = time.monotonic()
     images = run.sample(n, seed=0, **kw)
     return images, time.monotonic() - t0
+
+
+def _export_folder(images: torch.Tensor, folder: Path) -> Path:
+    """``images`` (uint8 [N, C, S, S]) as numbered PNGs in ``folder`` (made once), for a contestant that reads
+    folders only: a baseline checkout from before the built-in colour sets."""
+    from PIL import Image
+
+    if not (folder / "done").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, x in enumerate(images):
+            a = x.permute(1, 2, 0).numpy()
+            Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).save(folder / f"{i:06d}.png")
+        (folder / "done").write_text(f"{len(images)}\n")
+    return folder
+
+
+def race_baseline(checkout: Path, out: Path, minutes: float, n: int, data: str) -> tuple[torch.Tensor, dict]:
+    """An earlier difflab (a checkout, ``git worktree add DIR COMMIT``) with its own defaults: ``difflab train
+    --data DATA --time-limit M`` and ``difflab.load(run).sample(n, seed=0)``, both run from that checkout."""
+    import numpy as np
+
+    env = {**os.environ, "PYTHONPATH": str(checkout / "src")}
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "difflab", "train", "--data", data, "--time-limit", str(minutes), "--out",
+                    str(out), "--quiet"], check=True, env=env)
+    train_seconds = time.monotonic() - t0
+    t0 = time.monotonic()
+    code = ("import sys, numpy, difflab; numpy.save(sys.argv[2], "
+            "difflab.load(sys.argv[1]).sample(int(sys.argv[3]), seed=0).numpy())")
+    subprocess.run([sys.executable, "-c", code, str(out), str(out / "samples.npy"), str(n)], check=True, env=env)
+    images = torch.from_numpy(np.load(out / "samples.npy", allow_pickle=False))
+    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    rows = (out / "loss.csv").read_text().strip().splitlines()
+    return images, {"checkout": str(checkout), "commit": commit, "train_seconds": train_seconds,
+                    "steps": int(rows[-1].split(",")[0]), "sample_seconds": time.monotonic() - t0}
 
 
 def diffusers_unet(channels: int = 1, size: int = 32):
@@ -320,14 +357,17 @@ def colour_race(args, out: Path) -> int:
     """difflab's defaults (``difflab train --data DATA`` and ``--image-size`` when given) against the diffusers
     and lucidrains recipes on the same colour images for the same minutes, with the held-out images as a
     yardstick; ``ratio=X`` is difflab's KID over the best peer's (lower is better)."""
-    from difflab import grid_bottom
     from difflab.data import load
     from difflab.errors import DataError
     from difflab.evaluate.colour import describe
+    from difflab.runs import grid_bottom
 
     only = set(args.only.split(","))
-    if only - {"difflab", "diffusers", "lucidrains"}:
-        raise SystemExit(f"--data {args.data}: the colour race has the contestants difflab, diffusers and lucidrains")
+    if args.baseline:
+        only.add("baseline")
+    if only - {"difflab", "diffusers", "lucidrains", "baseline"}:
+        raise SystemExit(f"--data {args.data}: the colour race has the contestants difflab, diffusers, lucidrains "
+                         "and a --baseline checkout")
     try:
         train = load(args.data, image_size=args.image_size)
     except DataError as e:
@@ -364,6 +404,12 @@ def colour_race(args, out: Path) -> int:
         info["grid_bottom"] = grid_bottom.load(out / "difflab")  # the sigma_min the rule chose when training ended
         images, secs = sample_difflab(out / "difflab", max(args.n, args.fid_n))
         report("difflab", images, info | {"sample_seconds": secs})
+    if "baseline" in only:  # trains on the same pixels, from a folder of PNGs when DATA is a built-in set
+        folder = Path(args.data) if Path(args.data).is_dir() and not args.image_size else \
+            _export_folder(train.images, out.parent / f"{Path(args.data).name}-{size}-train-png")
+        images, info = race_baseline(Path(args.baseline), out / "baseline", args.minutes, max(args.n, args.fid_n),
+                                     str(folder))
+        report("baseline", images, info)
     if "diffusers" in only:
         images, info = race_diffusers(args.minutes, args.peer_n, **peer_data)
         report("diffusers", images, info)
@@ -377,6 +423,9 @@ def colour_race(args, out: Path) -> int:
     default_json = ROOT / "bench" / "results" / f"race-{Path(args.data).name}-{size}-{time.strftime('%Y-%m-%d')}.json"
     write_json(args.json or str(default_json), results)
     peers = [results[k]["kid"] for k in ("diffusers", "lucidrains") if "kid" in results.get(k, {})]
+    if "difflab" in results and "kid" in results.get("baseline", {}) and results["baseline"]["kid"] > 0:
+        print(f"baseline_ratio={results['difflab']['kid'] / results['baseline']['kid']:.3f} (difflab's KID over "
+              f"{results['baseline']['commit']}'s)")
     if "difflab" in results and peers:
         best = min(peers)  # KID is unbiased and can dip below 0 for a peer as good as the data: no ratio then
         print(f"ratio={results['difflab']['kid'] / best:.3f}" if best > 0 else
@@ -404,6 +453,8 @@ def main(argv=None) -> int:
                    "of images: the colour race, judged by Inception KID and colour statistics")
     p.add_argument("--image-size", type=int, default=None, help="colour mode: the size the images are trained at "
                    "(default: the data's own)")
+    p.add_argument("--baseline", default=None, help="colour mode: a checkout of an earlier difflab (git worktree add "
+                   "DIR COMMIT) raced with its own defaults, on a PNG export of the same images")
     p.add_argument("--reference-n", type=int, default=None, help="colour mode: the training images the KID compares "
                    "with (a seeded subset; default all)")
     args = p.parse_args(argv)
@@ -457,6 +508,9 @@ def main(argv=None) -> int:
         results["steps"] = quality_vs_steps(run_dir, judge, args.steps_n, args.samplers.split(","), NFES)
     peers = [results[k]["confident"] for k in ("diffusers", "lucidrains") if "confident" in results.get(k, {})]
     write_json(args.json, results)
+    if "difflab" in results and "kid" in results.get("baseline", {}) and results["baseline"]["kid"] > 0:
+        print(f"baseline_ratio={results['difflab']['kid'] / results['baseline']['kid']:.3f} (difflab's KID over "
+              f"{results['baseline']['commit']}'s)")
     if "difflab" in results and peers:
         best = max(peers)  # no sample of the best peer confident: the ratio is unbounded, said as such
         print(f"ratio={results['difflab']['confident'] / best:.2f}" if best > 0 else

@@ -1,6 +1,7 @@
 """Sampling settings of one trained MNIST run, judged by the race's classifier: how the sampling defaults
 were chosen (bench/RESULTS.md). Each SETTINGS is comma-separated ``name=value`` of ``Run.sample`` (the
-run's defaults for the rest; ``guide_sigmas=LO:HI``, ``cold_update=0|1``); ``defaults`` is the run's own.
+run's defaults for the rest; ``guide_sigmas=LO:HI``, ``cold_update=0|1``, ``guide_keep_mean=0|1``); ``defaults``
+is the run's own.
 
     python bench/sampling_sweep.py RUN --n 512 defaults "steps=7" "steps=7,sigma_min=0" "steps=5,guide_sigmas=0:inf"
 
@@ -28,7 +29,7 @@ def parse(settings: str) -> dict:
         name, value = item.split("=", 1)
         if name == "guide_sigmas":
             out[name] = tuple(float(v) for v in value.split(":"))
-        elif name == "cold_update":
+        elif name in ("cold_update", "guide_keep_mean"):
             out[name] = value == "1"
         else:
             out[name] = int(value) if name in INTS else value if name in TEXT else float(value)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
+from difflab import recipe
 from difflab.cli import main
 from difflab.config import TrainConfig, load_run_config
 from difflab.ema_lengths import SIGMA_REL_MAX, gamma_of_sigma_rel, parse_lengths, sigma_rel_of_gamma
@@ -296,8 +297,9 @@ def test_autoguidance_zero_samples_the_guide_and_one_the_run(trained):
     assert not torch.equal(plain, guided)
     only_guide = load_run(trained)
     only_guide.net.load_state_dict(weights)
-    # D_guide + 0 (D - D_guide) is the guide alone (guiding at every level, plain: APG's eta 1)
-    assert torch.equal(run.sample(4, steps=3, autoguidance=0.0, guide_sigmas=(0, math.inf), apg_eta=1.0),
+    # D_guide + 0 (D - D_guide) is the guide alone (guiding at every level, plain: APG's eta 1, the mean not kept)
+    assert torch.equal(run.sample(4, steps=3, autoguidance=0.0, guide_sigmas=(0, math.inf), apg_eta=1.0,
+                                  guide_keep_mean=False),
                        only_guide.sample(4, steps=3, autoguidance=1.0))
 
 
@@ -328,17 +330,24 @@ def test_runs_sample_down_to_their_sigma_min_and_guide_in_their_interval(trained
     run = load_run(trained)
     d = run.sampling_defaults()
     bottom = grid_bottom.load(trained)["sigma_min"]  # TrainConfig's default 'auto': measured when training ended
-    assert d["sigma_min"] == bottom > 0 and d["guide_sigmas"] == (1.0, 20.0)  # TrainConfig's defaults
+    # TrainConfig's defaults: every level above the grid's bottom up to 20, the update keeping each image's mean
+    assert d["sigma_min"] == bottom > 0 and d["guide_sigmas"] == (recipe.above_grid_bottom(bottom), 20.0)
+    assert d["guide_keep_mean"] is True
     req = SampleRequest(n=2).resolve(run.traits())
+    assert req.guide_sigmas == (pytest.approx(bottom, rel=1e-5), 20.0) and req.guide_sigmas[0] > bottom
     levels = run.levels(req)
     assert len(levels) == req.steps and min(levels) == pytest.approx(bottom) and max(levels) == pytest.approx(80.0)
-    inside = sum(1.0 <= s <= 20.0 for s in levels)
-    assert 0 < inside < len(levels) and request_evaluations(run, SampleRequest(n=2)) == req.steps + inside
+    inside = sum(req.guide_sigmas[0] <= s <= 20.0 for s in levels)  # all but the last (and those above 20)
+    assert inside == sum(s <= 20.0 for s in levels) - 1 > 0
+    assert request_evaluations(run, SampleRequest(n=2)) == req.steps + inside
     # the same samples as an explicit request with those settings; other settings change them
     default = run.sample(2, steps=4)
-    assert torch.equal(default, run.sample(2, steps=4, sigma_min=bottom, guide_sigmas=(1.0, 20.0), autoguidance=3.0))
+    explicit = dict(sigma_min=bottom, guide_sigmas=(bottom * (1 + 1e-6), 20.0), autoguidance=3.0, apg_eta=0.0,
+                    guide_keep_mean=True)
+    assert torch.equal(default, run.sample(2, steps=4, **explicit))
     assert not torch.equal(default, run.sample(2, steps=4, sigma_min=0.0))
     assert not torch.equal(default, run.sample(2, steps=4, guide_sigmas=(0.0, math.inf)))
+    assert not torch.equal(default, run.sample(2, steps=4, guide_keep_mean=False))
 
 
 def test_runs_from_before_the_interval_guide_everywhere_down_to_the_process(tmp_path):

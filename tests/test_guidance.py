@@ -641,9 +641,20 @@ def test_a_class_run_guides_in_the_requested_interval_and_counts_its_evaluations
 
 def test_the_run_interval_defaults_by_conditioning_and_is_saved():
     from difflab.config import TrainConfig
-    from difflab.recipe import guide_interval
+    from difflab.recipe import ABOVE_GRID_BOTTOM, guide_interval
 
-    assert guide_interval(TrainConfig()) == (1.0, 20.0)  # unconditional: autoguidance's measured interval
+    # unconditional: autoguidance's measured interval, every level above the grid's bottom up to 20 with the
+    # mean kept, 1..20 without it (runs saved before guide_keep_mean existed)
+    assert guide_interval(TrainConfig()) == (ABOVE_GRID_BOTTOM, 20.0)
+    from difflab.methods.method import make_method
+
+    method = make_method(TrainConfig())
+    assert method.sampling_defaults(grid_bottom=0.4)["guide_sigmas"] == (0.4 * (1 + 1e-6), 20.0)  # the measured bottom
+    assert method.sampling_defaults()["guide_sigmas"] == (1.0, 20.0)  # none known: 1, as before
+    assert make_method(TrainConfig(sample_sigma_min=0.3)).sampling_defaults(grid_bottom=0.4)["guide_sigmas"][0] == \
+        0.3 * (1 + 1e-6)  # a fixed bottom wins
+    assert guide_interval(TrainConfig(guide_keep_mean=0)) == (1.0, 20.0)
+    assert guide_interval(TrainConfig.from_json({"data": "digits"})) == (0.0, 1e9)  # older still: everywhere
     assert guide_interval(TrainConfig(conditioning="class")) == (1.0, 10.0)  # class: measured (bench/RESULTS.md)
     assert guide_interval(TrainConfig(conditioning="text")) == (0.0, math.inf)  # text: not measured yet
     assert guide_interval(TrainConfig(conditioning="text", guide_sigma_max=5.0)) == (0.0, 5.0)
@@ -744,6 +755,47 @@ def test_autoguidance_takes_the_same_rules():
     torch.testing.assert_close(rescaled.std(dim=(1, 2, 3)), (0.5 * x).std(dim=(1, 2, 3)))
 
 
+class _ColourCast(nn.Module):
+    """x0_hat = a x + cast[channel]: a stand-in denoiser whose colour balance is shifted by ``cast``."""
+
+    def __init__(self, a: float, cast):
+        super().__init__()
+        self.a, self.cast, self.process = a, torch.as_tensor(cast, dtype=torch.float64).reshape(1, -1, 1, 1), None
+
+    def forward(self, x, sigma, cond=None):
+        return self.a * x + self.cast
+
+
+def test_keep_mean_guides_the_structure_and_leaves_each_images_mean_colour():
+    from difflab.guidance import APG, GuidanceRule
+
+    gen = torch.Generator().manual_seed(0)
+    strong, weak = (torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=gen) for _ in range(2))
+    sigma = torch.full((4,), 2.0)
+    for apg in (None, APG(eta=0.0)):
+        plain = GuidanceRule(3.0, apg=apg)(strong, weak, sigma)
+        kept = GuidanceRule(3.0, apg=apg, keep_mean=True)(strong, weak, sigma)
+        hw = (-2, -1)
+        # each image and channel keeps the stronger estimate's mean; what varies within it is the plain rule's
+        torch.testing.assert_close(kept.mean(dim=hw), strong.mean(dim=hw), rtol=0, atol=1e-12)
+        torch.testing.assert_close(kept - kept.mean(dim=hw, keepdim=True), plain - plain.mean(dim=hw, keepdim=True),
+                                   rtol=0, atol=1e-12)
+        assert not torch.allclose(plain.mean(dim=hw), strong.mean(dim=hw), atol=1e-3)  # the plain rule moves it
+    # a guide whose only fault is a colour cast: plain autoguidance paints its complement over every image,
+    # the mean-free update leaves the better model's estimate as it is
+    x, sigma = torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=gen), torch.full((3,), 2.0)
+    good, cast = _ColourCast(0.5, [0.0, 0.0, 0.0]), _ColourCast(0.5, [0.2, -0.1, 0.05])
+    shifted = Autoguidance(good, cast, 3.0)(x, sigma)
+    torch.testing.assert_close(shifted, 0.5 * x - 2.0 * cast.cast)
+    torch.testing.assert_close(Autoguidance(good, cast, 3.0, keep_mean=True)(x, sigma), 0.5 * x, rtol=0, atol=1e-12)
+    den = PatternClasses(linear_schedule())  # classifier-free guidance takes it too
+    labels, null = torch.tensor([0, 1, 2, 3]), {"class_labels": torch.full((4,), K)}
+    y, s4 = _y()[:4], torch.linspace(0.5, 3.0, 4, dtype=torch.float64)
+    c, _ = _cfg_parts(den, y, s4, labels)
+    out = ClassifierFreeGuidance(den, null, 4.0, keep_mean=True)(y, s4, {"class_labels": labels})
+    torch.testing.assert_close(out.mean(dim=(-2, -1)), c.mean(dim=(-2, -1)), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("settings,msg", [
     ({"guidance_rescale": 1.5}, "--guidance-rescale must be in [0, 1]"),
     ({"apg_eta": -0.1}, "--apg-eta must be in [0, 1]"),
@@ -751,6 +803,8 @@ def test_autoguidance_takes_the_same_rules():
     ({"apg_eta": 0.0, "apg_momentum": 1.0}, "--apg-momentum must be in (-1, 1)"),
     ({"apg_momentum": -0.5}, "give --apg-eta too"),
     ({"guide_sigmas": (2.0, 1.0)}, "--guide-sigmas"),
+    ({"guide_keep_mean": "yes"}, "guide_keep_mean must be True or False"),
+    ({"guide_keep_mean": 1}, "guide_keep_mean must be True or False"),
 ])
 def test_guidance_rule_settings_are_checked(settings, msg):
     from difflab.runs.request import SampleRequest
@@ -776,5 +830,7 @@ def test_cli_class_run_guidance_interval_apg_and_rescale(class_run, capsys, tmp_
     assert np.array_equal(default, draw("--apg-eta", "1")) and np.array_equal(default, draw("--guidance-rescale", "0"))
     assert not np.array_equal(default, draw("--apg-eta", "0", "--apg-momentum", "-0.5", "--apg-threshold", "2"))
     assert not np.array_equal(default, draw("--guidance-rescale", "0.7"))
+    assert np.array_equal(default, draw("--no-guide-keep-mean"))  # class runs: the plain update by default
+    assert not np.array_equal(default, draw("--guide-keep-mean"))
     rc, _, err = cli(capsys, "sample", "--run", class_run, "--n", "2", "--apg-momentum", "0.5", "--out", tmp_path / "y.png")
     assert rc == 2 and "--apg-eta" in err and len(err.splitlines()) == 1, err

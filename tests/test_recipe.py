@@ -121,3 +121,21 @@ def test_apg_default_follows_the_kind_and_old_runs_keep_plain_guidance():
     for bad in (-0.5, 1.5, float("nan")):
         with pytest.raises(UsageError, match="--apg-eta"):
             TrainConfig(data="digits", out="/tmp/unused", apg_eta=bad)
+
+
+def test_mean_free_guidance_is_on_for_autoguidance_and_off_for_old_runs():
+    from difflab.methods.method import make_method
+
+    def defaults(**kw):
+        return make_method(TrainConfig(data="digits", out="/tmp/unused", **kw)).sampling_defaults()
+
+    assert defaults()["guide_keep_mean"] is True  # autoguidance: measured on textures and MNIST
+    assert "guide_keep_mean" not in defaults(conditioning="class")  # classifier-free: plain until measured
+    assert defaults(conditioning="class", guide_keep_mean=1)["guide_keep_mean"] is True
+    assert "guide_keep_mean" not in defaults(guide_keep_mean=0)
+    assert "keeping each image's mean" in recipe.describe(TrainConfig(data="digits", out="/tmp/unused"))
+    legacy = TrainConfig.from_json({"data": "digits", "out": "/tmp/unused"})
+    assert legacy.guide_keep_mean == 0 and not recipe.guide_keep_mean(legacy)  # runs saved before the field
+    for bad in (2, -2, 0.5):
+        with pytest.raises(UsageError, match="--guide-keep-mean"):
+            TrainConfig(data="digits", out="/tmp/unused", guide_keep_mean=bad)

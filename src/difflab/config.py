@@ -126,6 +126,9 @@ class TrainConfig:
     apg_eta: float = _option(-1.0, "APG (Sadat et al. 2025) on the run's guidance: the weight of the guidance update's "
                              "part parallel to the network's estimate (0: projected away, which keeps the data's "
                              "colours; 1: plain guidance); -1: the run's kind's (recipe.guide_apg)")
+    guide_keep_mean: int = _option(-1, "remove the guidance update's mean over each image, per channel, so guidance "
+                                   "keeps the network's colour balance (1: on, 0: off; -1: the run's kind's, "
+                                   "recipe.guide_keep_mean)")
     cold_update: bool = _option(False, "naive2: sample with the cold-diffusion update (pixels revealed keep their "
                                 "value; --no-cold-update: fresh random pixels every step, as in the series)")
     told_noise: float = _option(1.0, "naive2: the fraction of the noised pixels the network is told of while sampling "
@@ -171,6 +174,8 @@ class TrainConfig:
                 check_range(f"--{_flag(name)}", getattr(self, name), 0, 1e9)
         if self.apg_eta != -1:
             check_range("--apg-eta", self.apg_eta, 0, 1)
+        if self.guide_keep_mean not in (-1, 0, 1):
+            raise UsageError(f"--guide-keep-mean must be -1 (the run's kind's), 0 or 1, got {self.guide_keep_mean!r}")
         if self.channels_mult:
             channel_widths(self.channels_mult)
         if not DEVICE.fullmatch(self.device):
@@ -263,8 +268,8 @@ def channel_widths(text: str) -> list[int]:
 
 # What a field missing from a saved run's config.json means: the behaviour from before it existed
 LEGACY_DEFAULTS: dict[str, Any] = {"ema_length": 0.0, "ema_track": "", "ema_snapshot_every": 0, "autoguidance": 1.0,
-                                   "guide_sigma_min": 0.0, "guide_sigma_max": 1e9, "apg_eta": 1.0, "sample_sigma_min": 0.0,
-                                   "eval_every": 0}
+                                   "guide_sigma_min": 0.0, "guide_sigma_max": 1e9, "apg_eta": 1.0, "guide_keep_mean": 0,
+                                   "sample_sigma_min": 0.0, "eval_every": 0}
 
 
 def _flag(name: str) -> str:

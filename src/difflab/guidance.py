@@ -23,7 +23,9 @@ has moved away from the weaker one's blur, the step goes further that way. w = 1
 
 Both take one guidance interval (``--guide-sigmas``, Kynkaanniemi et al. 2024): outside it the network is
 called once, unguided. Both can make the guided estimate with APG or guidance rescale instead of the plain
-extrapolation (:class:`GuidanceRule`), two answers to the over-saturation of strong guidance.
+extrapolation (:class:`GuidanceRule`), two answers to the over-saturation of strong guidance, and can keep
+each image's mean colour where the stronger estimate puts it (``keep_mean``: the update's mean per channel is
+removed), which stops guidance from shifting the colour balance of a whole image.
 """
 
 from __future__ import annotations
@@ -63,16 +65,20 @@ class APG:
 
 class GuidanceRule:
     """How a guided x0 is made from a stronger and a weaker estimate at scale g: x0_weak + g (x0_strong -
-    x0_weak), or :class:`APG`'s projected update, then guidance rescale (Lin et al. 2024) with ``rescale`` phi:
+    x0_weak), or :class:`APG`'s projected update; with ``keep_mean`` the update x0_guided - x0_strong loses its
+    mean over each image's pixels, per channel, so the guided estimate keeps the stronger one's mean colour
+    (brightness on grey images) and guidance changes only the structure around it (the extrapolation away
+    from a weaker model's duller colours otherwise shifts every image towards their complement, cyan on
+    reddish photos: bench/RESULTS.md, "mean-free guidance"); then guidance rescale (Lin et al. 2024) with ``rescale`` phi:
     the result times phi std(x0_strong) / std(x0_guided) + (1 - phi), per sample, which pulls the guided
     estimate's spread back towards the stronger (conditional) estimate's (phi = 1: exactly its std). One rule per wrapper: APG's
     momentum follows one trajectory per thread, and a call at a higher noise level than the last (or with
     another batch size) starts a new one."""
 
-    def __init__(self, scale: float, rescale: float = 0.0, apg: APG | None = None):
+    def __init__(self, scale: float, rescale: float = 0.0, apg: APG | None = None, keep_mean: bool = False):
         if not 0 <= rescale <= 1:
             raise UsageError(f"--guidance-rescale must be in [0, 1], got {rescale}")
-        self.scale, self.rescale, self.apg = float(scale), float(rescale), apg
+        self.scale, self.rescale, self.apg, self.keep_mean = float(scale), float(rescale), apg, bool(keep_mean)
         self._state = threading.local()  # APG's momentum: (last sigma, running update) of this thread's batch
 
     def __call__(self, strong: torch.Tensor, weak: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -80,6 +86,9 @@ class GuidanceRule:
             out = weak + self.scale * (strong - weak)
         else:
             out = strong + (self.scale - 1) * self._projected(strong, strong - weak, sigma)
+        if self.keep_mean and out.ndim > 2:
+            update = out - strong
+            out = strong + (update - update.mean(dim=(-2, -1), keepdim=True))
         if self.rescale == 0:
             return out
         dims = tuple(range(1, out.ndim))
@@ -115,13 +124,13 @@ def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
 class ClassifierFreeGuidance(nn.Module):
     """f_hat = f(z, null) + g (f(z, c) - f(z, null)), both passes batched into one forward call, at the noise
     levels in ``sigmas`` = (lo, hi), inclusive (the guidance interval, Kynkaanniemi et al. 2024); elsewhere the
-    conditional pass alone, at half the cost. ``rescale`` and ``apg``: see :class:`GuidanceRule`."""
+    conditional pass alone, at half the cost. ``rescale``, ``apg`` and ``keep_mean``: see :class:`GuidanceRule`."""
 
     def __init__(self, denoiser, null_cond: dict, scale: float, sigmas: tuple[float, float] = EVERYWHERE, *,
-                 rescale: float = 0.0, apg: APG | None = None):
+                 rescale: float = 0.0, apg: APG | None = None, keep_mean: bool = False):
         super().__init__()
         self.denoiser, self.null_cond, self.scale = denoiser, null_cond, float(scale)
-        self.sigmas, self.rule = _interval(sigmas), GuidanceRule(scale, rescale, apg)
+        self.sigmas, self.rule = _interval(sigmas), GuidanceRule(scale, rescale, apg, keep_mean)
         self.process = denoiser.process
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
@@ -140,13 +149,13 @@ class Autoguidance(nn.Module):
     """D_hat = D_guide + w (D - D_guide) (Karras et al. 2024): ``guide`` is a weaker denoiser of the same
     data with the same call (the run's EMA from early in training, wrapped like ``denoiser``). Only at
     noise levels in ``sigmas`` = (lo, hi), inclusive (a guidance interval, Kynkaanniemi et al. 2024);
-    elsewhere D alone, at half the cost. ``rescale`` and ``apg``: see :class:`GuidanceRule`."""
+    elsewhere D alone, at half the cost. ``rescale``, ``apg`` and ``keep_mean``: see :class:`GuidanceRule`."""
 
     def __init__(self, denoiser, guide, scale: float, sigmas: tuple[float, float] = EVERYWHERE, *,
-                 rescale: float = 0.0, apg: APG | None = None):
+                 rescale: float = 0.0, apg: APG | None = None, keep_mean: bool = False):
         super().__init__()
         self.denoiser, self.guide, self.scale = denoiser, guide, float(scale)
-        self.sigmas, self.rule = _interval(sigmas), GuidanceRule(scale, rescale, apg)
+        self.sigmas, self.rule = _interval(sigmas), GuidanceRule(scale, rescale, apg, keep_mean)
         self.process = denoiser.process
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:

@@ -57,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "unconditional runs; 1: off)")
     p.add_argument("--guide-sigmas", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="guide (classifier-free and autoguidance) only at noise levels LO <= sigma <= HI, elsewhere one "
-                   "unguided evaluation (default: the run's --guide-sigma-min/max: 1 20 for unconditional runs, "
-                   "every level for class/text runs; 0 inf: every level)")
+                   "unguided evaluation (default: the run's --guide-sigma-min/max: for unconditional runs every level above "
+                   "the grid's bottom up to 20, 1 10 for class runs, every level for text runs; 0 inf: every level)")
     p.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI", help="guidance rescale (Lin et "
                    "al. 2024): pull the guided x0's std towards the unguided one's, mixed by PHI in [0, 1] (default 0)")
     p.add_argument("--apg-eta", type=float, default=None, metavar="ETA", help="adaptive projected guidance (Sadat et "
@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "sample at R (default inf: no cap)")
     p.add_argument("--apg-momentum", type=float, default=None, metavar="BETA", help="APG: momentum of the update "
                    "over the steps, in (-1, 1) (the paper's is negative; default 0)")
+    p.add_argument("--guide-keep-mean", action=argparse.BooleanOptionalAction, default=None, help="remove the "
+                   "guidance update's mean over each image, per channel, so guidance keeps the unguided estimate's "
+                   "colour balance (default: the run's; on for autoguidance of runs trained since it existed)")
     p.add_argument("--classifier", default=None, help="classifier run folder (difflab train-classifier) "
                    "for classifier guidance")
     p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance weight w")
@@ -97,7 +100,7 @@ def request_from_args(args: argparse.Namespace) -> SampleRequest:
     """The flags as a :class:`~difflab.runs.request.SampleRequest` (checked; --init-noise read once --n is)."""
     same = ("seed", "sampler", "steps", "guidance", "autoguidance", "prompt", "clip", "eta", "order", "variance", "spacing", "churn",
             "lower_order_final",
-            "sigma_min", "guide_sigmas", "guidance_rescale", "apg_eta", "apg_threshold", "apg_momentum",
+            "sigma_min", "guide_sigmas", "guidance_rescale", "apg_eta", "apg_threshold", "apg_momentum", "guide_keep_mean",
             "cold_update", "told_noise",
             "classifier", "classifier_scale", "classifier_sigma_max", "batch_size")
     req = SampleRequest(run=args.run or args.diffusers_model, n=args.n, labels=_as_int(args.class_label),

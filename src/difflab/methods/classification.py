@@ -51,7 +51,7 @@ class _Classification:
     def denoiser(self, net) -> None:
         return None  # a classifier's network gives class logits, not a denoised image
 
-    def sampling_defaults(self) -> dict:
+    def sampling_defaults(self, grid_bottom: float | None = None) -> dict:
         return {}
 
     def prepare(self, data: ImageData) -> None:

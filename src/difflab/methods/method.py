@@ -30,7 +30,7 @@ from difflab.processes.chains import degradation_chain, gaussian_chain, pixel_ch
 from difflab.processes.continuous import make_process
 from difflab.processes.degradations import get_degradation
 from difflab.processes.gaussian import DiscreteSchedule, GaussianProcess
-from difflab.recipe import guide_apg, guide_interval
+from difflab.recipe import ABOVE_GRID_BOTTOM, above_grid_bottom, guide_apg, guide_interval, guide_keep_mean
 from difflab.samplers import SAMPLERS, SIGMA_TOP
 
 if TYPE_CHECKING:
@@ -55,9 +55,10 @@ class Method(Protocol):
     def denoiser(self, net) -> Denoiser | None:
         """The denoiser D(x, sigma) of a network trained by this method, or None (part 1, the classifiers)."""
 
-    def sampling_defaults(self) -> dict:
+    def sampling_defaults(self, grid_bottom: float | None = None) -> dict:
         """What a run of this method samples with unless told (its config's settings, the fields of a
-        :class:`~difflab.runs.request.SampleRequest`); empty for a method without a config."""
+        :class:`~difflab.runs.request.SampleRequest`, each a valid value); empty for a method without a config.
+        ``grid_bottom``: the run's measured sigma_min, for the settings that follow it."""
 
     def prepare(self, data: ImageData) -> None:
         """Check the settings against the run's data (before anything is written) and keep what
@@ -138,15 +139,21 @@ class GaussianMethod:
     def denoiser(self, net) -> Denoiser:
         return Denoiser(net, self.process, self.prediction)
 
-    def sampling_defaults(self) -> dict:
-        """The run's sampler, step count, x0 clipping, grid bottom, guidance interval and APG (config.json)."""
+    def sampling_defaults(self, grid_bottom: float | None = None) -> dict:
+        """The run's sampler, step count, x0 clipping, grid bottom, guidance interval, APG and mean-free guidance
+        (config.json). An interval that starts above the grid's bottom starts above ``cfg.sample_sigma_min``, or
+        for ``auto`` above ``grid_bottom`` (the run's measured one; 1, the bottom it had before, when unknown)."""
         if self.cfg is None:  # a network trained elsewhere: its model's own defaults apply
             return {}
         cfg = self.cfg
         bottom = {} if cfg.sample_sigma_min == "auto" else {"sigma_min": cfg.sample_sigma_min}  # auto: the run measures it
         apg = {} if guide_apg(cfg) is None else {"apg_eta": guide_apg(cfg)}
+        mean = {"guide_keep_mean": True} if guide_keep_mean(cfg) else {}
+        lo, hi = guide_interval(cfg)
+        if lo == ABOVE_GRID_BOTTOM:
+            lo = above_grid_bottom(bottom.get("sigma_min", grid_bottom))
         return {"sampler": cfg.sampler, "steps": cfg.sample_steps, "clip": cfg.clip, **bottom,
-                "guide_sigmas": guide_interval(cfg), **apg}
+                "guide_sigmas": (lo, hi), **apg, **mean}
 
     def loss(self, net, x: torch.Tensor, cond: dict | None, step: int, seeds: torch.Tensor) -> torch.Tensor:
         den = self.denoiser(net)
@@ -210,7 +217,7 @@ class ConsistencyMethod(GaussianMethod):
     def denoiser(self, net) -> None:
         return None  # its x0 estimate is a trajectory's end, not the posterior mean an ODE solver needs
 
-    def sampling_defaults(self) -> dict:
+    def sampling_defaults(self, grid_bottom: float | None = None) -> dict:
         """The run's step count, intermediate level and x0 clipping."""
         bottom = self.cfg.sample_sigma_min
         return {"steps": self.cfg.sample_steps, "clip": self.cfg.clip,
@@ -274,7 +281,7 @@ class _BatchSeeded:
     def denoiser(self, net) -> None:
         return None  # the series' networks predict a step or an image, with no noise level to denoise at
 
-    def sampling_defaults(self) -> dict:
+    def sampling_defaults(self, grid_bottom: float | None = None) -> dict:
         """The run's step count, and its x0 clipping (which its own algorithm does not use)."""
         return {"steps": self.cfg.sample_steps, "clip": self.cfg.clip}
 
@@ -347,9 +354,9 @@ class Naive2Method(_BatchSeeded):
     def noising_chain(self, x: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
         return pixel_chain(x, columns, generator)[1]
 
-    def sampling_defaults(self) -> dict:
+    def sampling_defaults(self, grid_bottom: float | None = None) -> dict:
         """Also the run's own naive2 settings: the cold-diffusion update and the noise level it is told."""
-        return {**super().sampling_defaults(), "cold_update": self.cfg.cold_update, "told_noise": self.cfg.told_noise}
+        return {**super().sampling_defaults(grid_bottom), "cold_update": self.cfg.cold_update, "told_noise": self.cfg.told_noise}
 
     def trajectories(self) -> dict[str, dict]:
         told = {"told_noise": self.cfg.told_noise}  # both updates, with the noise level the run samples with

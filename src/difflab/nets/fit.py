@@ -37,8 +37,9 @@ CHOICES: dict[tuple[str, str], tuple[str, str, str, str]] = {
     ("gpu", "short"):   ("ddpm-cifar10", "gpu-64",       "gpu-128",       "gpu-256"),
     ("gpu", "long"):    ("gpu-32-wide",  "gpu-64-wide",  "gpu-128-wide",  "gpu-256-wide"),
 }  # fmt: skip
-# Colour 32 px on a CPU keeps the network the defaults were measured with (mnist-small) until a colour race picks
-# between it and cpu-32 (the same widths with attention at 16 px too: 1.4x slower a step on the 2-core Xeon).
+# Colour 32 px on a CPU trains mnist-small: against cpu-32 (the same widths with attention at 16 px too), ten
+# minutes on the textures gave the same KID within noise (84.1 against 82.8) with 16% more steps
+# (bench/RESULTS.md, "Network for colour 32 px on a CPU").
 # Grey 32 px images (MNIST) keep the networks the project's MNIST benchmarks were measured with.
 GREY_32 = {"cpu": "mnist-small", "gpu": "mnist"}
 # A long budget, which affords a wider network: at least this many steps, and no time limit or a long one.

@@ -28,8 +28,8 @@ from difflab.nets import fit
 
 # flags that may change when a run is resumed; anything else must match the saved run
 RESUME_OVERRIDES = {"steps", "time_limit", "sample_every", "sample_steps", "sampler", "clip", "autoguidance", "guide_at",
-                    "guide_sigma_min", "guide_sigma_max", "apg_eta", "sample_sigma_min", "cold_update", "told_noise",
-                    "checkpoint_every", "keep", "log_every", "logger", "device", "out", "compile", "precision",
+                    "guide_sigma_min", "guide_sigma_max", "apg_eta", "guide_keep_mean", "sample_sigma_min", "cold_update",
+                    "told_noise", "checkpoint_every", "keep", "log_every", "logger", "device", "out", "compile", "precision",
                     "eval_every", "eval_metric", "eval_n"}
 
 PADDED = 32  # the size MNIST-like 28x28 images are trained at: every UNet preset halves it three times

@@ -38,7 +38,7 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
                   callback=None, clip: str = "clip", data_range: tuple[float, float] = (-1.0, 1.0),
                   autoguidance: float = 1.0, guide=None, guide_sigmas: tuple[float, float] | None = None,
                   guidance_rescale: float = 0.0, apg_eta: float | None = None, apg_threshold: float | None = None,
-                  apg_momentum: float | None = None, **options) -> torch.Tensor:
+                  apg_momentum: float | None = None, guide_keep_mean: bool | None = None, **options) -> torch.Tensor:
     """n samples as uint8 [n, C, H, W]. Sample j depends only on (seed, start + j). The settings are
     those of a :class:`~difflab.runs.request.SampleRequest`, which checks them (:func:`sample_request`).
 
@@ -50,8 +50,8 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
     ``autoguidance`` w != 1 mixes in ``guide``, a weaker network of the same run (:meth:`Run.guide_net`):
     D_guide + w (D - D_guide), each under the same classifier-free guidance. Both guide only at the noise
     levels in ``guide_sigmas`` (lo, hi) (every level when None); elsewhere the network is called once, unguided.
-    ``guidance_rescale`` phi and APG (``apg_eta``, ``apg_threshold``, ``apg_momentum``) change how both make
-    the guided estimate (:class:`~difflab.guidance.GuidanceRule`).
+    ``guidance_rescale`` phi, APG (``apg_eta``, ``apg_threshold``, ``apg_momentum``) and ``guide_keep_mean``
+    change how both make the guided estimate (:class:`~difflab.guidance.GuidanceRule`).
     ``clip`` limits every x0 estimate to ``data_range`` after guidance (:class:`~difflab.denoiser.ClipX0`:
     ``clip``, ``dynamic`` or ``none``)."""
     net.eval()
@@ -60,7 +60,8 @@ def sample_images(method: Method, net, conditioner: Conditioner | None, n: int, 
                                   classifier_scale=classifier_scale, classifier_sigma_max=classifier_sigma_max,
                                   clip=clip, data_range=data_range, autoguidance=autoguidance, guide=guide,
                                   guide_sigmas=guide_sigmas, guidance_rescale=guidance_rescale, apg_eta=apg_eta,
-                                  apg_threshold=apg_threshold, apg_momentum=apg_momentum)
+                                  apg_threshold=apg_threshold, apg_momentum=apg_momentum,
+                                  guide_keep_mean=guide_keep_mean)
     x = method.sample(net, n, shape, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
                       start=start, callback=callback, wrap=wrap, cond_fn=cond_fn, init_noise=init_noise,
                       progress=progress, **options)
@@ -72,7 +73,8 @@ def guidance_wrap(method: Method, conditioner: Conditioner | None, n: int, *, de
                   classifier=None, classifier_scale: float = 0.0, classifier_sigma_max: float | None = None,
                   clip: str = "clip", data_range: tuple[float, float] = (-1.0, 1.0), autoguidance: float = 1.0,
                   guide=None, guide_sigmas: tuple[float, float] | None = None, guidance_rescale: float = 0.0,
-                  apg_eta: float | None = None, apg_threshold: float | None = None, apg_momentum: float | None = None):
+                  apg_eta: float | None = None, apg_threshold: float | None = None, apg_momentum: float | None = None,
+                  guide_keep_mean: bool | None = None):
     """(wrap, cond_fn) of n images drawn with these settings (those of :func:`sample_images`): ``wrap(denoiser)``
     puts the guidance and x0 clipping around the method's denoiser, ``cond_fn(slice)`` gives a batch's
     condition (None for an unconditional draw). What sampling and editing (:mod:`difflab.editing`) share."""
@@ -88,7 +90,8 @@ def guidance_wrap(method: Method, conditioner: Conditioner | None, n: int, *, de
     threshold = math.inf if apg_threshold is None else apg_threshold
     plain = apg_eta is None or (apg_eta == 1 and threshold == math.inf and not apg_momentum)  # APG's identity
     apg = None if plain else APG(apg_eta, threshold, apg_momentum or 0.0)
-    rule = {"sigmas": guide_sigmas if guide_sigmas is not None else EVERYWHERE, "rescale": guidance_rescale, "apg": apg}
+    rule = {"sigmas": guide_sigmas if guide_sigmas is not None else EVERYWHERE, "rescale": guidance_rescale, "apg": apg,
+            "keep_mean": bool(guide_keep_mean)}
     if conditional and guidance != 1.0:
         from difflab.guidance import ClassifierFreeGuidance
 
@@ -308,9 +311,10 @@ class Run:
         text runs, its guidance scale (saved in config.json); none for a model trained elsewhere."""
         if self.cfg is None:
             return {}
-        d = self.method.sampling_defaults()
-        if self.method.denoises:
-            d["sigma_min"] = self.grid_bottom()
+        bottom = self.grid_bottom() if self.method.denoises else None
+        d = self.method.sampling_defaults(grid_bottom=bottom)
+        if bottom is not None:
+            d["sigma_min"] = bottom
         if self.conditioner.kind != "none":
             d["guidance"] = self.cfg.guidance
         elif self.cfg.autoguidance != 1.0 and self.autoguidable:

@@ -41,8 +41,8 @@ FLAGS = {"n": "--n", "seed": "--seed", "start": "--start", "steps": "--steps", "
          "variance": "--variance", "spacing": "--spacing", "sampler": "--sampler", "prompt": "--prompt",
          "sigma_min": "--sigma-min", "guide_sigmas": "--guide-sigmas", "told_noise": "--told-noise",
          "guidance_rescale": "--guidance-rescale", "apg_eta": "--apg-eta", "apg_threshold": "--apg-threshold",
-         "apg_momentum": "--apg-momentum"}
-GUIDANCE_RULE = ("guidance_rescale", "apg_eta", "apg_threshold", "apg_momentum")  # how guidance mixes (GuidanceRule)
+         "apg_momentum": "--apg-momentum", "guide_keep_mean": "--guide-keep-mean"}
+GUIDANCE_RULE = ("guidance_rescale", "apg_eta", "apg_threshold", "apg_momentum", "guide_keep_mean")  # how guidance mixes (GuidanceRule)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,9 @@ class SampleRequest:
     ``guide_sigmas`` (lo, hi): the noise levels where classifier-free guidance and autoguidance act (the
     guidance interval). ``guidance_rescale`` (phi in [0, 1]) and APG (``apg_eta`` in [0, 1], the weight of the
     update's part parallel to the conditional estimate; ``apg_threshold``, the cap on its norm; ``apg_momentum``
-    in (-1, 1)) change how both make the guided estimate (:class:`~difflab.guidance.GuidanceRule`).
+    in (-1, 1)) and ``guide_keep_mean`` (the update's per-channel image mean removed: each image keeps the
+    unguided estimate's mean colour) change how both make the guided estimate
+    (:class:`~difflab.guidance.GuidanceRule`).
     ``sigma_min``: the bottom of the karras and geometric grids.
     ``precision`` bf16 runs the network with bf16 weights (converted in place)."""
 
@@ -89,6 +91,7 @@ class SampleRequest:
     apg_eta: float | None = None
     apg_threshold: float | None = None
     apg_momentum: float | None = None
+    guide_keep_mean: bool | None = None
     labels: int | Sequence[int] | torch.Tensor | None = None
     prompt: str | None = None
     init_noise: torch.Tensor | None = None
@@ -144,8 +147,10 @@ class SampleRequest:
         if self.apg_eta is None and (self.apg_threshold is not None or self.apg_momentum is not None):
             raise UsageError("--apg-threshold and --apg-momentum are options of APG: give --apg-eta too (0: the "
                              "paper's, only the orthogonal part of the update)")
-        if self.lower_order_final is not None and not isinstance(self.lower_order_final, bool):
-            raise UsageError(f"lower_order_final must be True or False, got {self.lower_order_final!r}")
+        for name in ("lower_order_final", "guide_keep_mean"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise UsageError(f"{name} must be True or False, got {value!r}")
         if self.guide_sigmas is not None:
             lo, hi = _pair(self.guide_sigmas)
             object.__setattr__(self, "guide_sigmas", (lo, hi))
