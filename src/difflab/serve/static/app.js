@@ -304,7 +304,10 @@ async function startCompare(e) {
 
 // ---------------------------------------------------------------- forward process
 async function loadData() {
-  const data = await api(`/api/dataset?run=${encodeURIComponent(state.run.name)}&start=${state.dataStart}&n=16`);
+  const run = state.run;
+  if (run.damaged) return;
+  const data = await api(`/api/dataset?run=${encodeURIComponent(run.name)}&start=${state.dataStart}&n=16`);
+  if (state.run !== run) return; // another run was chosen while this one's images came
   const strip = $("data-strip");
   strip.innerHTML = "";
   for (const d of data.images) {
@@ -322,6 +325,7 @@ let forwardAsked = 0;
 async function loadForward() {
   showError("forward-error", "");
   const ticket = ++forwardAsked; // only the newest answer is shown: answers may arrive out of order
+  if (state.run.damaged) return; // nothing to ask of a run that cannot be loaded
   try {
     const v = await api("/api/forward", { run: state.run.name, process: $("forward-process").value, index: state.dataIndex });
     if (ticket !== forwardAsked) return;
@@ -489,8 +493,9 @@ function editSetImage(im, source, label) {
 async function editUseIndex() {
   showError("edit-error", "");
   try {
-    const want = Number($("edit-index").value);
-    const data = await api(`/api/dataset?run=${encodeURIComponent(state.run.name)}&start=${want}&n=1`);
+    const want = Number($("edit-index").value), run = state.run;
+    const data = await api(`/api/dataset?run=${encodeURIComponent(run.name)}&start=${want}&n=1`);
+    if (state.run !== run) return; // another run was chosen meanwhile
     const d = data.images[0];
     $("edit-index").value = d.index;
     const im = new Image();
