@@ -140,8 +140,7 @@ def train_difflab(out: Path, minutes: float, *flags: str, data: str = "mnist") -
     t0 = time.monotonic()
     _difflab("train", "--data", data, "--time-limit", str(minutes), "--out", str(out), "--quiet", *flags)
     cfg = json.loads((out / "config.json").read_text())
-    rows = (out / "loss.csv").read_text().strip().splitlines()
-    return {"train_seconds": time.monotonic() - t0, "steps": int(rows[-1].split(",")[0]),
+    return {"train_seconds": time.monotonic() - t0, "steps": _last_step(out),
             "recipe": {k: cfg[k] for k in ("prediction", "process", "lr", "warmup", "precision", "sampler",
                                            "sample_steps", "clip", "batch_size") if k in cfg}
             | {k: cfg[k] for k in ("ema_length", "ema_decay") if k in cfg}}
@@ -157,17 +156,19 @@ def sample_difflab(run_dir: Path, n: int, **kw) -> tuple[torch.Tensor, float]:
 
 
 def _export_folder(images: torch.Tensor, folder: Path) -> Path:
-    """``images`` (uint8 [N, C, S, S]) as numbered PNGs in ``folder`` (made once), for a contestant that reads
-    folders only: a baseline checkout from before the built-in colour sets."""
-    from PIL import Image
+    """``images`` (uint8 [N, C, S, S]) as numbered PNGs in ``folder`` (written once, atomically), for a contestant
+    that reads folders only: a baseline checkout from before the built-in colour sets."""
+    from difflab.files import atomic_folder
+    from difflab.outputs import save_sample_pngs
 
-    if not (folder / "done").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, x in enumerate(images):
-            a = x.permute(1, 2, 0).numpy()
-            Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).save(folder / f"{i:06d}.png")
-        (folder / "done").write_text(f"{len(images)}\n")
+    if not folder.is_dir():
+        atomic_folder(folder, lambda tmp: save_sample_pngs(images, tmp, {"exported_for": "the colour race"}))
     return folder
+
+
+def _last_step(run_dir: Path) -> int:
+    """The step of the last row of a run's loss.csv."""
+    return int((run_dir / "loss.csv").read_text().strip().splitlines()[-1].split(",")[0])
 
 
 def race_baseline(checkout: Path, out: Path, minutes: float, n: int, data: str) -> tuple[torch.Tensor, dict]:
@@ -187,9 +188,8 @@ def race_baseline(checkout: Path, out: Path, minutes: float, n: int, data: str) 
     images = torch.from_numpy(np.load(out / "samples.npy", allow_pickle=False))
     commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    rows = (out / "loss.csv").read_text().strip().splitlines()
     return images, {"checkout": str(checkout), "commit": commit, "train_seconds": train_seconds,
-                    "steps": int(rows[-1].split(",")[0]), "sample_seconds": time.monotonic() - t0}
+                    "steps": _last_step(out), "sample_seconds": time.monotonic() - t0}
 
 
 def diffusers_unet(channels: int = 1, size: int = 32):
