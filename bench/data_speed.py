@@ -46,10 +46,59 @@ def write_synthetic(folder: Path, n: int, size: int, seed: int = 0) -> float:
 
 def peak_rss_gb(workers: int) -> float:
     """Peak resident memory of this process plus ``workers`` times that of its largest finished child (a loader
-    worker): an upper bound of the processes' sum."""
+    worker): an upper bound of the processes' sum (a forked worker's resident pages include the parent's)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return (own + workers * kids) / 2**20  # kB -> GB
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return found
+
+
+def _pss_kb(pid: int) -> dict[str, int]:
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+
+
+class PssPeak:
+    """The peak of the summed proportional set size (PSS: shared pages split between the processes that map
+    them, so nothing is counted twice) of this process and its descendants, sampled every 50 ms on a thread;
+    ``anon`` is the part that is not file-backed (the memory-mapped shards are page cache the kernel can drop)."""
+
+    def __init__(self):
+        import threading
+
+        self.total = self.anon = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            tot = anon = 0
+            for pid in _tree(os.getpid()):
+                r = _pss_kb(pid)
+                tot, anon = tot + r.get("Pss", 0), anon + r.get("Pss_Anon", 0) + r.get("Pss_Shmem", 0)
+            self.total, self.anon = max(self.total, tot / 2**20), max(self.anon, anon / 2**20)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_pss_gb": self.total, "peak_pss_anon_gb": self.anon}
 
 
 def child_first_step(data: str, device: str, started: float, result: str) -> None:
@@ -60,14 +109,16 @@ def child_first_step(data: str, device: str, started: float, result: str) -> Non
     from difflab.training import trainer
 
     real = trainer.Trainer.train_step
+    pss = PssPeak()
 
     def first(self, step):
         loss = real(self, step)
         float(loss)  # the step is done on the device
         self.loader.close()  # the workers exit, so their peak counts in RUSAGE_CHILDREN
+        seconds = time.time() - started
         device_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        Path(result).write_text(json.dumps({"seconds": time.time() - started, "peak_rss_gb": peak_rss_gb(self.loader.workers),
-                                            "device_gb": device_gb, "describe": self.describe()}))
+        Path(result).write_text(json.dumps({"seconds": seconds, "peak_rss_gb": peak_rss_gb(self.loader.workers),
+                                            **pss.stop(), "device_gb": device_gb, "describe": self.describe()}))
         os._exit(0)
 
     trainer.Trainer.train_step = first
@@ -83,6 +134,7 @@ def child_step_share(data: str, device: str, steps: int, result: str) -> None:
     from difflab.training.trainer import Trainer
 
     out = tempfile.mkdtemp(prefix="difflab-data-speed-run-")
+    pss = PssPeak()
     tr = Trainer(TrainConfig(data=data, out=f"{out}/run", steps=steps + 3, sample_every=0, device=device),
                  progress=False, log=lambda *a: None)
     waits = []
@@ -108,10 +160,11 @@ def child_step_share(data: str, device: str, steps: int, result: str) -> None:
         torch.cuda.synchronize()
     step = (time.perf_counter() - t) / steps
     wait = sum(waits) / steps
+    peak = pss.stop()
     tr.loader.close()
     Path(result).write_text(json.dumps({"step_ms": step * 1e3, "wait_ms": wait * 1e3, "share": wait / step,
                                         "batch": tr.cfg.batch_size, "workers": tr.loader.workers,
-                                        "describe": tr.describe(), "peak_rss_gb": peak_rss_gb(tr.loader.workers)}))
+                                        "describe": tr.describe(), "peak_rss_gb": peak_rss_gb(tr.loader.workers), **peak}))
 
 
 def _child(*args: str) -> dict:
@@ -153,14 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     first = _child("first", str(sets[64][0]), args.device, repr(time.time()))
     results["first_step"] = first
     print(f"{first['describe']}")
-    print(f"command to first step done: {first['seconds']:.1f} s (target <= 60); peak resident memory "
-          f"{first['peak_rss_gb']:.2f} GB (target <= 3); device memory {first['device_gb']:.2f} GB")
+    print(f"command to first step done: {first['seconds']:.1f} s (target <= 60); peak memory of the process and its "
+          f"workers {first['peak_pss_gb']:.2f} GB PSS, {first['peak_pss_anon_gb']:.2f} GB of it not file-backed "
+          f"(target <= 3; the sum of peak RSS, which counts a forked worker's shared pages twice: "
+          f"{first['peak_rss_gb']:.2f} GB); device memory {first['device_gb']:.2f} GB")
     for size, (folder, n) in sets.items():
         share = _child("share", str(folder), args.device, str(args.steps))
         results[f"share_{size}"] = share
         print(f"{size} px ({n:,} images, batch {share['batch']}, {share['workers']} workers): step "
               f"{share['step_ms']:.1f} ms, waiting for data {share['wait_ms']:.2f} ms = {share['share']:.1%} "
-              f"(target <= 10%); peak resident memory {share['peak_rss_gb']:.2f} GB")
+              f"(target <= 10%); peak memory {share['peak_pss_gb']:.2f} GB PSS ({share['peak_pss_anon_gb']:.2f} GB not "
+              f"file-backed; summed peak RSS {share['peak_rss_gb']:.2f} GB)")
     write_json(args.json, results)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -1,5 +1,5 @@
-"""Packed sets (difflab pack): written from any source, read by index through memory maps, trained on with
---data DIR, and an index file that lies is refused with one line."""
+"""Packed sets (difflab pack): written from any source, read by index with pread (nothing of the set mapped
+into the process), trained on with --data DIR, and an index file that lies is refused with one line."""
 
 from __future__ import annotations
 
@@ -41,6 +41,20 @@ def test_pack_round_trip_over_several_shards(tmp_path: Path, digits: ImageData) 
         open_source(tmp_path / "p", image_size=16)
     with pytest.raises(IndexError):
         src.read([50])
+
+
+def test_reading_maps_nothing_and_a_shard_cut_short_is_one_line(tmp_path: Path, digits: ImageData) -> None:
+    pack(digits, tmp_path / "p", batch=16, shard_images=7)
+    src = open_source(tmp_path / "p")
+    assert torch.equal(src.read([3, 48, 20]), digits.images[[3, 48, 20]])
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # the set's pages stay in the page cache, never in the process (bounded footprint)
+        assert "images-" not in maps.read_text()
+    shard = tmp_path / "p" / "images-00006.npy"  # images 42..48
+    shard.write_bytes(shard.read_bytes()[:-64])
+    assert torch.equal(src.read([47]), digits.images[[47]])
+    with pytest.raises(DataError, match="images-00006.npy is shorter than its header says"):
+        src.read([48])
 
 
 def test_an_unfinished_pack_is_not_a_packed_set(tmp_path: Path, digits: ImageData) -> None:

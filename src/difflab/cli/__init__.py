@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-classifier": ("train_classifier", "train a noisy, time-conditioned classifier for guidance"),
     "serve": ("serve", "the explorer: a local web page to sample, compare, noise, interpolate and invert"),
     "export": ("export", "write a run as a diffusers pipeline folder (Hub layout, model card)"),
-    "pack": ("pack", "write a data set as memory-mapped shards that training streams"),
+    "pack": ("pack", "write a data set as .npy shards that training streams"),
 }
 
 

@@ -1,4 +1,4 @@
-"""difflab pack: write a data set (a folder, a built-in set, another packed set) as memory-mapped shards
+"""difflab pack: write a data set (a folder, a built-in set, another packed set) as .npy shards
 that ``difflab train --data DIR`` streams (see difflab.data.shards)."""
 
 from __future__ import annotations
