@@ -7,6 +7,7 @@ same wall-clock minutes on the same machine one after the other, judged by one M
     python bench/quality_race.py --only steps --run runs/race/difflab   # quality against NFE
     python bench/quality_race.py --data textures --image-size 32 --minutes 10 --n 2000 --peer-n 500   # colour
     python bench/quality_race.py --data textures --baseline /work/wt/base135 ...   # and an earlier checkout
+    python bench/quality_race.py --data emoji --only difflab --difflab-flags=--hflip ...   # a choice against the defaults
 
 Contestants (``--only`` picks some; default ``difflab,diffusers,lucidrains``):
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -399,8 +401,8 @@ def colour_race(args, out: Path) -> int:
         report("held-out", held_out.images[pick], {"split": "test"})
     peer_data = dict(data=train.images, flips=True)
     if "difflab" in only:
-        flags = ("--image-size", str(args.image_size)) if args.image_size else ()
-        info = train_difflab(out / "difflab", args.minutes, *flags, data=args.data)
+        flags = [*(("--image-size", str(args.image_size)) if args.image_size else ()), *shlex.split(args.difflab_flags)]
+        info = train_difflab(out / "difflab", args.minutes, *flags, data=args.data) | {"flags": flags}
         info["grid_bottom"] = grid_bottom.load(out / "difflab")  # the sigma_min the rule chose when training ended
         images, secs = sample_difflab(out / "difflab", max(args.n, args.fid_n))
         report("difflab", images, info | {"sample_seconds": secs})
@@ -457,6 +459,8 @@ def main(argv=None) -> int:
                    "DIR COMMIT) raced with its own defaults, on a PNG export of the same images")
     p.add_argument("--reference-n", type=int, default=None, help="colour mode: the training images the KID compares "
                    "with (a seeded subset; default all)")
+    p.add_argument("--difflab-flags", default="", help="colour mode: more flags for difflab's train command, as one "
+                   "string (e.g. '--hflip'), to measure a choice against the defaults")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     out = Path(args.out)

@@ -6,6 +6,8 @@ classes are part of what must agree)."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +144,31 @@ def test_the_invert_panel_shows_model_invert_and_decode(model, runs_dir):  # noq
     assert np.array_equal(png_array(rec["png"]), recon[0].numpy())
     assert rec["mse"] == reconstruction_error(image[None], recon)[0]
     assert not torch.equal(model.decode(latent, steps=6), recon)  # (decoded under the image's own class)
+
+
+def test_the_invert_panel_takes_the_grid_and_refinements_of_difflab_invert(model, runs_dir):  # noqa: F811
+    from difflab.figures import to_uint8
+    from difflab.samplers import SPACINGS
+    from difflab.serve.requests import BadRequest
+
+    evs, panels = _panel_events(runs_dir, "invert", {"run": "tiny", "index": 3, "steps": 5, "spacing": "karras",
+                                                     "refine": 2})
+    image, label = panels._image("tiny", 3)
+    latent = model.invert(image[None], steps=5, spacing="karras", refine=2, labels=[label])
+    assert not torch.equal(latent, model.invert(image[None], steps=5, labels=[label]))
+    shown = next(e for e in evs if e["type"] == "latent")
+    assert np.array_equal(png_array(shown["png"]), to_uint8(latent[0] / 3).numpy())
+    rec = next(e for e in evs if e["type"] == "reconstruction")
+    recon = model.decode(latent, steps=5, spacing="karras", labels=[label])
+    assert np.array_equal(png_array(rec["png"]), recon[0].numpy())
+    assert (rec["spacing"], rec["refine"]) == ("karras", 2)
+    for bad, message in (({"spacing": "linear"}, "spacing must be one of uniform, karras, geometric"),
+                         ({"refine": 11}, "refine must be between 0 and 10"), ({"refine": 1.5}, "whole number")):
+        with pytest.raises(BadRequest, match=message):
+            _panel_events(runs_dir, "invert", {"run": "tiny", "index": 3, **bad})
+    page = (Path(__file__).resolve().parents[1] / "src/difflab/serve/static/index.html").read_text()
+    select = page.split('name="spacing"')[1].split("</select>")[0]
+    assert tuple(re.findall(r'<option value="(\w+)"[^>]*>\w+</option>', select)) == SPACINGS  # the page's choices
 
 
 # --- one forward chain per process family: the page's forward panel and `difflab figures` ------------------

@@ -11,6 +11,7 @@ import torch
 from difflab.checks import check_values
 from difflab.errors import UsageError
 from difflab.files import check_output
+from difflab.samplers import SPACINGS
 
 MAX_BYTES = 64 << 20  # an image file larger than this is not an image for a diffusion run
 
@@ -38,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the run's)")
     p.add_argument("--clip", default=None, choices=["none", "clip", "dynamic"], help="x0 clipping (default: the run's)")
     p.add_argument("--eta", type=float, default=None, help="DDIM / DPM-Solver++ SDE eta")
-    p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default=None,
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="noise-level grid (default: the sampler's own)")
     p.add_argument("--out", required=True, help="PNG to write: the edit (--n 1) or a grid of the edits")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")

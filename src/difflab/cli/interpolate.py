@@ -10,6 +10,7 @@ import torch
 from difflab.checks import MAX_SEED, check_values
 from difflab.errors import DataError, UsageError
 from difflab.files import check_output
+from difflab.samplers import SPACINGS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="two image files, DDIM-inverted to their latents (fitted to the run's size)")
     p.add_argument("--n", type=int, default=10, help="images along the path, ends included (default 10)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default="uniform",
+    p.add_argument("--spacing", choices=SPACINGS, default="uniform",
                    help="noise-level grid (default uniform)")
     p.add_argument("--class", dest="class_label", type=int, default=None,
                    help="class index for class-conditional runs (default: the null condition)")

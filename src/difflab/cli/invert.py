@@ -17,12 +17,13 @@ from difflab.cli.rundata import (
 )
 from difflab.errors import UsageError
 from difflab.files import check_output
+from difflab.samplers import SPACINGS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_images_arguments(p, 8, "; images are fitted to the run's size and channels")
     p.add_argument("--steps", type=int, default=100, help="DDIM steps each way (default 100)")
-    p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default="uniform",
+    p.add_argument("--spacing", choices=SPACINGS, default="uniform",
                    help="noise-level grid (default uniform, the grid of 'difflab sample --sampler ddim')")
     p.add_argument("--refine", type=int, default=0, help="fixed-point iterations per inversion step "
                    "(0: plain DDIM inversion; more make the round trip exact on any grid, one call each)")

@@ -14,6 +14,7 @@ from difflab.checks import check_values
 from difflab.errors import UsageError
 from difflab.files import atomic_write, check_output
 from difflab.runs.request import SampleRequest, read_noise
+from difflab.samplers import SPACINGS
 
 GUIDANCE_HELP = ("classifier-free guidance scale g: f_hat = f(z, null) + g (f(z, c) - f(z, null)); "
                  "g = 1 + w with w the weight of Ho & Salimans; g = 1 is plain conditional sampling, "
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="unipc: lower the order at the last steps as diffusers' UniPCMultistepScheduler does "
                         "(default off: 4x closer to the exact answer at 10 and 20 steps, bench/RESULTS.md)")
     p.add_argument("--variance", choices=["small", "large"], default=None, help="DDPM variance")
-    p.add_argument("--spacing", choices=["uniform", "karras", "geometric"], default=None,
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="noise-level grid (default: the sampler's own)")
     p.add_argument("--sigma-min", type=float, default=None, help="bottom of the karras/geometric grids: the last "
                    "step denoises from this noise level (default: the run's --sample-sigma-min; 0: the process's own)")

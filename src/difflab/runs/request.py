@@ -25,6 +25,7 @@ import torch
 
 from difflab.checks import MAX_SAMPLES, MAX_SEED, check_array, check_values
 from difflab.errors import UsageError
+from difflab.samplers import SPACINGS
 
 MAX_STEPS = 100_000
 MAX_BATCH = 1 << 16
@@ -32,7 +33,7 @@ MAX_PROMPT = 10_000  # characters; text encoders read far fewer
 CLIPS = ("none", "clip", "dynamic")
 PRECISIONS = ("fp32", "bf16")
 CHOICES = {"clip": CLIPS, "precision": PRECISIONS, "variance": ("small", "large"),
-           "spacing": ("uniform", "karras", "geometric")}
+           "spacing": SPACINGS}
 # passed on to the sampler when given
 SAMPLER_OPTIONS = ("eta", "order", "variance", "spacing", "sigma_min", "churn", "lower_order_final")
 FLAGS = {"n": "--n", "seed": "--seed", "start": "--start", "steps": "--steps", "eta": "--eta", "churn": "--churn",
@@ -42,7 +43,8 @@ FLAGS = {"n": "--n", "seed": "--seed", "start": "--start", "steps": "--steps", "
          "sigma_min": "--sigma-min", "guide_sigmas": "--guide-sigmas", "told_noise": "--told-noise",
          "guidance_rescale": "--guidance-rescale", "apg_eta": "--apg-eta", "apg_threshold": "--apg-threshold",
          "apg_momentum": "--apg-momentum", "guide_keep_mean": "--guide-keep-mean"}
-GUIDANCE_RULE = ("guidance_rescale", "apg_eta", "apg_threshold", "apg_momentum", "guide_keep_mean")  # how guidance mixes (GuidanceRule)
+# how guidance mixes (GuidanceRule)
+GUIDANCE_RULE = ("guidance_rescale", "apg_eta", "apg_threshold", "apg_momentum", "guide_keep_mean")
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ SAMPLERS: dict[str, Callable] = {
 # evaluation a step; kept out of SAMPLERS, the samplers of a denoiser: driven by a posterior mean, their draws are
 # too narrow (on Gaussian data 0.32 for 0.5 in 30 steps)
 CONSISTENCY_SAMPLERS: dict[str, Callable] = {"consistency": sample_consistency}
+SPACINGS = ("uniform", "karras", "geometric")  # the grids of sampler_sigmas
 # the grid each sampler uses unless told otherwise (EDM's solvers were designed for Karras levels; the
 # newer multistep solvers are far more accurate on levels uniform in lambda = -log sigma, measured on
 # Gaussian data in tests/test_fewstep_samplers.py: DPM-Solver's and UniPC's "logSNR" grid)
@@ -102,7 +103,7 @@ def get_sigmas(process: GaussianProcess, steps: int, spacing: str = "uniform",
         lo, hi = max(process.sigma_min(), 0.01, floor), min(process.sigma_max(), SIGMA_TOP)
         return torch.cat([torch.logspace(math.log10(hi), math.log10(lo), steps, dtype=torch.float64),
                           torch.zeros(1, dtype=torch.float64)])
-    raise UsageError(f"unknown --spacing '{spacing}'; choose uniform, karras or geometric")
+    raise UsageError(f"unknown --spacing '{spacing}'; choose {', '.join(SPACINGS)}")
 
 
 # the samplers that step exactly from an infinite level (the flow process's t = 1, where the uniform grid

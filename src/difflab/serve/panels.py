@@ -165,14 +165,16 @@ class Panels:
                 image, label = self._image(req.run, req.index)  # (the run's own data: its own classes)
                 labels = None if label is None else model.image_labels(torch.tensor([label]), model.source.class_names)
             job.emit({"type": "start", "original": png_url(image)})
-            latent = model.invert(image[None], steps=req.steps, labels=labels, stop=job.cancelled)
+            latent = model.invert(image[None], steps=req.steps, spacing=req.spacing, refine=req.refine, labels=labels,
+                                  stop=job.cancelled)
             # the latent is standard normal: +-3 fills the grey range
             job.emit({"type": "latent", "png": png_url(latent[0] / 3), "std": float(latent.std()),
                       "mean": float(latent.mean())})
-            recon = model.decode(latent, steps=req.steps, labels=labels, stop=job.cancelled)
+            recon = model.decode(latent, steps=req.steps, spacing=req.spacing, labels=labels, stop=job.cancelled)
             mse, psnr = reconstruction_error(image[None], recon)
             job.emit({"type": "reconstruction", "png": png_url(recon[0]), "mse": mse,
-                      "psnr": None if psnr == float("inf") else psnr, "steps": req.steps})
+                      "psnr": None if psnr == float("inf") else psnr, "steps": req.steps, "spacing": req.spacing,
+                      "refine": req.refine})
 
         return work
 

@@ -17,12 +17,14 @@ import torch
 from difflab.errors import UsageError
 from difflab.methods.method import method_class
 from difflab.runs.request import PRECISIONS, SampleRequest
+from difflab.samplers import SPACINGS
 from difflab.serve.catalog import RunInfo
 
 MAX_COUNT = 64
 MAX_SEED = 2**31 - 1
 MAX_DEPTH = 16  # nesting of a JSON body (the page sends 3)
 MAX_NUMBER = 40  # characters of one number in a JSON body
+MAX_REFINE = 10  # fixed-point iterations per inversion step (3 reach 1/255 on digits)
 
 
 class BadRequest(UsageError):
@@ -178,12 +180,15 @@ class InterpolateRequest:
 
 @dataclass(frozen=True)
 class InvertRequest:
-    """DDIM-invert one image (uploaded bytes, or dataset image ``index``) and reconstruct it."""
+    """DDIM-invert one image (uploaded bytes, or dataset image ``index``) and reconstruct it, on the grid
+    ``spacing`` with ``refine`` fixed-point iterations per inversion step (as ``difflab invert``)."""
 
     run: str
     steps: int
     index: int | None
     image: torch.Tensor | None  # uint8 [C, H, W], fitted to the run
+    spacing: str = "uniform"
+    refine: int = 0
 
     @classmethod
     def from_json(cls, body: dict, info: RunInfo, max_bytes: int) -> InvertRequest:
@@ -192,6 +197,7 @@ class InvertRequest:
 
         _gaussian(info, "inversion")
         steps = _int(body, "steps", 50, 1, info.max_steps)
+        how = {"spacing": _choice(body, "spacing", "uniform", SPACINGS), "refine": _int(body, "refine", 0, 0, MAX_REFINE)}
         image, index = body.get("image"), body.get("index")
         if (image is None) == (index is None):
             raise BadRequest("give either an uploaded image or a dataset index")
@@ -208,10 +214,10 @@ class InvertRequest:
             from difflab.data.upload import decode_image_bytes
 
             try:  # decoded here, so that a bad file is a 400 before any work is queued
-                return cls(info.name, steps, None, decode_image_bytes(raw, info.shape, max_bytes=max_bytes))
+                return cls(info.name, steps, None, decode_image_bytes(raw, info.shape, max_bytes=max_bytes), **how)
             except UsageError as e:
                 raise BadRequest(str(e)) from e
-        return cls(info.name, steps, _int(body, "index", 0, 0, 10**7), None)
+        return cls(info.name, steps, _int(body, "index", 0, 0, 10**7), None, **how)
 
 
 @dataclass(frozen=True)

@@ -420,7 +420,9 @@ async function startInvert(body) {
   $("invert-latent-info").textContent = "";
   $("invert-cancel").disabled = false;
   try {
-    await runJob("invert", "/api/invert", { run: state.run.name, steps: Number($("invert-form").elements.steps.value), ...body }, (ev) => {
+    const form = $("invert-form").elements;
+    const how = { steps: Number(form.steps.value), spacing: form.spacing.value, refine: Number(form.refine.value) };
+    await runJob("invert", "/api/invert", { run: state.run.name, ...how, ...body }, (ev) => {
       if (ev.type === "start") $("invert-original").src = ev.original;
       if (ev.type === "latent") {
         $("invert-latent").src = ev.png;
@@ -430,7 +432,7 @@ async function startInvert(body) {
       if (ev.type === "reconstruction") {
         $("invert-recon").src = ev.png;
         const db = ev.psnr === null ? "exact" : `${ev.psnr.toFixed(2)} dB`;
-        $("invert-psnr").textContent = `reconstruction error: PSNR ${db} (MSE ${ev.mse.toFixed(2)}, ${ev.steps} DDIM steps each way)`;
+        $("invert-psnr").textContent = `reconstruction error: PSNR ${db} (MSE ${ev.mse.toFixed(2)}, ${ev.steps} DDIM steps each way on the ${ev.spacing} grid${ev.refine ? `, ${ev.refine} refinements a step` : ""})`;
       }
       if (ev.type === "cancelled") $("invert-psnr").textContent = "cancelled";
       if (ev.type === "error") { showError("invert-error", ev.message); $("invert-psnr").textContent = ""; }
