@@ -4,6 +4,7 @@ into the process), trained on with --data DIR, and an index file that lies is re
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ def test_pack_round_trip_over_several_shards(tmp_path: Path, digits: ImageData) 
 def test_reading_maps_nothing_and_a_shard_cut_short_is_one_line(tmp_path: Path, digits: ImageData) -> None:
     pack(digits, tmp_path / "p", batch=16, shard_images=7)
     src = open_source(tmp_path / "p")
+    fresh = open_source(tmp_path / "p")  # checked, then (below) a shard swapped for a FIFO before its first read
     assert torch.equal(src.read([3, 48, 20]), digits.images[[3, 48, 20]])
     maps = Path("/proc/self/maps")
     if maps.exists():  # the set's pages stay in the page cache, never in the process (bounded footprint)
@@ -55,6 +57,10 @@ def test_reading_maps_nothing_and_a_shard_cut_short_is_one_line(tmp_path: Path, 
     assert torch.equal(src.read([47]), digits.images[[47]])
     with pytest.raises(DataError, match="images-00006.npy is shorter than its header says"):
         src.read([48])
+    (tmp_path / "p" / "images-00000.npy").unlink()
+    os.mkfifo(tmp_path / "p" / "images-00000.npy")
+    with pytest.raises(DataError, match="images-00000.npy: not a regular file"):
+        fresh.read([0])
 
 
 def test_an_unfinished_pack_is_not_a_packed_set(tmp_path: Path, digits: ImageData) -> None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -223,8 +224,11 @@ class ShardSource(StreamedSource):
     def _open(self) -> list[int]:
         fds = []
         for f in self._files:
-            try:
-                fds.append(os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+            flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+            try:  # a shard swapped for a symlink or a FIFO since the index was checked: refused, never waited on
+                fds.append(os.open(f, flags))
+                if not stat.S_ISREG(os.fstat(fds[-1]).st_mode):
+                    raise OSError(0, "not a regular file")
             except OSError as e:
                 for fd in fds:
                     os.close(fd)
