@@ -4,6 +4,7 @@ loop around them (hooks, logging, saves).
 
     PYTHONPATH=/work/wt/base135/src python bench/step_time.py FOLDER 60
     PYTHONPATH=src python bench/step_time.py FOLDER 60
+    PYTHONPATH=src python bench/step_time.py FOLDER 60 process=flow   # settings as the recipe makes them
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ def main(argv: list[str] | None = None) -> int:
     from difflab.training.trainer import Trainer
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
+    if len(args) < 2:
         raise SystemExit(__doc__)
     data, n = args[0], int(args[1])
     out = tempfile.mkdtemp(prefix="difflab-step-time-")
-    tr = Trainer(TrainConfig(data=data, out=f"{out}/run", steps=10_000, sample_every=0), progress=False,
-                 log=lambda *a: None)
+    given = dict(a.split("=", 1) for a in args[2:])
+    try:  # the recipe's defaults for what is given (a checkout that has difflab.recipe)
+        from difflab.recipe import build_config
+        cfg = build_config({"data": data, "out": f"{out}/run", "steps": 10_000, "sample_every": 0, **given})
+    except ImportError:
+        cfg = TrainConfig(data=data, out=f"{out}/run", steps=10_000, sample_every=0, **given)
+    tr = Trainer(cfg, progress=False, log=lambda *a: None)
     for s in range(20):  # warm-up: kernels chosen, allocator grown
         tr.train_step(s)
     t = time.perf_counter()

@@ -27,7 +27,8 @@ def runs_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     cfg = TrainConfig(data="digits", out=str(root / "tiny"), model="tiny", steps=6, batch_size=16, log_every=2,
-                      checkpoint_every=6, sample_every=0, sample_steps=4, warmup=2, lr=1e-3, conditioning="class")
+                      checkpoint_every=6, sample_every=0, sample_steps=4, warmup=2, lr=1e-3, conditioning="class",
+                      process="cosine", prediction="v", noise_sampling="uniform")  # (the explorer on flow: test_flow.py)
     Trainer(cfg, progress=False, log=lambda *a: None).run()
     (root / "notes").mkdir()  # not a run: never listed
     return root

@@ -243,8 +243,8 @@ def test_cli_ema_refuses_bad_lengths(tmp_path, length):
 
 
 def test_old_run_folders_keep_the_classic_ema(tmp_path):
-    Trainer(cfg(tmp_path, steps=4, checkpoint_every=4, ema_length=0.0, ema_track="", ema_snapshot_every=0),
-            **quiet).run()
+    Trainer(cfg(tmp_path, steps=4, checkpoint_every=4, ema_length=0.0, ema_track="", ema_snapshot_every=0,
+                noise_sampling="uniform"), **quiet).run()  # (uniform: the training levels before the field existed)
     path = tmp_path / "run" / "config.json"
     old = json.loads(path.read_text())
     for name in ("ema_length", "ema_track", "ema_snapshot_every", "noise_sampling", "loss_weighting", "min_snr_gamma"):
@@ -258,7 +258,7 @@ def test_old_run_folders_keep_the_classic_ema(tmp_path):
     assert (c.ema_length, c.ema_track, c.ema_snapshot_every, c.autoguidance) == (0.0, "", 0, 1.0)
     assert (c.noise_sampling, c.loss_weighting) == ("uniform", "none")
     assert load_run(tmp_path / "run").sample(2, steps=2).shape == (2, 1, 8, 8)
-    resumed = cfg(tmp_path, steps=6, checkpoint_every=4)
+    resumed = cfg(tmp_path, steps=6, checkpoint_every=4, noise_sampling="uniform")
     tr = Trainer(resumed, resume=True, given={"steps"}, **quiet)
     assert not isinstance(tr.ema, PowerEMA) and tr.tracked == [] and tr.step == 4
     tr.run()

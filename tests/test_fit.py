@@ -3,6 +3,7 @@ growth with image size, divisibility errors, the FLOP count, the speed estimate 
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from types import SimpleNamespace
@@ -46,13 +47,43 @@ def config(**kw) -> TrainConfig:
     (1, 64, CPU, {}, "cpu-64"),
     (3, 64, CPU, {"steps": 100_000}, "cpu-64-wide"),  # a long budget: wider
     (3, 64, CPU, {"steps": 100_000, "time_limit": 180}, "cpu-64-wide"),
-    (3, 64, CPU, {"steps": 100_000, "time_limit": 10}, "cpu-64"),  # the time limit is the budget
+    (3, 64, CPU, {"steps": 100_000, "time_limit": 10}, "mnist-small"),  # the time limit is the budget
     (3, 64, CPU, {"steps": 20_000}, "cpu-64"),
     (3, 32, GPU, {"steps": 100_000}, "gpu-32-wide"),
     (3, 128, GPU, {"steps": 50_000}, "gpu-128-wide"),
 ])  # fmt: skip
 def test_auto_preset_by_size_channels_device_and_budget(channels, size, device, kw, name):
     assert fit.auto_preset(channels, size, device, config(**kw)) == name
+
+
+@pytest.mark.parametrize(("kw", "name"), [
+    ({}, "cpu-64"),  # no time limit: 10,000 steps
+    ({"time_limit": 20}, "mnist-small"),  # about 1,100 steps of cpu-64: too few
+    ({"time_limit": 45}, "mnist-small"),
+    ({"time_limit": 90}, "cpu-64"),  # about 5,100
+    ({"time_limit": 20, "batch_size": 16}, "cpu-64"),  # four times the steps
+    ({"time_limit": 20, "precision": "fp32"}, "mnist-small"),
+])
+def test_a_short_time_limit_takes_the_smaller_network(monkeypatch, kw, name):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # (and bf16, whatever this CPU computes natively)
+    cfg = config(**{"precision": "bf16", **kw})
+    assert fit.auto_preset(3, 64, CPU, cfg) == name
+    steps = fit.expected_steps("cpu-64", 3, 64, CPU, cfg)
+    assert (steps < fit.MIN_STEPS) == (name == "mnist-small")
+    if "time_limit" not in kw:
+        assert steps == math.inf
+
+
+def test_the_smaller_network_is_the_one_measured(monkeypatch):
+    """At 64 px with 20 minutes --model auto trains mnist-small as `--model mnist-small` does (the network the
+    64 px race measured: attention in its middle block only), not moved to the 16 px level."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    auto = fit.network_config(config(time_limit=20, precision="bf16"), shape(3, 64), CPU, None)
+    assert auto == fit.network_config(config(time_limit=20, model="mnist-small"), shape(3, 64), CPU, None)
+    assert fit.cost(auto, (3, 64, 64)).parameters == 667_203
+    # the 32 px choice still follows the image size to other sizes
+    assert fit.network_config(config(time_limit=20), shape(3, 40), CPU, None)["attention_resolutions"] == [10]
+    assert fit.auto_preset(3, 64, GPU, config(time_limit=1)) == "gpu-64"  # GPUs: no smaller network measured
 
 
 def test_budget():
@@ -222,7 +253,7 @@ def test_warning_for_256_px_on_a_cpu(monkeypatch):
     conf = fit.network_config(cfg, shape(3, 256), CPU, None)
     gflop = fit.cost(conf, (3, 256, 256)).gflop
     step = 64 * gflop / 40
-    step64 = 64 * fit.cost(fit.network_config(cfg, shape(3, 64), CPU, None), (3, 64, 64)).gflop / 40  # cpu-64
+    step64 = 64 * fit.cost(fit.network_config(cfg, shape(3, 64), CPU, None), (3, 64, 64)).gflop / 40  # mnist-small (10 minutes)
     assert step > 10 > step64  # (seconds above 10 are written without decimals)
     assert fit.speed_warning(cfg, conf, (3, 256, 256), CPU) == (
         f"warning: this run will be very slow: about {step:.0f} s a step ({40 / gflop:.1f} images/s expected on cpu) "

@@ -48,16 +48,17 @@ class TrainConfig:
                    "(for classifier guidance), classifier (clean images, for evaluation); consistency (ECT, as "
                    "'difflab distill' tunes a run)", METHODS)
     degradation: str = _option("fade-colour", "cold diffusion: fade-colour, fade-black, mask, blur, pixelate")
-    process: str = _option("cosine", "Gaussian noise process: discrete schedules linear/cosine/sigmoid/constant, "
-                      "continuous vp/vp-cosine/ve, flow (rectified flow: z_t = (1 - t) x + t s; predicts the velocity and trains at "
-                      "logit-normal times unless told)", PROCESSES)
+    process: str = _option("flow", "Gaussian noise process: flow (rectified flow: z_t = (1 - t) x + t s, the default: "
+                      "predicts the velocity and trains at logit-normal times unless told), discrete schedules "
+                      "linear/cosine/sigmoid/constant, continuous vp/vp-cosine/ve (these predict v and train at "
+                      "uniform times unless told)", PROCESSES)
     T: int = _option(1000, "number of discrete steps (naive1: noising steps, default 60 there)")
     gamma: float = _option(0.9, "per-step gamma of the constant schedule")
     k: int = _option(32, "naive1: pixels noised per step")
     replace: bool = _option(True, "naive1: pixels may be picked again in later steps (--no-replace walks a "
                        "random order, so T*k must not exceed the pixel count)")
-    prediction: str = _option("v", "what the network predicts: eps, x0, v, zprev (series v1), edm, velocity (s - x, "
-                         "flow matching's target; the default of --process flow)",
+    prediction: str = _option("velocity", "what the network predicts: eps, x0, v, zprev (series v1), edm, velocity "
+                         "(s - x, flow matching's target; the default of --process flow; v for the other processes)",
                          ("eps", "x0", "v", "zprev", "edm", "velocity"))
     model: str = _option("auto", "network preset (see difflab.nets.presets) or 'auto' for the method's default")
     channels_mult: str = _option("", "override the UNet's channels, e.g. '32,64,64' (CoordConv: its widths)")
@@ -82,10 +83,10 @@ class TrainConfig:
     ema_track: str = _option("0.05,0.1", "power EMAs (comma-separated sigma_rel) tracked and snapshotted for "
                         "post-hoc EMA ('difflab ema'); '' for none")
     ema_snapshot_every: int = _option(200, "steps between snapshots of the --ema-track EMAs in RUN/ema-snapshots (0: none)")
-    noise_sampling: str = _option("uniform", "training noise levels: uniform in t, or lognormal (EDM: log sigma ~ "
-                             "N(-1.2, 1.2^2), mapped to t; discrete schedules round t to a step), or logit-normal (SD3: "
-                             "log(sigma_flow / (1 - sigma_flow)) ~ N(--logit-mean, --logit-std^2), the flow process's "
-                             "default)", ("uniform", "lognormal", "logit-normal"))
+    noise_sampling: str = _option("logit-normal", "training noise levels: logit-normal (SD3: log(sigma_flow / (1 - "
+                             "sigma_flow)) ~ N(--logit-mean, --logit-std^2), the flow process's default), uniform in t "
+                             "(the other processes' default), or lognormal (EDM: log sigma ~ N(-1.2, 1.2^2), mapped to "
+                             "t; discrete schedules round t to a step)", ("uniform", "lognormal", "logit-normal"))
     logit_mean: float = _option(0.0, "mean of --noise-sampling logit-normal (SD3: 0)")
     logit_std: float = _option(1.0, "std of --noise-sampling logit-normal (SD3: 1)")
     time_shift: float = _option(1.0, "resolution shift of the training noise levels: sigma_ve times this (on the flow "
@@ -191,8 +192,9 @@ class TrainConfig:
         parse_lengths(self.ema_track)
         if self.ema_snapshot_every < 0:
             raise UsageError(f"--ema-snapshot-every must be 0 (off) or a number of steps, got {self.ema_snapshot_every}")
-        if self.method != "gaussian" and (self.noise_sampling != "uniform" or self.loss_weighting != "none"
-                                          or self.time_shift != 1):
+        # (other methods ignore the field at its default as at uniform, the value 'difflab.recipe' gives them)
+        if self.method != "gaussian" and (self.noise_sampling not in ("uniform", _NOISE_SAMPLING)
+                                          or self.loss_weighting != "none" or self.time_shift != 1):
             raise UsageError("--noise-sampling, --time-shift and --loss-weighting apply to --method gaussian")
         if self.process == "flow" and self.prediction in ("eps", "zprev") and self.method == "gaussian":
             raise UsageError(f"--process flow cannot take --prediction {self.prediction}: its sampling starts at t = 1, "
@@ -266,10 +268,13 @@ def channel_widths(text: str) -> list[int]:
     return widths
 
 
+_NOISE_SAMPLING = next(f.default for f in fields(TrainConfig) if f.name == "noise_sampling")
+
 # What a field missing from a saved run's config.json means: the behaviour from before it existed
 LEGACY_DEFAULTS: dict[str, Any] = {"ema_length": 0.0, "ema_track": "", "ema_snapshot_every": 0, "autoguidance": 1.0,
                                    "guide_sigma_min": 0.0, "guide_sigma_max": 1e9, "apg_eta": 1.0, "guide_keep_mean": 0,
-                                   "sample_sigma_min": 0.0, "eval_every": 0}
+                                   "sample_sigma_min": 0.0, "eval_every": 0,
+                                   "process": "cosine", "prediction": "v", "noise_sampling": "uniform"}
 
 
 def _flag(name: str) -> str:

@@ -41,6 +41,7 @@ FORWARD_PROCESSES: dict[str, tuple[str, str]] = {
     "vp": ("gaussian", "part 4: continuous VP SDE, linear beta 0.1..20"),
     "vp-cosine": ("gaussian", "part 4: continuous VP, cosine"),
     "ve": ("gaussian", "part 4: continuous VE, sigma 0.01..50"),
+    "flow": ("gaussian", "part 6: rectified flow, z_t = (1 - t) x + t s (the default process)"),
 }
 GAUSSIAN_CONFIGS = {
     "linear": {"kind": "discrete", "schedule": "linear"},
@@ -51,6 +52,7 @@ GAUSSIAN_CONFIGS = {
     "vp": {"kind": "vp"},
     "vp-cosine": {"kind": "vp-cosine"},
     "ve": {"kind": "ve"},
+    "flow": {"kind": "flow"},
 }
 BINOMIAL_K, BINOMIAL_T = 32, 60  # the series' settings
 
@@ -63,7 +65,7 @@ class ForwardView:
     frames: torch.Tensor  # uint8 [K, C, H, W]
     t: list[float]
     curve_label: str
-    curve: list[float]  # one value per frame
+    curve: list[float | None]  # one value per frame (None where it is not finite)
     summary: str
     untouched: list[float] = field(default_factory=list)  # binomial and pixel noise: measured per frame
     log_scale: bool = False
@@ -128,4 +130,5 @@ def _gaussian(name, x, levels, seed) -> ForwardView:
     span = process.t_max - process.t_min
     summary = process.describe() if process.discrete else f"{FORWARD_PROCESSES[name][1]}: SNR at t_max = {float(snr[-1]):.3g}"
     return ForwardView(name, to_uint8(frames.flatten(0, 1)), [float((t - process.t_min) / span) for t in ts],
-                       "log10 SNR(t)", [float(v) for v in torch.log10(snr)], summary, log_scale=True)
+                       "log10 SNR(t)", [float(v) if v.isfinite() else None for v in torch.log10(snr)], summary,
+                       log_scale=True)  # (None: flow's pure noise at t = 1, SNR 0, left out of the plot)

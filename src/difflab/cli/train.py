@@ -11,8 +11,13 @@ from typing import Any
 from difflab.config import add_config_arguments, flags_given, read_config_file
 
 
+# the defaults that depend on the process (difflab.recipe.PROCESS_DEFAULTS), as --help shows them
+SHOWN_DEFAULTS = {"prediction": "velocity with --process flow, else v",
+                  "noise_sampling": "logit-normal with --process flow, else uniform"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p)
+    add_config_arguments(p, defaults=SHOWN_DEFAULTS)
     p.add_argument("--config", metavar="FILE", help="a saved config.json (or part of one) as the defaults; the "
                    "flags given beside it win")
     p.add_argument("--resume", action="store_true",

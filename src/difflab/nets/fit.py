@@ -20,6 +20,7 @@ import torch
 
 from difflab.config import channel_widths
 from difflab.errors import UsageError
+from difflab.recipe import native_bf16
 
 from . import build
 from .presets import PRESETS
@@ -44,6 +45,13 @@ CHOICES: dict[tuple[str, str], tuple[str, str, str, str]] = {
 GREY_32 = {"cpu": "mnist-small", "gpu": "mnist"}
 # A long budget, which affords a wider network: at least this many steps, and no time limit or a long one.
 LONG_STEPS, LONG_MINUTES = 50_000, 120.0
+# A time limit too short for a network: fewer than MIN_STEPS steps of it by the expected speed. The network then
+# gives way to the smaller one of SMALLER, taken as it is (its own attention levels). Measured at 64 px on the
+# textures, 20 minutes on a 2-core Xeon (bench/RESULTS.md, "The 64 px network"): cpu-64 made 1,358 steps, KID x 1e3
+# 115.6; mnist-small 2,361 steps, 55.7. The recipe's other settings were measured at 2,400-3,100 steps, hence the
+# bound; where between 20 minutes and the bound (about 50 minutes for cpu-64 here) the two cross was not measured.
+MIN_STEPS = 3_000
+SMALLER = {"cpu-64": "mnist-small"}
 
 # Training throughput, in FLOP/s of forward + backward work on one CPU thread: the trainer's own step on a 2-core
 # Xeon with AMX, timed by the process's CPU time with one thread (steady on a shared machine, where wall time is
@@ -83,12 +91,43 @@ def budget(cfg: TrainConfig) -> str:
 
 def auto_preset(channels: int, size: int, device: torch.device, cfg: TrainConfig) -> str:
     """The preset ``--model auto`` trains on ``size``-pixel images of ``channels`` channels: the column of
-    :data:`CHOICES` nearest in scale (log2), capped at 32 and 256 px."""
+    :data:`CHOICES` nearest in scale (log2), capped at 32 and 256 px, or the smaller network of
+    :data:`SMALLER` when the time limit leaves that one fewer than :data:`MIN_STEPS` steps."""
+    return _auto(channels, size, device, cfg)[0]
+
+
+def _auto(channels: int, size: int, device: torch.device, cfg: TrainConfig) -> tuple[str, bool]:
+    """:func:`auto_preset`'s choice, and whether its attention levels follow the image size (False for the
+    smaller network a short time limit takes, which trains as it was measured)."""
     kind = device_class(device)
     column = min(range(len(SIZES)), key=lambda i: abs(math.log2(size / SIZES[i])))
     if channels == 1 and column == 0:
-        return GREY_32[kind]
-    return CHOICES[kind, budget(cfg)][column]
+        return GREY_32[kind], True
+    name = CHOICES[kind, budget(cfg)][column]
+    if name in SMALLER and cfg.time_limit and expected_steps(name, channels, size, device, cfg) < MIN_STEPS:
+        return SMALLER[name], False
+    return name, True
+
+
+def expected_steps(name: str, channels: int, size: int, device: torch.device, cfg: TrainConfig) -> float:
+    """Steps of the preset ``name`` (fitted to ``size``-pixel images) within ``cfg.time_limit`` by the
+    expected speed (infinite without a time limit or a known speed)."""
+    conf = _fitted(name, channels, size, size)
+    gflop = cost(conf, (channels, size, size)).gflop
+    precision = cfg.precision if cfg.precision != "auto" else "bf16" if native_bf16(device) else "fp32"
+    ips = None if gflop is None else expected_images_per_second(gflop, device, precision)
+    return cfg.time_limit * 60 * ips / cfg.batch_size if cfg.time_limit and ips else math.inf
+
+
+def _fitted(name: str, channels: int, height: int, width: int) -> dict[str, Any]:
+    """The preset ``name`` for images of that shape, its attention at the same levels (unet presets)."""
+    conf = dict(PRESETS[name], in_channels=channels, out_channels=channels)
+    if conf["kind"] == "unet":
+        levels = len(conf["channel_mult"])
+        conf["attention_resolutions"] = [height // 2**i for i in range(levels)
+                                         if conf["image_size"] // 2**i in conf["attention_resolutions"]]
+        conf["image_size"] = height
+    return conf
 
 
 def network_config(cfg: TrainConfig, data: _Shape, device: torch.device, context_dim: int | None,
@@ -100,16 +139,13 @@ def network_config(cfg: TrainConfig, data: _Shape, device: torch.device, context
         if preset is not None:
             name = preset
         else:
-            name, fitted = auto_preset(data.channels, max(data.height, data.width), device, cfg), True
+            name, fitted = _auto(data.channels, max(data.height, data.width), device, cfg)
     if name not in PRESETS:
         raise UsageError(f"unknown --model '{name}'; choose auto or one of {', '.join(PRESETS)}")
-    conf = dict(PRESETS[name])
-    conf.update(in_channels=data.channels, out_channels=data.channels)
+    # attention stays at the same levels when the images are not the preset's size (a fitted choice)
+    conf = (_fitted(name, data.channels, data.height, data.width) if fitted
+            else dict(PRESETS[name], in_channels=data.channels, out_channels=data.channels))
     if conf["kind"] == "unet":
-        levels = len(conf["channel_mult"])
-        if fitted:  # attention stays at the same levels when the images are not the preset's size
-            conf["attention_resolutions"] = [data.height // 2**i for i in range(levels)
-                                             if conf["image_size"] // 2**i in conf["attention_resolutions"]]
         conf["image_size"] = data.height
         conf["attention_resolutions"] = [r for r in conf["attention_resolutions"] if r <= data.height]
         if cfg.conditioning == "class":
@@ -214,8 +250,12 @@ def speed_warning(cfg: TrainConfig, config: dict[str, Any], shape: tuple[int, in
     instead = []
     size = max(shape[1:])
     if size > 64:  # the network --model auto fits to 64 px, or this one
-        small = (dict(PRESETS[auto_preset(shape[0], 64, device, cfg)], in_channels=shape[0], out_channels=shape[0])
-                 if cfg.model == "auto" and config["kind"] == "unet" else dict(config, image_size=64))
+        if cfg.model == "auto" and config["kind"] == "unet":
+            name, fitted = _auto(shape[0], 64, device, cfg)
+            small = (_fitted(name, shape[0], 64, 64) if fitted
+                     else dict(PRESETS[name], in_channels=shape[0], out_channels=shape[0], image_size=64))
+        else:
+            small = dict(config, image_size=64)
         gflop64 = cost(small, (shape[0], 64, 64)).gflop or math.inf
         step64 = cfg.batch_size / ((expected_images_per_second(gflop64, device, cfg.precision) or 0) * world)
         instead.append(f"--image-size 64 (about {_seconds(step64)} a step)")
