@@ -76,6 +76,33 @@ def test_explicit_settings_win_over_method_and_process_defaults(tmp_path):
     assert (cfg.T, cfg.batch_size, cfg.k) == (20, 2, 32)
 
 
+def test_the_default_process_is_flow_and_the_others_keep_their_recipe(tmp_path):
+    """Flow (velocity, logit-normal times) is what a run gets with no flag, the same built or constructed; every
+    other process predicts v at uniform times; other methods train at uniform times; a config.json written before
+    these fields existed reads as the recipe of its day."""
+    from difflab.config import PROCESSES, TrainConfig, load_run_config
+
+    built = build_config({})
+    assert (built.process, built.prediction, built.noise_sampling) == ("flow", "velocity", "logit-normal")
+    assert built == TrainConfig()
+    for name in PROCESSES:
+        if name != "flow":
+            cfg = build_config({"process": name})
+            assert (cfg.prediction, cfg.noise_sampling) == ("v", "uniform"), name
+    assert build_config({"process": "cosine", "prediction": "eps"}).prediction == "eps"
+    for method in ("naive1", "naive2", "cold", "classifier", "noisy-classifier", "consistency"):
+        assert build_config({"method": method}).noise_sampling == "uniform", method
+    with pytest.raises(UsageError, match="apply to --method gaussian"):
+        build_config({"method": "naive1", "noise_sampling": "lognormal"})
+    run = tmp_path / "old"
+    run.mkdir()
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig(out=str(run))).items()
+           if k not in ("process", "prediction", "noise_sampling")}
+    (run / "config.json").write_text(json.dumps(old))
+    cfg = load_run_config(run)
+    assert (cfg.process, cfg.prediction, cfg.noise_sampling) == ("cosine", "v", "uniform")
+
+
 def test_config_json_round_trip(tmp_path):
     cfg = build_config({"method": "naive2", "data": "digits", "out": str(tmp_path), "seed": 3, "hflip": True,
                         "sample_sigma_min": 0.25})
