@@ -119,13 +119,15 @@ def expected_steps(name: str, channels: int, size: int, device: torch.device, cf
     return cfg.time_limit * 60 * ips / cfg.batch_size if cfg.time_limit and ips else math.inf
 
 
-def _fitted(name: str, channels: int, height: int, width: int) -> dict[str, Any]:
-    """The preset ``name`` for images of that shape, its attention at the same levels (unet presets)."""
+def _fitted(name: str, channels: int, height: int, width: int, follow: bool = True) -> dict[str, Any]:
+    """The preset ``name`` for images of that shape; with ``follow`` its attention at the same levels (unet
+    presets), else at the preset's own resolutions."""
     conf = dict(PRESETS[name], in_channels=channels, out_channels=channels)
     if conf["kind"] == "unet":
-        levels = len(conf["channel_mult"])
-        conf["attention_resolutions"] = [height // 2**i for i in range(levels)
-                                         if conf["image_size"] // 2**i in conf["attention_resolutions"]]
+        if follow:
+            levels = len(conf["channel_mult"])
+            conf["attention_resolutions"] = [height // 2**i for i in range(levels)
+                                             if conf["image_size"] // 2**i in conf["attention_resolutions"]]
         conf["image_size"] = height
     return conf
 
@@ -143,10 +145,8 @@ def network_config(cfg: TrainConfig, data: _Shape, device: torch.device, context
     if name not in PRESETS:
         raise UsageError(f"unknown --model '{name}'; choose auto or one of {', '.join(PRESETS)}")
     # attention stays at the same levels when the images are not the preset's size (a fitted choice)
-    conf = (_fitted(name, data.channels, data.height, data.width) if fitted
-            else dict(PRESETS[name], in_channels=data.channels, out_channels=data.channels))
+    conf = _fitted(name, data.channels, data.height, data.width, follow=fitted)
     if conf["kind"] == "unet":
-        conf["image_size"] = data.height
         conf["attention_resolutions"] = [r for r in conf["attention_resolutions"] if r <= data.height]
         if cfg.conditioning == "class":
             conf["num_classes"] = data.num_classes
@@ -252,8 +252,7 @@ def speed_warning(cfg: TrainConfig, config: dict[str, Any], shape: tuple[int, in
     if size > 64:  # the network --model auto fits to 64 px, or this one
         if cfg.model == "auto" and config["kind"] == "unet":
             name, fitted = _auto(shape[0], 64, device, cfg)
-            small = (_fitted(name, shape[0], 64, 64) if fitted
-                     else dict(PRESETS[name], in_channels=shape[0], out_channels=shape[0], image_size=64))
+            small = _fitted(name, shape[0], 64, 64, follow=fitted)
         else:
             small = dict(config, image_size=64)
         gflop64 = cost(small, (shape[0], 64, 64)).gflop or math.inf
