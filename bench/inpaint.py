@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_description, write_json  # noqa: E402
 from quality_race import Judge  # noqa: E402
 
-# name -> Model.edit settings (None: the run's own sampler and steps)
+# name -> Model.edit settings ({}: Model.edit's own for a mask, editing.REPAINT_DEFAULTS)
 SETTINGS = {
     "default": {},
     "ddpm-50": {"sampler": "ddpm", "steps": 50},
@@ -32,6 +32,8 @@ SETTINGS = {
     "ddpm-50-r10": {"sampler": "ddpm", "steps": 50, "jump_length": 10, "resample": 10},
     "ddpm-100-r4": {"sampler": "ddpm", "steps": 100, "jump_length": 10, "resample": 4},
     "ddpm-50-r4-j5": {"sampler": "ddpm", "steps": 50, "jump_length": 5, "resample": 4},
+    "ddpm-50-r10-ag1": {"sampler": "ddpm", "steps": 50, "jump_length": 10, "resample": 10, "autoguidance": 1.0},
+    "ddpm-50-r20": {"sampler": "ddpm", "steps": 50, "jump_length": 10, "resample": 20},
 }
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from difflab.analytic import GaussianDataNet
 from difflab.denoiser import Denoiser
+from difflab.distill import DROPOUT
 from difflab.methods.consistency import SIGMA_MID, Tuning, ect_loss, tuning_levels
 from difflab.processes.continuous import make_process
 from difflab.samplers import CONSISTENCY_SAMPLERS, SAMPLERS, generate, sampler_sigmas
@@ -180,6 +181,7 @@ def test_difflab_distill_end_to_end(base_run, tmp_path, capsys):
     assert (out / "samples" / "final.png").exists()
     info = json.loads((out / "distill.json").read_text())
     assert info["tuning"]["stage_steps"] == 2 and info["run_step"] == 4
+    assert info["network"]["dropout"] == DROPOUT  # the base trained without: ECT tunes with dropout
     run = load_run(out)
     assert run.cfg.method == "consistency" and run.step == 3
     assert run.sampling_defaults() == {"steps": 2, "clip": "clip", "sigma_min": SIGMA_MID}
@@ -196,7 +198,9 @@ def test_difflab_distill_end_to_end(base_run, tmp_path, capsys):
     bad = {"a missing run": ["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
            "a tuned run as the base": ["--run", str(out), "--out", str(tmp_path / "y")],
            "a Gaussian run as --out": ["--run", str(base_run), "--out", str(base_run)],
-           "a tuned run without --resume": ["--run", str(base_run), "--out", str(out)]}
+           "a tuned run without --resume": ["--run", str(base_run), "--out", str(out)],
+           "a dropout of 1": ["--run", str(base_run), "--out", str(tmp_path / "z"), "--dropout", "1"],
+           "a NaN dropout": ["--run", str(base_run), "--out", str(tmp_path / "z"), "--dropout", "nan"]}
     for what, flags in bad.items():
         assert main(["distill", *flags, "--steps", "1", "--quiet"]) == 2, what
         err = capsys.readouterr().err.strip().splitlines()
@@ -229,7 +233,9 @@ def test_the_tuned_network_starts_as_the_runs_denoiser(base_run):
     from difflab.runs.draw import load_run
     from difflab.training.trainer import Trainer
 
-    cfg, weights, network, step = _from_base(base_run, base_run.parent / "start", 1, None, None, 8, 2, 0.8, None, None)
+    cfg, weights, network, step = _from_base(base_run, base_run.parent / "start", 1, None, None, 8, 2, 0.8, 0.0, None,
+                                             None)
+    assert network["dropout"] == cfg.dropout == 0.0  # as asked
     trainer = Trainer(cfg, progress=False, log=lambda *a: None, method=ConsistencyMethod(cfg, None, network),
                       initial=weights)
     trainer._release_lock()

@@ -12,6 +12,7 @@ from difflab.denoiser import Denoiser
 from difflab.editing import edit_images, repaint, sdedit, start_index
 from difflab.errors import UsageError
 from difflab.noise import SeededNoise, sample_seeds
+from difflab.processes import make_process
 from difflab.processes.continuous import VPCosine
 from difflab.samplers import generate, sampler_sigmas
 
@@ -21,9 +22,26 @@ SHAPE = (1, 4, 4)
 MU, S0 = 0.3, 0.5  # every pixel independent, N(MU, S0^2)
 
 
-def exact():
+def exact(process: str = "cosine"):
+    """The exact denoiser of the data on the cosine VP process, or on the flow process (its velocity: the
+    grid then starts at t = 1, an infinite level, where samples are held as y / sigma)."""
+    if process == "flow":
+        proc = make_process({"kind": "flow"})
+        return Denoiser(ReadsEveryPixel(GaussianDataNet(proc, MU, S0, prediction="velocity")), proc, "velocity")
     proc = VPCosine()
-    return Denoiser(GaussianDataNet(proc, MU, S0), proc, "eps")
+    return Denoiser(ReadsEveryPixel(GaussianDataNet(proc, MU, S0)), proc, "eps")
+
+
+class ReadsEveryPixel(torch.nn.Module):
+    """The exact network, made to read its whole input as a real one does: a non-finite pixel anywhere (a kept
+    one too) spoils every output pixel."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.config = net, net.config
+
+    def forward(self, z, t, **kw):
+        return self.net(z, t, **kw) + 0 * z.sum(dim=tuple(range(1, z.ndim)), keepdim=True)
 
 
 def images(n, seed=0, dtype=torch.float64):
@@ -37,9 +55,9 @@ def test_strength_picks_the_last_steps_of_the_grid():
             start_index(10, bad)
 
 
-@pytest.mark.parametrize("strength", [0.3, 0.6])
-def test_sdedit_through_the_ode_is_the_exact_ode_map_from_the_noised_image(strength):
-    den, n = exact(), 64
+@pytest.mark.parametrize("strength,process", [(0.3, "cosine"), (0.6, "cosine"), (0.6, "flow")])
+def test_sdedit_through_the_ode_is_the_exact_ode_map_from_the_noised_image(strength, process):
+    den, n = exact(process), 64
     sigmas = sampler_sigmas(den.process, "heun", 200)
     x, seeds = images(n), sample_seeds(5, n)
     i = start_index(200, strength)
@@ -63,11 +81,12 @@ def test_sdedit_strength_0_is_the_image_and_1_a_fresh_sample():
     assert torch.equal(whole, edit_images(den, x, sigmas, seeds, strength=0.5, batch_size=4))
 
 
-@pytest.mark.parametrize("jump_length,resample", [(1, 1), (5, 3)])
-def test_repaint_draws_the_masked_pixels_from_the_data_law(jump_length, resample):
+@pytest.mark.parametrize("jump_length,resample,process", [(1, 1, "cosine"), (5, 3, "cosine"), (5, 3, "flow")])
+def test_repaint_draws_the_masked_pixels_from_the_data_law(jump_length, resample, process):
     """Independent Gaussian pixels: the repainted ones are N(MU, S0^2), uncorrelated with each other and
-    independent of the kept ones (set here far from the data, +-2); the kept ones are the originals exactly."""
-    den, n = exact(), 2000
+    independent of the kept ones (set here far from the data, +-2); the kept ones are the originals exactly.
+    On the flow process the walk starts at t = 1, where the kept pixels are the noise alone."""
+    den, n = exact(process), 2000
     sigmas = sampler_sigmas(den.process, "ddpm", 250)
     x = torch.full((n, *SHAPE), 2.0, dtype=torch.float64)
     x[n // 2:] = -2.0

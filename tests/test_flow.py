@@ -184,6 +184,25 @@ def test_a_flow_run_samples_with_every_sampler(flow_run):
                 assert float(x.float().std()) > 0, name
 
 
+def test_a_flow_run_edits_and_repaints_from_pure_noise(flow_run):
+    """RePaint's walk starts at t = 1 on the flow process: the kept pixels are then the noise alone (held as
+    y / sigma), not the image plus infinite noise, which a network reading every pixel turns to NaN."""
+    import difflab
+
+    model = difflab.load(flow_run)
+    images = model.sample(3, seed=0)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[4:] = True
+    outputs = {"repaint": model.edit(images, mask=mask, seed=1, steps=6, resample=2, jump_length=2),
+               "sdedit": model.edit(images, strength=1.0, seed=1, steps=4),
+               "repaint, the run's sampler": model.edit(images, mask=mask, seed=1, sampler="ddim", steps=4)}
+    for what, out in outputs.items():
+        assert out.shape == images.shape and out.dtype == torch.uint8, what
+        assert torch.equal(out[..., :4, :], images[..., :4, :]) or what == "sdedit", what
+    drawn = outputs["repaint"][..., 4:, :].float()
+    assert float(drawn.std()) > 0 and not torch.equal(drawn, images[..., 4:, :].float())
+
+
 def _save_noise(folder, noise):
     np.save(folder / "noise.npy", noise.numpy())
     return folder / "noise.npy"

@@ -18,15 +18,18 @@ from difflab.processes.gaussian import GaussianProcess
 
 
 class GaussianDataNet(nn.Module):
-    """The exact eps-prediction network for data x ~ N(mean, std^2 I) under ``process``.
+    """The exact eps-prediction network for data x ~ N(mean, std^2 I) under ``process`` (``prediction="velocity"``:
+    the flow process's velocity eps - x0, finite at its t = 1 where the signal scale is 0).
 
     With ``num_classes`` the class c has mean ``mean + class_shift * c`` (for guidance tests);
     the null class (``num_classes``) is the mixture's nearest Gaussian fit (mean of the means)."""
 
     def __init__(self, process: GaussianProcess, mean: float = 0.0, std: float = 1.0,
-                 num_classes: int = 0, class_shift: float = 0.0):
+                 num_classes: int = 0, class_shift: float = 0.0, prediction: str = "eps"):
         super().__init__()
-        self.process, self.mean, self.std = process, mean, std
+        if prediction not in ("eps", "velocity"):
+            raise ValueError(f"GaussianDataNet predicts eps or velocity, not {prediction}")
+        self.process, self.mean, self.std, self.prediction = process, mean, std, prediction
         self.num_classes, self.class_shift = num_classes, class_shift
         self.config = {"kind": "analytic", "mean": mean, "std": std}
 
@@ -41,6 +44,10 @@ class GaussianDataNet(nn.Module):
     def forward(self, z, t, class_labels=None, context=None, context_mask=None):
         tt = t.double() if self.process.discrete else t.double() / 1000.0
         a, s = self.process.signal_scale(tt).double(), self.process.noise_scale(tt).double()
+        if self.prediction == "velocity":  # in z's coordinates, finite where a = 0
+            a, s, mu = (broadcast_to_batch(v, z).double() for v in (a, s, self._mean(z, class_labels)))
+            x0 = mu + a * self.std**2 * (z.double() - a * mu) / (a**2 * self.std**2 + s**2)
+            return ((z.double() - a * x0) / s - x0).to(z.dtype)
         y = z.double() / broadcast_to_batch(a, z).double()
         sig = broadcast_to_batch(s / a, y)
         x0 = (self.std**2 * y + sig**2 * broadcast_to_batch(self._mean(z, class_labels), y)) / (self.std**2 + sig**2)

@@ -73,7 +73,8 @@ def sdedit(denoiser, images: torch.Tensor, sigmas: torch.Tensor, strength: float
 
 class KnownRegion(nn.Module):
     """``denoiser`` called on inputs whose kept pixels (``mask`` 0) are the original ``images`` noised to the
-    call's level with fresh seeded noise (RePaint's replacement, made where the network reads it)."""
+    call's level with fresh seeded noise (RePaint's replacement, made where the network reads it); at an
+    infinite level, where samples are held as y / sigma, that is the noise alone."""
 
     def __init__(self, denoiser, images: torch.Tensor, mask: torch.Tensor, seeds: torch.Tensor):
         super().__init__()
@@ -84,7 +85,8 @@ class KnownRegion(nn.Module):
         eps = self.noise(self.calls, x)
         self.calls += 1
         level = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
-        known = self.images + level * eps
+        # at an infinite level (the flow process's t = 1) a sample is held as y / sigma: the noise alone
+        known = torch.where(torch.isinf(level), eps, self.images + level * eps)
         return self.denoiser(torch.where(self.mask, x, known), sigma, cond)
 
 

@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=2, choices=(1, 2), help="steps the tuned run draws with")
     p.add_argument("--sigma-mid", type=float, default=SIGMA_MID,
                    help=f"the noise level of the second step (VE units; default {SIGMA_MID})")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout in the network's residual blocks while tuning (default: the run's, or 0.1 where it had none)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: the run's")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the run's)")
     d = Tuning()
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     tuning = Tuning(p_mean=args.p_mean, p_std=args.p_std, q=args.q, stage_steps=args.stage_steps, huber_c=args.huber_c)
     result = distill(args.run, args.out, steps=args.steps, time_limit=args.time_limit, resume=args.resume,
                      tuning=tuning, lr=args.lr, batch_size=args.batch_size, sample_steps=args.sample_steps,
-                     sigma_mid=args.sigma_mid, precision=args.precision, device=args.device,
+                     sigma_mid=args.sigma_mid, dropout=args.dropout, precision=args.precision, device=args.device,
                      progress=not args.quiet)
     why = {"steps": "done", "time-limit": "time limit reached", "signal": "stopped by a signal"}[result.stopped_by]
     print(f"{why}: step {result.step} in {result.seconds / 60:.1f} min ({result.images_per_second:.0f} img/s)")

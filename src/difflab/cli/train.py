@@ -10,7 +10,6 @@ from typing import Any
 
 from difflab.config import add_config_arguments, flags_given, read_config_file
 
-
 # the defaults that depend on the process (difflab.recipe.PROCESS_DEFAULTS), as --help shows them
 SHOWN_DEFAULTS = {"prediction": "velocity with --process flow, else v",
                   "noise_sampling": "logit-normal with --process flow, else uniform"}
