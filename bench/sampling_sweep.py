@@ -6,8 +6,9 @@ is the run's own.
     python bench/sampling_sweep.py RUN --n 512 defaults "steps=7" "steps=7,sigma_min=0" "steps=5,guide_sigmas=0:inf"
 
 Prints, per setting: network evaluations per sample (NFE, as ``request_evaluations`` counts them),
-confident fraction, rarest digit, accuracy (class runs: each digit asked for in turn) and classifier FID
-over the same samples.
+confident fraction, rarest digit, accuracy (class runs: each digit asked for in turn; text runs: a tenth of
+the samples for each digit's prompt, ``--prompt`` with ``{word}`` the digit's name) and classifier FID over the
+same samples.
 """
 
 from __future__ import annotations
@@ -46,17 +47,24 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--prompt", default="a handwritten {word}", help="text runs: each digit's prompt")
     args = p.parse_intermixed_args(argv)
     print(cpu_description(), flush=True)
     run, judge = load_run(args.run), Judge(torch.device("cpu"))
+    text = run.conditioner.kind == "text"
+    if text and args.n % 10:
+        p.error("a text run's --n must be a multiple of 10 (a tenth for each digit)")
     labels = torch.arange(args.n) % run.conditioner.num_classes if run.conditioner.kind == "class" else None
+    if text:
+        labels = torch.arange(10).repeat_interleave(args.n // 10)
     rows = {}
     for settings in args.settings:
         kw = parse(settings)
         t0 = time.monotonic()
-        images = run.sample(args.n, seed=args.seed, **kw)
+        images = draw_text(run, args, kw) if text else run.sample(args.n, seed=args.seed, **kw)
         r = judge.judge(images, labels=labels, fid_n=args.n) | {"seconds": time.monotonic() - t0}
-        r["nfe"] = request_evaluations(run, SampleRequest(n=args.n, **kw)) if run.method.conditional else None
+        asked = {"prompt": args.prompt.format(word="zero")} if text else {}
+        r["nfe"] = request_evaluations(run, SampleRequest(n=args.n, **asked, **kw)) if run.method.conditional else None
         rows[settings] = r
         acc = f" accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
         print(f"{settings:50s} NFE {r['nfe']} confident {r['confident']:.3f} rarest {r['rarest']}"
@@ -65,6 +73,15 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, {"run": args.run, "n": args.n, "cpu": cpu_description(), "rows": rows})
     return 0
+
+
+def draw_text(run, args, kw: dict) -> torch.Tensor:
+    """A text run's samples: n / 10 for each digit's prompt, digit d's from sample index d n / 10 on."""
+    from difflab.data.captions import DIGIT_WORDS
+
+    per = args.n // 10
+    return torch.cat([run.sample(per, seed=args.seed, start=d * per, prompt=args.prompt.format(word=word), **kw)
+                      for d, word in enumerate(DIGIT_WORDS)])
 
 
 if __name__ == "__main__":

@@ -656,8 +656,8 @@ def test_the_run_interval_defaults_by_conditioning_and_is_saved():
     assert guide_interval(TrainConfig(guide_keep_mean=0)) == (1.0, 20.0)
     assert guide_interval(TrainConfig.from_json({"data": "digits"})) == (0.0, 1e9)  # older still: everywhere
     assert guide_interval(TrainConfig(conditioning="class")) == (1.0, 10.0)  # class: measured (bench/RESULTS.md)
-    assert guide_interval(TrainConfig(conditioning="text")) == (0.0, math.inf)  # text: not measured yet
-    assert guide_interval(TrainConfig(conditioning="text", guide_sigma_max=5.0)) == (0.0, 5.0)
+    assert guide_interval(TrainConfig(conditioning="text")) == (1.0, 10.0)  # text: measured too
+    assert guide_interval(TrainConfig(conditioning="text", guide_sigma_max=5.0)) == (1.0, 5.0)
     c = TrainConfig.from_json({**TrainConfig(conditioning="class").to_json(), "guide_sigma_min": 0.3,
                                "guide_sigma_max": 4.0})
     assert guide_interval(c) == (0.3, 4.0)

@@ -173,6 +173,19 @@ def test_runs_are_listed_by_name(server):  # noqa: F811
     assert run["name"] == "tiny" and run["conditioning"] == "class" and run["shape"] == [1, 8, 8]
     assert run["step"] == 6 and "ddim" in run["samplers"] and len(run["class_names"]) == 10
     assert {p["name"] for p in answer["processes"]} >= {"binomial", "mask", "cosine", "ve"}
+    assert run["forward_process"] == "cosine"  # the forward panel opens on the run's own process
+
+
+def test_the_forward_panel_names_each_runs_own_process():
+    from difflab.config import TrainConfig
+    from difflab.serve.catalog import _forward_process
+
+    cases = {"flow": TrainConfig(process="flow"), "vp-cosine": TrainConfig(process="vp-cosine"),
+             "fade-colour": TrainConfig(method="cold", degradation="fade-colour"),
+             None: TrainConfig(process="constant")}  # constant-gamma runs: which of the panel's two is unknown
+    for expected, cfg in cases.items():
+        assert _forward_process(cfg) == expected, cfg.process
+    assert _forward_process(TrainConfig(method="naive1")) is None
 
 
 def test_page_and_static_files_load_nothing_from_elsewhere(server):  # noqa: F811

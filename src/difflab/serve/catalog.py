@@ -62,6 +62,7 @@ class RunInfo:
     data_fingerprint: str | None = None  # of the training data, as the newest checkpoint recorded it
     sampler: str | None = None  # what the run samples with unless told (None: its method's or scheduler's own)
     guidance: float = 1.0  # the run's own guidance scale (class and text runs)
+    forward_process: str | None = None  # the forward panel's name of the run's own process (None: none there)
 
     def traits(self) -> ModelTraits:
         """What a sampling request is checked against (:meth:`difflab.runs.request.SampleRequest.resolve`)."""
@@ -73,7 +74,8 @@ class RunInfo:
                 "class_names": list(self.class_names), "shape": list(self.shape), "step": self.step,
                 "training": self.training, "data": self.data, "max_steps": self.max_steps,
                 "sample_steps": self.sample_steps,
-                "samplers": list(method_class(self.method).samplers), "sampler": self.sampler, "guidance": self.guidance}
+                "samplers": list(method_class(self.method).samplers), "sampler": self.sampler, "guidance": self.guidance,
+                "forward_process": self.forward_process}
 
 
 # --- reading an untrusted folder ---------------------------------------------------------------------
@@ -222,8 +224,16 @@ def _run_info(name: str, files: FolderReader) -> tuple[RunInfo, TrainConfig]:
     info = RunInfo(name, "run", cfg.method, cfg.conditioning, tuple(names), shape, int(meta.get("step", 0)), False,
                    cfg.data, max_steps, cfg.sample_steps, meta.get("data_fingerprint"),
                    cfg.sampler if method_class(cfg.method).samplers else None,
-                   cfg.guidance if cfg.conditioning != "none" else 1.0)
+                   cfg.guidance if cfg.conditioning != "none" else 1.0, _forward_process(cfg))
     return info, cfg
+
+
+def _forward_process(cfg: TrainConfig) -> str | None:
+    """The forward panel's entry for the run's own process: its Gaussian process or cold degradation."""
+    from difflab.forward import FORWARD_PROCESSES
+
+    own = cfg.process if method_class(cfg.method).denoises else cfg.degradation if cfg.method == "cold" else None
+    return own if own in FORWARD_PROCESSES else None
 
 
 def _whole(cfg: dict, key: str, default: int, lo: int, hi: int, where: str) -> int:

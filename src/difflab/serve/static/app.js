@@ -93,6 +93,10 @@ function selectRun(name) {
   state.run = run;
   $("run").value = name;
   if (run.damaged) { stopMonitor(); $("run-info").textContent = `damaged: ${run.error}`; return; }
+  // the forward panel opens on the run's own process where it has one
+  if (run.forward_process && state.processes.some((p) => p.name === run.forward_process)) {
+    $("forward-process").value = run.forward_process;
+  }
   const cond = run.conditioning === "none" ? "unconditional" : `${run.conditioning}-conditional`;
   $("run-info").textContent = `${run.method} · ${cond} · ${run.shape.join("x")} · checkpoint step ${run.step}` +
     (run.training ? " · training now" : "");
