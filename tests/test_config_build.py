@@ -90,6 +90,11 @@ def test_the_default_process_is_flow_and_the_others_keep_their_recipe(tmp_path):
             cfg = build_config({"process": name})
             assert (cfg.prediction, cfg.noise_sampling) == ("v", "uniform"), name
     assert build_config({"process": "cosine", "prediction": "eps"}).prediction == "eps"
+    # the sampler: the SDE for unconditional flow runs, the ODE's for guided ones and the other processes
+    assert built.sampler == "dpmpp-2m-sde"
+    assert build_config({"conditioning": "class"}).sampler == build_config({"conditioning": "text"}).sampler == "dpmpp-2m"
+    assert build_config({"process": "cosine"}).sampler == "dpmpp-2m"
+    assert build_config({"conditioning": "class", "sampler": "heun"}).sampler == "heun"
     for method in ("naive1", "naive2", "cold", "classifier", "noisy-classifier", "consistency"):
         assert build_config({"method": method}).noise_sampling == "uniform", method
     with pytest.raises(UsageError, match="apply to --method gaussian"):
@@ -101,6 +106,8 @@ def test_the_default_process_is_flow_and_the_others_keep_their_recipe(tmp_path):
     (run / "config.json").write_text(json.dumps(old))
     cfg = load_run_config(run)
     assert (cfg.process, cfg.prediction, cfg.noise_sampling) == ("cosine", "v", "uniform")
+    (run / "config.json").write_text(json.dumps({k: v for k, v in old.items() if k != "sampler"}))
+    assert load_run_config(run).sampler == "dpmpp-2m"
 
 
 def test_config_json_round_trip(tmp_path):

@@ -125,6 +125,11 @@ def test_a_method_answers_what_callers_asked_its_name(name):
 
     SampleRequest.of(**defaults)  # every default is a request's setting, with a valid value
     assert ("sampler" in defaults) == cls.denoises and ("steps" in defaults) == cls.draws_samples
+    from difflab.forward import FORWARD_PROCESSES  # the forward panel opens on the run's own process
+
+    own = cls.forward_name(TrainConfig(method=name))
+    assert (own in FORWARD_PROCESSES) == (name in ("gaussian", "consistency", "cold")), own
+    assert own is None or own in FORWARD_PROCESSES
     with pytest.raises(UsageError, match="unknown method 'gauss'"):
         method_class("gauss")
 

@@ -111,7 +111,7 @@ class TrainConfig:
                      "images/s and sample grids as events in RUN/tensorboard; pip install 'difflab[tensorboard]')",
                      ("csv", "tensorboard"))
     sample_every: int = _option(1000, "steps between sample grids (0: only at the end)")
-    sampler: str = _option("dpmpp-2m", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
+    sampler: str = _option("dpmpp-2m-sde", "the sampler 'difflab sample' and the periodic grids use unless told otherwise")
     sample_steps: int = _option(20, "sampler steps of 'difflab sample' and the periodic grids")
     guidance: float = _option(3.0, "classifier-free guidance scale g that class/text runs sample with unless told "
                          "(g = 1 + w; 1: plain conditional sampling)")
@@ -274,7 +274,8 @@ _NOISE_SAMPLING = next(f.default for f in fields(TrainConfig) if f.name == "nois
 LEGACY_DEFAULTS: dict[str, Any] = {"ema_length": 0.0, "ema_track": "", "ema_snapshot_every": 0, "autoguidance": 1.0,
                                    "guide_sigma_min": 0.0, "guide_sigma_max": 1e9, "apg_eta": 1.0, "guide_keep_mean": 0,
                                    "sample_sigma_min": 0.0, "eval_every": 0,
-                                   "process": "cosine", "prediction": "v", "noise_sampling": "uniform"}
+                                   "process": "cosine", "prediction": "v", "noise_sampling": "uniform",
+                                   "sampler": "dpmpp-2m"}
 
 
 def _flag(name: str) -> str:

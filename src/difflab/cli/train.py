@@ -12,7 +12,8 @@ from difflab.config import add_config_arguments, flags_given, read_config_file
 
 # the defaults that depend on the process (difflab.recipe.PROCESS_DEFAULTS), as --help shows them
 SHOWN_DEFAULTS = {"prediction": "velocity with --process flow, else v",
-                  "noise_sampling": "logit-normal with --process flow, else uniform"}
+                  "noise_sampling": "logit-normal with --process flow, else uniform",
+                  "sampler": "dpmpp-2m-sde for unconditional flow runs, else dpmpp-2m"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

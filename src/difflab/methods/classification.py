@@ -51,6 +51,10 @@ class _Classification:
     def denoiser(self, net) -> None:
         return None  # a classifier's network gives class logits, not a denoised image
 
+    @classmethod
+    def forward_name(cls, cfg: TrainConfig) -> str | None:
+        return None
+
     def sampling_defaults(self, grid_bottom: float | None = None) -> dict:
         return {}
 

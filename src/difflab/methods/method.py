@@ -89,6 +89,11 @@ class Method(Protocol):
     def trajectories(self) -> dict[str, dict]:
         """The sampling trajectories the figures draw: file-name suffix -> sampling options."""
 
+    @classmethod
+    def forward_name(cls, cfg: TrainConfig) -> str | None:
+        """The name of a run's own forward process as the page's forward panel lists it
+        (:data:`difflab.forward.FORWARD_PROCESSES`), or None where the run has none there."""
+
 
 def _generator(seed: int, step: int, device) -> torch.Generator:
     g = torch.Generator(device=device)
@@ -114,6 +119,10 @@ class GaussianMethod:
         self.cfg = cfg
         self.process: GaussianProcess = make_process(process_config(cfg))
         self.prediction = cfg.prediction
+
+    @classmethod
+    def forward_name(cls, cfg: TrainConfig) -> str | None:
+        return cfg.process  # (constant-gamma runs: the panel's two constants are not the run's gamma)
 
     @classmethod
     def of(cls, process: GaussianProcess, prediction: str) -> GaussianMethod:
@@ -298,6 +307,10 @@ class _BatchSeeded:
     def trajectories(self) -> dict[str, dict]:
         return {"": {}}
 
+    @classmethod
+    def forward_name(cls, cfg: TrainConfig) -> str | None:
+        return None  # (part 1's binomial chains: which of the panel's is the run's is not in its config)
+
 
 class Naive1Method(_BatchSeeded):
     """Algorithm 1: predict the previous step of the binomial chain; the chain is walked in order,
@@ -388,6 +401,10 @@ class ColdMethod(_BatchSeeded):
 
     def describe(self, data: ImageData | None = None) -> str:
         return f"cold diffusion with degradation {self.degradation!r}"
+
+    @classmethod
+    def forward_name(cls, cfg: TrainConfig) -> str | None:
+        return cfg.degradation
 
     def batch_index(self, step: int) -> int:
         return step

@@ -232,7 +232,7 @@ def _forward_process(cfg: TrainConfig) -> str | None:
     """The forward panel's entry for the run's own process: its Gaussian process or cold degradation."""
     from difflab.forward import FORWARD_PROCESSES
 
-    own = cfg.process if method_class(cfg.method).denoises else cfg.degradation if cfg.method == "cold" else None
+    own = method_class(cfg.method).forward_name(cfg)
     return own if own in FORWARD_PROCESSES else None
 
 
