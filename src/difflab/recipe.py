@@ -55,10 +55,11 @@ METHOD_DEFAULTS.update({name: dict(_CLASSIFIER) for name in CLASSIFIERS})
 
 # The sampler of unconditional flow runs: DPM-Solver++(2M) SDE, whose fresh noise at each step undoes the colour
 # drift of the ODE's (bench/RESULTS.md, "The flow default's sampler"; 20 steps against dpmpp-2m's, 10-minute
-# runs): emoji saturation +19% -> +4% of the data's and the largest hue-sixth gap 0.110 -> 0.051 (KID x 1e3 36.2 ->
-# 38.7), textures KID 46.3 -> 44.4, MNIST 0.879 -> 0.909 confident (classifier FID 15.0 -> 12.6): TrainConfig's
-# default. Guided class and text runs and the other processes keep the ODE's DPM-Solver++(2M) (class and text runs'
-# classifier FID 37.4 and 37.1 -> 49.3 and 50.2 with the SDE).
+# runs): emoji saturation +16% -> +5% of the data's and the largest hue-sixth gap 0.104 -> 0.057 at the same
+# KID x 1e3 (36.9, 2,000 samples), textures KID 46.3 -> 44.4, MNIST 0.887 -> 0.920 confident (classifier FID
+# 9.1 -> 13.1; another run's 15.0 -> 12.6): TrainConfig's default. Guided class and text runs and the other
+# processes keep the ODE's DPM-Solver++(2M) (class and text runs' classifier FID 37.4 and 37.1 -> 49.3 and 50.2
+# with the SDE).
 FLOW_SAMPLER, ODE_SAMPLER = "dpmpp-2m-sde", "dpmpp-2m"
 
 # What a new Gaussian run of a process gets for the settings it was not given. The flow process (the default)
