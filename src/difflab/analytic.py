@@ -44,14 +44,11 @@ class GaussianDataNet(nn.Module):
     def forward(self, z, t, class_labels=None, context=None, context_mask=None):
         tt = t.double() if self.process.discrete else t.double() / 1000.0
         a, s = self.process.signal_scale(tt).double(), self.process.noise_scale(tt).double()
-        if self.prediction == "velocity":  # in z's coordinates, finite where a = 0
-            a, s, mu = (broadcast_to_batch(v, z).double() for v in (a, s, self._mean(z, class_labels)))
-            x0 = mu + a * self.std**2 * (z.double() - a * mu) / (a**2 * self.std**2 + s**2)
-            return ((z.double() - a * x0) / s - x0).to(z.dtype)
-        y = z.double() / broadcast_to_batch(a, z).double()
-        sig = broadcast_to_batch(s / a, y)
-        x0 = (self.std**2 * y + sig**2 * broadcast_to_batch(self._mean(z, class_labels), y)) / (self.std**2 + sig**2)
-        return ((y - x0) / sig).to(z.dtype)
+        # the posterior mean of x in z's coordinates (finite where a = 0, the flow process's t = 1), then eps
+        a, s, mu = (broadcast_to_batch(v, z).double() for v in (a, s, self._mean(z, class_labels)))
+        x0 = mu + a * self.std**2 * (z.double() - a * mu) / (a**2 * self.std**2 + s**2)
+        eps = (z.double() - a * x0) / s
+        return (eps - x0 if self.prediction == "velocity" else eps).to(z.dtype)
 
 
 def gaussian_bpd(mean: float, std: float, x: torch.Tensor) -> float:

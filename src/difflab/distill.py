@@ -89,7 +89,8 @@ def _from_base(run: Path, out: Path, steps, time_limit, lr, batch_size, sample_s
         network = {**network, "dropout": dropout}
     elif dropout is not None:
         raise UsageError(f"--run {run}'s network has no dropout to set; leave --dropout out")
-    given = {"steps": steps if steps is not None else 10_000, "time_limit": time_limit or 0.0,
+    given = {**({} if dropout is None else {"dropout": dropout}),
+             "steps": steps if steps is not None else 10_000, "time_limit": time_limit or 0.0,
              "lr": lr if lr is not None else base.cfg.lr * LR_FACTOR, "batch_size": batch_size or base.cfg.batch_size,
              "precision": precision or base.cfg.precision, "device": device or base.cfg.device}
     cfg = dataclasses.replace(
@@ -98,8 +99,6 @@ def _from_base(run: Path, out: Path, steps, time_limit, lr, batch_size, sample_s
         noise_sampling="uniform", loss_weighting="none", time_shift=1.0, ema_track="", ema_snapshot_every=0,
         autoguidance=1.0, sample_steps=sample_steps, sample_sigma_min=float(sigma_mid), sample_every=0,
         eval_every=0, checkpoint_every=200, keep=10, **given)
-    if dropout is not None:
-        cfg = dataclasses.replace(cfg, dropout=float(dropout))
     weights = {k: v.float().contiguous() for k, v in base.net.state_dict().items()}
     return cfg, weights, network, base.step
 
